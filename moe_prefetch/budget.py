@@ -1,0 +1,79 @@
+"""MemoryPlan: how the device budget splits into dense weights, a reserve for activations and the KV
+cache, and expert-cache slots; and the refusal, with the minimum, when it cannot run."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import psutil
+import torch
+
+from .config import OffloadConfig, format_size
+from .errors import MoePrefetchError
+
+
+@dataclass(frozen=True)
+class MemoryPlan:
+    budget: int | None  # bytes on the device for everything (None: not bounded)
+    dense_bytes: int
+    reserve_bytes: int
+    expert_bytes: int  # one expert in the compute dtype
+    total_experts: int
+    min_slots: int
+    slots: int
+
+    @property
+    def cache_bytes(self) -> int:
+        return self.slots * self.expert_bytes
+
+
+def estimate_reserve(model_config, dtype: torch.dtype, max_context: int, top_k: int, device: torch.device) -> int:
+    """KV cache for `max_context` tokens plus prefill activations (batch 1), with allocator slack."""
+    c = model_config
+    item = torch.empty((), dtype=dtype).element_size()
+    heads = c.num_attention_heads
+    head_dim = getattr(c, "head_dim", None) or c.hidden_size // heads
+    kv_heads = getattr(c, "num_key_value_heads", None) or heads
+    kv = 2 * c.num_hidden_layers * kv_heads * head_dim * max_context * item
+    inter = getattr(c, "intermediate_size", c.hidden_size * 4)
+    acts = max_context * (8 * c.hidden_size + 3 * inter * top_k) * max(item, 4)
+    scores = heads * max_context * min(max_context, 4096) * 4  # attention scores of the prefill
+    slack = 64 * 2**20 if device.type == "cuda" else 0
+    return kv + acts + scores + slack
+
+
+def default_budget(device: torch.device) -> int:
+    if device.type == "cuda":
+        free, _total = torch.cuda.mem_get_info(device)
+        return free
+    return int(psutil.virtual_memory().available * 0.8)
+
+
+def plan_memory(cfg: OffloadConfig, dense_bytes: int, reserve_bytes: int, expert_bytes: int,
+                total_experts: int, min_slots: int, device: torch.device) -> MemoryPlan:
+    budget = cfg.device_memory
+    if cfg.expert_cache is not None:
+        slots = cfg.expert_cache
+        if slots < min_slots:
+            raise MoePrefetchError(
+                f"--expert-cache {slots} is below the minimum of {min_slots} experts "
+                f"(one layer's top-{min_slots} must fit at once)")
+        slots = min(slots, total_experts)
+        if budget is not None and dense_bytes + reserve_bytes + slots * expert_bytes > budget:
+            need = dense_bytes + reserve_bytes + slots * expert_bytes
+            raise MoePrefetchError(
+                f"--expert-cache {slots} does not fit in --device-memory {format_size(budget)}: "
+                f"it needs {format_size(need)} (dense {format_size(dense_bytes)} + reserve "
+                f"{format_size(reserve_bytes)} + {slots} x {format_size(expert_bytes)})")
+        return MemoryPlan(budget, dense_bytes, reserve_bytes, expert_bytes, total_experts, min_slots, slots)
+
+    bounded = budget if budget is not None else default_budget(device)
+    room = bounded - dense_bytes - reserve_bytes
+    slots = min(total_experts, max(room, 0) // expert_bytes)
+    if slots < min_slots:
+        need = dense_bytes + reserve_bytes + min_slots * expert_bytes
+        where = f"device memory budget {format_size(bounded)}" if budget is not None else \
+            f"free memory on {device} ({format_size(bounded)})"
+        raise MoePrefetchError(
+            f"{where} is too small: the minimum is {format_size(need)} (dense weights {format_size(dense_bytes)} "
+            f"+ activation/KV reserve {format_size(reserve_bytes)} + {min_slots} expert slots x {format_size(expert_bytes)})")
+    return MemoryPlan(budget, dense_bytes, reserve_bytes, expert_bytes, total_experts, min_slots, int(slots))

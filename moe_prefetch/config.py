@@ -1,0 +1,94 @@
+"""OffloadConfig: every knob of the runtime in one frozen dataclass, plus size parsing ("12GiB")."""
+from __future__ import annotations
+
+import dataclasses
+import re
+from dataclasses import dataclass
+
+from .errors import MoePrefetchError
+
+_UNITS = {
+    "": 1, "b": 1,
+    "k": 1024, "kb": 1000, "kib": 1024,
+    "m": 1024**2, "mb": 1000**2, "mib": 1024**2,
+    "g": 1024**3, "gb": 1000**3, "gib": 1024**3,
+    "t": 1024**4, "tb": 1000**4, "tib": 1024**4,
+}
+_SIZE_RE = re.compile(r"^\s*([0-9]*\.?[0-9]+)\s*([a-zA-Z]*)\s*$")
+
+
+def parse_size(text: str | int | float) -> int:
+    """Parse a byte size: 512MiB, 12GiB, 12GB (decimal), 1.5g (binary), 1048576. Raises MoePrefetchError."""
+    if isinstance(text, (int, float)) and not isinstance(text, bool):
+        if text <= 0:
+            raise MoePrefetchError(f"size must be positive, got {text}")
+        return int(text)
+    m = _SIZE_RE.match(str(text))
+    unit = m.group(2).lower() if m else None
+    if not m or unit not in _UNITS:
+        raise MoePrefetchError(
+            f"malformed size {text!r}: use a number with an optional unit, e.g. 512MiB, 12GiB, 12GB")
+    value = float(m.group(1)) * _UNITS[unit]
+    if value < 1:
+        raise MoePrefetchError(f"size must be positive, got {text!r}")
+    return int(value)
+
+
+def format_size(n: int) -> str:
+    """Human-readable binary size: 1536 -> '1.5KiB'."""
+    for unit, scale in (("TiB", 1024**4), ("GiB", 1024**3), ("MiB", 1024**2), ("KiB", 1024)):
+        if n >= scale:
+            return f"{n / scale:.1f}{unit}"
+    return f"{n}B"
+
+
+DTYPES = ("auto", "float32", "float16", "bfloat16")
+DEVICES = ("auto", "cpu", "cuda")
+EVICTION_POLICIES = ("lru", "lfu")
+
+
+@dataclass(frozen=True)
+class OffloadConfig:
+    """How to run an MoE model with offloaded experts.
+
+    device:         "auto" (cuda if available), "cuda", "cuda:N" or "cpu".
+    device_memory:  budget on the compute device for dense weights + expert cache + reserve
+                    (bytes or a size string). None: free device memory (CUDA) / available RAM (CPU).
+    expert_cache:   number of expert slots; overrides the size derived from device_memory.
+    dtype:          compute dtype; "auto" keeps the checkpoint's (float16 becomes float32 on CPU).
+    eviction:       cache eviction policy, "lru" or "lfu".
+    max_context:    longest sequence (prompt + new tokens) the KV-cache reserve is sized for.
+    reserve:        extra bytes kept free for activations; None estimates it from the model shape.
+    pin_memory:     keep the host store in pinned memory (CUDA only; None = automatic).
+    show_progress:  show a progress bar while loading.
+    """
+
+    device: str = "auto"
+    device_memory: int | str | None = None
+    expert_cache: int | None = None
+    dtype: str = "auto"
+    eviction: str = "lru"
+    max_context: int = 2048
+    reserve: int | str | None = None
+    pin_memory: bool | None = None
+    show_progress: bool = True
+
+    def __post_init__(self):
+        dev = self.device
+        if not (dev in DEVICES or re.fullmatch(r"cuda:\d+", dev or "")):
+            raise MoePrefetchError(f"unknown device {dev!r}: use auto, cpu, cuda or cuda:N")
+        if self.dtype not in DTYPES:
+            raise MoePrefetchError(f"unknown dtype {self.dtype!r}: use one of {', '.join(DTYPES)}")
+        if self.eviction not in EVICTION_POLICIES:
+            raise MoePrefetchError(f"unknown eviction policy {self.eviction!r}: use one of {', '.join(EVICTION_POLICIES)}")
+        if self.device_memory is not None:
+            object.__setattr__(self, "device_memory", parse_size(self.device_memory))
+        if self.reserve is not None:
+            object.__setattr__(self, "reserve", parse_size(self.reserve))
+        if self.expert_cache is not None and (not isinstance(self.expert_cache, int) or self.expert_cache < 1):
+            raise MoePrefetchError(f"expert cache must be a positive number of experts, got {self.expert_cache!r}")
+        if not isinstance(self.max_context, int) or self.max_context < 1:
+            raise MoePrefetchError(f"max_context must be a positive integer, got {self.max_context!r}")
+
+    def replace(self, **changes) -> "OffloadConfig":
+        return dataclasses.replace(self, **changes)

@@ -1,0 +1,123 @@
+"""FamilyAdapter: everything model-family specific, so the rest of the runtime never touches
+transformers internals. Adding a model family means adding one file in this package.
+
+An adapter answers four questions:
+  where:  which decoder layers hold a sparse MoE block, and how to swap that block out;
+  names:  which checkpoint tensors make up expert e of layer l (packed into one contiguous buffer),
+          and which checkpoint name a dense parameter of the skeleton comes from;
+  route:  the reference router math (the family's own router module is reused as is);
+  math:   one expert's MLP on a group of rows, given views into its cache slot.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+
+@dataclass(frozen=True)
+class TensorSource:
+    """A checkpoint tensor, or row `index` of a fused [num_experts, ...] checkpoint tensor."""
+
+    key: str
+    index: int | None = None
+
+
+@dataclass(frozen=True)
+class ExpertPart:
+    """One matrix of an expert, stored at `offset` (elements) in the expert's flat buffer.
+    Its content is the concatenation, along dim 0, of `sources`."""
+
+    name: str
+    shape: tuple[int, ...]
+    offset: int
+    sources: tuple[TensorSource, ...]
+
+    @property
+    def numel(self) -> int:
+        return math.prod(self.shape)
+
+
+@dataclass(frozen=True)
+class ExpertLayout:
+    """The parts of one expert (same for every expert of a model, up to the source names)."""
+
+    parts: tuple[ExpertPart, ...]
+
+    @property
+    def numel(self) -> int:
+        return sum(p.numel for p in self.parts)
+
+    def views(self, flat: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Split a flat [numel] buffer into named matrices (views, no copy)."""
+        return {p.name: flat[p.offset:p.offset + p.numel].view(p.shape) for p in self.parts}
+
+
+class FamilyAdapter:
+    """Interface; see mixtral.py for the reference implementation."""
+
+    #: transformers `model_type` values this adapter serves
+    model_types: tuple[str, ...] = ()
+    #: human-readable family name used in messages
+    family: str = ""
+
+    def __init__(self, config):
+        self.config = config
+
+    # ---- shape ---------------------------------------------------------------------------
+    @property
+    def num_experts(self) -> int:
+        raise NotImplementedError
+
+    @property
+    def top_k(self) -> int:
+        raise NotImplementedError
+
+    def moe_layers(self) -> list[int]:
+        """Indices of decoder layers whose MLP is a sparse MoE block."""
+        raise NotImplementedError
+
+    # ---- where ---------------------------------------------------------------------------
+    def decoder_layers(self, model: nn.Module) -> nn.ModuleList:
+        return model.model.layers
+
+    def get_block(self, model: nn.Module, layer: int) -> nn.Module:
+        return self.decoder_layers(model)[layer].mlp
+
+    def set_block(self, model: nn.Module, layer: int, block: nn.Module) -> None:
+        self.decoder_layers(model)[layer].mlp = block
+
+    def router(self, block: nn.Module) -> nn.Module:
+        """The family's router module inside the original block (kept and reused verbatim)."""
+        raise NotImplementedError
+
+    def extra_modules(self, block: nn.Module) -> dict[str, nn.Module]:
+        """Resident submodules besides the router (e.g. shared experts), kept under these names."""
+        return {}
+
+    # ---- names ---------------------------------------------------------------------------
+    def expert_layout(self, checkpoint, layer: int, expert: int) -> ExpertLayout:
+        raise NotImplementedError
+
+    def checkpoint_key(self, module_key: str, checkpoint) -> str | None:
+        """Checkpoint name of a dense parameter of the skeleton (None if absent)."""
+        return module_key if module_key in checkpoint else None
+
+    # ---- math ----------------------------------------------------------------------------
+    def route(self, router: nn.Module, x: torch.Tensor):
+        """x [T, H] -> (weights [T, k], indices [T, k]) exactly as the reference block computes them."""
+        raise NotImplementedError
+
+    def expert_mlp(self, views: dict[str, torch.Tensor], rows: torch.Tensor) -> torch.Tensor:
+        """rows [n, H] -> [n, H] through one expert (no routing weight applied)."""
+        raise NotImplementedError
+
+    def expert_mlp_eager(self, views: dict[str, torch.Tensor], rows: torch.Tensor) -> torch.Tensor:
+        """Same as expert_mlp, computed the way transformers' eager experts loop does (F.linear)."""
+        raise NotImplementedError
+
+    def combine(self, extras: dict[str, nn.Module], x: torch.Tensor, routed: torch.Tensor) -> torch.Tensor:
+        """Add resident contributions (shared experts) to the routed output; x, routed [T, H]."""
+        return routed

@@ -1,0 +1,99 @@
+"""ExpertOffloader: the data-movement side of the expert cache.
+
+Owns the device slot pool (one [slots, expert_numel] tensor), the cache bookkeeping (cache.py),
+the host store (store.py) and the transfer engine (transfer.py). A layer asks for its experts with
+acquire(); hits are pinned at once, misses get a slot (evicting by policy) and a demand copy;
+ready() waits for that expert's copy only; release() unpins and, on CUDA, records when the compute
+stream is done reading the slots so a later copy never overwrites them early.
+"""
+from __future__ import annotations
+
+import torch
+
+from .cache import CacheFullError, ExpertCache, EvictionPolicy
+from .stats import RunStats
+from .store import ExpertStore
+from .transfer import CopyJob, Ticket, TransferEngine, TransferError
+
+
+class ExpertOffloader:
+    def __init__(self, store: ExpertStore, n_slots: int, device: torch.device, policy: EvictionPolicy,
+                 engine: TransferEngine, stats: RunStats | None = None):
+        self.store = store
+        self.device = device
+        self.engine = engine
+        self.stats = stats or RunStats()
+        self.cache = ExpertCache(n_slots, policy)
+        self.pool = torch.empty(n_slots, store.numel, dtype=store.dtype, device=device)  # [slots, numel]
+        self._views = [store.layout.views(self.pool[s]) for s in range(n_slots)]
+        self._tickets: dict[tuple[int, int], Ticket] = {}
+        self._slot_free: list = [None] * n_slots  # CUDA events: compute stream done with the slot
+
+    @property
+    def n_slots(self) -> int:
+        return self.cache.n_slots
+
+    # ---- the executing layer -----------------------------------------------------------------
+    def acquire(self, layer: int, experts: list[int]) -> list[int]:
+        """Pin as many of `experts` (in order) as fit, starting demand copies for the missing ones.
+        Returns the granted experts; the caller computes them, then calls release()."""
+        granted: list[int] = []
+        for e in experts:
+            key = (layer, e)
+            if key in self.cache:
+                self.cache.touch(key)
+                self.cache.pin(key)
+                self.stats.hits += 1
+            else:
+                try:
+                    slot, evicted = self.cache.insert(key)
+                except CacheFullError:
+                    break  # every slot is in use by this layer: the caller runs another round
+                if evicted is not None:
+                    self._tickets.pop(evicted, None)  # FIFO engine: the new copy lands after the old one
+                self.cache.pin(key)
+                self._submit(key, slot)
+                self.stats.misses += 1
+            self.stats.expert_requests += 1
+            granted.append(e)
+        if not granted:
+            raise RuntimeError(f"expert cache of {self.n_slots} slots could not grant any expert of layer {layer}")
+        return granted
+
+    def ready(self, layer: int, expert: int) -> dict[str, torch.Tensor]:
+        """Views of the expert's matrices in its slot, once its copy (if any) has landed."""
+        key = (layer, expert)
+        ticket = self._tickets.pop(key, None)
+        if ticket is not None:
+            try:
+                self.stats.stall_seconds += self.engine.wait(ticket)
+            except TransferError:
+                self.cache.unpin(key)
+                self.cache.remove(key)
+                raise
+        return self._views[self.cache.lookup(key)]
+
+    def release(self, layer: int, experts: list[int]) -> None:
+        done = None
+        if self.device.type == "cuda":
+            done = torch.cuda.Event()
+            done.record(torch.cuda.current_stream(self.device))
+        for e in experts:
+            key = (layer, e)
+            self.cache.unpin(key)
+            if done is not None:
+                self._slot_free[self.cache.lookup(key)] = done
+
+    # ---- data movement -----------------------------------------------------------------------
+    def _submit(self, key: tuple[int, int], slot: int) -> None:
+        job = CopyJob(dst=self.pool[slot], pieces=self.store.pieces(*key), nbytes=self.store.expert_nbytes,
+                      label=f"expert {key[1]} of layer {key[0]}", after=self._slot_free[slot])
+        self._tickets[key] = self.engine.submit(job)
+        self.stats.bytes_to_device += job.nbytes
+
+    def resident(self) -> list[tuple[int, int]]:
+        return sorted(self.cache.keys())
+
+    def close(self) -> None:
+        self.engine.close()
+        self._tickets.clear()

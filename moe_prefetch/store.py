@@ -1,0 +1,103 @@
+"""ExpertStore: where experts live when they are not in the device cache.
+
+Each expert is described by its family's ExpertLayout: one contiguous buffer holding all of its
+matrices, so moving an expert is one copy (CUDA) or a few page-cache reads (CPU).
+  pinned=True   (CUDA) every expert is packed once, at load, into its own pinned host buffer;
+  pinned=False  (CPU)  experts are served straight from the memory-mapped safetensors files.
+"""
+from __future__ import annotations
+
+import torch
+from tqdm.auto import tqdm
+
+from .checkpoint import Checkpoint
+from .errors import MoePrefetchError
+from .families import ExpertLayout, FamilyAdapter
+
+
+class ExpertStore:
+    def __init__(self, checkpoint: Checkpoint, adapter: FamilyAdapter, dtype: torch.dtype,
+                 pinned: bool = False, progress: bool = False):
+        self.checkpoint = checkpoint
+        self.adapter = adapter
+        self.dtype = dtype
+        self.layers = adapter.moe_layers()
+        self.num_experts = adapter.num_experts
+        self._layouts: dict[tuple[int, int], ExpertLayout] = {}
+        for layer in self.layers:
+            for e in range(self.num_experts):
+                layout = adapter.expert_layout(checkpoint, layer, e)
+                self._check(layout, layer, e)
+                self._layouts[layer, e] = layout
+        self.layout = self._layouts[self.layers[0], 0]  # names, shapes and offsets are shared
+        self.numel = self.layout.numel
+        self.expert_nbytes = self.numel * torch.empty((), dtype=dtype).element_size()
+        self.pinned = pinned
+        self._host: dict[tuple[int, int], torch.Tensor] = {}
+        if pinned:
+            keys = list(self._layouts)
+            for key in tqdm(keys, desc="pinning experts", unit="expert", disable=not progress):
+                buf = torch.empty(self.numel, dtype=dtype, pin_memory=True)
+                for offset, src in self._mapped_pieces(*key):
+                    buf[offset:offset + src.numel()].view(src.shape).copy_(src)
+                self._host[key] = buf
+
+    def _check(self, layout: ExpertLayout, layer: int, expert: int) -> None:
+        ref = getattr(self, "layout", None) or self._layouts.get((self.layers[0], 0)) or layout
+        for part, ref_part in zip(layout.parts, ref.parts):
+            rows = 0
+            for s in part.sources:
+                shape = self.checkpoint.info(s.key).shape
+                if s.index is not None:
+                    if not shape or s.index >= shape[0]:
+                        raise MoePrefetchError(f"checkpoint tensor {s.key} has no expert {s.index}")
+                    shape = shape[1:]
+                if tuple(shape[1:]) != tuple(part.shape[1:]):
+                    raise MoePrefetchError(
+                        f"checkpoint tensor {s.key} has shape {list(shape)}, expected [*, {', '.join(map(str, part.shape[1:]))}] "
+                        f"for expert {expert} of layer {layer}: config.json does not match the weights")
+                rows += shape[0]
+            if rows != part.shape[0] or part.shape != ref_part.shape:
+                raise MoePrefetchError(
+                    f"expert {expert} of layer {layer}: {part.name} has {rows} rows in the checkpoint, "
+                    f"config.json implies {part.shape[0]}")
+
+    def _mapped_pieces(self, layer: int, expert: int) -> list[tuple[int, torch.Tensor]]:
+        pieces = []
+        for part in self._layouts[layer, expert].parts:
+            offset = part.offset
+            for s in part.sources:
+                t = self.checkpoint.tensor(s.key)
+                if s.index is not None:
+                    t = t[s.index]
+                pieces.append((offset, t))
+                offset += t.numel()
+        return pieces
+
+    def pieces(self, layer: int, expert: int) -> list[tuple[int, torch.Tensor]]:
+        """(element offset, source tensor) pairs that fill one expert's flat buffer."""
+        if self.pinned:
+            return [(0, self._host[layer, expert])]
+        return self._mapped_pieces(layer, expert)
+
+    @property
+    def total_experts(self) -> int:
+        return len(self._layouts)
+
+    def host_bytes(self) -> int:
+        return sum(b.numel() * b.element_size() for b in self._host.values())
+
+    def checkpoint_expert_bytes(self) -> int:
+        """Bytes the experts occupy in the checkpoint (its own dtype)."""
+        total = 0
+        seen = set()
+        for layout in self._layouts.values():
+            for part in layout.parts:
+                for s in part.sources:
+                    info = self.checkpoint.info(s.key)
+                    if s.index is None:
+                        total += info.nbytes
+                    elif s.key not in seen:
+                        seen.add(s.key)
+                        total += info.nbytes
+        return total
