@@ -83,7 +83,7 @@ class OffloadConfig:
             raise MoePrefetchError(f"unknown eviction policy {self.eviction!r}: use one of {', '.join(EVICTION_POLICIES)}")
         if self.device_memory is not None:
             object.__setattr__(self, "device_memory", parse_size(self.device_memory))
-        if self.reserve is not None:
+        if self.reserve is not None and self.reserve != 0:  # 0: no reserve (tests, exact budgets)
             object.__setattr__(self, "reserve", parse_size(self.reserve))
         if self.expert_cache is not None and (not isinstance(self.expert_cache, int) or self.expert_cache < 1):
             raise MoePrefetchError(f"expert cache must be a positive number of experts, got {self.expert_cache!r}")

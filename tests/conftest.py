@@ -1,0 +1,55 @@
+"""Tiny random checkpoints written with transformers' save_pretrained (the real loading path)."""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+torch.set_num_threads(min(2, torch.get_num_threads()))
+
+VOCAB = 96
+
+
+def save_tokenizer(path: Path, vocab: int = VOCAB) -> None:
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    words = {"<unk>": 0, "<s>": 1, "</s>": 2} | {f"w{i}": i for i in range(3, vocab)}
+    tok = Tokenizer(models.WordLevel(words, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", bos_token="<s>", eos_token="</s>").save_pretrained(path)
+
+
+def make_mixtral(path: Path, layers=2, experts=4, top_k=2, hidden=32, inter=48, dtype=torch.float32,
+                 shard: str | None = None, tie=False, seed=0, context=128, std=0.15) -> Path:
+    """Save a random Mixtral checkpoint (+ tokenizer) to `path` and return it.
+    A large init std makes routing and next-token choices decisive instead of near-uniform."""
+    from transformers import MixtralConfig, MixtralForCausalLM
+
+    cfg = MixtralConfig(vocab_size=VOCAB, hidden_size=hidden, intermediate_size=inter, num_hidden_layers=layers,
+                        num_attention_heads=4, num_key_value_heads=2, num_local_experts=experts,
+                        num_experts_per_tok=top_k, max_position_embeddings=context, initializer_range=std,
+                        tie_word_embeddings=tie, bos_token_id=1, eos_token_id=2)
+    torch.manual_seed(seed)
+    model = MixtralForCausalLM(cfg).to(dtype)
+    kwargs = {"max_shard_size": shard} if shard else {}
+    model.save_pretrained(path, **kwargs)
+    save_tokenizer(path)
+    return path
+
+
+@pytest.fixture(scope="session")
+def tiny_mixtral(tmp_path_factory) -> Path:
+    return make_mixtral(tmp_path_factory.mktemp("ckpt") / "tiny")
+
+
+def reference_generate(path, ids, new_tokens, dtype=torch.float32, **kwargs):
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, **kwargs)
+    with torch.inference_mode():
+        return model.generate(ids, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False)

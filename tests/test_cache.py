@@ -1,0 +1,72 @@
+"""ExpertCache bookkeeping and eviction policies (pure Python, no tensors)."""
+import pytest
+
+from moe_prefetch.cache import CacheFullError, ExpertCache, LFUPolicy, LRUPolicy
+
+
+def test_fills_free_slots_then_evicts_least_recently_used():
+    c = ExpertCache(3, LRUPolicy())
+    for k in ("a", "b", "c"):
+        assert c.insert(k)[1] is None
+    c.touch("a")  # b is now the oldest
+    slot_b = c.lookup("b")
+    slot, evicted = c.insert("d")
+    assert evicted == "b" and slot == slot_b
+    assert "b" not in c and c.lookup("d") == slot_b
+    assert len(c) == 3
+
+
+def test_pinned_expert_is_never_evicted():
+    c = ExpertCache(2, LRUPolicy())
+    c.insert("a"), c.insert("b")
+    c.pin("a")
+    assert c.insert("c")[1] == "b"
+    c.pin("c")
+    with pytest.raises(CacheFullError):
+        c.insert("d")
+    c.unpin("a")
+    assert c.insert("d")[1] == "a"
+
+
+def test_protected_keys_are_skipped():
+    c = ExpertCache(2, LRUPolicy())
+    c.insert("a"), c.insert("b")
+    assert c.insert("c", protected={"a"})[1] == "b"
+
+
+def test_pin_counts_nest():
+    c = ExpertCache(1, LRUPolicy())
+    c.insert("a")
+    c.pin("a"), c.pin("a")
+    c.unpin("a")
+    with pytest.raises(CacheFullError):
+        c.insert("b")
+    c.unpin("a")
+    assert c.insert("b")[1] == "a"
+
+
+def test_lfu_evicts_least_used_with_lru_tiebreak():
+    c = ExpertCache(3, LFUPolicy())
+    for k in ("a", "b", "c"):
+        c.insert(k)
+    c.touch("a"), c.touch("a"), c.touch("c")
+    assert c.insert("d")[1] == "b"  # b used once
+    assert c.insert("e")[1] == "d"  # d and ... d has 1 use, c has 2
+    c.remove("e")
+    assert c.insert("f")[1] is None  # removal frees the slot
+
+
+def test_slot_count_never_exceeded_under_churn():
+    import random
+
+    rng = random.Random(0)
+    c = ExpertCache(5, LRUPolicy())
+    for _ in range(2000):
+        k = rng.randrange(40)
+        if k in c:
+            c.touch(k)
+        else:
+            c.insert(k)
+        assert len(c) <= 5
+        slots = [c.lookup(x) for x in c.keys()]
+        assert len(set(slots)) == len(slots), "two experts share a slot"
