@@ -436,7 +436,7 @@ def parse_args(argv=None):
     ap.add_argument("--threads", type=int, default=2, help="torch.set_num_threads value")
     ap.add_argument(
         "--experts-impl",
-        default="batched_mm",
+        default="grouped_mm",
         choices=["eager", "batched_mm", "grouped_mm"],
         help="transformers experts implementation used for training (not saved)",
     )

@@ -61,6 +61,10 @@ class OffloadConfig:
     reserve:        extra bytes kept free for activations; None estimates it from the model shape.
     pin_memory:     keep the host store in pinned memory (CUDA only; None = automatic).
     show_progress:  show a progress bar while loading.
+    predictor:      "none", "next-gate", "history", "m2r2" (needs predictor_path) or "oracle" (a trace).
+    predictor_path: m2r2 predictor file (calibrate.py) or routing trace (trace.py) for the oracle.
+    lookahead:      K: predict and prefetch the experts of layers l+1 .. l+K.
+    prefetch_budget: cap on bytes in flight for prefetches; None = lookahead x top_k experts.
     """
 
     device: str = "auto"
@@ -72,6 +76,10 @@ class OffloadConfig:
     reserve: int | str | None = None
     pin_memory: bool | None = None
     show_progress: bool = True
+    predictor: str = "next-gate"
+    predictor_path: str | None = None
+    lookahead: int = 2
+    prefetch_budget: int | str | None = None
 
     def __post_init__(self):
         dev = self.device
@@ -87,6 +95,14 @@ class OffloadConfig:
             object.__setattr__(self, "reserve", parse_size(self.reserve))
         if self.expert_cache is not None and (not isinstance(self.expert_cache, int) or self.expert_cache < 1):
             raise MoePrefetchError(f"expert cache must be a positive number of experts, got {self.expert_cache!r}")
+        from .predictors import PREDICTORS
+
+        if self.predictor not in PREDICTORS:
+            raise MoePrefetchError(f"unknown predictor {self.predictor!r}: use one of {', '.join(PREDICTORS)}")
+        if not isinstance(self.lookahead, int) or not 0 <= self.lookahead <= 16:
+            raise MoePrefetchError(f"lookahead must be an integer from 0 to 16, got {self.lookahead!r}")
+        if self.prefetch_budget is not None:
+            object.__setattr__(self, "prefetch_budget", parse_size(self.prefetch_budget))
         if not isinstance(self.max_context, int) or self.max_context < 1:
             raise MoePrefetchError(f"max_context must be a positive integer, got {self.max_context!r}")
 

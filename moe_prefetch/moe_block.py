@@ -27,6 +27,7 @@ class OffloadedMoE(nn.Module):
         for name, module in extras.items():
             self.add_module(name, module)
         self.offloader = None  # set by runtime.load_model once the cache exists
+        self.prefetcher = None  # optional: predicts and prefetches later layers' experts
         self.eager = getattr(adapter.config, "_experts_implementation", None) == "eager"
 
     def extra_repr(self) -> str:
@@ -36,16 +37,23 @@ class OffloadedMoE(nn.Module):
         shape = hidden_states.shape
         x = hidden_states.reshape(-1, shape[-1])  # [T, H]
         weights, indices = self.adapter.route(self.gate, x)  # [T, k], [T, k]
+        self._indices = indices
         routed = self._experts_eager(x, weights, indices) if self.eager else self._experts_grouped(x, weights, indices)
         out = self.adapter.combine({n: getattr(self, n) for n in self.extra_names}, x, routed)
         return out.reshape(shape)
 
     def _run(self, experts: list[int], compute) -> None:
-        """Acquire `experts` in as many rounds as the cache needs, calling compute(e, views) for each."""
+        """Acquire `experts` in as many rounds as the cache needs, calling compute(e, views) for each.
+        Demand copies are queued first; then the prefetcher queues later layers' experts behind them,
+        and they move while this layer computes."""
         off, layer = self.offloader, self.layer
         pending = experts
+        first = True
         while pending:
             granted = off.acquire(layer, pending)
+            if first and self.prefetcher is not None:
+                self.prefetcher.after_routing(layer, self._indices, experts)
+            first = False
             try:
                 for e in granted:
                     compute(e, off.ready(layer, e))

@@ -27,6 +27,7 @@ class ExpertOffloader:
         self.pool = torch.empty(n_slots, store.numel, dtype=store.dtype, device=device)  # [slots, numel]
         self._views = [store.layout.views(self.pool[s]) for s in range(n_slots)]
         self._tickets: dict[tuple[int, int], Ticket] = {}
+        self._prefetched: set[tuple[int, int]] = set()  # brought in by prefetch, not yet used
         self._slot_free: list = [None] * n_slots  # CUDA events: compute stream done with the slot
 
     @property
@@ -44,13 +45,18 @@ class ExpertOffloader:
                 self.cache.touch(key)
                 self.cache.pin(key)
                 self.stats.hits += 1
+                if key in self._prefetched:
+                    self._prefetched.discard(key)
+                    self.stats.prefetch_used += 1
+                    ticket = self._tickets.get(key)
+                    if ticket is not None and not ticket.done():
+                        self.stats.prefetch_late += 1
             else:
                 try:
                     slot, evicted = self.cache.insert(key)
                 except CacheFullError:
                     break  # every slot is in use by this layer: the caller runs another round
-                if evicted is not None:
-                    self._tickets.pop(evicted, None)  # FIFO engine: the new copy lands after the old one
+                self._evicted(evicted)
                 self.cache.pin(key)
                 self._submit(key, slot)
                 self.stats.misses += 1
@@ -83,6 +89,39 @@ class ExpertOffloader:
             self.cache.unpin(key)
             if done is not None:
                 self._slot_free[self.cache.lookup(key)] = done
+
+    # ---- ahead of time -------------------------------------------------------------------------
+    def prefetch(self, layer: int, expert: int, protected, budget_bytes: int) -> bool:
+        """Start copying an expert a later layer is predicted to need. Never evicts a pinned or
+        `protected` expert; skipped when it would push bytes in flight over `budget_bytes`."""
+        key = (layer, expert)
+        if key in self.cache:
+            self.cache.touch(key)  # predicted again: keep it
+            return False
+        if self.bytes_in_flight() + self.store.expert_nbytes > budget_bytes:
+            self.stats.prefetch_skipped_budget += 1
+            return False
+        try:
+            slot, evicted = self.cache.insert(key, protected)
+        except CacheFullError:
+            return False
+        self._evicted(evicted)
+        self._submit(key, slot)
+        self._prefetched.add(key)
+        self.stats.prefetch_issued += 1
+        return True
+
+    def bytes_in_flight(self) -> int:
+        return sum(t.job.nbytes for t in self._tickets.values() if not t.done())
+
+    def _evicted(self, key) -> None:
+        if key is None:
+            return
+        self._tickets.pop(key, None)  # FIFO engine: a new copy into the slot lands after the old one
+        if key in self._prefetched:
+            self._prefetched.discard(key)
+            self.stats.prefetch_wasted += 1
+            self.stats.bytes_wasted += self.store.expert_nbytes
 
     # ---- data movement -----------------------------------------------------------------------
     def _submit(self, key: tuple[int, int], slot: int) -> None:

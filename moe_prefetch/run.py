@@ -7,6 +7,7 @@ import sys
 from .cli_common import ArgumentParser, run_main
 from .config import DEVICES, DTYPES, EVICTION_POLICIES, OffloadConfig, parse_size
 from .errors import MoePrefetchError
+from .predictors import PREDICTORS
 
 DEFAULT_PROMPT = "In the beginning"
 
@@ -26,6 +27,12 @@ def build_parser() -> ArgumentParser:
                    "reserve, e.g. 512MiB, 12GiB, 12GB (default: free GPU memory / 80%% of available RAM)")
     p.add_argument("--expert-cache", type=int, help="number of expert slots in the cache (overrides the budget-derived size)")
     p.add_argument("--eviction", default="lru", choices=EVICTION_POLICIES, help="expert cache eviction policy (default: lru)")
+    p.add_argument("--predictor", default="next-gate", choices=PREDICTORS,
+                   help="what drives prefetching: none (demand only), next-gate, history, m2r2 (trained, needs "
+                   "--predictor-path), oracle (replays a routing trace given by --predictor-path); default next-gate")
+    p.add_argument("--predictor-path", help="m2r2 predictor file from moe_prefetch.calibrate, or a routing trace for oracle")
+    p.add_argument("--lookahead", type=int, default=2, help="prefetch the experts of layers l+1..l+K (default: 2; 0 = off)")
+    p.add_argument("--prefetch-budget", help="cap on prefetch bytes in flight, e.g. 256MiB (default: lookahead x top-k experts)")
     p.add_argument("--dtype", default="auto", choices=DTYPES, help="compute dtype (default: the checkpoint's; float16 becomes float32 on CPU)")
     p.add_argument("--seed", type=int, default=0, help="random seed for sampling (default: 0)")
     p.add_argument("--do-sample", action="store_true", help="sample instead of greedy decoding")
@@ -50,8 +57,9 @@ def _read_prompt(args) -> str:
 def _validate(args) -> None:
     if args.max_new_tokens < 1:
         raise MoePrefetchError(f"--max-new-tokens must be at least 1, got {args.max_new_tokens}")
-    if args.device_memory is not None:
-        parse_size(args.device_memory)
+    for flag in ("device_memory", "prefetch_budget"):
+        if getattr(args, flag) is not None:
+            parse_size(getattr(args, flag))
     if args.do_sample and args.temperature <= 0:
         raise MoePrefetchError("--temperature must be positive when sampling")
     if not 0 < args.top_p <= 1:
@@ -97,6 +105,8 @@ def main_body(argv=None) -> int:
 
     cfg = OffloadConfig(device=args.device, device_memory=args.device_memory, expert_cache=args.expert_cache,
                         dtype=args.dtype, eviction=args.eviction, max_context=n_prompt + max_new,
+                        predictor=args.predictor, predictor_path=args.predictor_path, lookahead=args.lookahead,
+                        prefetch_budget=args.prefetch_budget,
                         show_progress=not args.no_progress)
     model, tokenizer = load_model(str(path), cfg)
     device = model.moe_runtime.device

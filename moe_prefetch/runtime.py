@@ -25,6 +25,8 @@ from .families import FamilyAdapter, adapter_for
 from .hub import resolve_model
 from .moe_block import OffloadedMoE
 from .offloader import ExpertOffloader
+from .prefetch import Prefetcher
+from .predictors import ModelView, Predictor, make_predictor
 from .stats import RunStats
 from .store import ExpertStore
 from .transfer import make_engine
@@ -45,15 +47,20 @@ class OffloadRuntime:
     device: torch.device
     dtype: torch.dtype
     stats: RunStats = field(default_factory=RunStats)
+    prefetcher: Prefetcher | None = None
 
     def stats_dict(self) -> dict:
         self.stats.stall_seconds = max(self.stats.stall_seconds, self.offloader.engine.stall_seconds())
         d = self.stats.as_dict()
         d.update(device=str(self.device), backend=self.offloader.engine.backend,
+                 predictor=self.prefetcher.predictor.name if self.prefetcher else "none",
+                 lookahead=self.prefetcher.lookahead if self.prefetcher else 0,
                  expert_cache_slots=self.plan.slots, total_experts=self.plan.total_experts)
         return d
 
     def close(self) -> None:
+        if self.prefetcher is not None:
+            self.prefetcher.close()
         self.offloader.close()
 
 
@@ -129,7 +136,7 @@ def _load_dense(model: nn.Module, adapter: FamilyAdapter, ckpt: Checkpoint, mode
         model.tie_weights()
 
 
-def _install_timers(model: nn.Module, stats: RunStats, device: torch.device) -> None:
+def _install_timers(model: nn.Module, stats: RunStats, device: torch.device, runtime_ref: list) -> None:
     """Prefill = a forward with an empty KV cache, decode = one with a filled cache."""
     state = {}
 
@@ -145,6 +152,9 @@ def _install_timers(model: nn.Module, stats: RunStats, device: torch.device) -> 
         seen = past.get_seq_length() if past is not None and hasattr(past, "get_seq_length") else 0
         sync()
         state.update(start=time.perf_counter(), n=n, prefill=seen == 0)
+        prefetcher = runtime_ref[0].prefetcher if runtime_ref else None
+        if prefetcher is not None:
+            prefetcher.start_forward(seen == 0)
 
     def post(module, args, kwargs, output):
         sync()
@@ -196,10 +206,28 @@ def load_model(model: str, config: OffloadConfig | None = None, **overrides):
     offloader = ExpertOffloader(store, plan.slots, device, make_policy(cfg.eviction), make_engine(device), stats)
     for layer in adapter.moe_layers():
         adapter.get_block(skeleton, layer).offloader = offloader
-    _install_timers(skeleton, stats, device)
+    runtime = OffloadRuntime(cfg, adapter, ckpt, store, offloader, plan, device, dtype, stats)
+    _install_timers(skeleton, stats, device, [runtime])
     _load_generation_config(skeleton, path)
-    skeleton.moe_runtime = OffloadRuntime(cfg, adapter, ckpt, store, offloader, plan, device, dtype, stats)
+    skeleton.moe_runtime = runtime
+    if cfg.predictor != "none" and cfg.lookahead > 0:
+        set_predictor(skeleton, make_predictor(cfg.predictor, ModelView.of(skeleton, adapter), cfg.predictor_path, device))
     return skeleton, _load_tokenizer(path)
+
+
+def set_predictor(model: nn.Module, predictor: Predictor | None, lookahead: int | None = None,
+                  prefetch_budget: int | None = None) -> None:
+    """Install (or, with None, remove) the predictor that drives prefetching of an offloaded model."""
+    rt: OffloadRuntime = model.moe_runtime
+    if rt.prefetcher is not None:
+        rt.prefetcher.close()
+        rt.prefetcher = None
+    K = rt.config.lookahead if lookahead is None else lookahead
+    if predictor is not None and K > 0:
+        budget = prefetch_budget or rt.config.prefetch_budget or K * rt.adapter.top_k * rt.plan.expert_bytes
+        rt.prefetcher = Prefetcher(model, predictor.view, rt.offloader, predictor, K, budget, rt.stats)
+    for layer in rt.adapter.moe_layers():
+        rt.adapter.get_block(model, layer).prefetcher = rt.prefetcher
 
 
 def _load_generation_config(model: nn.Module, path) -> None:

@@ -1,7 +1,7 @@
 """RunStats: the counters of one offloaded model, and the one fixed format they are printed in."""
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 
 
 @dataclass
@@ -16,13 +16,30 @@ class RunStats:
     misses: int = 0
     bytes_to_device: int = 0
     stall_seconds: float = 0.0
+    prefetch_issued: int = 0
+    prefetch_used: int = 0
+    prefetch_late: int = 0
+    prefetch_wasted: int = 0
+    prefetch_skipped_budget: int = 0
+    bytes_wasted: int = 0
+    # per distance d: [correct, predicted, actual] expert counts over decode steps
+    prediction: dict = field(default_factory=dict)
 
     def reset(self) -> None:
         for name, value in asdict(RunStats()).items():
             setattr(self, name, value)
 
+    def record_prediction(self, d: int, correct: int, predicted: int, actual: int) -> None:
+        c = self.prediction.setdefault(d, [0, 0, 0])
+        c[0] += correct
+        c[1] += predicted
+        c[2] += actual
+
     def as_dict(self) -> dict:
         d = asdict(self)
+        pred = d.pop("prediction")
+        d["predictor_recall"] = {str(k): v[0] / v[2] if v[2] else 0.0 for k, v in sorted(pred.items())}
+        d["predictor_precision"] = {str(k): v[0] / v[1] if v[1] else 0.0 for k, v in sorted(pred.items())}
         d["decode_tokens_per_s"] = self.decode_steps / self.decode_seconds if self.decode_seconds > 0 else 0.0
         d["hit_rate"] = self.hits / self.expert_requests if self.expert_requests else 0.0
         return d
@@ -38,8 +55,13 @@ def format_summary(d: dict) -> str:
         f"expert requests    {d['expert_requests']}  hits {d['hits']}  misses {d['misses']}  hit rate {d['hit_rate']:.1%}",
         f"moved to device    {d['bytes_to_device'] / 2**20:.1f} MiB",
         f"stalled on experts {d['stall_seconds']:.3f} s",
+        f"prefetches         issued {d['prefetch_issued']}  used {d['prefetch_used']}  late {d['prefetch_late']}  "
+        f"wasted {d['prefetch_wasted']} ({d['bytes_wasted'] / 2**20:.1f} MiB)",
     ]
-    for key in ("device", "backend", "expert_cache_slots", "total_experts"):
+    if d.get("predictor_recall"):
+        lines.append("predictor recall   " + "  ".join(f"d={k}: {v:.1%}" for k, v in d["predictor_recall"].items()))
+        lines.append("predictor precision " + " ".join(f"d={k}: {v:.1%}" for k, v in d["predictor_precision"].items()))
+    for key in ("device", "backend", "predictor", "lookahead", "expert_cache_slots", "total_experts"):
         if key in d:
             lines.append(f"{key.replace('_', ' '):<18} {d[key]}")
     return "\n".join(lines)

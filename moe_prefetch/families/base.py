@@ -89,6 +89,11 @@ class FamilyAdapter:
     def set_block(self, model: nn.Module, layer: int, block: nn.Module) -> None:
         self.decoder_layers(model)[layer].mlp = block
 
+    def moe_norm(self, model: nn.Module, layer: int) -> nn.Module:
+        """The norm whose input is the residual stream just before layer `layer`'s MoE block and whose
+        output feeds its router (predictors read the residual there and reuse the norm)."""
+        return self.decoder_layers(model)[layer].post_attention_layernorm
+
     def router(self, block: nn.Module) -> nn.Module:
         """The family's router module inside the original block (kept and reused verbatim)."""
         raise NotImplementedError
@@ -109,6 +114,10 @@ class FamilyAdapter:
     def route(self, router: nn.Module, x: torch.Tensor):
         """x [T, H] -> (weights [T, k], indices [T, k]) exactly as the reference block computes them."""
         raise NotImplementedError
+
+    def router_probs(self, router: nn.Module, x: torch.Tensor) -> torch.Tensor:
+        """x [T, H] -> routing distribution [T, E] (float32) used to score experts ahead of time."""
+        return torch.softmax(torch.nn.functional.linear(x, router.weight).float(), dim=-1)
 
     def expert_mlp(self, views: dict[str, torch.Tensor], rows: torch.Tensor) -> torch.Tensor:
         """rows [n, H] -> [n, H] through one expert (no routing weight applied)."""

@@ -1,0 +1,99 @@
+"""m2r2: accelerated-residual predictor, in the spirit of M2R2 (arXiv 2502.02040).
+
+For MoE layer i and distance d a low-rank map  A(h) = h + U V^T rmsnorm(h)  moves the residual
+stream at layer i towards where it will be at layer i+d, so that layer i+d's own norm and router,
+applied to A(h_i), reproduce that layer's routing ahead of time. U starts at zero, so an untrained
+map is exactly next-gate; training (calibrate.py) can only move it towards the true routing.
+The file is a small safetensors holding U and V, tied to its model by a fingerprint of the routers.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from ..errors import MoePrefetchError
+from .base import ModelView, Predictor
+
+FORMAT = "moe_prefetch.m2r2.v1"
+
+
+def fingerprint(view: ModelView) -> str:
+    """Identifies the model a predictor was trained for: its routers and pre-MoE norms."""
+    h = hashlib.sha256()
+    for norm, router in zip(view.norms, view.routers):
+        for t in (norm.weight, router.weight):
+            h.update(t.detach().float().cpu().contiguous().numpy().tobytes())
+    return h.hexdigest()[:32]
+
+
+class AcceleratedResidual(nn.Module):
+    """Maps for all (layer, distance) pairs: U, V [L, K, H, r]."""
+
+    def __init__(self, n_layers: int, lookahead: int, hidden: int, rank: int, eps: float = 1e-6):
+        super().__init__()
+        self.lookahead, self.rank, self.eps = lookahead, rank, eps
+        self.U = nn.Parameter(torch.zeros(n_layers, lookahead, hidden, rank))
+        self.V = nn.Parameter(torch.randn(n_layers, lookahead, hidden, rank) / hidden**0.5)
+
+    def forward(self, i: int, d: int, h: torch.Tensor) -> torch.Tensor:
+        x = h.float()  # [T, H]
+        x_n = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
+        return x + (x_n @ self.V[i, d - 1]) @ self.U[i, d - 1].T  # [T, H]
+
+
+class AcceleratedPredictor(Predictor):
+    name = "m2r2"
+
+    def __init__(self, view: ModelView, maps: AcceleratedResidual):
+        super().__init__(view)
+        self.maps = maps
+
+    def predict(self, i, h, distances):
+        n = len(self.view.layers)
+        out = {}
+        for d in distances:
+            if i + d < n and d <= self.maps.lookahead:
+                a = self.maps(i, d, h).to(h.dtype)
+                out[d] = self.view.router_probs(i + d, a)  # [T, E]
+        return out
+
+
+def save(maps: AcceleratedResidual, view: ModelView, path: str | Path, extra: dict | None = None) -> None:
+    from safetensors.torch import save_file
+
+    meta = {"format": FORMAT, "fingerprint": fingerprint(view), "lookahead": str(maps.lookahead),
+            "rank": str(maps.rank), "layers": str(len(view.layers)), "hidden": str(view.hidden_size),
+            "extra": json.dumps(extra or {})}
+    path = Path(path)
+    tmp = path.with_name(path.name + ".tmp")
+    save_file({"U": maps.U.detach().contiguous(), "V": maps.V.detach().contiguous()}, str(tmp), metadata=meta)
+    tmp.replace(path)  # never leave a half-written predictor behind
+
+
+def load(view: ModelView, path: str | Path, device: torch.device | str = "cpu") -> AcceleratedResidual:
+    from safetensors import safe_open
+
+    path = Path(path)
+    if not path.is_file():
+        raise MoePrefetchError(f"predictor file {path} does not exist (train one with python -m moe_prefetch.calibrate)")
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            meta = f.metadata() or {}
+            U, V = f.get_tensor("U"), f.get_tensor("V")
+    except Exception as e:  # noqa: BLE001
+        raise MoePrefetchError(f"{path} is not a readable m2r2 predictor file ({type(e).__name__})") from None
+    if meta.get("format") != FORMAT:
+        raise MoePrefetchError(f"{path} is not an m2r2 predictor file (format {meta.get('format')!r})")
+    if meta.get("fingerprint") != fingerprint(view):
+        raise MoePrefetchError(f"predictor {path} was trained for a different model (router fingerprint mismatch); "
+                               "recalibrate it for this model with python -m moe_prefetch.calibrate")
+    n, K, H, r = U.shape
+    maps = AcceleratedResidual(n, K, H, r)
+    with torch.no_grad():
+        maps.U.copy_(U)
+        maps.V.copy_(V)
+    return maps.to(device).requires_grad_(False)

@@ -1,0 +1,70 @@
+"""Predictor interface: from the residual stream at layer l, score the experts of layers l+1 .. l+K.
+
+A predictor sees, for each MoE layer l of a forward pass, the residual stream h_l entering the MoE
+block ([T, H], before its norm) and, once the router has run, the experts it chose. It returns
+scores [T, E] (higher = more likely to be routed) for each distance d it is asked about.
+Predictors never change what runs: the router decides; predictions only decide what moves early.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+
+@dataclass
+class ModelView:
+    """What predictors may read of the model: per MoE layer its pre-MoE norm and router."""
+
+    adapter: object
+    layers: list[int]            # MoE layer indices, in execution order
+    norms: list[nn.Module]       # norms[i] belongs to layers[i]
+    routers: list[nn.Module]
+    num_experts: int
+    top_k: int
+    hidden_size: int
+
+    @classmethod
+    def of(cls, model: nn.Module, adapter) -> "ModelView":
+        layers = adapter.moe_layers()
+        return cls(adapter, layers, [adapter.moe_norm(model, l) for l in layers],
+                   [adapter.get_block(model, l).gate for l in layers], adapter.num_experts, adapter.top_k,
+                   model.config.hidden_size)
+
+    def router_probs(self, i: int, h: torch.Tensor) -> torch.Tensor:
+        """Routing distribution [T, E] of MoE layer index i applied to residual h [T, H]."""
+        return self.adapter.router_probs(self.routers[i], self.norms[i](h))
+
+
+class Predictor:
+    """Base class. `i` below is the position of a layer in ModelView.layers (not its layer number)."""
+
+    name = "base"
+    #: True when predictions depend on earlier tokens (evaluation must then feed tokens one by one)
+    sequential = False
+    #: True when the predictor can also score the *next* token's layers (i + d >= number of layers
+    #: means layer i + d - n of the next forward pass); residual-based predictors cannot
+    wraps = False
+
+    def __init__(self, view: ModelView):
+        self.view = view
+
+    def reset(self) -> None:
+        """Start of a new sequence (a prefill)."""
+
+    def predict(self, i: int, h: torch.Tensor, distances: list[int]) -> dict[int, torch.Tensor]:
+        """Scores [T, E] for MoE layers i+d, d in distances (those it can predict; see `wraps`)."""
+        raise NotImplementedError
+
+    def observe(self, i: int, indices: torch.Tensor) -> None:
+        """The router of MoE layer i chose `indices` [T, k]."""
+
+
+class NoPredictor(Predictor):
+    """Demand fetching only."""
+
+    name = "none"
+
+    def predict(self, i, h, distances):
+        return {}

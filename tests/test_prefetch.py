@@ -1,0 +1,177 @@
+"""Prefetching: lossless for every predictor and lookahead; the oracle removes decode misses;
+predictor contracts; counters add up."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+import moe_prefetch as mp
+from moe_prefetch.predictors import ModelView, make_predictor
+from moe_prefetch.predictors.accelerated import AcceleratedPredictor, AcceleratedResidual
+from moe_prefetch.trace import load_routing, record_routing, save_routing
+from conftest import make_mixtral, reference_generate
+
+PROMPT = torch.tensor([[5, 17, 33, 8, 61, 42, 11, 90, 23, 7]])
+NEW = 16
+
+
+@pytest.fixture(scope="module")
+def ckpt(tmp_path_factory):
+    return make_mixtral(tmp_path_factory.mktemp("pf") / "m", layers=4, experts=8, top_k=2, seed=7)
+
+
+@pytest.fixture(scope="module")
+def reference(ckpt):
+    return reference_generate(ckpt, PROMPT, NEW)
+
+
+def load(ckpt, slots, **kw):
+    model, _ = mp.load_model(str(ckpt), mp.OffloadConfig(device="cpu", expert_cache=slots, show_progress=False, **kw))
+    return model
+
+
+def generate(model):
+    with torch.inference_mode():
+        return model.generate(PROMPT, max_new_tokens=NEW, min_new_tokens=NEW, do_sample=False)
+
+
+def random_m2r2(model):
+    view = ModelView.of(model, model.moe_runtime.adapter)
+    torch.manual_seed(0)
+    maps = AcceleratedResidual(len(view.layers), 3, view.hidden_size, 4)
+    with torch.no_grad():
+        maps.U.normal_(0, 0.5)  # an arbitrary (bad) map: output must still be exact
+    return AcceleratedPredictor(view, maps)
+
+
+@pytest.fixture(scope="module")
+def trace(ckpt, tmp_path_factory):
+    model = load(ckpt, 32, predictor="none")
+    with record_routing(model) as tr:
+        generate(model)
+    path = tmp_path_factory.mktemp("trace") / "routing.npz"
+    save_routing(tr, path)
+    return path
+
+
+@pytest.mark.parametrize("predictor", ["none", "next-gate", "history", "m2r2", "oracle"])
+@pytest.mark.parametrize("lookahead", [1, 2, 3])
+def test_every_predictor_and_lookahead_is_lossless(ckpt, reference, trace, predictor, lookahead):
+    for slots in (2, 5, 12, 32):
+        path = str(trace) if predictor == "oracle" else None
+        model = load(ckpt, slots, predictor="none" if predictor == "m2r2" else predictor, predictor_path=path,
+                     lookahead=lookahead)
+        if predictor == "m2r2":
+            mp.set_predictor(model, random_m2r2(model), lookahead=lookahead)
+        out = generate(model)
+        assert torch.equal(out, reference), f"{predictor} K={lookahead} slots={slots} changed the output"
+        st = mp.stats(model)
+        assert st["prefetch_used"] + st["prefetch_wasted"] <= st["prefetch_issued"]
+        assert st["prefetch_late"] <= st["prefetch_used"]
+        if predictor != "none" and slots >= 5:
+            assert st["prefetch_issued"] > 0
+
+
+def test_oracle_removes_decode_misses(ckpt, trace):
+    K, k = 2, 2
+    model = load(ckpt, (K + 1) * k + k, predictor="oracle", predictor_path=str(trace), lookahead=K,
+                 prefetch_budget="1GiB")
+    from transformers import DynamicCache
+
+    cache = DynamicCache(config=model.config)
+    with torch.inference_mode():
+        logits = model(PROMPT, past_key_values=cache).logits  # prefill = warm-up
+        nxt = logits[:, -1:].argmax(-1)
+        mp.reset_stats(model)
+        for _ in range(NEW - 1):
+            nxt = model(nxt, past_key_values=cache).logits[:, -1:].argmax(-1)
+    st = mp.stats(model)
+    assert st["misses"] == 0, st
+    assert st["prefetch_used"] > 0 and st["hits"] == st["expert_requests"]
+    assert st["predictor_recall"] and all(v == 1.0 for v in st["predictor_recall"].values())
+    # without prediction the same cache misses
+    plain = load(ckpt, (K + 1) * k + k, predictor="none")
+    generate(plain)
+    assert mp.stats(plain)["misses"] > 4 * 8
+
+
+def test_prefetch_budget_caps_bytes_in_flight(ckpt, monkeypatch):
+    model = load(ckpt, 12, predictor="next-gate", lookahead=3, prefetch_budget=1)
+    off = model.moe_runtime.offloader
+    seen = []
+    orig = off.prefetch
+
+    def spy(layer, e, protected, budget):
+        issued = orig(layer, e, protected, budget)
+        seen.append(off.bytes_in_flight())
+        return issued
+
+    monkeypatch.setattr(off, "prefetch", spy)
+    generate(model)
+    st = mp.stats(model)
+    assert st["prefetch_issued"] == 0 and st["prefetch_skipped_budget"] > 0  # 1 byte: nothing fits
+    model = load(ckpt, 12, predictor="next-gate", lookahead=3, prefetch_budget=off.store.expert_nbytes * 2)
+    off = model.moe_runtime.offloader
+    limit = off.store.expert_nbytes * 2
+    seen.clear()
+    orig = off.prefetch
+    monkeypatch.setattr(off, "prefetch", spy)
+    generate(model)
+    assert seen and max(seen) <= limit
+
+
+def test_prefetch_never_evicts_pinned_or_nearer(ckpt):
+    model = load(ckpt, 4, predictor="none")
+    off = model.moe_runtime.offloader
+    granted = off.acquire(0, [0, 1])
+    for e in granted:
+        off.ready(0, e)
+    assert off.prefetch(1, 0, {(0, 0), (0, 1)}, 1 << 30)
+    assert off.prefetch(1, 1, {(0, 0), (0, 1), (1, 0)}, 1 << 30)
+    # cache full: layer-0 experts pinned, layer-1 ones protected -> refused
+    assert not off.prefetch(2, 0, {(0, 0), (0, 1), (1, 0), (1, 1)}, 1 << 30)
+    off.release(0, granted)
+    assert off.prefetch(2, 0, {(1, 0), (1, 1)}, 1 << 30)  # now a layer-0 expert may go
+    assert {(1, 0), (1, 1), (2, 0)} <= set(off.resident())
+
+
+def test_predictor_contract(ckpt, trace):
+    model = load(ckpt, 32, predictor="none")
+    view = ModelView.of(model, model.moe_runtime.adapter)
+    h = torch.randn(3, view.hidden_size)
+    for name in ("none", "next-gate", "history", "oracle"):
+        p = make_predictor(name, view, str(trace) if name == "oracle" else None)
+        p.reset()
+        if hasattr(p, "begin_step"):
+            p.begin_step()
+        out = p.predict(0, h, [1, 2, 3])
+        n = len(view.layers)
+        for d, s in out.items():
+            assert d in (1, 2, 3)
+            assert s.shape == (3, view.num_experts), name
+            assert torch.isfinite(s).all()
+            if not p.wraps:
+                assert d < n
+        p.observe(0, torch.tensor([[1, 2]] * 3))
+    # next-gate is exactly the later router on the same residual
+    ng = make_predictor("next-gate", view)
+    s = ng.predict(0, h, [2])[2]
+    assert torch.allclose(s, torch.softmax(view.routers[2](view.norms[2](h))[0].float(), -1))
+    # an untrained m2r2 map (U = 0) is exactly next-gate
+    maps = AcceleratedResidual(len(view.layers), 2, view.hidden_size, 4)
+    assert torch.allclose(AcceleratedPredictor(view, maps).predict(0, h, [1])[1], ng.predict(0, h, [1])[1])
+
+
+def test_trace_roundtrip(trace):
+    tr = load_routing(trace)
+    assert len(tr) == NEW and len(tr[0]) == 4
+    assert tr[0][0].shape == (PROMPT.shape[1], 2) and tr[1][0].shape == (1, 2)
+
+
+def test_history_predicts_previous_token_experts(ckpt):
+    model = load(ckpt, 32, predictor="none")
+    view = ModelView.of(model, model.moe_runtime.adapter)
+    p = make_predictor("history", view)
+    p.observe(1, torch.tensor([[3, 5]]))
+    s = p.predict(0, torch.zeros(1, view.hidden_size), [1])[1][0]
+    assert set(torch.topk(s, 2).indices.tolist()) == {3, 5}
