@@ -34,4 +34,4 @@ def make_predictor(name: str, view: ModelView, path=None, device="cpu", trace=No
     raise MoePrefetchError(f"unknown predictor {name!r}: use one of {', '.join(PREDICTORS)}")
 
 
-__all__ = ["PREDICTORS", "ModelView", "Predictor", "make_predictor"]
+__all__ = ["PREDICTORS", "HistoryPredictor", "ModelView", "NextGatePredictor", "NoPredictor", "OraclePredictor", "Predictor", "make_predictor"]
