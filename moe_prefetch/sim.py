@@ -1,0 +1,274 @@
+"""Trace-driven simulator: replay recorded routing under a cost model and a policy.
+
+One decode step = for each MoE layer: attention (attn_s), then the routed experts, each available
+once its copy has landed, then their compute (expert_s each); after the layer's own demand copies
+are queued, the policy's predictor queues prefetches for the next K layers. One link, FIFO, one
+expert takes transfer_s (exactly like the runtime's transfer engine). Slots are managed with the
+runtime's own ExpertCache and eviction policies, plus Belady (farthest next use) for the bound.
+"""
+from __future__ import annotations
+
+import bisect
+import json
+import math
+from collections import defaultdict, deque
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from .cache import CacheFullError, EvictionPolicy, ExpertCache, make_policy
+
+PROFILES = Path(__file__).resolve().parent / "profiles"
+BYTES_PER_PARAM = {"fp16": 2.0, "int8": 1.0 + 1 / 64, "int4": 0.5 + 1 / 64}
+
+
+def load_profiles(kind: str) -> dict:
+    data = json.loads((PROFILES / f"{kind}.json").read_text())
+    data.pop("_about", None)
+    return data
+
+
+@dataclass(frozen=True)
+class CostModel:
+    attn_s: float      # per MoE layer: attention, norms, router (everything resident)
+    expert_s: float    # one routed expert for one token
+    transfer_s: float  # one expert over the host-to-device link
+    expert_bytes: int
+    tail_s: float = 0.0  # per token: embeddings, lm_head, dense layers
+    layer_scale: float = 1.0  # real layers / trace layers when the trace stands in for a deeper model
+
+    @classmethod
+    def for_gpu(cls, hw: dict, shape: dict, dtype: str, trace_layers: int) -> "CostModel":
+        """Batch-1 decode is memory-bound: time = bytes read / device bandwidth (+ launch overhead)."""
+        bpp = BYTES_PER_PARAM[dtype]
+        bw = hw["mem_gbps"] * 1e9
+        expert_bytes = int(shape["expert_params"] * bpp)
+        return cls(attn_s=shape["dense_params_per_layer"] * 2 / bw + hw["layer_overhead_us"] * 1e-6,  # attention weights stay fp16
+                   expert_s=expert_bytes / bw, transfer_s=expert_bytes / (hw["h2d_gbps"] * 1e9),
+                   expert_bytes=expert_bytes, tail_s=shape["other_dense_params"] * 2 / bw / 2,  # lm_head only (embedding is a gather)
+                   layer_scale=shape["moe_layers"] / trace_layers)
+
+
+@dataclass(frozen=True)
+class Policy:
+    name: str
+    predictor: str | None = None  # a score array in the trace, "oracle", or None
+    lookahead: int = 0
+    eviction: str = "lru"         # lru | lfu | belady | none (no reuse: every use is a copy)
+    budget_experts: int | None = None  # prefetch bytes in flight, in experts (None: lookahead x top-k)
+
+
+@dataclass
+class SimResult:
+    policy: str
+    slots: int
+    tokens: int
+    seconds: float
+    stall_seconds: float
+    requests: int
+    hits: int
+    bytes_moved: int
+    prefetch_issued: int = 0
+    prefetch_wasted: int = 0
+
+    @property
+    def tokens_per_s(self) -> float:
+        return self.tokens / self.seconds
+
+    @property
+    def hit_rate(self) -> float:
+        return self.hits / self.requests if self.requests else 0.0
+
+    @property
+    def stall_fraction(self) -> float:
+        return self.stall_seconds / self.seconds
+
+    def row(self) -> dict:
+        return dict(policy=self.policy, slots=self.slots, tokens_per_s=self.tokens_per_s, hit_rate=self.hit_rate,
+                    stall_fraction=self.stall_fraction, mb_per_token=self.bytes_moved / self.tokens / 1e6,
+                    prefetch_issued=self.prefetch_issued, prefetch_wasted=self.prefetch_wasted)
+
+
+@dataclass
+class Trace:
+    """Routing [N, L, k] per decode step plus predictor scores [N, L, K, E] (NaN: no prediction)."""
+
+    routing: np.ndarray
+    seq_lengths: list[int]
+    scores: dict[str, np.ndarray] = field(default_factory=dict)
+    header: dict = field(default_factory=dict)
+
+    @property
+    def shape(self):
+        return self.routing.shape
+
+    @classmethod
+    def load(cls, path) -> "Trace":
+        with np.load(path) as z:
+            header = json.loads(str(z["header"]))
+            scores = {k[len("scores_"):]: z[k].astype(np.float32) for k in z.files if k.startswith("scores_")}
+            return cls(z["routing"].astype(np.int64), [int(x) for x in z["seq_lengths"]], scores, header)
+
+    def save(self, path) -> None:
+        path = Path(path)
+        tmp = path.with_name(path.name + ".tmp.npz")
+        arrays = {f"scores_{k}": v.astype(np.float16) for k, v in self.scores.items()}
+        np.savez_compressed(tmp, header=np.array(json.dumps(self.header)), routing=self.routing.astype(np.int16),
+                            seq_lengths=np.array(self.seq_lengths), **arrays)
+        tmp.replace(path)
+
+
+class BeladyPolicy(EvictionPolicy):
+    """Evict the expert whose next use is farthest in the future (optimal for a known trace)."""
+
+    name = "belady"
+
+    def __init__(self, routing: np.ndarray):
+        N, L, _ = routing.shape
+        self.uses: dict[tuple[int, int], list[int]] = defaultdict(list)
+        for t in range(N):
+            for i in range(L):
+                for e in set(routing[t, i].tolist()):
+                    self.uses[(i, e)].append(t * L + i)
+        self.position = 0
+
+    def next_use(self, key) -> float:
+        u = self.uses.get(key, [])
+        j = bisect.bisect_right(u, self.position)
+        return u[j] if j < len(u) else math.inf
+
+    def victim(self, candidates):
+        if not candidates:
+            raise CacheFullError("no evictable expert")
+        return max(candidates, key=lambda k: (self.next_use(k), k))
+
+
+def _oracle_scores(routing: np.ndarray, E: int, K: int) -> np.ndarray:
+    """Perfect predictions (with wrap-around to the next step) in the trace score layout."""
+    N, L, _ = routing.shape
+    out = np.full((N, L, K, E), np.nan, dtype=np.float32)
+    for t in range(N):
+        for i in range(L):
+            for d in range(1, K + 1):
+                step, j = t + (i + d) // L, (i + d) % L
+                if step < N:
+                    out[t, i, d - 1] = 0.0
+                    out[t, i, d - 1, routing[step, j]] = 1.0
+    return out
+
+
+def simulate(trace: Trace, cost: CostModel, slots: int, policy: Policy) -> SimResult:
+    routing = trace.routing
+    N, L, k = routing.shape
+    E = int(trace.header.get("experts", routing.max() + 1))
+    K = policy.lookahead
+    no_reuse = policy.eviction == "none"
+    if policy.eviction == "belady":
+        evict = BeladyPolicy(routing)
+    else:
+        evict = make_policy("lru" if no_reuse else policy.eviction)
+    cache = ExpertCache(max(slots, k), evict)
+    scores = None
+    if policy.predictor and K:
+        scores = _oracle_scores(routing, E, K) if policy.predictor == "oracle" else trace.scores[policy.predictor]
+        if scores.shape[2] < K:
+            raise ValueError(f"trace has scores for lookahead {scores.shape[2]}, policy asks {K}")
+    budget = (policy.budget_experts or max(1, K) * k) * cost.expert_bytes
+    attn, expert_s, xfer = cost.attn_s, cost.expert_s, cost.transfer_s
+    now = link_free = stall = 0.0
+    ready: dict = {}
+    inflight: deque = deque()  # completion times of copies not yet landed
+    prefetched: set = set()
+    requests = hits = moved = issued = wasted = 0
+
+    def send(key) -> None:
+        nonlocal link_free, moved
+        link_free = max(now, link_free) + xfer
+        ready[key] = link_free
+        inflight.append(link_free)
+        moved += cost.expert_bytes
+
+    def evicted(key) -> None:
+        nonlocal wasted
+        if key is not None and key in prefetched:
+            prefetched.discard(key)
+            wasted += 1
+
+    for t in range(N):
+        for i in range(L):
+            now += attn
+            if isinstance(evict, BeladyPolicy):
+                evict.position = t * L + i
+            needed = sorted(set(routing[t, i].tolist()))
+            pinned = set()
+            for e in needed:
+                key = (i, e)
+                requests += 1
+                if not no_reuse and key in cache:
+                    hits += 1
+                    cache.touch(key)
+                    prefetched.discard(key)
+                else:
+                    if not no_reuse:
+                        _, ev = cache.insert(key, protected=pinned)
+                        evicted(ev)
+                    send(key)
+                pinned.add(key)
+            if scores is not None:  # prefetch after this layer's demand copies, nearest layer first
+                while inflight and inflight[0] <= now:
+                    inflight.popleft()
+                planned = set(pinned)
+                for d in range(1, K + 1):
+                    s = scores[t, i, d - 1]
+                    if np.isnan(s).all():
+                        continue
+                    j = (i + d) % L
+                    for e in np.argsort(-s, kind="stable")[:k].tolist():
+                        key = (j, e)
+                        if key in cache:
+                            cache.touch(key)
+                        elif len(inflight) * cost.expert_bytes + cost.expert_bytes <= budget:
+                            try:
+                                _, ev = cache.insert(key, protected=planned)
+                            except CacheFullError:
+                                continue
+                            evicted(ev)
+                            send(key)
+                            prefetched.add(key)
+                            issued += 1
+                        planned.add(key)
+            t_ready = max((ready.get(key, 0.0) for key in pinned), default=now)
+            if t_ready > now:
+                stall += t_ready - now
+                now = t_ready
+            now += len(needed) * expert_s
+        now += cost.tail_s / cost.layer_scale
+    scale = cost.layer_scale
+    return SimResult(policy.name, slots, N, now * scale, stall * scale, requests, hits, int(moved * scale), issued, wasted)
+
+
+def physical_bound(trace: Trace, cost: CostModel, slots: int) -> SimResult:
+    """max(compute, minimum copies x transfer time): Belady misses with no prefetch, fully overlapped."""
+    belady = simulate(trace, cost, slots, Policy("belady", eviction="belady"))
+    N, L, k = trace.routing.shape
+    compute = N * (L * cost.attn_s + cost.tail_s / cost.layer_scale) + cost.expert_s * sum(
+        len(set(trace.routing[t, i].tolist())) for t in range(N) for i in range(L))
+    copies = belady.requests - belady.hits
+    seconds = max(compute, copies * cost.transfer_s) * cost.layer_scale
+    return SimResult("physical bound", slots, N, seconds, 0.0, belady.requests, belady.hits,
+                     int(copies * cost.expert_bytes * cost.layer_scale))
+
+
+def standard_policies(predictors: list[str], max_lookahead: int = 4) -> list[Policy]:
+    """The comparison set: peers' approaches, ours per predictor and K, and the oracle."""
+    out = [Policy("on-demand, no reuse (HF accelerate)", eviction="none"),
+           Policy("LRU, no prefetch (mixtral-offloading code)"),
+           Policy("LRU + next-gate K=1 (mixtral-offloading paper)", "next-gate", 1)]
+    if "history" in predictors:
+        out.append(Policy("history + LFU (MoE-Infinity-like)", "history", 1, eviction="lfu"))
+    for p in predictors:
+        for K in range(1, max_lookahead + 1):
+            out.append(Policy(f"ours: {p} K={K}", p, K))
+    out.append(Policy(f"oracle prediction + Belady, K={max_lookahead}", "oracle", max_lookahead, eviction="belady"))
+    return out
