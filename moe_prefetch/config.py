@@ -65,6 +65,7 @@ class OffloadConfig:
     predictor_path: m2r2 predictor file (calibrate.py) or routing trace (trace.py) for the oracle.
     lookahead:      K: predict and prefetch the experts of layers l+1 .. l+K.
     prefetch_budget: cap on bytes in flight for prefetches; None = lookahead x top_k experts.
+    link_bandwidth: emulate a host-to-device link of this many bytes/s on the CPU engine (benchmarks).
     """
 
     device: str = "auto"
@@ -80,6 +81,7 @@ class OffloadConfig:
     predictor_path: str | None = None
     lookahead: int = 2
     prefetch_budget: int | str | None = None
+    link_bandwidth: float | None = None
 
     def __post_init__(self):
         dev = self.device
@@ -103,6 +105,8 @@ class OffloadConfig:
             raise MoePrefetchError(f"lookahead must be an integer from 0 to 16, got {self.lookahead!r}")
         if self.prefetch_budget is not None:
             object.__setattr__(self, "prefetch_budget", parse_size(self.prefetch_budget))
+        if self.link_bandwidth is not None and not (isinstance(self.link_bandwidth, (int, float)) and self.link_bandwidth > 0):
+            raise MoePrefetchError(f"link bandwidth must be a positive number of bytes/s, got {self.link_bandwidth!r}")
         if not isinstance(self.max_context, int) or self.max_context < 1:
             raise MoePrefetchError(f"max_context must be a positive integer, got {self.max_context!r}")
 

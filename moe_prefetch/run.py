@@ -33,6 +33,8 @@ def build_parser() -> ArgumentParser:
     p.add_argument("--predictor-path", help="m2r2 predictor file from moe_prefetch.calibrate, or a routing trace for oracle")
     p.add_argument("--lookahead", type=int, default=2, help="prefetch the experts of layers l+1..l+K (default: 2; 0 = off)")
     p.add_argument("--prefetch-budget", help="cap on prefetch bytes in flight, e.g. 256MiB (default: lookahead x top-k experts)")
+    p.add_argument("--link-gbps", type=float, help="CPU only: emulate a host-to-device link of this many GB/s "
+                   "(throttles expert copies; for benchmarks; default off)")
     p.add_argument("--dtype", default="auto", choices=DTYPES, help="compute dtype (default: the checkpoint's; float16 becomes float32 on CPU)")
     p.add_argument("--seed", type=int, default=0, help="random seed for sampling (default: 0)")
     p.add_argument("--do-sample", action="store_true", help="sample instead of greedy decoding")
@@ -60,6 +62,8 @@ def _validate(args) -> None:
     for flag in ("device_memory", "prefetch_budget"):
         if getattr(args, flag) is not None:
             parse_size(getattr(args, flag))
+    if args.link_gbps is not None and args.link_gbps <= 0:
+        raise MoePrefetchError(f"--link-gbps must be positive, got {args.link_gbps}")
     if args.do_sample and args.temperature <= 0:
         raise MoePrefetchError("--temperature must be positive when sampling")
     if not 0 < args.top_p <= 1:
@@ -107,6 +111,7 @@ def main_body(argv=None) -> int:
                         dtype=args.dtype, eviction=args.eviction, max_context=n_prompt + max_new,
                         predictor=args.predictor, predictor_path=args.predictor_path, lookahead=args.lookahead,
                         prefetch_budget=args.prefetch_budget,
+                        link_bandwidth=args.link_gbps * 1e9 if args.link_gbps else None,
                         show_progress=not args.no_progress)
     model, tokenizer = load_model(str(path), cfg)
     device = model.moe_runtime.device

@@ -70,3 +70,35 @@ def test_profiles_have_sources():
     for kind in ("hardware", "models"):
         for name, prof in load_profiles(kind).items():
             assert prof.get("source"), f"{kind}/{name} has no source"
+
+
+def test_trace_cli_and_simulate_bench_end_to_end(tmp_path, capsys):
+    """Record a trace from a tiny Mixtral with the CLI, then run the GPU-profile bench on it."""
+    import random
+    import sys
+    from pathlib import Path
+
+    from conftest import make_mixtral
+    from moe_prefetch.trace import main as trace_main
+
+    ckpt = make_mixtral(tmp_path / "m", layers=4, experts=8, top_k=2, seed=4)
+    rng = random.Random(1)
+    text = tmp_path / "t.txt"
+    text.write_text(" ".join(f"w{rng.randrange(3, 96)}" for _ in range(600)))
+    out = tmp_path / "trace.npz"
+    assert trace_main(["--model", str(ckpt), "--data", str(text), "--out", str(out), "--lookahead", "2",
+                       "--seq-len", "64", "--max-tokens", "256", "--device", "cpu", "--no-progress"]) == 0
+    tr = Trace.load(out)
+    assert tr.shape == (256, 4, 2) and set(tr.scores) == {"next-gate", "history"}
+    assert np.isnan(tr.scores["next-gate"][:, 3]).all(), "next-gate cannot see past the last layer"
+    assert not np.isnan(tr.scores["history"][:-1, 3]).any(), "history wraps to the next token"
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
+    try:
+        import simulate as bench_sim
+    finally:
+        sys.path.pop(0)
+    capsys.readouterr()
+    assert bench_sim.main(["--trace", str(out), "--hardware", "rtx4090-pcie4", "--cache", "0.5"]) == 0
+    text_out = capsys.readouterr().out
+    assert "standing in for Mixtral-8x7B" in text_out and "physical bound" in text_out
+    assert "ours: history K=2" in text_out
