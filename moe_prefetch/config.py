@@ -59,7 +59,8 @@ class OffloadConfig:
     eviction:       cache eviction policy, "lru" or "lfu".
     max_context:    longest sequence (prompt + new tokens) the KV-cache reserve is sized for.
     reserve:        extra bytes kept free for activations; None estimates it from the model shape.
-    pin_memory:     keep the host store in pinned memory (CUDA only; None = automatic).
+    pin_memory:     keep the host store in pinned memory (CUDA only; None = automatic = on). False on CUDA:
+                    experts stream from the memory-mapped checkpoint through a small pinned staging ring.
     show_progress:  show a progress bar while loading.
     predictor:      "none", "next-gate", "history", "m2r2" (needs predictor_path) or "oracle" (a trace).
     predictor_path: m2r2 predictor file (calibrate.py) or routing trace (trace.py) for the oracle.

@@ -183,6 +183,8 @@ def load_model(model: str, config: OffloadConfig | None = None, **overrides):
     adapter = adapter_for(model_config)
     ckpt = Checkpoint(path)
     device = _resolve_device(cfg.device)
+    if cfg.link_bandwidth is not None and device.type == "cuda":
+        raise MoePrefetchError("--link-gbps / link_bandwidth emulates a link on the CPU backend only; drop it for a CUDA device")
     dtype = _resolve_dtype(cfg.dtype, model_config, device)
     logging.getLogger("transformers.modeling_utils").setLevel(logging.ERROR)
 
@@ -203,7 +205,8 @@ def load_model(model: str, config: OffloadConfig | None = None, **overrides):
     skeleton.eval().requires_grad_(False)
 
     stats = RunStats()
-    offloader = ExpertOffloader(store, plan.slots, device, make_policy(cfg.eviction), make_engine(device), stats)
+    engine = make_engine(device, link_bandwidth=cfg.link_bandwidth)
+    offloader = ExpertOffloader(store, plan.slots, device, make_policy(cfg.eviction), engine, stats)
     for layer in adapter.moe_layers():
         adapter.get_block(skeleton, layer).offloader = offloader
     runtime = OffloadRuntime(cfg, adapter, ckpt, store, offloader, plan, device, dtype, stats)

@@ -1,23 +1,40 @@
-"""Transfer engines: copies land, errors reach the waiting caller, shutdown never hangs."""
+"""Transfer engines: copies land, errors reach the waiting caller, shutdown never hangs, the emulated
+link holds its bandwidth; with the native copies and with their PyTorch twins."""
 import threading
+import time
 
 import pytest
 import torch
 
-from moe_prefetch.transfer import CopyJob, CPUThreadEngine, TransferError
+from moe_prefetch import _native
+from moe_prefetch.errors import MoePrefetchError
+from moe_prefetch.transfer import CopyJob, CPUThreadEngine, TransferError, make_engine
+from test_native import native_ext  # noqa: F401 - the session's JIT build (shared, built once)
 
 
-def test_cpu_engine_copies_pieces_with_dtype_conversion():
+@pytest.fixture(params=["ref", "native"])
+def kind(request):
+    """Run a test with the PyTorch twins and with the native copies active."""
+    if request.param == "ref":
+        previous = _native.use(None)
+    else:
+        previous = _native.use(request.getfixturevalue("native_ext"))
+    yield request.param
+    _native.use(previous)
+
+
+def test_cpu_engine_copies_pieces_with_dtype_conversion(kind):
     dst = torch.zeros(10, dtype=torch.float32)
     a = torch.arange(4, dtype=torch.bfloat16).view(2, 2)
     b = torch.full((6,), 7.0, dtype=torch.float64)
     with CPUThreadEngine() as eng:
+        assert eng.backend == f"cpu-thread/{kind}"
         t = eng.submit(CopyJob(dst, [(0, a), (4, b)], nbytes=40))
         assert eng.wait(t) >= 0
     assert dst.tolist() == [0, 1, 2, 3] + [7.0] * 6
 
 
-def test_copy_error_is_raised_at_wait_with_a_clear_message():
+def test_copy_error_is_raised_at_wait_with_a_clear_message(kind):
     dst = torch.zeros(4)
     with CPUThreadEngine() as eng:
         t = eng.submit(CopyJob(dst, [(2, torch.ones(5))], nbytes=20, label="expert 1 of layer 0"))
@@ -43,7 +60,7 @@ def test_worker_exception_of_any_type_reaches_caller():
     eng.close()
 
 
-def test_fifo_order_last_copy_wins():
+def test_fifo_order_last_copy_wins(kind):
     dst = torch.zeros(1000)
     with CPUThreadEngine() as eng:
         tickets = [eng.submit(CopyJob(dst, [(0, torch.full((1000,), float(i)))], nbytes=4000)) for i in range(50)]
@@ -55,33 +72,110 @@ def test_fifo_order_last_copy_wins():
 def test_close_joins_worker_and_fails_later_submits():
     eng = CPUThreadEngine()
     eng.close()
+    eng.close()  # idempotent
     assert not eng._thread.is_alive()
     t = eng.submit(CopyJob(torch.zeros(1), [(0, torch.ones(1))], nbytes=4))
+    assert t.done()
     with pytest.raises(TransferError, match="closed"):
         eng.wait(t)
     assert threading.active_count() >= 1
 
 
 def test_queued_copies_fail_instead_of_hanging_when_closed():
-    gate = threading.Event()
+    gate, started = threading.Event(), threading.Event()
     eng = CPUThreadEngine()
     orig = eng._copy
 
     def slow(job):
+        started.set()
         gate.wait(5)
         orig(job)
 
     eng._copy = slow
     first = eng.submit(CopyJob(torch.zeros(1), [(0, torch.ones(1))], nbytes=4))
-    queued = [eng.submit(CopyJob(torch.zeros(1), [(0, torch.ones(1))], nbytes=4)) for _ in range(3)]
+    queued = [eng.submit(CopyJob(torch.zeros(1), [(0, torch.ones(1))], nbytes=4, label=f"q{i}")) for i in range(3)]
+    assert started.wait(5)
     closer = threading.Thread(target=eng.close)
     closer.start()
+    time.sleep(0.05)  # close() drains the queue while the first copy is still running
     gate.set()
     closer.join(10)
-    assert not closer.is_alive()
-    eng.wait(first)
-    for t in queued:  # either ran before the stop marker or was failed by close(): never pending
+    assert not closer.is_alive() and not eng._thread.is_alive()
+    eng.wait(first)  # the copy in progress finishes
+    for i, t in enumerate(queued):
         assert t.done()
+        with pytest.raises(TransferError, match=f"closed before the copy of q{i} ran"):
+            eng.wait(t)
+
+
+def test_native_and_ref_engines_move_the_same_bytes(native_ext):
+    pieces = [(5, torch.randn(300_000)), (300_010, torch.randn(2, 200_000).to(torch.bfloat16)),
+              (800_000, torch.randn(100_000))]
+    out = {}
+    for kind, ext in (("ref", None), ("native", native_ext)):
+        previous = _native.use(ext)
+        try:
+            dst = torch.full((900_000,), -1.0)
+            with CPUThreadEngine(threads=3) as eng:
+                eng.wait(eng.submit(CopyJob(dst, pieces, nbytes=dst.numel() * 4)))
+            out[kind] = dst
+        finally:
+            _native.use(previous)
+    assert torch.equal(out["ref"].view(torch.uint8), out["native"].view(torch.uint8))
+
+
+def test_native_false_forces_the_twin(native_ext):
+    previous = _native.use(native_ext)
+    try:
+        with CPUThreadEngine(native=False) as eng:
+            assert eng.backend == "cpu-thread/ref"
+        with make_engine(torch.device("cpu")) as eng:
+            assert eng.backend == "cpu-thread/native"
+    finally:
+        _native.use(previous)
+
+
+# ---- the emulated link --------------------------------------------------------------------------------
+def test_emulated_link_takes_at_least_bytes_over_bandwidth(kind):
+    bandwidth = 50e6  # 50 MB/s: 10 jobs of 0.5 MB take >= 100 ms, serially
+    src = torch.randn(125_000)  # 0.5 MB
+    dst = torch.zeros(125_000)
+    eng = make_engine(torch.device("cpu"), link_bandwidth=bandwidth, threads=2)
+    t0 = time.perf_counter()
+    tickets = [eng.submit(CopyJob(dst, [(0, src)], nbytes=src.numel() * 4)) for _ in range(10)]
+    for t in tickets:
+        eng.wait(t)
+    elapsed = time.perf_counter() - t0
+    eng.close()
+    assert elapsed >= 10 * 0.5e6 / bandwidth
+    assert eng.bytes_copied == 5_000_000
+    assert eng.throttle_seconds > 0 and eng.copy_seconds + eng.throttle_seconds >= 0.1 - 1e-3
+    assert torch.equal(dst, src)
+
+
+def test_link_emulation_is_off_by_default_and_validated():
+    with make_engine(torch.device("cpu")) as eng:
+        assert eng.link_bandwidth is None
+        eng.wait(eng.submit(CopyJob(torch.zeros(4), [(0, torch.ones(4))], nbytes=16)))
+        assert eng.throttle_seconds == 0
+    for bad in (0, -1.0):
+        with pytest.raises(MoePrefetchError, match="positive"):
+            make_engine(torch.device("cpu"), link_bandwidth=bad)
+    with pytest.raises(MoePrefetchError, match="only applies to the CPU backend"):
+        make_engine(torch.device("cuda"), link_bandwidth=1e9)
+
+
+def test_close_cuts_a_throttled_transfer_short():
+    eng = make_engine(torch.device("cpu"), link_bandwidth=1e3)  # 4 KB: a 4-second link
+    first = eng.submit(CopyJob(torch.zeros(1024), [(0, torch.ones(1024))], nbytes=4096))
+    later = eng.submit(CopyJob(torch.zeros(1), [(0, torch.ones(1))], nbytes=4, label="later"))
+    time.sleep(0.1)
+    t0 = time.perf_counter()
+    eng.close()
+    assert time.perf_counter() - t0 < 2.0  # not the 4 s the link would take
+    eng.wait(first)  # the copy itself had finished: only the emulated wait was cut
+    with pytest.raises(TransferError, match="closed before the copy of later ran"):
+        eng.wait(later)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
@@ -99,3 +193,43 @@ def test_cuda_engine_copies_and_orders_on_compute_stream():
     with pytest.raises(TransferError):
         eng.wait(bad)
     eng.close()
+
+
+needs_gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+
+
+@needs_gpu
+@pytest.mark.parametrize("kind_", ["ref", "native"])
+def test_cuda_engine_stages_pageable_sources_in_fifo_order(native_ext, kind_):
+    from moe_prefetch.transfer import CUDAStreamEngine
+
+    if kind_ == "native" and not native_ext.has_cuda():
+        pytest.skip("the extension was built without the CUDA ring")
+    previous = _native.use(native_ext if kind_ == "native" else None)
+    try:
+        eng = CUDAStreamEngine(torch.device("cuda"), threads=2)
+    finally:
+        _native.use(previous)
+    assert eng.backend == f"cuda-stream/{kind_}"
+    dev = torch.device("cuda")
+    dst = torch.empty(3 << 20, device=dev)
+    pageable = [torch.full((3 << 20,), float(i)) for i in range(4)]
+    pinned = torch.full((3 << 20,), 99.0).pin_memory()
+    tickets = [eng.submit(CopyJob(dst, [(0, p)], nbytes=dst.numel() * 4)) for p in pageable]
+    tickets.append(eng.submit(CopyJob(dst, [(0, pinned)], nbytes=dst.numel() * 4)))  # queued behind: still last
+    eng.wait(tickets[-1])
+    assert torch.all(dst == 99.0)  # read on the compute stream after wait(): ordered by the event
+    pieces = [(0, torch.randn(1000).to(torch.bfloat16)), (1000, torch.randn(10, 10).t())]
+    t = eng.submit(CopyJob(dst, pieces, nbytes=1100 * 4))
+    eng.wait(t)
+    expected = torch.empty(1100)
+    _native.gather_copy_ref(expected, pieces)
+    assert torch.equal(dst[:1100].cpu(), expected)
+    bad = eng.submit(CopyJob(dst, [(10, pageable[0])], nbytes=4, label="bad expert"))
+    with pytest.raises(TransferError, match="bad expert does not fit"):
+        eng.wait(bad)
+    assert eng.stall_seconds() >= 0
+    eng.close()
+    assert eng._worker is None or not eng._worker.thread.is_alive()
+    with pytest.raises(TransferError, match="closed"):
+        eng.wait(eng.submit(CopyJob(dst, [(0, pinned)], nbytes=4)))
