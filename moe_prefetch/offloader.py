@@ -8,6 +8,8 @@ stream is done reading the slots so a later copy never overwrites them early.
 """
 from __future__ import annotations
 
+from dataclasses import replace
+
 import torch
 
 from .cache import CacheFullError, ExpertCache, EvictionPolicy
@@ -51,6 +53,8 @@ class ExpertOffloader:
                     ticket = self._tickets.get(key)
                     if ticket is not None and not ticket.done():
                         self.stats.prefetch_late += 1
+                        if self.engine.cancel(ticket):  # still queued: move it to the demand queue
+                            self._tickets[key] = self.engine.submit(replace(ticket.job, demand=True))
             else:
                 try:
                     slot, evicted = self.cache.insert(key)
@@ -106,7 +110,7 @@ class ExpertOffloader:
         except CacheFullError:
             return False
         self._evicted(evicted)
-        self._submit(key, slot)
+        self._submit(key, slot, demand=False)
         self._prefetched.add(key)
         self.stats.prefetch_issued += 1
         return True
@@ -117,16 +121,24 @@ class ExpertOffloader:
     def _evicted(self, key) -> None:
         if key is None:
             return
-        self._tickets.pop(key, None)  # FIFO engine: a new copy into the slot lands after the old one
+        ticket = self._tickets.pop(key, None)
+        # A copy still queued for the evicted expert is withdrawn (it would overwrite the slot's new
+        # occupant); one already running finishes first, since the engine copies one job at a time.
+        cancelled = ticket is not None and self.engine.cancel(ticket)
+        if cancelled:
+            self.stats.bytes_to_device -= ticket.job.nbytes
         if key in self._prefetched:
             self._prefetched.discard(key)
             self.stats.prefetch_wasted += 1
-            self.stats.bytes_wasted += self.store.expert_nbytes
+            if cancelled:
+                self.stats.prefetch_cancelled += 1
+            else:
+                self.stats.bytes_wasted += self.store.expert_nbytes
 
     # ---- data movement -----------------------------------------------------------------------
-    def _submit(self, key: tuple[int, int], slot: int) -> None:
+    def _submit(self, key: tuple[int, int], slot: int, demand: bool = True) -> None:
         job = CopyJob(dst=self.pool[slot], pieces=self.store.pieces(*key), nbytes=self.store.expert_nbytes,
-                      label=f"expert {key[1]} of layer {key[0]}", after=self._slot_free[slot])
+                      label=f"expert {key[1]} of layer {key[0]}", after=self._slot_free[slot], demand=demand)
         self._tickets[key] = self.engine.submit(job)
         self.stats.bytes_to_device += job.nbytes
 

@@ -2,8 +2,9 @@
 
 One decode step = for each MoE layer: attention (attn_s), then the routed experts, each available
 once its copy has landed, then their compute (expert_s each); after the layer's own demand copies
-are queued, the policy's predictor queues prefetches for the next K layers. One link, FIFO, one
-expert takes transfer_s (exactly like the runtime's transfer engine). Slots are managed with the
+are queued, the policy's predictor queues prefetches for the next K layers. One link, one expert
+takes transfer_s; demand copies overtake queued prefetches and an evicted expert's queued copy is
+withdrawn, exactly as the runtime's CPU transfer engine does (priority=False: a FIFO link). Slots are managed with the
 runtime's own ExpertCache and eviction policies, plus Belady (farthest next use) for the bound.
 """
 from __future__ import annotations
@@ -11,7 +12,7 @@ from __future__ import annotations
 import bisect
 import json
 import math
-from collections import defaultdict, deque
+from collections import defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -158,7 +159,56 @@ def _oracle_scores(routing: np.ndarray, E: int, K: int) -> np.ndarray:
     return out
 
 
-def simulate(trace: Trace, cost: CostModel, slots: int, policy: Policy) -> SimResult:
+class Link:
+    """One host-to-device link, as the CPU engine runs it: one copy at a time; with `priority`, demand
+    copies go ahead of prefetches that have not started, and a queued prefetch can be withdrawn."""
+
+    def __init__(self, transfer_s: float, priority: bool = True):
+        self.transfer_s = transfer_s
+        self.priority = priority
+        self.queue: list[list] = []  # [key, start, end, demand] in link order
+        self.ready: dict = {}        # key -> time its bytes have landed
+
+    def _settle(self, now: float) -> None:
+        self.queue = [q for q in self.queue if q[2] > now]
+
+    def _reflow(self, now: float, start_at: int) -> None:
+        prev_end = self.queue[start_at - 1][2] if start_at > 0 else now
+        for q in self.queue[start_at:]:
+            q[1] = max(prev_end, now)
+            q[2] = q[1] + self.transfer_s
+            self.ready[q[0]] = q[2]
+            prev_end = q[2]
+
+    def send(self, key, now: float, demand: bool) -> None:
+        self._settle(now)
+        pos = len(self.queue)
+        if demand and self.priority:  # ahead of every prefetch that has not started
+            pos = next((j for j, q in enumerate(self.queue) if q[1] > now and not q[3]), pos)
+        self.queue.insert(pos, [key, 0.0, 0.0, demand])
+        self._reflow(now, pos)
+
+    def cancel(self, key, now: float) -> bool:
+        """Withdraw a copy that has not started (the expert was evicted or is needed right away)."""
+        if not self.priority:
+            return False
+        self._settle(now)
+        for j, q in enumerate(self.queue):
+            if q[0] == key and q[1] > now:
+                del self.queue[j]
+                self.ready.pop(key, None)
+                self._reflow(now, j)
+                return True
+        return False
+
+    def in_flight(self, now: float) -> int:
+        self._settle(now)
+        return len(self.queue)
+
+
+def simulate(trace: Trace, cost: CostModel, slots: int, policy: Policy, priority: bool = True) -> SimResult:
+    """Replay `trace`; priority=True models the CPU engine (demand first, cancellable prefetches),
+    False a strictly FIFO link (the CUDA engine's copy stream)."""
     routing = trace.routing
     N, L, k = routing.shape
     E = int(trace.header.get("experts", routing.max() + 1))
@@ -175,23 +225,19 @@ def simulate(trace: Trace, cost: CostModel, slots: int, policy: Policy) -> SimRe
         if scores.shape[2] < K:
             raise ValueError(f"trace has scores for lookahead {scores.shape[2]}, policy asks {K}")
     budget = (policy.budget_experts or max(1, K) * k) * cost.expert_bytes
-    attn, expert_s, xfer = cost.attn_s, cost.expert_s, cost.transfer_s
-    now = link_free = stall = 0.0
-    ready: dict = {}
-    inflight: deque = deque()  # completion times of copies not yet landed
+    attn, expert_s = cost.attn_s, cost.expert_s
+    link = Link(cost.transfer_s, priority)
+    now = stall = 0.0
     prefetched: set = set()
-    requests = hits = moved = issued = wasted = 0
-
-    def send(key) -> None:
-        nonlocal link_free, moved
-        link_free = max(now, link_free) + xfer
-        ready[key] = link_free
-        inflight.append(link_free)
-        moved += cost.expert_bytes
+    requests = hits = copies = issued = wasted = 0
 
     def evicted(key) -> None:
-        nonlocal wasted
-        if key is not None and key in prefetched:
+        nonlocal wasted, copies
+        if key is None:
+            return
+        if link.cancel(key, now):
+            copies -= 1
+        if key in prefetched:
             prefetched.discard(key)
             wasted += 1
 
@@ -208,16 +254,18 @@ def simulate(trace: Trace, cost: CostModel, slots: int, policy: Policy) -> SimRe
                 if not no_reuse and key in cache:
                     hits += 1
                     cache.touch(key)
-                    prefetched.discard(key)
+                    if key in prefetched:
+                        prefetched.discard(key)
+                        if link.cancel(key, now):  # late and not started: promote to a demand copy
+                            link.send(key, now, demand=True)
                 else:
                     if not no_reuse:
                         _, ev = cache.insert(key, protected=pinned)
                         evicted(ev)
-                    send(key)
+                    link.send(key, now, demand=True)
+                    copies += 1
                 pinned.add(key)
             if scores is not None:  # prefetch after this layer's demand copies, nearest layer first
-                while inflight and inflight[0] <= now:
-                    inflight.popleft()
                 planned = set(pinned)
                 for d in range(1, K + 1):
                     s = scores[t, i, d - 1]
@@ -228,24 +276,26 @@ def simulate(trace: Trace, cost: CostModel, slots: int, policy: Policy) -> SimRe
                         key = (j, e)
                         if key in cache:
                             cache.touch(key)
-                        elif len(inflight) * cost.expert_bytes + cost.expert_bytes <= budget:
+                        elif (link.in_flight(now) + 1) * cost.expert_bytes <= budget:
                             try:
                                 _, ev = cache.insert(key, protected=planned)
                             except CacheFullError:
                                 continue
                             evicted(ev)
-                            send(key)
+                            link.send(key, now, demand=False)
+                            copies += 1
                             prefetched.add(key)
                             issued += 1
                         planned.add(key)
-            t_ready = max((ready.get(key, 0.0) for key in pinned), default=now)
+            t_ready = max((link.ready.get(key, 0.0) for key in pinned), default=now)
             if t_ready > now:
                 stall += t_ready - now
                 now = t_ready
             now += len(needed) * expert_s
         now += cost.tail_s / cost.layer_scale
     scale = cost.layer_scale
-    return SimResult(policy.name, slots, N, now * scale, stall * scale, requests, hits, int(moved * scale), issued, wasted)
+    return SimResult(policy.name, slots, N, now * scale, stall * scale, requests, hits,
+                     int(copies * cost.expert_bytes * scale), issued, wasted)
 
 
 def physical_bound(trace: Trace, cost: CostModel, slots: int) -> SimResult:

@@ -20,6 +20,7 @@ class RunStats:
     prefetch_used: int = 0
     prefetch_late: int = 0
     prefetch_wasted: int = 0
+    prefetch_cancelled: int = 0
     prefetch_skipped_budget: int = 0
     bytes_wasted: int = 0
     # per distance d: [correct, predicted, actual] expert counts over decode steps
@@ -56,7 +57,7 @@ def format_summary(d: dict) -> str:
         f"moved to device    {d['bytes_to_device'] / 2**20:.1f} MiB",
         f"stalled on experts {d['stall_seconds']:.3f} s",
         f"prefetches         issued {d['prefetch_issued']}  used {d['prefetch_used']}  late {d['prefetch_late']}  "
-        f"wasted {d['prefetch_wasted']} ({d['bytes_wasted'] / 2**20:.1f} MiB)",
+        f"wasted {d['prefetch_wasted']} ({d['bytes_wasted'] / 2**20:.1f} MiB moved, {d['prefetch_cancelled']} cancelled before moving)",
     ]
     if d.get("predictor_recall"):
         lines.append("predictor recall   " + "  ".join(f"d={k}: {v:.1%}" for k, v in d["predictor_recall"].items()))

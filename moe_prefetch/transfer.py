@@ -11,7 +11,10 @@ extension is loaded and their PyTorch twins otherwise; `engine.backend` names th
                     that is not pinned, e.g. mmap pieces on a host with less RAM than the model): a worker
                     thread streams them through a small pinned staging ring, so the compute thread never
                     blocks on the host-side staging.
-Both are FIFO, so a copy into a slot always lands after any earlier copy into the same slot.
+Ordering: the CPU engine runs demand copies (an executing layer waits for them) ahead of queued
+prefetches, and a queued prefetch whose expert gets evicted is cancelled before it runs; since one
+worker copies at a time, a copy into a slot still lands after any earlier copy into that slot. The
+CUDA engine is strictly FIFO on its copy stream (work on a stream cannot be withdrawn).
 Any failure is stored in the ticket and raised by wait() in the caller's thread as a TransferError;
 close() joins every thread and fails the copies still queued; nothing hangs.
 """
@@ -44,6 +47,7 @@ class CopyJob:
     nbytes: int
     label: str = ""
     after: Any = None  # CUDA event: the slot is free once the compute stream passes it
+    demand: bool = True  # False for prefetches: they yield to demand copies and may be cancelled
 
 
 @dataclass
@@ -56,6 +60,25 @@ class Ticket:
     host: threading.Event | None = None
     event: Any = None  # torch.cuda.Event
     error: BaseException | None = None
+    state: str = "queued"  # queued -> running -> finished, or queued -> cancelled
+    _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
+
+    def cancel(self) -> bool:
+        """Withdraw a copy that has not started (its slot was given to another expert)."""
+        with self._lock:
+            if self.state != "queued":
+                return False
+            self.state = "cancelled"
+        if self.host is not None:
+            self.host.set()
+        return True
+
+    def start(self) -> bool:
+        with self._lock:
+            if self.state != "queued":
+                return False
+            self.state = "running"
+            return True
 
     def done(self) -> bool:
         if self.error is not None:
@@ -104,6 +127,10 @@ class TransferEngine:
         """Compute-side seconds spent waiting for copies that the engine measured itself."""
         return 0.0
 
+    def cancel(self, ticket: Ticket) -> bool:
+        """Withdraw a copy that has not started; False if it started or the engine cannot withdraw."""
+        return False
+
     def close(self) -> None: ...
 
     def __enter__(self):
@@ -114,39 +141,54 @@ class TransferEngine:
 
 
 class _Worker:
-    """One daemon thread running `handle(ticket)` for queued tickets in FIFO order."""
+    """One daemon thread running `handle(ticket)` for queued tickets: FIFO, or with `priority`,
+    demand copies first (FIFO within each class). Cancelled tickets are skipped."""
 
-    def __init__(self, handle, name: str):
+    _STOP = 9  # sorts after every job
+
+    def __init__(self, handle, name: str, priority: bool = False):
         self._handle = handle
-        self._queue: queue.Queue = queue.Queue()
+        self._priority = priority
+        self._queue: queue.PriorityQueue = queue.PriorityQueue()
+        self._seq = 0
+        self._seq_lock = threading.Lock()
         self.thread = threading.Thread(target=self._loop, name=name, daemon=True)
         self.thread.start()
 
+    def _next(self) -> int:
+        with self._seq_lock:
+            self._seq += 1
+            return self._seq
+
     def _loop(self) -> None:
         while True:
-            ticket = self._queue.get()
+            _, _, ticket = self._queue.get()
             if ticket is None:
                 return
+            if not ticket.start():
+                continue  # cancelled while queued
             try:
                 self._handle(ticket)
             except BaseException as e:  # noqa: BLE001 - handed to the waiting caller
                 ticket.error = e
             finally:
+                ticket.state = "finished"
                 ticket.host.set()
 
     def put(self, ticket: Ticket) -> None:
-        self._queue.put(ticket)
+        rank = 0 if (ticket.job.demand or not self._priority) else 1
+        self._queue.put((rank, self._next(), ticket))
 
     def stop(self) -> None:
         """Fail what is still queued (the copy in progress finishes), then join the thread."""
         while True:
             try:
-                t = self._queue.get_nowait()
+                _, _, t = self._queue.get_nowait()
             except queue.Empty:
                 break
-            if t is not None:
+            if t is not None and t.start():
                 t.fail(TransferError(f"transfer engine was closed before the copy of {t.job.label or 'expert'} ran"))
-        self._queue.put(None)
+        self._queue.put((self._STOP, self._next(), None))
         self.thread.join()
 
     def wait(self, ticket: Ticket) -> None:
@@ -186,7 +228,7 @@ class CPUThreadEngine(TransferEngine):
         self.throttle_seconds = 0.0
         self._closed = False
         self._stop = threading.Event()  # cuts a throttling sleep short on close()
-        self._worker = _Worker(self._run, "moe-prefetch-copy")
+        self._worker = _Worker(self._run, "moe-prefetch-copy", priority=True)
         self._thread = self._worker.thread
 
     def _run(self, ticket: Ticket) -> None:
@@ -216,6 +258,9 @@ class CPUThreadEngine(TransferEngine):
         ticket = Ticket(job, host=threading.Event())
         self._worker.put(ticket)
         return ticket
+
+    def cancel(self, ticket: Ticket) -> bool:
+        return ticket.cancel()
 
     def wait(self, ticket: Ticket) -> float:
         t0 = time.perf_counter()

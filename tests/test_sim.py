@@ -102,3 +102,20 @@ def test_trace_cli_and_simulate_bench_end_to_end(tmp_path, capsys):
     text_out = capsys.readouterr().out
     assert "standing in for Mixtral-8x7B" in text_out and "physical bound" in text_out
     assert "ours: history K=2" in text_out
+
+
+def test_link_demand_overtakes_queued_prefetch_and_cancel():
+    from moe_prefetch.sim import Link
+
+    link = Link(transfer_s=1.0)
+    link.send("p0", 0.0, demand=False)   # runs 0..1
+    link.send("p1", 0.0, demand=False)   # queued 1..2
+    link.send("d", 0.5, demand=True)     # overtakes p1: 1..2, p1 moves to 2..3
+    assert link.ready == {"p0": 1.0, "d": 2.0, "p1": 3.0}
+    assert link.cancel("p1", 0.6) and "p1" not in link.ready
+    assert not link.cancel("p0", 0.6)    # already on the wire
+    fifo = Link(transfer_s=1.0, priority=False)
+    fifo.send("p0", 0.0, demand=False)
+    fifo.send("p1", 0.0, demand=False)
+    fifo.send("d", 0.5, demand=True)
+    assert fifo.ready["d"] == 3.0

@@ -233,3 +233,35 @@ def test_cuda_engine_stages_pageable_sources_in_fifo_order(native_ext, kind_):
     assert eng._worker is None or not eng._worker.thread.is_alive()
     with pytest.raises(TransferError, match="closed"):
         eng.wait(eng.submit(CopyJob(dst, [(0, pinned)], nbytes=4)))
+
+
+def test_demand_copies_overtake_queued_prefetches_and_cancel_withdraws():
+    import threading as _t
+
+    from moe_prefetch.transfer import CopyJob as Job, CPUThreadEngine as Engine
+
+    gate = _t.Event()
+    order = []
+    eng = Engine()
+    orig = eng._copy
+
+    def tracked(job):
+        gate.wait(5)
+        order.append(job.label)
+        orig(job)
+
+    eng._copy = tracked
+    dst = torch.zeros(4)
+    first = eng.submit(Job(dst, [(0, torch.ones(1))], nbytes=4, label="p0", demand=False))  # occupies the worker
+    time.sleep(0.05)
+    p1 = eng.submit(Job(dst, [(1, torch.ones(1))], nbytes=4, label="p1", demand=False))
+    p2 = eng.submit(Job(dst, [(2, torch.ones(1))], nbytes=4, label="p2", demand=False))
+    d = eng.submit(Job(dst, [(3, torch.ones(1))], nbytes=4, label="d", demand=True))
+    assert eng.cancel(p2) and not eng.cancel(first)
+    gate.set()
+    for t in (first, p1, d):
+        eng.wait(t)
+    eng.wait(p2)  # a cancelled ticket is done, without error
+    eng.close()
+    assert order == ["p0", "d", "p1"]
+    assert dst.tolist() == [1, 1, 0, 1]  # p2 never wrote
