@@ -141,7 +141,7 @@ def split_heldout(docs: list[str], every: int) -> tuple[list[str], list[str]]:
 # ---------------------------------------------------------------------- tokenizer
 
 
-def train_tokenizer(texts: list[str], vocab_size: int):
+def train_tokenizer(texts: list[str], vocab_size: int, max_len: int):
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
     from transformers import PreTrainedTokenizerFast
 
@@ -168,6 +168,7 @@ def train_tokenizer(texts: list[str], vocab_size: int):
         unk_token=UNK,
         pad_token=PAD,
         clean_up_tokenization_spaces=False,
+        model_max_length=max_len,
     )
     return fast
 
@@ -206,11 +207,29 @@ def build_model(args, tokenizer):
         bos_token_id=tokenizer.bos_token_id,
         eos_token_id=tokenizer.eos_token_id,
         pad_token_id=tokenizer.pad_token_id,
-        use_cache=False,
+        use_cache=True,  # training calls pass use_cache=False explicitly
     )
     model = MixtralForCausalLM(config)
     model.set_experts_implementation(args.experts_impl)
     return model
+
+
+def per_layer_balance_loss(router_logits, num_experts: int, top_k: int) -> torch.Tensor:
+    """Mixtral/Switch load-balancing loss computed for each layer separately, then averaged.
+
+    transformers' ``load_balancing_loss_func`` concatenates the router logits of all
+    layers before computing expert load, so it only balances the load summed over
+    layers: one layer can starve an expert while another over-uses it. Applying the
+    same formula per layer balances every layer. As in transformers, a perfectly
+    even routing gives ``top_k`` (2.0 for top-2).
+    """
+    losses = []
+    for logits in router_logits:
+        probs = torch.softmax(logits.float(), dim=-1)  # (tokens, E)
+        top = torch.topk(probs, top_k, dim=-1).indices  # (tokens, k)
+        frac = torch.nn.functional.one_hot(top, num_experts).float().mean(dim=0)  # (k, E)
+        losses.append((frac * probs.mean(dim=0).unsqueeze(0)).sum() * num_experts)
+    return torch.stack(losses).mean()
 
 
 def lr_at(step: int, args) -> float:
@@ -315,8 +334,8 @@ id {c['bos_token_id']}), `</s>` (eos, id {c['eos_token_id']}), `<unk>` (id 2), `
 * Cleaning: the whole text was dumped verse by verse (`bible -f Gen1:1-Rev22:21`),
   the verse references were removed, and the verses of each chapter were joined
   into one paragraph: {info['n_docs']} chapters, {info['n_chars']:,} characters.
-* Split: every {info['heldout_every']}th chapter (starting at chapter
-  {info['heldout_every'] // 2}) was held out: {info['n_held_docs']} chapters,
+* Split: every {info['heldout_every']}th chapter in Bible order (chapters
+  number {info['heldout_every'] // 2 + 1}, {info['heldout_every'] // 2 + 1 + info['heldout_every']}, ... counting from Genesis 1) was held out: {info['n_held_docs']} chapters,
   {info['n_held_tokens']:,} tokens. They are in `heldout.txt` here, one chapter per
   paragraph (paragraphs separated by blank lines). The other
   {info['n_train_docs']} chapters ({info['n_train_tokens']:,} tokens) were used to train
@@ -326,8 +345,9 @@ id {c['bos_token_id']}), `</s>` (eos, id {c['eos_token_id']}), `<unk>` (id 2), `
 
 A byte-level BPE (`tokenizers` library: ByteLevel pre-tokenizer and decoder, no
 prefix space) with {c['vocab_size']} entries including the 4 special tokens, trained on the
-training chapters only and saved as a `PreTrainedTokenizerFast`, so
-`AutoTokenizer.from_pretrained(<this dir>)` loads it. On this text it averages
+training chapters only and saved as a `PreTrainedTokenizerFast` (named
+`TokenizersBackend` in transformers 5), so `AutoTokenizer.from_pretrained(<this dir>)`
+loads it. On this text it averages
 {info['chars_per_token']:.2f} characters per token.
 
 ## Training
@@ -338,8 +358,13 @@ training chapters only and saved as a `PreTrainedTokenizerFast`, so
   gradient clipping at 1.0.
 * {info['steps']} steps of {info['batch_size']} random windows of {info['seq_len']} tokens
   ({info['tokens_seen']:,} tokens, about {info['epochs']:.1f} passes over the training text).
-* Loss: next-token cross-entropy plus `router_aux_loss_coef` = {info['aux_coef']} times
-  Mixtral's load-balancing loss (`output_router_logits=True` during training).
+* Loss: next-token cross-entropy plus {info['aux_coef']} (`router_aux_loss_coef`) times
+  Mixtral's load-balancing loss, computed from the router logits
+  (`output_router_logits=True` during training). The balancing loss is applied to
+  each layer separately and averaged over layers: the stock `transformers`
+  version pools all layers' routing before measuring the load, which let single
+  layers leave experts almost unused in a trial run. For a perfectly even split the
+  loss is 2.0.
 * Hardware: {info['hardware']}; wall-clock training time {info['train_minutes']:.1f}
   minutes (whole script {info['total_minutes']:.1f} minutes).
 * Final training-batch losses (mean of the last 50 steps): LM {info['final_train_lm']:.3f},
@@ -410,7 +435,7 @@ def parse_args(argv=None):
         "`bible -f Gen1:1-Rev22:21` dump, or any UTF-8 prose file",
     )
     ap.add_argument("--out", default=str(DEFAULT_OUT), help="checkpoint directory to (re)create")
-    ap.add_argument("--steps", type=int, default=3000, help="optimizer steps")
+    ap.add_argument("--steps", type=int, default=1500, help="optimizer steps")
     ap.add_argument("--seed", type=int, default=1234, help="random seed")
     ap.add_argument("--batch-size", type=int, default=16, help="sequences per step")
     ap.add_argument("--seq-len", type=int, default=256, help="tokens per training sequence")
@@ -437,7 +462,7 @@ def parse_args(argv=None):
     ap.add_argument(
         "--experts-impl",
         default="grouped_mm",
-        choices=["eager", "batched_mm", "grouped_mm"],
+        choices=["eager", "grouped_mm"],
         help="transformers experts implementation used for training (not saved)",
     )
     ap.add_argument("--prompt", default="And the LORD said", help="prompt for the sanity-check generation")
@@ -457,6 +482,7 @@ def main(argv=None):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     transformers.logging.set_verbosity_error()
+    transformers.utils.logging.disable_progress_bar()
 
     # ---- data
     raw, how = read_source(args.text)
@@ -467,7 +493,7 @@ def main(argv=None):
           f"train {len(train_docs)} / held-out {len(held_docs)} documents", flush=True)
 
     # ---- tokenizer
-    tokenizer = train_tokenizer(train_docs, args.vocab_size)
+    tokenizer = train_tokenizer(train_docs, args.vocab_size, args.max_positions)
     train_ids = encode_docs(tokenizer, train_docs)
     held_ids = encode_docs(tokenizer, held_docs)
     chars_per_token = sum(len(d) for d in train_docs) / (len(train_ids) - 2 * len(train_docs))
@@ -497,7 +523,7 @@ def main(argv=None):
     model.train()
     t_train = time.time()
     lm_hist, aux_hist = [], []
-    win_lm = win_aux = 0.0
+    win_lm = win_aux = win_hf_aux = 0.0
     win_n = 0
     win_t = time.time()
     for step in range(args.steps):
@@ -508,7 +534,7 @@ def main(argv=None):
         x, y = batch[:, :-1], batch[:, 1:]
         out = model(input_ids=x, output_router_logits=True, use_cache=False)
         lm = torch.nn.functional.cross_entropy(out.logits.reshape(-1, out.logits.size(-1)), y.reshape(-1))
-        aux = out.aux_loss
+        aux = per_layer_balance_loss(out.router_logits, cfg.num_local_experts, cfg.num_experts_per_tok)
         loss = lm + args.aux_coef * aux
         opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -519,21 +545,25 @@ def main(argv=None):
         aux_hist.append(aux.item())
         win_lm += lm_hist[-1]
         win_aux += aux_hist[-1]
+        win_hf_aux += out.aux_loss.item()
         win_n += 1
         if (step + 1) % args.log_every == 0 or step + 1 == args.steps:
             now = time.time()
             tok_s = win_n * args.batch_size * args.seq_len / (now - win_t)
-            print(f"step {step + 1:5d}/{args.steps}  lm {win_lm / win_n:.3f}  aux {win_aux / win_n:.3f}  "
+            print(f"step {step + 1:5d}/{args.steps}  lm {win_lm / win_n:.3f}  aux {win_aux / win_n:.3f} "
+                  f"(hf {win_hf_aux / win_n:.3f})  "
                   f"lr {opt.param_groups[0]['lr']:.2e}  {tok_s:,.0f} tok/s  elapsed {now - t_start:7.1f}s",
                   flush=True)
-            win_lm = win_aux = 0.0
+            win_lm = win_aux = win_hf_aux = 0.0
             win_n = 0
             win_t = time.time()
         if args.eval_every and (step + 1) % args.eval_every == 0 and step + 1 < args.steps:
             t0 = time.time()
-            hl, _ = evaluate(model, held_ids, args.seq_len, 32, max_windows=64)
-            print(f"  quick held-out (64 windows): lm {hl:.3f}  ppl {math.exp(hl):.1f}  "
-                  f"({time.time() - t0:.1f}s)", flush=True)
+            hl, hu = evaluate(model, held_ids, args.seq_len, 32, max_windows=64)
+            share = hu.double() / hu.sum(dim=1, keepdim=True)
+            print(f"  quick held-out (64 windows): lm {hl:.3f}  ppl {math.exp(hl):.1f}  expert share "
+                  f"min {100 * share.min():.1f}% max {100 * share.max():.1f}%  ({time.time() - t0:.1f}s)",
+                  flush=True)
             win_t += time.time() - t0
     train_seconds = time.time() - t_train
 
@@ -554,6 +584,7 @@ def main(argv=None):
     out = Path(args.out).resolve()
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    tmp.chmod(0o755)
     try:
         model.config.output_router_logits = False
         model.config.use_cache = True
@@ -624,6 +655,8 @@ def main(argv=None):
             "tokenizers_version": tokenizers.__version__,
         }
         write_model_card(tmp / "README.md", info)
+        for f in tmp.iterdir():
+            f.chmod(0o644)
 
         if out.exists():
             old = out.with_name(f".{out.name}.old-{os.getpid()}")
