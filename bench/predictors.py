@@ -1,6 +1,11 @@
 """Recall of each predictor per distance d on held-out text.
 
-    python bench/predictors.py --model demo --predictor-path demo.m2r2 [--data heldout.txt]
+    python -m moe_prefetch.calibrate --model demo --data moe_prefetch/demo_model/heldout.txt \
+        --max-tokens 36000 --lookahead 4 --out demo.m2r2.safetensors
+    python bench/predictors.py --model demo --predictor-path demo.m2r2.safetensors
+
+Calibration uses the first 36000 tokens of the demo held-out text; this table uses tokens from
+38000 on, which neither the model nor the predictor has seen.
 
 For every token of the held-out text and every MoE layer l, each predictor scores the experts of
 layer l+d from what it can see at layer l; recall is the fraction of the true top-k experts of layer
@@ -32,14 +37,20 @@ def main(argv=None) -> int:
     p.add_argument("--predictor-path", help="trained m2r2 predictor (omit to skip the m2r2 row)")
     p.add_argument("--distances", type=int, default=4, help="report d = 1..N (default: 4)")
     p.add_argument("--seq-len", type=int, default=256, help="tokens per sequence (default: 256)")
+    p.add_argument("--skip-tokens", type=int, default=38000,
+                   help="start this far into the text, past what calibration used (default: 38000)")
     p.add_argument("--max-tokens", type=int, default=8192, help="held-out tokens to use (default: 8192)")
     p.add_argument("--device", default="cpu", help="device (default: cpu)")
     p.add_argument("--json", action="store_true", help="print the table as JSON instead of Markdown")
     args = p.parse_args(argv)
+    import transformers
+
+    transformers.logging.set_verbosity_error()
 
     model, tok = moe_prefetch.load_model(args.model, moe_prefetch.OffloadConfig(
         device=args.device, predictor="none", show_progress=False, max_context=args.seq_len))
-    view, H, lengths = collect_residuals(model, tok, read_text(args.data), args.seq_len, args.max_tokens, False)
+    view, H, lengths = collect_residuals(model, tok, read_text(args.data), args.seq_len, args.max_tokens, False,
+                                         args.skip_tokens)
     truth = true_topk(view, H)
     D = [d for d in range(1, args.distances + 1) if d < len(view.layers)]
     trace = []  # oracle: the true routing, step by step, as the runtime would record it

@@ -34,13 +34,14 @@ def read_text(path: str) -> str:
 
 
 @torch.inference_mode()
-def collect_residuals(model, tokenizer, text: str, seq_len: int, max_tokens: int, progress: bool = True):
+def collect_residuals(model, tokenizer, text: str, seq_len: int, max_tokens: int, progress: bool = True,
+                      skip_tokens: int = 0):
     """Residuals entering each MoE block: list over MoE layers of [N, H] (float32, CPU), plus the
     number of tokens per sequence (sequences are contiguous chunks of the text, in order)."""
     rt = model.moe_runtime
     view = ModelView.of(model, rt.adapter)
     ids = tokenizer(text, return_tensors="pt")["input_ids"][0]
-    ids = ids[:max_tokens]
+    ids = ids[skip_tokens:skip_tokens + max_tokens]
     if ids.numel() < 2 * seq_len:
         raise MoePrefetchError(f"calibration text has {ids.numel()} tokens; at least {2 * seq_len} are needed")
     chunks = [ids[s:s + seq_len] for s in range(0, ids.numel() - 1, seq_len) if ids[s:s + seq_len].numel() > 8]
@@ -147,6 +148,7 @@ def build_parser() -> ArgumentParser:
     p.add_argument("--batch", type=int, default=512, help="tokens per step (default: 512)")
     p.add_argument("--seq-len", type=int, default=256, help="tokens per calibration sequence (default: 256)")
     p.add_argument("--max-tokens", type=int, default=60000, help="use at most this many tokens of the text (default: 60000)")
+    p.add_argument("--skip-tokens", type=int, default=0, help="start this many tokens into the text (default: 0)")
     p.add_argument("--heldout", type=float, default=0.1, help="fraction of sequences held out for the recall report (default: 0.1)")
     p.add_argument("--regression-weight", type=float, default=0.0, help="weight of the regression of A(h_l) to h_{l+d} (default: 0)")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda (default: auto)")
@@ -176,7 +178,8 @@ def main_body(argv=None) -> int:
     cfg = OffloadConfig(device=args.device, device_memory=args.device_memory, predictor="none",
                         max_context=args.seq_len, show_progress=not args.no_progress)
     model, tokenizer = load_model(args.model, cfg)
-    view, H, lengths = collect_residuals(model, tokenizer, text, args.seq_len, args.max_tokens, not args.no_progress)
+    view, H, lengths = collect_residuals(model, tokenizer, text, args.seq_len, args.max_tokens, not args.no_progress,
+                                         args.skip_tokens)
     if args.lookahead >= len(view.layers):
         raise MoePrefetchError(f"--lookahead {args.lookahead} must be below the number of MoE layers ({len(view.layers)})")
     n_held = max(1, int(len(lengths) * args.heldout))

@@ -54,7 +54,7 @@ def load_routing(path) -> list[list[torch.Tensor]]:
 
 # ---- python -m moe_prefetch.trace ---------------------------------------------------------------
 def record_trace(model, tokenizer, text: str, lookahead: int, seq_len: int, max_tokens: int,
-                 predictor_path: str | None = None, progress: bool = True):
+                 predictor_path: str | None = None, progress: bool = True, skip_tokens: int = 0):
     """Routing of every token of `text` (each token = one decode step) and every predictor's scores
     for distances 1..lookahead, as a sim.Trace."""
     from .calibrate import collect_residuals, true_topk
@@ -62,7 +62,7 @@ def record_trace(model, tokenizer, text: str, lookahead: int, seq_len: int, max_
     from .predictors.accelerated import AcceleratedPredictor, load
     from .sim import Trace
 
-    view, H, lengths = collect_residuals(model, tokenizer, text, seq_len, max_tokens, progress)
+    view, H, lengths = collect_residuals(model, tokenizer, text, seq_len, max_tokens, progress, skip_tokens)
     truth = true_topk(view, H)
     N, L, E, K = H[0].shape[0], len(H), view.num_experts, lookahead
     dtype = view.routers[0].weight.dtype
@@ -114,6 +114,7 @@ def main_body(argv=None) -> int:
     p.add_argument("--lookahead", type=int, default=4, help="record scores for distances 1..K (default: 4)")
     p.add_argument("--seq-len", type=int, default=256, help="tokens per sequence (default: 256)")
     p.add_argument("--max-tokens", type=int, default=4096, help="tokens of the text to use (default: 4096)")
+    p.add_argument("--skip-tokens", type=int, default=0, help="start this many tokens into the text (default: 0)")
     p.add_argument("--device", default="auto", help="auto, cpu or cuda (default: auto)")
     p.add_argument("--no-progress", action="store_true", help="hide progress bars")
     args = p.parse_args(argv)
@@ -130,7 +131,7 @@ def main_body(argv=None) -> int:
     model, tok = load_model(args.model, OffloadConfig(device=args.device, predictor="none", max_context=args.seq_len,
                                                       show_progress=not args.no_progress))
     trace = record_trace(model, tok, text, args.lookahead, args.seq_len, args.max_tokens, args.predictor_path,
-                         not args.no_progress)
+                         not args.no_progress, args.skip_tokens)
     trace.header["model"] = args.model
     trace.save(args.out)
     model.moe_runtime.close()
