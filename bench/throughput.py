@@ -152,6 +152,7 @@ def main(argv=None) -> int:
     p.add_argument("--ratio", type=float, help="override: expert transfer time / layer compute time")
     p.add_argument("--caches", type=float, nargs="+", default=[0.25, 0.5, 0.75, 1.0], help="cache fractions (default: 0.25 0.5 0.75 1)")
     p.add_argument("--out", default="bench/results", help="output folder (default: bench/results)")
+    p.add_argument("--tag", default="", help="suffix for the output file names (default: none)")
     args = p.parse_args(argv)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -179,18 +180,23 @@ def main(argv=None) -> int:
     with record_routing(rec) as trace:
         teacher_forced(rec, seqs)
     rec.moe_runtime.close()
-    trace_path = out / "oracle_routing.npz"
+    trace_path = out / f"oracle_routing{args.tag}.npz"
     save_routing(trace, trace_path)
+
+    one = expert_bytes  # a prefetch budget of one expert in flight: prefetch only into an idle link
 
     def policies(slots):
         rows = [("LRU, no prefetch", dict(predictor="none")),
+                ("LFU, no prefetch", dict(predictor="none", eviction="lfu")),
                 ("LRU + next-gate K=1", dict(predictor="next-gate", lookahead=1)),
                 ("LFU + history K=1", dict(predictor="history", lookahead=1, eviction="lfu")),
-                ("ours: next-gate K=2", dict(predictor="next-gate", lookahead=2))]
+                ("ours: next-gate K=2, LFU", dict(predictor="next-gate", lookahead=2, eviction="lfu"))]
         if args.predictor_path:
-            rows += [(f"ours: m2r2 K={K}", dict(predictor="m2r2", predictor_path=args.predictor_path, lookahead=K))
-                     for K in (1, 2, 3)]
-        rows.append(("oracle K=2", dict(predictor="oracle", predictor_path=str(trace_path), lookahead=2)))
+            m2r2 = dict(predictor="m2r2", predictor_path=args.predictor_path, eviction="lfu")
+            rows += [(f"ours: m2r2 K={K}, LFU", dict(m2r2, lookahead=K)) for K in (1, 2, 3)]
+            rows += [("ours: m2r2 K=2, LFU, 1 in flight", dict(m2r2, lookahead=2, prefetch_budget=one))]
+        rows.append(("oracle K=2, LFU", dict(predictor="oracle", predictor_path=str(trace_path), lookahead=2,
+                                             eviction="lfu")))
         return [(n, dict(kw, expert_cache=slots, link_bandwidth=link_bw)) for n, kw in rows]
 
     results = []
@@ -220,10 +226,11 @@ def main(argv=None) -> int:
                              args.sequences * args.seq_len, args.predictor_path, progress=False)
     rec_model.moe_runtime.close()
     check_set = [("LRU, no prefetch", Policy("lru"), dict(predictor="none")),
-                 ("ours: next-gate K=2", Policy("ng", "next-gate", 2), dict(predictor="next-gate", lookahead=2))]
+                 ("ours: next-gate K=2, LFU", Policy("ng", "next-gate", 2, eviction="lfu"),
+                  dict(predictor="next-gate", lookahead=2, eviction="lfu"))]
     if args.predictor_path:
-        check_set.append(("ours: m2r2 K=2", Policy("m2r2", "m2r2", 2),
-                          dict(predictor="m2r2", predictor_path=args.predictor_path, lookahead=2)))
+        check_set.append(("ours: m2r2 K=2, LFU", Policy("m2r2", "m2r2", 2, eviction="lfu"),
+                          dict(predictor="m2r2", predictor_path=args.predictor_path, lookahead=2, eviction="lfu")))
     for frac in (0.5,):
         slots = round(frac * L * E)
         for name, pol, kw in check_set:
@@ -236,11 +243,11 @@ def main(argv=None) -> int:
     report = dict(profile=args.profile, ratio=ratio, link_gbps=link_bw / 1e9, layer_ms=layer_s * 1e3,
                   expert_mb=expert_bytes / 1e6, steps=results[0]["steps"], all_resident=upper,
                   accelerate=peer, results=results, sim_check=checks, wall_seconds=wall)
-    (out / "throughput.json").write_text(json.dumps(report, indent=1))
+    (out / f"throughput{args.tag}.json").write_text(json.dumps(report, indent=1))
     md = render(report, L, E)
-    (out / "throughput.md").write_text(md)
+    (out / f"throughput{args.tag}.md").write_text(md)
     print(md)
-    plot(report, out / "throughput.png")
+    plot(report, out / f"throughput{args.tag}.png")
     return 0
 
 

@@ -65,7 +65,7 @@ class OffloadConfig:
     predictor:      "none", "next-gate", "history", "m2r2" (needs predictor_path) or "oracle" (a trace).
     predictor_path: m2r2 predictor file (calibrate.py) or routing trace (trace.py) for the oracle.
     lookahead:      K: predict and prefetch the experts of layers l+1 .. l+K.
-    prefetch_budget: cap on bytes in flight for prefetches; None = lookahead x top_k experts.
+    prefetch_budget: cap on bytes in flight for prefetches; None = top_k experts (one layer's worth).
     link_bandwidth: emulate a host-to-device link of this many bytes/s on the CPU engine (benchmarks).
     """
 

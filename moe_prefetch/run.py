@@ -32,7 +32,7 @@ def build_parser() -> ArgumentParser:
                    "--predictor-path), oracle (replays a routing trace given by --predictor-path); default next-gate")
     p.add_argument("--predictor-path", help="m2r2 predictor file from moe_prefetch.calibrate, or a routing trace for oracle")
     p.add_argument("--lookahead", type=int, default=2, help="prefetch the experts of layers l+1..l+K (default: 2; 0 = off)")
-    p.add_argument("--prefetch-budget", help="cap on prefetch bytes in flight, e.g. 256MiB (default: lookahead x top-k experts)")
+    p.add_argument("--prefetch-budget", help="cap on prefetch bytes in flight, e.g. 256MiB (default: top-k experts, one layer's worth)")
     p.add_argument("--link-gbps", type=float, help="CPU only: emulate a host-to-device link of this many GB/s "
                    "(throttles expert copies; for benchmarks; default off)")
     p.add_argument("--dtype", default="auto", choices=DTYPES, help="compute dtype (default: the checkpoint's; float16 becomes float32 on CPU)")

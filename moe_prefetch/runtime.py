@@ -227,7 +227,9 @@ def set_predictor(model: nn.Module, predictor: Predictor | None, lookahead: int 
         rt.prefetcher = None
     K = rt.config.lookahead if lookahead is None else lookahead
     if predictor is not None and K > 0:
-        budget = prefetch_budget or rt.config.prefetch_budget or K * rt.adapter.top_k * rt.plan.expert_bytes
+        # default: one layer's worth (top-k experts) in flight, so prefetches use an idle link rather than
+        # queueing up ahead of it (bench/throughput.py: deeper queues lose to LRU on a busy link)
+        budget = prefetch_budget or rt.config.prefetch_budget or rt.adapter.top_k * rt.plan.expert_bytes
         rt.prefetcher = Prefetcher(model, predictor.view, rt.offloader, predictor, K, budget, rt.stats)
     for layer in rt.adapter.moe_layers():
         rt.adapter.get_block(model, layer).prefetcher = rt.prefetcher

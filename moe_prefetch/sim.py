@@ -57,7 +57,7 @@ class Policy:
     predictor: str | None = None  # a score array in the trace, "oracle", or None
     lookahead: int = 0
     eviction: str = "lru"         # lru | lfu | belady | none (no reuse: every use is a copy)
-    budget_experts: int | None = None  # prefetch bytes in flight, in experts (None: lookahead x top-k)
+    budget_experts: int | None = None  # prefetch bytes in flight, in experts (None: top-k, the runtime's default)
 
 
 @dataclass
@@ -224,7 +224,7 @@ def simulate(trace: Trace, cost: CostModel, slots: int, policy: Policy, priority
         scores = _oracle_scores(routing, E, K) if policy.predictor == "oracle" else trace.scores[policy.predictor]
         if scores.shape[2] < K:
             raise ValueError(f"trace has scores for lookahead {scores.shape[2]}, policy asks {K}")
-    budget = (policy.budget_experts or max(1, K) * k) * cost.expert_bytes
+    budget = (policy.budget_experts or k) * cost.expert_bytes
     attn, expert_s = cost.attn_s, cost.expert_s
     link = Link(cost.transfer_s, priority)
     now = stall = 0.0

@@ -18,6 +18,10 @@ class OraclePredictor(Predictor):
         self.step = -1
 
     def reset(self):
+        """A new sequence does not rewind: a trace recorded over several sequences (generate calls)
+        is replayed in the same order. Use rewind() to replay from the start."""
+
+    def rewind(self) -> None:
         self.step = -1
 
     def begin_step(self) -> None:
