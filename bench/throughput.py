@@ -153,7 +153,11 @@ def main(argv=None) -> int:
     p.add_argument("--caches", type=float, nargs="+", default=[0.25, 0.5, 0.75, 1.0], help="cache fractions (default: 0.25 0.5 0.75 1)")
     p.add_argument("--out", default="bench/results", help="output folder (default: bench/results)")
     p.add_argument("--tag", default="", help="suffix for the output file names (default: none)")
+    p.add_argument("--replot", help="only redraw the plot from a throughput JSON written earlier")
     args = p.parse_args(argv)
+    if args.replot:
+        plot(json.loads(Path(args.replot).read_text()), Path(args.replot).with_suffix(".png"))
+        return 0
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(0)
@@ -294,6 +298,7 @@ def plot(r: dict, path: Path) -> None:
     ax.axhline(r["results"][0]["tokens_per_s"], color="gray", ls=":", label="on-demand, no reuse")
     if r["accelerate"]:
         ax.axhline(r["accelerate"], color="r", ls="-.", label="HF accelerate offload")
+    ax.set_yscale("log")
     ax.set_xlabel("expert cache (% of all experts)")
     ax.set_ylabel("decode tokens/s (CPU, emulated link)")
     ax.set_title(f"demo model, link = {r['ratio']:.1f} layer-computes per expert ({r['profile']})")

@@ -314,11 +314,12 @@ def standard_policies(predictors: list[str], max_lookahead: int = 4) -> list[Pol
     """The comparison set: peers' approaches, ours per predictor and K, and the oracle."""
     out = [Policy("on-demand, no reuse (HF accelerate)", eviction="none"),
            Policy("LRU, no prefetch (mixtral-offloading code)"),
+           Policy("LFU, no prefetch", eviction="lfu"),
            Policy("LRU + next-gate K=1 (mixtral-offloading paper)", "next-gate", 1)]
     if "history" in predictors:
         out.append(Policy("history + LFU (MoE-Infinity-like)", "history", 1, eviction="lfu"))
     for p in predictors:
         for K in range(1, max_lookahead + 1):
-            out.append(Policy(f"ours: {p} K={K}", p, K))
+            out.append(Policy(f"ours: {p} K={K}, LFU", p, K, eviction="lfu"))
     out.append(Policy(f"oracle prediction + Belady, K={max_lookahead}", "oracle", max_lookahead, eviction="belady"))
     return out

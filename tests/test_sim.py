@@ -101,7 +101,7 @@ def test_trace_cli_and_simulate_bench_end_to_end(tmp_path, capsys):
     assert bench_sim.main(["--trace", str(out), "--hardware", "rtx4090-pcie4", "--cache", "0.5"]) == 0
     text_out = capsys.readouterr().out
     assert "standing in for Mixtral-8x7B" in text_out and "physical bound" in text_out
-    assert "ours: history K=2" in text_out
+    assert "ours: history K=2, LFU" in text_out
 
 
 def test_link_demand_overtakes_queued_prefetch_and_cancel():
