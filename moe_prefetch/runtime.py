@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import time
+import weakref
 from dataclasses import dataclass, field
 
 import torch
@@ -210,6 +211,8 @@ def load_model(model: str, config: OffloadConfig | None = None, **overrides):
     for layer in adapter.moe_layers():
         adapter.get_block(skeleton, layer).offloader = offloader
     runtime = OffloadRuntime(cfg, adapter, ckpt, store, offloader, plan, device, dtype, stats)
+    # the copy worker must not outlive a model that was dropped without close()
+    weakref.finalize(skeleton, engine.close)
     _install_timers(skeleton, stats, device, [runtime])
     _load_generation_config(skeleton, path)
     skeleton.moe_runtime = runtime
