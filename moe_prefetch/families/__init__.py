@@ -2,10 +2,11 @@
 from __future__ import annotations
 
 from ..errors import MoePrefetchError
-from .base import ExpertLayout, ExpertPart, FamilyAdapter, TensorSource
+from .base import ExpertLayout, ExpertPart, FamilyAdapter, GatedExpertsAdapter, TensorSource
 from .mixtral import MixtralAdapter
+from .qwen_moe import QwenMoeAdapter
 
-ADAPTERS: tuple[type[FamilyAdapter], ...] = (MixtralAdapter,)
+ADAPTERS: tuple[type[FamilyAdapter], ...] = (MixtralAdapter, QwenMoeAdapter)
 
 
 def supported_families() -> str:
@@ -21,4 +22,4 @@ def adapter_for(config) -> FamilyAdapter:
         f"model type {model_type!r} is not a supported Mixture-of-Experts family; supported: {supported_families()}")
 
 
-__all__ = ["ADAPTERS", "ExpertLayout", "ExpertPart", "FamilyAdapter", "TensorSource", "adapter_for", "supported_families"]
+__all__ = ["ADAPTERS", "ExpertLayout", "ExpertPart", "FamilyAdapter", "GatedExpertsAdapter", "TensorSource", "adapter_for", "supported_families"]

@@ -130,3 +130,67 @@ class FamilyAdapter:
     def combine(self, extras: dict[str, nn.Module], x: torch.Tensor, routed: torch.Tensor) -> torch.Tensor:
         """Add resident contributions (shared experts) to the routed output; x, routed [T, H]."""
         return routed
+
+
+class GatedExpertsAdapter(FamilyAdapter):
+    """Shared by families whose experts are SwiGLU MLPs (down(act(gate x) * up x)) routed by a
+    transformers TopKRouter: only the checkpoint names and the layer pattern differ between them.
+
+    Checkpoints keep either one tensor per expert matrix (`legacy_expert`, with `legacy_names` for
+    gate, up, down; transformers 5 still writes this layout) or the fused in-memory layout
+    `mlp.experts.gate_up_proj` [E, 2I, H] and `mlp.experts.down_proj` [E, H, I]."""
+
+    legacy_expert = "model.layers.{layer}.mlp.experts.{expert}."
+    legacy_names = ("gate_proj", "up_proj", "down_proj")
+
+    def __init__(self, config):
+        super().__init__(config)
+        from transformers.activations import ACT2FN
+
+        self.act_fn = ACT2FN[config.hidden_act]
+
+    @property
+    def top_k(self) -> int:
+        return self.config.num_experts_per_tok
+
+    @property
+    def expert_intermediate(self) -> int:
+        return getattr(self.config, "moe_intermediate_size", None) or self.config.intermediate_size
+
+    def router(self, block):
+        return block.gate
+
+    def expert_layout(self, checkpoint, layer: int, expert: int) -> ExpertLayout:
+        from ..errors import MoePrefetchError
+
+        H, I = self.config.hidden_size, self.expert_intermediate
+        legacy = self.legacy_expert.format(layer=layer, expert=expert)
+        fused = f"model.layers.{layer}.mlp.experts."
+        g, u, d = (f"{legacy}{n}.weight" for n in self.legacy_names)
+        if g in checkpoint:
+            gate_up, down = (TensorSource(g), TensorSource(u)), (TensorSource(d),)
+        elif f"{fused}gate_up_proj" in checkpoint:
+            gate_up = (TensorSource(f"{fused}gate_up_proj", expert),)
+            down = (TensorSource(f"{fused}down_proj", expert),)
+        else:
+            raise MoePrefetchError(
+                f"checkpoint {checkpoint.directory} has no weights for expert {expert} of layer {layer} "
+                f"(looked for {g} and {fused}gate_up_proj)")
+        return ExpertLayout((
+            ExpertPart("gate_up", (2 * I, H), 0, gate_up),  # rows: gate then up, as transformers fuses them
+            ExpertPart("down", (H, I), 2 * I * H, down),
+        ))
+
+    # mirrors transformers' TopKRouter and its experts implementations
+    def route(self, router, x):
+        _, weights, indices = router(x)  # [T, k], [T, k]
+        return weights, indices
+
+    def expert_mlp(self, views, rows):
+        h = torch.mm(rows, views["gate_up"].t())  # [n, 2I]
+        gate, up = h.chunk(2, dim=-1)
+        return torch.mm(self.act_fn(gate) * up, views["down"].t())  # [n, H]
+
+    def expert_mlp_eager(self, views, rows):
+        gate, up = torch.nn.functional.linear(rows, views["gate_up"]).chunk(2, dim=-1)  # [n, I] each
+        return torch.nn.functional.linear(self.act_fn(gate) * up, views["down"])  # [n, H]
