@@ -50,16 +50,17 @@ class OffloadedMoE(nn.Module):
         pending = experts
         first = True
         while pending:
-            granted = off.acquire(layer, pending)
-            if first and self.prefetcher is not None:
-                self.prefetcher.after_routing(layer, self._indices, experts)
-            first = False
+            granted = off.acquire(layer, pending, in_order=self.eager)  # eager adds up in ascending order
             try:
+                if first and self.prefetcher is not None:
+                    self.prefetcher.after_routing(layer, self._indices, experts)
+                first = False
                 for e in granted:
                     compute(e, off.ready(layer, e))
             finally:
                 off.release(layer, granted)
-            pending = pending[len(granted):]
+            done = set(granted)
+            pending = [e for e in pending if e not in done]
 
     def _experts_grouped(self, x, weights, indices):
         T, k = indices.shape

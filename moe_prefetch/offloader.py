@@ -37,50 +37,71 @@ class ExpertOffloader:
         return self.cache.n_slots
 
     # ---- the executing layer -----------------------------------------------------------------
-    def acquire(self, layer: int, experts: list[int]) -> list[int]:
-        """Pin as many of `experts` (in order) as fit, starting demand copies for the missing ones.
-        Returns the granted experts; the caller computes them, then calls release()."""
-        granted: list[int] = []
+    def acquire(self, layer: int, experts: list[int], in_order: bool = False) -> list[int]:
+        """Pin the resident ones among `experts` and start demand copies for missing ones, as long as
+        a slot can be had without evicting another expert this layer needs. Returns the granted
+        experts (in the order given); the caller computes them, calls release(), and asks again for
+        the rest. in_order=True grants only a prefix of `experts` (for arithmetic whose result
+        depends on the order experts are added up)."""
+        needed = {(layer, e) for e in experts}
+        granted: set[int] = set()
+        if not in_order:  # hits first, so a miss can never evict an expert this layer is about to use
+            for e in experts:
+                if (layer, e) in self.cache:
+                    self._hit((layer, e))
+                    granted.add(e)
         for e in experts:
             key = (layer, e)
+            if e in granted:
+                continue
             if key in self.cache:
-                self.cache.touch(key)
-                self.cache.pin(key)
-                self.stats.hits += 1
-                if key in self._prefetched:
-                    self._prefetched.discard(key)
-                    self.stats.prefetch_used += 1
-                    ticket = self._tickets.get(key)
-                    if ticket is not None and not ticket.done():
-                        self.stats.prefetch_late += 1
-                        if self.engine.cancel(ticket):  # still queued: move it to the demand queue
-                            self._tickets[key] = self.engine.submit(replace(ticket.job, demand=True))
+                self._hit(key)
             else:
                 try:
-                    slot, evicted = self.cache.insert(key)
+                    slot, evicted = self.cache.insert(key, protected=needed)
                 except CacheFullError:
-                    break  # every slot is in use by this layer: the caller runs another round
+                    if granted:
+                        break  # every slot is in use by this layer: the caller runs another round
+                    slot, evicted = self.cache.insert(key)  # must make progress: a later expert goes
                 self._evicted(evicted)
                 self.cache.pin(key)
                 self._submit(key, slot)
                 self.stats.misses += 1
-            self.stats.expert_requests += 1
-            granted.append(e)
+                self.stats.expert_requests += 1
+            granted.add(e)
         if not granted:
             raise RuntimeError(f"expert cache of {self.n_slots} slots could not grant any expert of layer {layer}")
-        return granted
+        return [e for e in experts if e in granted]
+
+    def _hit(self, key: tuple[int, int]) -> None:
+        self.cache.touch(key)
+        self.cache.pin(key)
+        self.stats.hits += 1
+        self.stats.expert_requests += 1
+        if key in self._prefetched:
+            self._prefetched.discard(key)
+            self.stats.prefetch_used += 1
+            ticket = self._tickets.get(key)
+            if ticket is not None and not ticket.done():
+                self.stats.prefetch_late += 1
+                if self.engine.cancel(ticket):  # still queued: move it to the demand queue
+                    self._tickets[key] = self.engine.submit(replace(ticket.job, demand=True))
 
     def ready(self, layer: int, expert: int) -> dict[str, torch.Tensor]:
         """Views of the expert's matrices in its slot, once its copy (if any) has landed."""
         key = (layer, expert)
-        ticket = self._tickets.pop(key, None)
+        ticket = self._tickets.get(key)
         if ticket is not None:
             try:
                 self.stats.stall_seconds += self.engine.wait(ticket)
             except TransferError:
+                self._tickets.pop(key, None)
                 self.cache.unpin(key)
                 self.cache.remove(key)
                 raise
+            # forget the ticket only once the copy has landed: an interrupted wait keeps it, so the
+            # next use of this expert still waits instead of reading a half-written slot
+            self._tickets.pop(key, None)
         return self._views[self.cache.lookup(key)]
 
     def release(self, layer: int, experts: list[int]) -> None:
@@ -90,6 +111,8 @@ class ExpertOffloader:
             done.record(torch.cuda.current_stream(self.device))
         for e in experts:
             key = (layer, e)
+            if not self.cache.is_pinned(key):
+                continue  # its copy failed and ready() already dropped it
             self.cache.unpin(key)
             if done is not None:
                 self._slot_free[self.cache.lookup(key)] = done
@@ -116,6 +139,8 @@ class ExpertOffloader:
         return True
 
     def bytes_in_flight(self) -> int:
+        """Bytes of all copies (demand and prefetch) not yet landed: a prefetch is only issued while
+        this stays under the budget, i.e. into link capacity the executing layers leave idle."""
         return sum(t.job.nbytes for t in self._tickets.values() if not t.done())
 
     def _evicted(self, key) -> None:

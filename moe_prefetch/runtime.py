@@ -51,8 +51,8 @@ class OffloadRuntime:
     prefetcher: Prefetcher | None = None
 
     def stats_dict(self) -> dict:
-        self.stats.stall_seconds = max(self.stats.stall_seconds, self.offloader.engine.stall_seconds())
         d = self.stats.as_dict()
+        d["stall_seconds"] += self.offloader.engine.stall_seconds()  # CUDA: measured on the compute stream
         d.update(device=str(self.device), backend=self.offloader.engine.backend,
                  predictor=self.prefetcher.predictor.name if self.prefetcher else "none",
                  lookahead=self.prefetcher.lookahead if self.prefetcher else 0,
@@ -264,4 +264,6 @@ def stats(model: nn.Module) -> dict:
 
 
 def reset_stats(model: nn.Module) -> None:
+    """Zero the counters of an offloaded model (e.g. after a warm-up)."""
     model.moe_runtime.stats.reset()
+    model.moe_runtime.offloader.engine.reset_stats()

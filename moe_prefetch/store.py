@@ -7,6 +7,8 @@ matrices, so moving an expert is one copy (CUDA) or a few page-cache reads (CPU)
 """
 from __future__ import annotations
 
+import weakref
+
 import torch
 from tqdm.auto import tqdm
 
@@ -34,13 +36,31 @@ class ExpertStore:
         self.expert_nbytes = self.numel * torch.empty((), dtype=dtype).element_size()
         self.pinned = pinned
         self._host: dict[tuple[int, int], torch.Tensor] = {}
+        self._registered: list[int] = []  # cudaHostRegister'ed block addresses, unregistered on collection
         if pinned:
-            keys = list(self._layouts)
-            for key in tqdm(keys, desc="pinning experts", unit="expert", disable=not progress):
-                buf = torch.empty(self.numel, dtype=dtype, pin_memory=True)
-                for offset, src in self._mapped_pieces(*key):
-                    buf[offset:offset + src.numel()].view(src.shape).copy_(src)
-                self._host[key] = buf
+            for layer in tqdm(self.layers, desc="pinning experts", unit="layer", disable=not progress):
+                block = self._pinned_block(self.num_experts * self.numel)  # [E * numel]
+                for e in range(self.num_experts):
+                    buf = block[e * self.numel:(e + 1) * self.numel]
+                    for offset, src in self._mapped_pieces(layer, e):
+                        buf[offset:offset + src.numel()].view(src.shape).copy_(src)
+                    self._host[layer, e] = buf
+            if self._registered:
+                weakref.finalize(self, _unregister, list(self._registered))
+
+    def _pinned_block(self, numel: int) -> torch.Tensor:
+        """Page-locked host memory of exactly `numel` elements: a plain allocation registered with
+        cudaHostRegister (torch's pinned allocator rounds each buffer up to a power of two, which
+        would take 512 MB for a 352 MB Mixtral expert); falls back to torch's allocator."""
+        block = torch.empty(numel, dtype=self.dtype)
+        try:
+            err = torch.cuda.cudart().cudaHostRegister(block.data_ptr(), numel * block.element_size(), 0)
+            if int(getattr(err, "value", err)) == 0:
+                self._registered.append(block.data_ptr())
+                return block
+        except (RuntimeError, AttributeError):
+            pass
+        return torch.empty(numel, dtype=self.dtype, pin_memory=True)
 
     def _check(self, layout: ExpertLayout, layer: int, expert: int) -> None:
         ref = getattr(self, "layout", None) or self._layouts.get((self.layers[0], 0)) or layout
@@ -101,3 +121,8 @@ class ExpertStore:
                         seen.add(s.key)
                         total += info.nbytes
         return total
+
+
+def _unregister(addresses: list[int]) -> None:
+    for ptr in addresses:
+        torch.cuda.cudart().cudaHostUnregister(ptr)

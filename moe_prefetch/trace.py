@@ -42,11 +42,16 @@ def save_routing(trace, path, meta: dict | None = None) -> None:
 
 
 def load_routing(path) -> list[list[torch.Tensor]]:
+    """Steps of a routing trace: one per forward pass (save_routing), or one per token of a
+    simulator trace (python -m moe_prefetch.trace), each a list over MoE layers of [T, k] indices."""
     path = Path(path)
     try:
         with np.load(path) as z:
             header = json.loads(str(z["header"]))
-            steps = [z[f"step{s:06d}"] for s in range(header["steps"])]
+            if "routing" in z.files:  # simulator trace: [N, L, k], every token one decode step
+                steps = [a[None] for a in z["routing"]]
+            else:
+                steps = [z[f"step{s:06d}"] for s in range(header["steps"])]
     except Exception as e:  # noqa: BLE001
         raise MoePrefetchError(f"cannot read routing trace {path} ({type(e).__name__})") from None
     return [[torch.from_numpy(a[:, i].astype(np.int64)) for i in range(a.shape[1])] for a in steps]

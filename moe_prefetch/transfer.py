@@ -131,6 +131,9 @@ class TransferEngine:
         """Withdraw a copy that has not started; False if it started or the engine cannot withdraw."""
         return False
 
+    def reset_stats(self) -> None:
+        """Zero the stall time the engine measured itself."""
+
     def close(self) -> None: ...
 
     def __enter__(self):
@@ -372,6 +375,10 @@ class CUDAStreamEngine(TransferEngine):
             self._stall_total += sum(s.elapsed_time(e) for s, e in self._stall_pairs) / 1000.0
             self._stall_pairs.clear()
         return self._stall_total
+
+    def reset_stats(self) -> None:
+        self._stall_pairs.clear()
+        self._stall_total = 0.0
 
     def close(self) -> None:
         if not self._closed:

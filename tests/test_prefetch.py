@@ -59,8 +59,10 @@ def trace(ckpt, tmp_path_factory):
 def test_every_predictor_and_lookahead_is_lossless(ckpt, reference, trace, predictor, lookahead):
     for slots in (2, 5, 12, 32):
         path = str(trace) if predictor == "oracle" else None
+        # a generous budget: with the default one, whether a prefetch fits depends on how far the
+        # demand copies have got, which is timing, not behaviour
         model = load(ckpt, slots, predictor="none" if predictor == "m2r2" else predictor, predictor_path=path,
-                     lookahead=lookahead)
+                     lookahead=lookahead, prefetch_budget="1GiB")
         if predictor == "m2r2":
             mp.set_predictor(model, random_m2r2(model), lookahead=lookahead)
         out = generate(model)
@@ -176,3 +178,31 @@ def test_history_predicts_previous_token_experts(ckpt):
     p.observe(1, torch.tensor([[3, 5]]))
     s = p.predict(0, torch.zeros(1, view.hidden_size), [1])[1][0]
     assert set(torch.topk(s, 2).indices.tolist()) == {3, 5}
+
+
+def test_a_layer_never_evicts_an_expert_it_still_needs(ckpt):
+    model = load(ckpt, 3, predictor="none")
+    off = model.moe_runtime.offloader
+    for layer, e in ((0, 2), (1, 5), (0, 0)):  # (0, 2) is now the least recently used
+        g = off.acquire(layer, [e])
+        off.ready(layer, e)
+        off.release(layer, g)
+    st = off.stats
+    before = st.misses
+    granted = off.acquire(0, [0, 1, 2])
+    assert granted == [0, 1, 2]
+    assert st.misses - before == 1, "expert 2 was evicted to make room for expert 1 of the same layer"
+    assert (1, 5) not in off.cache
+    for e in granted:
+        off.ready(0, e)
+    off.release(0, granted)
+
+
+def test_failed_copy_reaches_the_caller_as_transfer_error(ckpt):
+    from moe_prefetch.transfer import TransferError
+
+    model = load(ckpt, 4, predictor="next-gate")
+    model.moe_runtime.close()  # every later copy fails
+    with pytest.raises(TransferError, match="closed"), torch.inference_mode():
+        model(PROMPT)
+    assert not any(model.moe_runtime.offloader.cache.is_pinned(k) for k in list(model.moe_runtime.offloader.cache.keys()))

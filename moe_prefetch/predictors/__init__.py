@@ -26,10 +26,15 @@ def make_predictor(name: str, view: ModelView, path=None, device="cpu", trace=No
     if name == "oracle":
         if trace is None:
             if path is None:
-                raise MoePrefetchError("--predictor oracle needs --predictor-path TRACE (record one with python -m moe_prefetch.trace)")
+                raise MoePrefetchError("--predictor oracle needs --predictor-path TRACE (moe_prefetch.trace.record_routing "
+                                       "+ save_routing, or python -m moe_prefetch.trace for token-by-token decoding)")
             from ..trace import load_routing
 
             trace = load_routing(path)
+        if trace and (len(trace[0]) != len(view.layers) or
+                      max(int(t.max()) for t in trace[0]) >= view.num_experts or trace[0][0].shape[-1] != view.top_k):
+            raise MoePrefetchError(f"routing trace {path or ''} does not match this model "
+                                   f"({len(view.layers)} MoE layers, {view.num_experts} experts, top-{view.top_k})")
         return OraclePredictor(view, trace)
     raise MoePrefetchError(f"unknown predictor {name!r}: use one of {', '.join(PREDICTORS)}")
 
