@@ -248,7 +248,8 @@ def simulate(trace: Trace, cost: CostModel, slots: int, policy: Policy, priority
                 evict.position = t * L + i
             needed = sorted(set(routing[t, i].tolist()))
             pinned = set()
-            for e in needed:
+            wanted = {(i, e) for e in needed}  # as the runtime: hits first, and a miss never evicts a needed one
+            for e in sorted(needed, key=lambda e: (i, e) not in cache):
                 key = (i, e)
                 requests += 1
                 if not no_reuse and key in cache:
@@ -260,7 +261,7 @@ def simulate(trace: Trace, cost: CostModel, slots: int, policy: Policy, priority
                             link.send(key, now, demand=True)
                 else:
                     if not no_reuse:
-                        _, ev = cache.insert(key, protected=pinned)
+                        _, ev = cache.insert(key, protected=wanted)
                         evicted(ev)
                     link.send(key, now, demand=True)
                     copies += 1
