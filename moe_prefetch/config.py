@@ -102,6 +102,10 @@ class OffloadConfig:
 
         if self.predictor not in PREDICTORS:
             raise MoePrefetchError(f"unknown predictor {self.predictor!r}: use one of {', '.join(PREDICTORS)}")
+        if self.predictor in ("m2r2", "oracle") and not self.predictor_path:
+            what = "FILE (train it with python -m moe_prefetch.calibrate)" if self.predictor == "m2r2" else \
+                "TRACE (a routing trace from moe_prefetch.trace)"
+            raise MoePrefetchError(f"--predictor {self.predictor} needs --predictor-path {what}")
         if not isinstance(self.lookahead, int) or not 0 <= self.lookahead <= 16:
             raise MoePrefetchError(f"lookahead must be an integer from 0 to 16, got {self.lookahead!r}")
         if self.prefetch_budget is not None:

@@ -98,6 +98,9 @@ CASES = {
     "malformed size": (["--model", "{tiny}", "--device-memory", "12XB"], "malformed size"),
     "bad int": (["--model", "{tiny}", "--expert-cache", "many"], "invalid int value"),
     "missing prompt file": (["--model", "{tiny}", "--prompt-file", "/no/file.txt"], "cannot read prompt file"),
+    "m2r2 without a file": (["--model", "{tiny}", "--predictor", "m2r2"], "needs --predictor-path"),
+    "predictor for another model": (["--model", "{tiny}", "--predictor", "m2r2", "--predictor-path", "{long}"],
+                                    "not a readable m2r2 predictor"),
 }
 
 
