@@ -49,6 +49,7 @@ class OffloadRuntime:
     dtype: torch.dtype
     stats: RunStats = field(default_factory=RunStats)
     prefetcher: Prefetcher | None = None
+    fingerprint: str | None = None
 
     def stats_dict(self) -> dict:
         d = self.stats.as_dict()
@@ -183,6 +184,11 @@ def load_model(model: str, config: OffloadConfig | None = None, **overrides):
     model_config = _load_config(path)
     adapter = adapter_for(model_config)
     ckpt = Checkpoint(path)
+    from .predictors.accelerated import fingerprint, read
+
+    model_fingerprint = fingerprint(adapter, ckpt)
+    if cfg.predictor == "m2r2":
+        read(cfg.predictor_path, model_fingerprint)  # refuse a wrong file before loading anything
     device = _resolve_device(cfg.device)
     if cfg.link_bandwidth is not None and device.type == "cuda":
         raise MoePrefetchError("--link-gbps / link_bandwidth emulates a link on the CPU backend only; drop it for a CUDA device")
@@ -210,7 +216,8 @@ def load_model(model: str, config: OffloadConfig | None = None, **overrides):
     offloader = ExpertOffloader(store, plan.slots, device, make_policy(cfg.eviction), engine, stats)
     for layer in adapter.moe_layers():
         adapter.get_block(skeleton, layer).offloader = offloader
-    runtime = OffloadRuntime(cfg, adapter, ckpt, store, offloader, plan, device, dtype, stats)
+    runtime = OffloadRuntime(cfg, adapter, ckpt, store, offloader, plan, device, dtype, stats,
+                             fingerprint=model_fingerprint)
     # the copy worker must not outlive a model that was dropped without close()
     weakref.finalize(skeleton, engine.close)
     _install_timers(skeleton, stats, device, [runtime])

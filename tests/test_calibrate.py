@@ -55,6 +55,10 @@ def test_predictor_refuses_another_model(setup, tmp_path, capsys):
     with pytest.raises(mp.MoePrefetchError, match="trained for a different model"):
         mp.load_model(str(other), mp.OffloadConfig(device="cpu", predictor="m2r2", predictor_path=str(out),
                                                     show_progress=False))
+    # the same model in another dtype is the same model: accepted
+    model, _ = mp.load_model(str(ckpt), mp.OffloadConfig(device="cpu", dtype="bfloat16", predictor="m2r2",
+                                                          predictor_path=str(out), show_progress=False))
+    assert model.moe_runtime.prefetcher.predictor.name == "m2r2"
     bogus = tmp_path / "bogus.safetensors"
     bogus.write_bytes(b"not a predictor")
     with pytest.raises(mp.MoePrefetchError, match="not a readable m2r2 predictor"):

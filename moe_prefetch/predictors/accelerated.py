@@ -21,13 +21,37 @@ from .base import ModelView, Predictor
 FORMAT = "moe_prefetch.m2r2.v1"
 
 
-def fingerprint(view: ModelView) -> str:
-    """Identifies the model a predictor was trained for: its routers and pre-MoE norms."""
+def fingerprint(adapter, checkpoint) -> str:
+    """Identifies the model a predictor was trained for: the checkpoint's routers and pre-MoE norms,
+    read from the files (so it does not depend on the dtype the model runs in)."""
     h = hashlib.sha256()
-    for norm, router in zip(view.norms, view.routers):
-        for t in (norm.weight, router.weight):
-            h.update(t.detach().float().cpu().contiguous().numpy().tobytes())
+    for layer in adapter.moe_layers():
+        for module_key in (f"model.layers.{layer}.post_attention_layernorm.weight", f"model.layers.{layer}.mlp.gate.weight"):
+            key = adapter.checkpoint_key(module_key, checkpoint)
+            if key is not None:
+                h.update(checkpoint.tensor(key).float().contiguous().numpy().tobytes())
     return h.hexdigest()[:32]
+
+
+def read(path: str | Path, expected_fingerprint: str | None = None) -> tuple[dict, torch.Tensor, torch.Tensor]:
+    """Metadata, U and V of a predictor file; refuses a file made for another model."""
+    from safetensors import safe_open
+
+    path = Path(path)
+    if not path.is_file():
+        raise MoePrefetchError(f"predictor file {path} does not exist (train one with python -m moe_prefetch.calibrate)")
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            meta = f.metadata() or {}
+            U, V = f.get_tensor("U"), f.get_tensor("V")
+    except Exception as e:  # noqa: BLE001
+        raise MoePrefetchError(f"{path} is not a readable m2r2 predictor file ({type(e).__name__})") from None
+    if meta.get("format") != FORMAT:
+        raise MoePrefetchError(f"{path} is not an m2r2 predictor file (format {meta.get('format')!r})")
+    if expected_fingerprint is not None and meta.get("fingerprint") != expected_fingerprint:
+        raise MoePrefetchError(f"predictor {path} was trained for a different model (router fingerprint mismatch); "
+                               "recalibrate it for this model with python -m moe_prefetch.calibrate")
+    return meta, U, V
 
 
 class AcceleratedResidual(nn.Module):
@@ -65,7 +89,7 @@ class AcceleratedPredictor(Predictor):
 def save(maps: AcceleratedResidual, view: ModelView, path: str | Path, extra: dict | None = None) -> None:
     from safetensors.torch import save_file
 
-    meta = {"format": FORMAT, "fingerprint": fingerprint(view), "lookahead": str(maps.lookahead),
+    meta = {"format": FORMAT, "fingerprint": view.fingerprint, "lookahead": str(maps.lookahead),
             "rank": str(maps.rank), "layers": str(len(view.layers)), "hidden": str(view.hidden_size),
             "extra": json.dumps(extra or {})}
     path = Path(path)
@@ -75,23 +99,11 @@ def save(maps: AcceleratedResidual, view: ModelView, path: str | Path, extra: di
 
 
 def load(view: ModelView, path: str | Path, device: torch.device | str = "cpu") -> AcceleratedResidual:
-    from safetensors import safe_open
-
-    path = Path(path)
-    if not path.is_file():
-        raise MoePrefetchError(f"predictor file {path} does not exist (train one with python -m moe_prefetch.calibrate)")
-    try:
-        with safe_open(str(path), framework="pt") as f:
-            meta = f.metadata() or {}
-            U, V = f.get_tensor("U"), f.get_tensor("V")
-    except Exception as e:  # noqa: BLE001
-        raise MoePrefetchError(f"{path} is not a readable m2r2 predictor file ({type(e).__name__})") from None
-    if meta.get("format") != FORMAT:
-        raise MoePrefetchError(f"{path} is not an m2r2 predictor file (format {meta.get('format')!r})")
-    if meta.get("fingerprint") != fingerprint(view):
-        raise MoePrefetchError(f"predictor {path} was trained for a different model (router fingerprint mismatch); "
-                               "recalibrate it for this model with python -m moe_prefetch.calibrate")
+    _meta, U, V = read(path, view.fingerprint)
     n, K, H, r = U.shape
+    if (n, H) != (len(view.layers), view.hidden_size):
+        raise MoePrefetchError(f"predictor {path} has maps for {n} layers of width {H}; this model has "
+                               f"{len(view.layers)} MoE layers of width {view.hidden_size}")
     maps = AcceleratedResidual(n, K, H, r)
     with torch.no_grad():
         maps.U.copy_(U)

@@ -24,13 +24,16 @@ class ModelView:
     num_experts: int
     top_k: int
     hidden_size: int
+    fingerprint: str | None = None  # of the checkpoint's routers (predictor files are tied to it)
 
     @classmethod
     def of(cls, model: nn.Module, adapter) -> "ModelView":
         layers = adapter.moe_layers()
+        runtime = getattr(model, "moe_runtime", None)
+        fp = runtime.fingerprint if runtime is not None else None
         return cls(adapter, layers, [adapter.moe_norm(model, l) for l in layers],
                    [adapter.get_block(model, l).gate for l in layers], adapter.num_experts, adapter.top_k,
-                   model.config.hidden_size)
+                   model.config.hidden_size, fp)
 
     def router_probs(self, i: int, h: torch.Tensor) -> torch.Tensor:
         """Routing distribution [T, E] of MoE layer index i applied to residual h [T, H]."""
