@@ -97,7 +97,6 @@ class ExpertCache:
         self.n_slots = n_slots
         self.policy = policy or LRUPolicy()
         self._slot_of: dict[Key, int] = {}
-        self._key_of: list[Key | None] = [None] * n_slots
         self._free = list(range(n_slots - 1, -1, -1))  # pop() hands out slot 0 first
         self._pins: Counter[Key] = Counter()
 
@@ -109,9 +108,6 @@ class ExpertCache:
 
     def lookup(self, key: Key) -> int | None:
         return self._slot_of.get(key)
-
-    def key_at(self, slot: int) -> Key | None:
-        return self._key_of[slot]
 
     def keys(self):
         return self._slot_of.keys()
@@ -151,7 +147,6 @@ class ExpertCache:
             slot = self._slot_of.pop(evicted)
             self.policy.on_remove(evicted)
         self._slot_of[key] = slot
-        self._key_of[slot] = key
         self.policy.on_insert(key)
         assert len(self._slot_of) <= self.n_slots
         return slot, evicted
@@ -160,7 +155,6 @@ class ExpertCache:
         """Forget `key` (e.g. its copy failed); its slot becomes free."""
         assert key not in self._pins, f"removing pinned expert {key}"
         slot = self._slot_of.pop(key)
-        self._key_of[slot] = None
         self._free.append(slot)
         self.policy.on_remove(key)
         return slot

@@ -136,6 +136,3 @@ class Checkpoint:
             raw = torch.frombuffer(mm, dtype=torch.uint8, count=info.nbytes, offset=info.start).clone()
             return raw.view(info.dtype).view(info.shape)
         return torch.frombuffer(mm, dtype=info.dtype, count=count, offset=info.start).view(info.shape)
-
-    def nbytes(self) -> int:
-        return sum(t.nbytes for t in self.tensors.values())

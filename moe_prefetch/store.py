@@ -63,7 +63,7 @@ class ExpertStore:
         return torch.empty(numel, dtype=self.dtype, pin_memory=True)
 
     def _check(self, layout: ExpertLayout, layer: int, expert: int) -> None:
-        ref = getattr(self, "layout", None) or self._layouts.get((self.layers[0], 0)) or layout
+        ref = self._layouts.get((self.layers[0], 0), layout)  # every expert must match the first one
         for part, ref_part in zip(layout.parts, ref.parts):
             rows = 0
             for s in part.sources:
@@ -103,24 +103,6 @@ class ExpertStore:
     @property
     def total_experts(self) -> int:
         return len(self._layouts)
-
-    def host_bytes(self) -> int:
-        return sum(b.numel() * b.element_size() for b in self._host.values())
-
-    def checkpoint_expert_bytes(self) -> int:
-        """Bytes the experts occupy in the checkpoint (its own dtype)."""
-        total = 0
-        seen = set()
-        for layout in self._layouts.values():
-            for part in layout.parts:
-                for s in part.sources:
-                    info = self.checkpoint.info(s.key)
-                    if s.index is None:
-                        total += info.nbytes
-                    elif s.key not in seen:
-                        seen.add(s.key)
-                        total += info.nbytes
-        return total
 
 
 def _unregister(addresses: list[int]) -> None:
