@@ -5,9 +5,8 @@ import json
 import sys
 
 from .cli_common import ArgumentParser, run_main
-from .config import DEVICES, DTYPES, EVICTION_POLICIES, OffloadConfig, parse_size
+from .cli_options import add_loading_flags, offload_config, validate_loading_flags
 from .errors import MoePrefetchError
-from .predictors import PREDICTORS
 
 DEFAULT_PROMPT = "In the beginning"
 
@@ -15,34 +14,19 @@ DEFAULT_PROMPT = "In the beginning"
 def build_parser() -> ArgumentParser:
     p = ArgumentParser(prog="python -m moe_prefetch.run",
                        description="Run a Mixture-of-Experts model with its experts offloaded to host memory.")
-    p.add_argument("--model", default="demo", help="alias (see --list-models), checkpoint directory, or hub id (default: demo)")
+    add_loading_flags(p)
     p.add_argument("--list-models", action="store_true", help="print the built-in model aliases and exit")
     src = p.add_mutually_exclusive_group()
     src.add_argument("--prompt", help=f"prompt text (default: {DEFAULT_PROMPT!r})")
     src.add_argument("--prompt-file", help="read the prompt from this UTF-8 file")
     p.add_argument("--chat", action="store_true", help="wrap the prompt in the tokenizer's chat template (instruct models)")
     p.add_argument("--max-new-tokens", type=int, default=64, help="number of tokens to generate (default: 64)")
-    p.add_argument("--device", default="auto", help=f"compute device: {', '.join(DEVICES)} or cuda:N (default: auto)")
-    p.add_argument("--device-memory", type=str, help="memory budget on the device for dense weights, expert cache and "
-                   "reserve, e.g. 512MiB, 12GiB, 12GB (default: free GPU memory / 80%% of available RAM)")
-    p.add_argument("--expert-cache", type=int, help="number of expert slots in the cache (overrides the budget-derived size)")
-    p.add_argument("--eviction", default="lru", choices=EVICTION_POLICIES, help="expert cache eviction policy (default: lru)")
-    p.add_argument("--predictor", default="next-gate", choices=PREDICTORS,
-                   help="what drives prefetching: none (demand only), next-gate, history, m2r2 (trained, needs "
-                   "--predictor-path), oracle (replays a routing trace given by --predictor-path); default next-gate")
-    p.add_argument("--predictor-path", help="m2r2 predictor file from moe_prefetch.calibrate, or a routing trace for oracle")
-    p.add_argument("--lookahead", type=int, default=2, help="prefetch the experts of layers l+1..l+K (default: 2; 0 = off)")
-    p.add_argument("--prefetch-budget", help="cap on prefetch bytes in flight, e.g. 256MiB (default: top-k experts, one layer's worth)")
-    p.add_argument("--link-gbps", type=float, help="CPU only: emulate a host-to-device link of this many GB/s "
-                   "(throttles expert copies; for benchmarks; default off)")
-    p.add_argument("--dtype", default="auto", choices=DTYPES, help="compute dtype (default: the checkpoint's; float16 becomes float32 on CPU)")
     p.add_argument("--seed", type=int, default=0, help="random seed for sampling (default: 0)")
     p.add_argument("--do-sample", action="store_true", help="sample instead of greedy decoding")
     p.add_argument("--temperature", type=float, default=1.0, help="sampling temperature (with --do-sample; default 1.0)")
     p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling threshold (with --do-sample; default 1.0)")
     p.add_argument("--top-k", type=int, default=0, help="top-k sampling cut-off, 0 = off (with --do-sample)")
     p.add_argument("--json", action="store_true", help='print one JSON object {"text", "token_ids", "stats"} on stdout and nothing else')
-    p.add_argument("--no-progress", action="store_true", help="hide the loading progress bars")
     return p
 
 
@@ -59,11 +43,7 @@ def _read_prompt(args) -> str:
 def _validate(args) -> None:
     if args.max_new_tokens < 1:
         raise MoePrefetchError(f"--max-new-tokens must be at least 1, got {args.max_new_tokens}")
-    for flag in ("device_memory", "prefetch_budget"):
-        if getattr(args, flag) is not None:
-            parse_size(getattr(args, flag))
-    if args.link_gbps is not None and args.link_gbps <= 0:
-        raise MoePrefetchError(f"--link-gbps must be positive, got {args.link_gbps}")
+    validate_loading_flags(args)
     if args.do_sample and args.temperature <= 0:
         raise MoePrefetchError("--temperature must be positive when sampling")
     if not 0 < args.top_p <= 1:
@@ -107,12 +87,7 @@ def main_body(argv=None) -> int:
         max_new = context - n_prompt
         print(f"note: --max-new-tokens reduced to {max_new} to stay inside the {context}-token context", file=sys.stderr)
 
-    cfg = OffloadConfig(device=args.device, device_memory=args.device_memory, expert_cache=args.expert_cache,
-                        dtype=args.dtype, eviction=args.eviction, max_context=n_prompt + max_new,
-                        predictor=args.predictor, predictor_path=args.predictor_path, lookahead=args.lookahead,
-                        prefetch_budget=args.prefetch_budget,
-                        link_bandwidth=args.link_gbps * 1e9 if args.link_gbps else None,
-                        show_progress=not args.no_progress)
+    cfg = offload_config(args, max_context=n_prompt + max_new)
     model, tokenizer = load_model(str(path), cfg)
     device = model.moe_runtime.device
     torch.manual_seed(args.seed)

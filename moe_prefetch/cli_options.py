@@ -1,0 +1,48 @@
+"""The model-loading flags shared by every command that loads an offloaded model (run, serve):
+one definition, one validation, one mapping onto OffloadConfig."""
+from __future__ import annotations
+
+import argparse
+
+from .config import DEVICES, DTYPES, EVICTION_POLICIES, OffloadConfig, parse_size
+from .errors import MoePrefetchError
+from .predictors import PREDICTORS
+
+
+def add_loading_flags(p: argparse.ArgumentParser) -> None:
+    """--model and everything that shapes how it is loaded and offloaded."""
+    p.add_argument("--model", default="demo", help="alias (see --list-models), checkpoint directory, or hub id (default: demo)")
+    p.add_argument("--device", default="auto", help=f"compute device: {', '.join(DEVICES)} or cuda:N (default: auto)")
+    p.add_argument("--device-memory", type=str, help="memory budget on the device for dense weights, expert cache and "
+                   "reserve, e.g. 512MiB, 12GiB, 12GB (default: free GPU memory / 80%% of available RAM)")
+    p.add_argument("--expert-cache", type=int, help="number of expert slots in the cache (overrides the budget-derived size)")
+    p.add_argument("--eviction", default="lru", choices=EVICTION_POLICIES, help="expert cache eviction policy (default: lru)")
+    p.add_argument("--predictor", default="next-gate", choices=PREDICTORS,
+                   help="what drives prefetching: none (demand only), next-gate, history, m2r2 (trained, needs "
+                   "--predictor-path), oracle (replays a routing trace given by --predictor-path); default next-gate")
+    p.add_argument("--predictor-path", help="m2r2 predictor file from moe_prefetch.calibrate, or a routing trace for oracle")
+    p.add_argument("--lookahead", type=int, default=2, help="prefetch the experts of layers l+1..l+K (default: 2; 0 = off)")
+    p.add_argument("--prefetch-budget", help="cap on prefetch bytes in flight, e.g. 256MiB (default: top-k experts, one layer's worth)")
+    p.add_argument("--link-gbps", type=float, help="CPU only: emulate a host-to-device link of this many GB/s "
+                   "(throttles expert copies; for benchmarks; default off)")
+    p.add_argument("--dtype", default="auto", choices=DTYPES, help="compute dtype (default: the checkpoint's; float16 becomes float32 on CPU)")
+    p.add_argument("--no-progress", action="store_true", help="hide the loading progress bars")
+
+
+def validate_loading_flags(args) -> None:
+    """Checks that need no model: malformed sizes and numbers fail before anything loads."""
+    for flag in ("device_memory", "prefetch_budget"):
+        if getattr(args, flag) is not None:
+            parse_size(getattr(args, flag))
+    if args.link_gbps is not None and args.link_gbps <= 0:
+        raise MoePrefetchError(f"--link-gbps must be positive, got {args.link_gbps}")
+
+
+def offload_config(args, max_context: int) -> OffloadConfig:
+    """The OffloadConfig the loading flags describe (max_context sizes the KV-cache reserve)."""
+    return OffloadConfig(device=args.device, device_memory=args.device_memory, expert_cache=args.expert_cache,
+                         dtype=args.dtype, eviction=args.eviction, max_context=max_context,
+                         predictor=args.predictor, predictor_path=args.predictor_path, lookahead=args.lookahead,
+                         prefetch_budget=args.prefetch_budget,
+                         link_bandwidth=args.link_gbps * 1e9 if args.link_gbps else None,
+                         show_progress=not args.no_progress)
