@@ -49,8 +49,9 @@ def _from_hub(repo_id: str, alias: str | None) -> Path:
     from huggingface_hub.constants import HF_HUB_OFFLINE
 
     what = f"'{alias}' ({repo_id})" if alias else repo_id
-    how = (f"download it where there is network (huggingface-cli download {repo_id}) into the cache, "
-           f"or pass --model /path/to/local/checkpoint")
+    # `hf` is the command huggingface_hub installs now (huggingface-cli is gone from current releases)
+    how = (f"download it where there is network (hf download {repo_id} --local-dir DIR; gated repos need "
+           f"hf auth login first) and pass --model /path/to/local/checkpoint, or fill the hub cache (hf download {repo_id})")
     try:
         local = snapshot_download(repo_id, allow_patterns=_PATTERNS, local_files_only=bool(HF_HUB_OFFLINE))
     except Exception as e:  # noqa: BLE001 - every hub failure becomes one actionable line
