@@ -26,11 +26,11 @@ def make_predictor(name: str, view: ModelView, path=None, device="cpu", trace=No
     if name == "oracle":
         if trace is None:
             if path is None:
-                raise MoePrefetchError("--predictor oracle needs --predictor-path TRACE (moe_prefetch.trace.record_routing "
-                                       "+ save_routing, or python -m moe_prefetch.trace for token-by-token decoding)")
+                raise MoePrefetchError("--predictor oracle needs --predictor-path TRACE (python -m moe_prefetch.trace "
+                                       "--prompt ... records the routing of a run; --data ... of a text, token by token)")
             from ..trace import load_routing
 
-            trace = load_routing(path)
+            trace = load_routing(path, view.fingerprint)
         if trace and (len(trace[0]) != len(view.layers) or
                       max(int(t.max()) for t in trace[0]) >= view.num_experts or trace[0][0].shape[-1] != view.top_k):
             raise MoePrefetchError(f"routing trace {path or ''} does not match this model "
