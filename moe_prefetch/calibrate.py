@@ -14,44 +14,47 @@ import sys
 import time
 
 import torch
-from tqdm.auto import tqdm
 
-from .cli_common import ArgumentParser, run_main
+from .cli_common import ArgumentParser, check_output_path, run_main
 from .errors import MoePrefetchError
 from .predictors import ModelView, Predictor
 from .predictors.accelerated import AcceleratedPredictor, AcceleratedResidual, save
+from .progress import progress_bar
 
 
-def read_text(path: str) -> str:
+def read_text(path: str, what: str = "calibration text") -> str:
     try:
         with open(path, encoding="utf-8") as f:
             text = f.read()
     except (OSError, UnicodeDecodeError) as e:
-        raise MoePrefetchError(f"cannot read calibration text {path}: {type(e).__name__}: {e}") from None
+        raise MoePrefetchError(f"cannot read {what} {path}: {type(e).__name__}: {e}") from None
     if not text.strip():
-        raise MoePrefetchError(f"calibration text {path} is empty")
+        raise MoePrefetchError(f"{what} {path} is empty")
     return text
 
 
 @torch.inference_mode()
 def collect_residuals(model, tokenizer, text: str, seq_len: int, max_tokens: int, progress: bool = True,
-                      skip_tokens: int = 0):
+                      skip_tokens: int = 0, min_tokens: int | None = None, what: str = "calibration text"):
     """Residuals entering each MoE block: list over MoE layers of [N, H] (float32, CPU), plus the
-    number of tokens per sequence (sequences are contiguous chunks of the text, in order)."""
+    number of tokens per sequence (sequences are contiguous chunks of the text, in order).
+    The text must have min_tokens tokens (default: two sequences, enough to hold one out)."""
     rt = model.moe_runtime
     view = ModelView.of(model, rt.adapter)
     ids = tokenizer(text, return_tensors="pt")["input_ids"][0]
     ids = ids[skip_tokens:skip_tokens + max_tokens]
-    if ids.numel() < 2 * seq_len:
-        raise MoePrefetchError(f"calibration text has {ids.numel()} tokens; at least {2 * seq_len} are needed")
-    chunks = [ids[s:s + seq_len] for s in range(0, ids.numel() - 1, seq_len) if ids[s:s + seq_len].numel() > 8]
+    need = 2 * seq_len if min_tokens is None else min_tokens
+    if ids.numel() < need:
+        raise MoePrefetchError(f"{what} has {ids.numel()} tokens; at least {need} are needed")
+    shortest = min(9, need)  # a stub at the end of the text is dropped, unless the text is that short
+    chunks = [ids[s:s + seq_len] for s in range(0, ids.numel() - 1, seq_len) if ids[s:s + seq_len].numel() >= shortest]
     store: list[list[torch.Tensor]] = [[] for _ in view.layers]
     handles = []
     for i, norm in enumerate(view.norms):
         handles.append(norm.register_forward_pre_hook(
             lambda m, a, i=i: store[i].append(a[0].reshape(-1, a[0].shape[-1]).float().cpu())))
     try:
-        for chunk in tqdm(chunks, desc="recording residuals", unit="seq", disable=not progress):
+        for chunk in progress_bar(chunks, desc="recording residuals", unit="seq", disable=not progress):
             model(chunk[None].to(rt.device), use_cache=False)
     finally:
         for h in handles:
@@ -115,7 +118,7 @@ def train(view: ModelView, H: list[torch.Tensor], lookahead: int, rank: int, ste
     opt = torch.optim.Adam(maps.parameters(), lr=lr)
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, steps)
     N = H[0].shape[0]
-    bar = tqdm(range(steps), desc="training m2r2 maps", unit="step", disable=not progress)
+    bar = progress_bar(range(steps), desc="training m2r2 maps", unit="step", disable=not progress)
     for _step in bar:
         idx = torch.randint(0, N, (min(batch, N),))
         loss = 0.0
@@ -166,22 +169,28 @@ def main_body(argv=None) -> int:
             raise MoePrefetchError(f"--{name.replace('_', '-')} must be at least 1")
     if not 0 < args.heldout < 1:
         raise MoePrefetchError("--heldout must be between 0 and 1")
+    check_output_path(args.out)  # before any work, not after it
     text = read_text(args.data)
     import transformers
 
     transformers.logging.set_verbosity_error()
     from .config import OffloadConfig
+    from .families import adapter_for
+    from .hub import resolve_model
     from .predictors import NextGatePredictor
-    from .runtime import load_model
+    from .predictors.base import residual_reach
+    from .runtime import _load_config, load_model
 
     t0 = time.perf_counter()
+    path = resolve_model(args.model)
+    n_layers = len(adapter_for(_load_config(path)).moe_layers())
+    if args.lookahead > n_layers - 1:  # the rule run applies to m2r2 (Predictor.max_lookahead), refused here
+        raise MoePrefetchError(f"--lookahead {args.lookahead} is more than m2r2 can use: {residual_reach(n_layers)}")
     cfg = OffloadConfig(device=args.device, device_memory=args.device_memory, predictor="none",
                         max_context=args.seq_len, show_progress=not args.no_progress)
-    model, tokenizer = load_model(args.model, cfg)
+    model, tokenizer = load_model(str(path), cfg)
     view, H, lengths = collect_residuals(model, tokenizer, text, args.seq_len, args.max_tokens, not args.no_progress,
                                          args.skip_tokens)
-    if args.lookahead >= len(view.layers):
-        raise MoePrefetchError(f"--lookahead {args.lookahead} must be below the number of MoE layers ({len(view.layers)})")
     n_held = max(1, int(len(lengths) * args.heldout))
     n_train_tok = sum(lengths[:-n_held])
     H_train = [h[:n_train_tok] for h in H]
