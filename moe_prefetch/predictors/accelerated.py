@@ -76,6 +76,12 @@ class AcceleratedPredictor(Predictor):
         super().__init__(view)
         self.maps = maps
 
+    def max_lookahead(self):
+        limit, why = super().max_lookahead()
+        if self.maps.lookahead < limit:
+            return self.maps.lookahead, f"its maps were trained for distances up to {self.maps.lookahead} (calibrate --lookahead)"
+        return limit, why
+
     def predict(self, i, h, distances):
         n = len(self.view.layers)
         out = {}
