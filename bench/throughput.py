@@ -161,6 +161,8 @@ def main(argv=None) -> int:
     if args.replot:
         plot(json.loads(Path(args.replot).read_text()), Path(args.replot).with_suffix(".png"))
         return 0
+    if not all(0 < c <= 1 for c in args.caches):
+        p.error(f"--caches are fractions of all experts, in (0, 1]; got {args.caches}")
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(0)
@@ -176,19 +178,19 @@ def main(argv=None) -> int:
     attn0, expert0, tail0 = measure_costs(args.model, seqs, k, predictor="none", expert_cache=L * E)
     layer_s = attn0 + k * expert0
     link_bw = expert_bytes / (ratio * layer_s)
-    print(f"demo model: {L} MoE layers x {E} experts (top-{k}), expert {expert_bytes / 1e6:.2f} MB; CPU layer compute "
+    print(f"{args.model}: {L} MoE layers x {E} experts (top-{k}), expert {expert_bytes / 1e6:.2f} MB; CPU layer compute "
           f"{layer_s * 1e3:.3f} ms; emulated link {link_bw / 1e9:.3f} GB/s so one expert takes {ratio:.1f} layer-computes "
           f"(the ratio of {args.profile})")
 
     # oracle trace: routing of exactly these sequences
     rec, _ = load(args.model, predictor="none", expert_cache=L * E)
-    from moe_prefetch.trace import record_routing, save_routing
+    from moe_prefetch.trace import record_routing, routing_meta, save_routing
 
     with record_routing(rec) as trace:
         teacher_forced(rec, seqs)
     rec.moe_runtime.close()
     trace_path = out / f"oracle_routing{args.tag}.npz"
-    save_routing(trace, trace_path)
+    save_routing(trace, trace_path, meta=routing_meta(rec))
 
     one = expert_bytes  # a prefetch budget of one expert in flight: prefetch only into an idle link
 
@@ -238,8 +240,10 @@ def main(argv=None) -> int:
     if args.predictor_path:
         check_set.append(("ours: m2r2 K=2, LFU", Policy("m2r2", "m2r2", 2, eviction="lfu"),
                           dict(predictor="m2r2", predictor_path=args.predictor_path, lookahead=2, eviction="lfu")))
-    for frac in (0.5,):
-        slots = round(frac * L * E)
+    # at the 50% cache when it was measured, else at the first cache that was
+    check_frac = 0.5 if 0.5 in args.caches else args.caches[0]
+    for frac in (check_frac,):
+        slots = max(k, round(frac * L * E))  # as the rows above were sized
         for name, pol, kw in check_set:
             attn, expert, tail = measure_costs(args.model, seqs, k, expert_cache=L * E, **kw)
             row = next(r for r in results if r["policy"] == name and abs(r["cache"] - slots / (L * E)) < 1e-9)
@@ -250,7 +254,7 @@ def main(argv=None) -> int:
             checks.append(dict(policy=name, cache=slots / (L * E), measured=meas, simulated=sim, error=sim / meas - 1,
                                link_ms=cost.transfer_s * 1e3, nominal_link_ms=expert_bytes / link_bw * 1e3))
 
-    report = dict(profile=args.profile, ratio=ratio, link_gbps=link_bw / 1e9, layer_ms=layer_s * 1e3,
+    report = dict(model=args.model, profile=args.profile, ratio=ratio, link_gbps=link_bw / 1e9, layer_ms=layer_s * 1e3,
                   expert_mb=expert_bytes / 1e6, steps=results[0]["steps"], all_resident=upper,
                   accelerate=peer, results=results, sim_check=checks, wall_seconds=wall)
     (out / f"throughput{args.tag}.json").write_text(json.dumps(report, indent=1))
@@ -262,8 +266,8 @@ def main(argv=None) -> int:
 
 
 def render(r: dict, L: int, E: int) -> str:
-    lines = [f"Decode tokens/s, demo model ({L} MoE layers x {E} experts), CPU ({r['steps']} teacher-forced decode steps "
-             f"per row), emulated link {r['link_gbps']:.3f} GB/s = {r['ratio']:.1f} layer-computes per expert "
+    lines = [f"Decode tokens/s, {r.get('model', 'demo')} ({L} MoE layers x {E} experts), CPU "
+             f"({r['steps']} teacher-forced decode steps per row), emulated link {r['link_gbps']:.3f} GB/s = {r['ratio']:.1f} layer-computes per expert "
              f"(ratio of {r['profile']}). All rows measured in one run.\n",
              "| policy | cache | tokens/s | x on-demand | x LRU same cache | hit rate | stall s | MB moved | prefetch used/late/wasted |",
              "|---|---|---|---|---|---|---|---|---|"]
@@ -310,7 +314,7 @@ def plot(r: dict, path: Path) -> None:
     ax.set_yscale("log")
     ax.set_xlabel("expert cache (% of all experts)")
     ax.set_ylabel("decode tokens/s (CPU, emulated link)")
-    ax.set_title(f"demo model, link = {r['ratio']:.1f} layer-computes per expert ({r['profile']})")
+    ax.set_title(f"{r.get('model', 'demo')}, link = {r['ratio']:.1f} layer-computes per expert ({r['profile']})")
     ax.legend(fontsize=7)
     ax.grid(alpha=0.3)
     fig.tight_layout()
