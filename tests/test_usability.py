@@ -1,0 +1,327 @@
+"""What a new user trips over (issue 14): each bad flag is refused before any work with one line that
+names it, the library entry points accept what the CLI accepts, the lookahead rule is one rule, and
+logs stay readable."""
+from __future__ import annotations
+
+import importlib.metadata
+import json
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+import moe_prefetch as mp
+from moe_prefetch import calibrate, run, trace
+from moe_prefetch.errors import MoePrefetchError
+from conftest import make_mixtral, reference_generate
+
+ROOT = Path(__file__).resolve().parents[1]
+PROMPT = "w5 w17 w33 w8"
+
+
+@pytest.fixture(scope="module")
+def ckpt(tmp_path_factory):
+    return make_mixtral(tmp_path_factory.mktemp("usability") / "m", layers=4, experts=8, top_k=2, seed=3)
+
+
+@pytest.fixture
+def no_loading(monkeypatch):
+    """Fail the test if a command gets as far as loading the model."""
+    def refuse(*a, **k):
+        raise AssertionError("the model was loaded before the bad flag was refused")
+    monkeypatch.setattr("moe_prefetch.runtime.load_model", refuse)
+
+
+def one_error_line(capsys, rc, *fragments):
+    out, err = capsys.readouterr()
+    assert rc != 0
+    assert out == "", f"something was written to stdout: {out!r}"
+    lines = [ln for ln in err.splitlines() if ln.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error: "), err
+    for f in fragments:
+        assert f in lines[0], lines[0]
+    return lines[0]
+
+
+def load(ckpt, **kw):
+    model, _ = mp.load_model(str(ckpt), mp.OffloadConfig(device="cpu", expert_cache=6, show_progress=False, **kw))
+    return model
+
+
+# 1. sampling flags ------------------------------------------------------------------------------
+@pytest.mark.parametrize("flags, fragment", [
+    (["--do-sample", "--top-k", "-3"], "--top-k must be at least 1, got -3"),
+    (["--top-k", "0"], "--top-k must be at least 1"),
+    (["--do-sample", "--top-p", "0"], "--top-p must be in (0, 1]"),
+    (["--top-p", "1.5"], "--top-p must be in (0, 1]"),
+    (["--do-sample", "--temperature", "0"], "--temperature must be positive"),
+    (["--temperature", "-1"], "--temperature must be positive"),
+])
+def test_bad_sampling_flags_refused_before_generating(ckpt, capsys, no_loading, flags, fragment):
+    rc = run.main(["--model", str(ckpt), "--device", "cpu", "--prompt", PROMPT, *flags])
+    one_error_line(capsys, rc, fragment)
+
+
+def test_sampling_parameter_turns_sampling_on(ckpt, capsys):
+    args = ["--model", str(ckpt), "--device", "cpu", "--prompt", PROMPT, "--max-new-tokens", "12", "--no-progress", "--json"]
+    assert run.main(args) == 0
+    greedy = json.loads(capsys.readouterr().out)["token_ids"]
+    assert greedy == reference_generate(ckpt, torch.tensor([[5, 17, 33, 8]]), 12)[0, 4:].tolist()[:len(greedy)]
+    assert run.main(args + ["--temperature", "50"]) == 0  # no --do-sample: the temperature alone samples
+    hot = json.loads(capsys.readouterr().out)["token_ids"]
+    assert hot != greedy
+
+
+# 2. output paths are checked first --------------------------------------------------------------
+@pytest.mark.parametrize("main", [calibrate.main, trace.main], ids=["calibrate", "trace"])
+def test_out_into_missing_directory_refused_before_loading(tmp_path, capsys, no_loading, main):
+    text = tmp_path / "text.txt"
+    text.write_text("w5 w6 w7 " * 400)
+    rc = main(["--model", "demo", "--data", str(text), "--out", str(tmp_path / "no" / "such" / "dir" / "x.out")])
+    one_error_line(capsys, rc, "--out", "does not exist")
+    rc = main(["--model", "demo", "--data", str(text), "--out", str(tmp_path)])
+    one_error_line(capsys, rc, "is a directory")
+
+
+@pytest.mark.skipif(os.name != "posix" or os.geteuid() == 0, reason="root may write into read-only directories")
+def test_out_into_read_only_directory_refused(tmp_path, capsys, no_loading):
+    locked = tmp_path / "locked"
+    locked.mkdir()
+    locked.chmod(0o500)
+    try:
+        rc = trace.main(["--model", "demo", "--prompt", "x", "--out", str(locked / "t.npz")])
+        one_error_line(capsys, rc, "not writable")
+    finally:
+        locked.chmod(0o700)
+
+
+# 3. set_predictor by name, reset_stats on a plain module -----------------------------------------
+def test_set_predictor_accepts_names_and_paths(ckpt, tmp_path):
+    model = load(ckpt, predictor="none")
+    assert mp.stats(model)["predictor"] == "none"
+    assert mp.set_predictor(model, "history", lookahead=2) == 2
+    assert mp.stats(model)["predictor"] == "history" and mp.stats(model)["lookahead"] == 2
+    with pytest.raises(MoePrefetchError, match="needs --predictor-path"):
+        mp.set_predictor(model, "m2r2")
+    with pytest.raises(MoePrefetchError, match="unknown predictor"):
+        mp.set_predictor(model, "psychic")
+    assert mp.stats(model)["predictor"] == "history"  # a refused swap leaves the old predictor in place
+    path = tmp_path / "routing.npz"
+    assert trace.main(["--model", str(ckpt), "--device", "cpu", "--prompt", PROMPT, "--max-new-tokens", "8",
+                       "--no-progress", "--out", str(path)]) == 0
+    mp.set_predictor(model, "oracle", path=str(path))
+    assert mp.stats(model)["predictor"] == "oracle"
+    mp.set_predictor(model, "none")
+    assert mp.stats(model)["predictor"] == "none" and model.moe_runtime.prefetcher is None
+
+
+def test_reset_stats_and_set_predictor_need_an_offloaded_model():
+    plain = torch.nn.Linear(2, 2)
+    for call in (mp.reset_stats, mp.stats, lambda m: mp.set_predictor(m, "history")):
+        with pytest.raises(MoePrefetchError, match="needs a model returned by moe_prefetch.load_model"):
+            call(plain)
+
+
+# 4. the oracle for one's own run; traces tied to their model --------------------------------------
+def test_trace_of_a_prompt_makes_the_oracle_perfect_for_that_run(ckpt, tmp_path, capsys):
+    path = tmp_path / "mine.npz"
+    common = ["--model", str(ckpt), "--device", "cpu", "--prompt", PROMPT, "--max-new-tokens", "10", "--no-progress"]
+    assert trace.main(common + ["--out", str(path)]) == 0
+    assert "10 forward passes" in capsys.readouterr().out
+    assert run.main(common + ["--json"]) == 0
+    plain = json.loads(capsys.readouterr().out)
+    assert run.main(common + ["--json", "--predictor", "oracle", "--predictor-path", str(path), "--lookahead", "2",
+                              "--expert-cache", "6", "--prefetch-budget", "1GiB"]) == 0
+    oracle = json.loads(capsys.readouterr().out)
+    assert oracle["token_ids"] == plain["token_ids"]
+    recall = oracle["stats"]["predictor_recall"]
+    assert set(recall) == {"1", "2"} and all(v == 1.0 for v in recall.values()), recall
+
+
+def test_trace_of_a_short_text_is_not_held_to_calibrations_minimum(ckpt, tmp_path, capsys):
+    text = tmp_path / "short.txt"
+    text.write_text("w5 w6 w7 w8 w9")
+    rc = trace.main(["--model", str(ckpt), "--device", "cpu", "--data", str(text), "--lookahead", "2",
+                     "--no-progress", "--out", str(tmp_path / "t.npz")])
+    out, err = capsys.readouterr()
+    assert rc == 0, err
+    assert "calibration" not in err
+    from moe_prefetch.sim import Trace
+
+    assert Trace.load(tmp_path / "t.npz").shape[0] == 5  # every word one step
+
+
+def test_trace_from_another_model_is_refused_before_loading(ckpt, tmp_path, capsys, monkeypatch):
+    other = make_mixtral(tmp_path / "other", layers=4, experts=8, top_k=2, seed=4)  # same shape, other weights
+    path = tmp_path / "other.npz"
+    assert trace.main(["--model", str(other), "--device", "cpu", "--prompt", PROMPT, "--max-new-tokens", "4",
+                       "--no-progress", "--out", str(path)]) == 0
+    capsys.readouterr()
+    with monkeypatch.context() as m:
+        m.setattr("moe_prefetch.runtime._load_dense", lambda *a, **k: pytest.fail("loaded before refusing"))
+        with pytest.raises(MoePrefetchError, match="recorded on a different model"):
+            load(ckpt, predictor="oracle", predictor_path=str(path))
+    model = load(ckpt, predictor="none")
+    with pytest.raises(MoePrefetchError, match="recorded on a different model"):
+        mp.set_predictor(model, "oracle", path=str(path))
+    # a trace without a fingerprint (written before they were recorded) is still accepted
+    from moe_prefetch.trace import load_routing, save_routing
+
+    save_routing(load_routing(path), tmp_path / "legacy.npz")
+    mp.set_predictor(model, "oracle", path=str(tmp_path / "legacy.npz"))
+
+
+# 5. the download hint names the command huggingface_hub installs ---------------------------------
+def test_offline_hint_suggests_the_installed_hf_command(monkeypatch):
+    import huggingface_hub
+
+    def offline(*a, **k):
+        raise OSError("offline")
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", offline)
+    from moe_prefetch.hub import resolve_model
+
+    with pytest.raises(MoePrefetchError) as e:
+        resolve_model("mixtral")
+    assert "hf download mistralai/Mixtral-8x7B-Instruct-v0.1" in str(e.value)
+    assert "huggingface-cli" not in str(e.value)
+    scripts = {ep.name for ep in importlib.metadata.distribution("huggingface_hub").entry_points
+               if ep.group == "console_scripts"}
+    assert "hf" in scripts, scripts
+
+
+# 6. one lookahead rule ------------------------------------------------------------------------------
+def test_lookahead_beyond_the_model_runs_at_the_limit_and_stats_say_so(ckpt):
+    model = load(ckpt, predictor="next-gate", lookahead=10)  # 4 MoE layers: next-gate reaches 3 ahead
+    assert model.moe_runtime.prefetcher.lookahead == 3 and model.moe_runtime.prefetcher.distances == [1, 2, 3]
+    assert mp.stats(model)["lookahead"] == 3
+    assert "predicts at most 3 layers ahead on a model with 4 MoE layers" in model.moe_runtime.lookahead_note
+    assert mp.set_predictor(model, "history", lookahead=10) == 4  # wraps: one whole token ahead
+    assert mp.set_predictor(model, "next-gate", lookahead=2) == 2 and model.moe_runtime.lookahead_note is None
+
+
+def test_m2r2_runs_at_most_its_trained_lookahead(ckpt):
+    from moe_prefetch.predictors import ModelView
+    from moe_prefetch.predictors.accelerated import AcceleratedPredictor, AcceleratedResidual
+
+    model = load(ckpt, predictor="none")
+    view = ModelView.of(model, model.moe_runtime.adapter)
+    trained_for_2 = AcceleratedPredictor(view, AcceleratedResidual(len(view.layers), 2, view.hidden_size, 4))
+    assert mp.set_predictor(model, trained_for_2, lookahead=3) == 2
+    assert mp.stats(model)["lookahead"] == 2
+    assert "trained for distances up to 2" in model.moe_runtime.lookahead_note
+    with torch.inference_mode():
+        model.generate(torch.tensor([[5, 17, 33, 8]]), max_new_tokens=6, do_sample=False)
+    assert set(mp.stats(model)["predictor_recall"]) == {"1", "2"}
+
+
+def test_cli_notes_the_lookahead_it_runs_with(ckpt, capsys):
+    rc = run.main(["--model", str(ckpt), "--device", "cpu", "--prompt", PROMPT, "--max-new-tokens", "3",
+                   "--no-progress", "--json", "--lookahead", "10"])
+    out, err = capsys.readouterr()
+    assert rc == 0
+    assert json.loads(out)["stats"]["lookahead"] == 3
+    notes = [ln for ln in err.splitlines() if ln.strip()]
+    assert notes == ["note: --lookahead 10 is more than next-gate can use: it reads the residual stream, so it "
+                     "predicts at most 3 layers ahead on a model with 4 MoE layers; running with 3"]
+
+
+def test_calibrate_refuses_the_same_lookahead_with_the_same_words(ckpt, tmp_path, capsys, monkeypatch):
+    text = tmp_path / "text.txt"
+    text.write_text("w5 w6 w7 " * 400)
+    monkeypatch.setattr("moe_prefetch.runtime.load_model", lambda *a, **k: pytest.fail("loaded before refusing"))
+    rc = calibrate.main(["--model", str(ckpt), "--data", str(text), "--out", str(tmp_path / "p.safetensors"),
+                         "--lookahead", "4"])
+    one_error_line(capsys, rc, "--lookahead 4 is more than m2r2 can use: it reads the residual stream, so it "
+                               "predicts at most 3 layers ahead on a model with 4 MoE layers")
+
+
+# 7. small messages ----------------------------------------------------------------------------------
+@pytest.mark.parametrize("flags, fragments", [
+    (["--prefetch-budget", "0"], ["--prefetch-budget", "positive"]),
+    (["--device-memory", "-5GiB"], ["--device-memory", "positive", "-5GiB"]),
+    (["--device-memory=-5GiB"], ["--device-memory", "positive", "-5GiB"]),
+    (["--expert-cache", "0"], ["--expert-cache", "positive"]),
+])
+def test_size_and_count_flags_are_named(ckpt, capsys, no_loading, flags, fragments):
+    rc = run.main(["--model", str(ckpt), "--prompt", PROMPT, *flags])
+    one_error_line(capsys, rc, *fragments)
+
+
+@pytest.mark.skipif(torch.cuda.device_count() > 1, reason="cuda:1 exists here")
+def test_device_message_names_the_device_asked_for():
+    from moe_prefetch.runtime import _resolve_device
+
+    with pytest.raises(MoePrefetchError, match=r"--device cuda:1 was requested"):
+        _resolve_device("cuda:1")
+
+
+def test_a_value_may_start_with_a_dash():
+    p = run.build_parser()
+    args = p.parse_args(["--prompt", "-5 degrees", "--device-memory", "-1GiB", "--top-k", "-2"])
+    assert (args.prompt, args.device_memory, args.top_k) == ("-5 degrees", "-1GiB", -2)
+    with pytest.raises(MoePrefetchError, match="expected one argument"):
+        p.parse_args(["--prompt", "--json"])  # a flag is still a flag
+
+
+# 8. progress in log files -------------------------------------------------------------------------
+def test_progress_off_a_terminal_is_a_few_plain_lines(capsys):
+    from moe_prefetch.progress import PlainProgress, progress_bar
+
+    bar = progress_bar(range(1000), desc="training", unit="step")  # capsys: stderr is not a terminal
+    assert isinstance(bar, PlainProgress)
+    bar.interval = 0.0
+    for _ in bar:
+        bar.set_postfix(loss="0.5")
+    err = capsys.readouterr().err
+    assert "\r" not in err
+    lines = err.splitlines()
+    assert 2 <= len(lines) <= 11, lines
+    assert lines[-1].startswith("training: 1000/1000 step (100%)") and lines[-1].endswith("loss=0.5")
+    for _ in progress_bar(range(10), desc="hidden", disable=True):
+        pass
+    assert capsys.readouterr().err == ""
+
+
+def test_run_logs_without_carriage_returns(ckpt, tmp_path):
+    log = tmp_path / "run.log"
+    env = dict(os.environ, HF_HUB_OFFLINE="1", PYTHONPATH=str(ROOT))
+    with open(log, "w") as f:
+        r = subprocess.run([sys.executable, "-m", "moe_prefetch.run", "--model", str(ckpt), "--device", "cpu",
+                            "--prompt", PROMPT, "--max-new-tokens", "2"], stdout=subprocess.DEVNULL, stderr=f,
+                           env=env, timeout=300)
+    assert r.returncode == 0
+    text = log.read_text()
+    assert "\r" not in text and "loading dense weights" in text
+    assert len(text.splitlines()) <= 3, text
+
+
+# 9. the throughput bench with one cache size, on another model -------------------------------------
+def test_throughput_bench_with_one_cache_and_its_model_named(tmp_path):
+    small = make_mixtral(tmp_path / "small", layers=2, experts=4, top_k=2, seed=1)
+    env = dict(os.environ, HF_HUB_OFFLINE="1", PYTHONPATH=str(ROOT))
+    r = subprocess.run([sys.executable, str(ROOT / "bench" / "throughput.py"), "--model", str(small), "--sequences", "1",
+                        "--seq-len", "6", "--caches", "1", "--out", str(tmp_path / "out")],
+                       capture_output=True, text=True, env=env, timeout=600)
+    assert r.returncode == 0, r.stderr[-2000:]
+    report = json.loads((tmp_path / "out" / "throughput.json").read_text())
+    assert report["sim_check"] and all(c["cache"] == 1.0 for c in report["sim_check"])
+    title = (tmp_path / "out" / "throughput.md").read_text().splitlines()[0]
+    assert str(small) in title and "demo" not in title
+
+
+# 10. the README's sample summary is what the CLI prints -------------------------------------------
+def test_readme_sample_summary_has_the_lines_the_cli_prints(ckpt, capsys):
+    readme = (ROOT / "README.md").read_text()
+    sample = re.search(r"a summary follows[^\n]*\n+```\n(.*?)```", readme, re.S).group(1).splitlines()
+    sample = sample[sample.index("---") + 1:] if "---" in sample else sample
+    assert run.main(["--model", str(ckpt), "--device", "cpu", "--prompt", PROMPT, "--max-new-tokens", "4",
+                     "--no-progress"]) == 0
+    printed = capsys.readouterr().out.split("\n---\n", 1)[1].splitlines()
+
+    def labels(lines):  # format_summary pads every label to 18 characters, then a space
+        return [ln[:19].strip() for ln in lines if ln.strip()]
+    assert labels(sample) == labels(printed)
