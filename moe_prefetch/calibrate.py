@@ -15,7 +15,7 @@ import time
 
 import torch
 
-from .cli_common import ArgumentParser, check_output_path, run_main
+from .cli_common import ArgumentParser, check_output_path, check_size_flag, run_main
 from .errors import MoePrefetchError
 from .predictors import ModelView, Predictor
 from .predictors.accelerated import AcceleratedPredictor, AcceleratedResidual, save
@@ -169,6 +169,7 @@ def main_body(argv=None) -> int:
             raise MoePrefetchError(f"--{name.replace('_', '-')} must be at least 1")
     if not 0 < args.heldout < 1:
         raise MoePrefetchError("--heldout must be between 0 and 1")
+    check_size_flag("--device-memory", args.device_memory)
     check_output_path(args.out)  # before any work, not after it
     text = read_text(args.data)
     import transformers

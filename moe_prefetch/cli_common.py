@@ -43,6 +43,17 @@ class ArgumentParser(argparse.ArgumentParser):
         return out
 
 
+def check_size_flag(flag: str, value) -> None:
+    """A size flag's value (512MiB, 12GiB, ...) checked before anything loads; the error names the flag."""
+    from .config import parse_size
+
+    if value is not None:
+        try:
+            parse_size(value)
+        except MoePrefetchError as e:
+            raise MoePrefetchError(f"{flag}: {e}") from None
+
+
 def check_output_path(path: str, flag: str = "--out") -> None:
     """Fail before any work when `path` cannot be written: its folder is missing or read-only, or it
     names a folder. (The commands write a temporary file next to it, then rename it into place.)"""

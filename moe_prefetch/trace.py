@@ -172,19 +172,13 @@ def build_parser():
 
 
 def main_body(argv=None) -> int:
-    from .cli_common import check_output_path
+    from .cli_common import check_output_path, check_size_flag
 
     args = build_parser().parse_args(argv)
     for name in ("lookahead", "seq_len", "max_tokens", "max_new_tokens"):
         if getattr(args, name) < 1:
             raise MoePrefetchError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(args, name)}")
-    if args.device_memory is not None:
-        from .config import parse_size
-
-        try:
-            parse_size(args.device_memory)
-        except MoePrefetchError as e:
-            raise MoePrefetchError(f"--device-memory: {e}") from None
+    check_size_flag("--device-memory", args.device_memory)
     check_output_path(args.out)
     from .calibrate import read_text
     from .config import OffloadConfig

@@ -251,6 +251,12 @@ def test_size_and_count_flags_are_named(ckpt, capsys, no_loading, flags, fragmen
     one_error_line(capsys, rc, *fragments)
 
 
+@pytest.mark.parametrize("main", [calibrate.main, trace.main], ids=["calibrate", "trace"])
+def test_device_memory_named_by_calibrate_and_trace(tmp_path, capsys, no_loading, main):
+    rc = main(["--data", str(tmp_path / "t.txt"), "--out", str(tmp_path / "x"), "--device-memory", "-1GiB"])
+    one_error_line(capsys, rc, "--device-memory", "positive")
+
+
 @pytest.mark.skipif(torch.cuda.device_count() > 1, reason="cuda:1 exists here")
 def test_device_message_names_the_device_asked_for():
     from moe_prefetch.runtime import _resolve_device
