@@ -5,12 +5,18 @@
 // equal, cache-line aligned ranges, so one huge piece and many small ones spread the same way.
 // Reading memory-mapped checkpoint pages page-faults; several threads overlap those faults, which
 // is where most of the gain over one copy loop comes from.
+// The threads are persistent (CopyPool): a staged expert copy is dozens of 8 MiB chunks, and starting
+// threads for each chunk cost more than the copy itself.
 // Plain C++ (no torch, no CUDA) so that every build flavour can include it.
 #pragma once
 
 #include <algorithm>
+#include <condition_variable>
 #include <cstdint>
 #include <cstring>
+#include <functional>
+#include <memory>
+#include <mutex>
 #include <system_error>
 #include <thread>
 #include <vector>
@@ -39,6 +45,102 @@ inline void copy_range(const std::vector<CopySpan>& spans, const std::vector<int
   }
 }
 
+// A fixed set of worker threads that run the tasks of one job at a time together with the caller.
+class CopyPool {
+ public:
+  explicit CopyPool(int workers) {
+    for (int i = 0; i < workers; ++i) {
+      try {
+        threads_.emplace_back([this] { loop(); });
+      } catch (const std::system_error&) {
+        break;  // out of threads: the ones started (and the caller) do the work
+      }
+    }
+  }
+  ~CopyPool() {
+    {
+      std::lock_guard<std::mutex> lock(m_);
+      stop_ = true;
+    }
+    wake_.notify_all();
+    for (auto& t : threads_) t.join();
+  }
+  CopyPool(const CopyPool&) = delete;
+  CopyPool& operator=(const CopyPool&) = delete;
+
+  int workers() const { return int(threads_.size()); }
+
+  // Run task(0..n-1), spread over the workers and the calling thread; returns when all are done.
+  // One job at a time (callers serialise on their own mutex).
+  void run(int n, const std::function<void(int)>& task) {
+    {
+      std::lock_guard<std::mutex> lock(m_);
+      task_ = &task;
+      n_ = n;
+      next_ = 0;
+      left_ = n;
+      ++generation_;
+    }
+    wake_.notify_all();
+    work();
+    std::unique_lock<std::mutex> lock(m_);
+    done_.wait(lock, [this] { return left_ == 0; });
+    task_ = nullptr;
+  }
+
+ private:
+  void work() {  // take tasks until none are left
+    for (;;) {
+      int k;
+      const std::function<void(int)>* task;
+      {
+        std::lock_guard<std::mutex> lock(m_);
+        if (task_ == nullptr || next_ >= n_) return;
+        k = next_++;
+        task = task_;
+      }
+      (*task)(k);
+      std::lock_guard<std::mutex> lock(m_);
+      if (--left_ == 0) done_.notify_all();
+    }
+  }
+  void loop() {
+    uint64_t seen = 0;
+    for (;;) {
+      {
+        std::unique_lock<std::mutex> lock(m_);
+        wake_.wait(lock, [&] { return stop_ || generation_ != seen; });
+        if (stop_) return;
+        seen = generation_;
+      }
+      work();
+    }
+  }
+
+  std::vector<std::thread> threads_;
+  std::mutex m_;
+  std::condition_variable wake_, done_;
+  const std::function<void(int)>* task_ = nullptr;
+  int n_ = 0, next_ = 0, left_ = 0;
+  uint64_t generation_ = 0;
+  bool stop_ = false;
+};
+
+// The process's copy pool (created on first use, sized for the most threads any caller asks for up to
+// the core count) and the mutex that gives it to one copy at a time.
+inline CopyPool& shared_copy_pool(int threads, std::unique_lock<std::mutex>& hold) {
+  static std::mutex mutex;
+  static std::unique_ptr<CopyPool> pool;
+  hold = std::unique_lock<std::mutex>(mutex);
+  const int cores = std::max(1, int(std::thread::hardware_concurrency()));
+  const int want = std::min(threads, cores) - 1;
+  if (!pool || pool->workers() < want) {
+    pool.reset();  // joins the old workers (none is busy: we hold the mutex)
+    pool.reset(new CopyPool(std::max(want, 0)));
+  }
+  return *pool;
+}
+
 // Copy every span. The caller must have released the GIL: this blocks for the whole copy.
 inline void parallel_memcpy(const std::vector<CopySpan>& spans, int threads) {
   std::vector<int64_t> starts(spans.size());
@@ -55,18 +157,9 @@ inline void parallel_memcpy(const std::vector<CopySpan>& spans, int threads) {
   }
   // n ranges, boundaries rounded to 64 bytes so two threads never write one cache line
   auto bound = [&](int k) { return k == n ? total : (total * k / n) & ~int64_t(63); };
-  std::vector<std::thread> pool;
-  pool.reserve(n - 1);
-  int started = 1;
-  try {
-    for (; started < n; ++started)
-      pool.emplace_back(copy_range, std::cref(spans), std::cref(starts), bound(started), bound(started + 1));
-  } catch (const std::system_error&) {
-    // out of threads: the calling thread does the ranges that got none
-  }
-  copy_range(spans, starts, bound(0), bound(1));
-  for (int k = started; k < n; ++k) copy_range(spans, starts, bound(k), bound(k + 1));
-  for (auto& t : pool) t.join();
+  std::unique_lock<std::mutex> hold;
+  CopyPool& pool = shared_copy_pool(n, hold);
+  pool.run(n, [&](int k) { copy_range(spans, starts, bound(k), bound(k + 1)); });
 }
 
 }  // namespace moe_prefetch

@@ -1,6 +1,6 @@
 // staged_copy_cuda.cu: the CUDA Mover of the staging ring (see staging_ring.h).
 //
-// Each ring slot is a pinned host chunk with one event. Per chunk: cudaEventSynchronize(slot event)
+// Each ring slot is a pinned host chunk with one blocking-sync event. Per chunk: cudaEventSynchronize(slot event)
 // so the host never overwrites a chunk that a transfer still reads, stage the bytes with host threads,
 // cudaMemcpyAsync chunk -> device on the caller's stream, cudaEventRecord(slot event). The copies are
 // truly asynchronous because the source is pinned, so staging chunk k+1 overlaps the transfer of k.
@@ -57,7 +57,8 @@ struct CudaStagingRing::Impl {
         check(cudaHostAlloc(&p, size_t(chunk_bytes), cudaHostAllocPortable), "cudaHostAlloc (pinned staging chunk)");
         chunks.push_back(static_cast<char*>(p));
         cudaEvent_t e;
-        check(cudaEventCreateWithFlags(&e, cudaEventDisableTiming), "cudaEventCreate");
+        // blocking sync: a host thread waiting for a chunk sleeps instead of spinning on a core
+        check(cudaEventCreateWithFlags(&e, cudaEventDisableTiming | cudaEventBlockingSync), "cudaEventCreate");
         done.push_back(e);
         armed.push_back(false);
       }

@@ -318,7 +318,7 @@ class StagingRingRef:
             for c, d, n in runs:
                 out[d:d + n].copy_(chunk[c:c + n], non_blocking=self.cuda)
             if self.cuda:
-                self.free[slot] = torch.cuda.Event()
+                self.free[slot] = torch.cuda.Event(blocking=True)  # a waiting host thread sleeps
                 self.free[slot].record(stream)
             runs.clear()
 

@@ -26,25 +26,34 @@ class MemoryPlan:
         return self.slots * self.expert_bytes
 
 
-def estimate_reserve(model_config, dtype: torch.dtype, max_context: int, top_k: int, device: torch.device) -> int:
-    """KV cache for `max_context` tokens plus prefill activations (batch 1), with allocator slack."""
+def estimate_reserve(model_config, dtype: torch.dtype, max_context: int, top_k: int, device: torch.device,
+                     attn_implementation: str | None = None) -> int:
+    """KV cache for `max_context` tokens plus the peak activations of a `max_context`-token prefill (batch 1).
+
+    Attention scores are charged only where they are materialised: the eager implementation builds a
+    [heads, T, T] score matrix (in the compute dtype, softmax in float32); SDPA and flash attention
+    stream over key blocks and keep nothing quadratic."""
     c = model_config
     item = torch.empty((), dtype=dtype).element_size()
     heads = c.num_attention_heads
     head_dim = getattr(c, "head_dim", None) or c.hidden_size // heads
     kv_heads = getattr(c, "num_key_value_heads", None) or heads
-    kv = 2 * c.num_hidden_layers * kv_heads * head_dim * max_context * item
-    inter = getattr(c, "intermediate_size", c.hidden_size * 4)
-    acts = max_context * (8 * c.hidden_size + 3 * inter * top_k) * max(item, 4)
-    scores = heads * max_context * min(max_context, 4096) * 4  # attention scores of the prefill
-    slack = 64 * 2**20 if device.type == "cuda" else 0
-    return kv + acts + scores + slack
+    T, H = max_context, c.hidden_size
+    kv = 2 * c.num_hidden_layers * kv_heads * head_dim * T * item
+    inter = getattr(c, "moe_intermediate_size", None) or getattr(c, "intermediate_size", H * 4)
+    # residual, normed copy, q/k/v/o and MLP input: about 8 [T, H]; the MoE block's rows sorted by expert,
+    # their outputs and weighted copy: 3 [T*k, H]; one expert group's gate/up/act: 3 [T, inter] at most
+    acts = T * (8 * H + 3 * top_k * H + 3 * inter) * item
+    impl = attn_implementation or getattr(c, "_attn_implementation", None) or "sdpa"
+    scores = heads * T * T * (2 * item + 4) if impl == "eager" else 0
+    return kv + acts + scores
 
 
-def default_budget(device: torch.device) -> int:
+def default_budget(device: torch.device, slack: int = 0) -> int:
+    """Free device memory less `slack` (CUDA), or 80% of available RAM (CPU)."""
     if device.type == "cuda":
         free, _total = torch.cuda.mem_get_info(device)
-        return free
+        return max(free - slack, 0)
     return int(psutil.virtual_memory().available * 0.8)
 
 
@@ -66,13 +75,13 @@ def plan_memory(cfg: OffloadConfig, dense_bytes: int, reserve_bytes: int, expert
                 f"{format_size(reserve_bytes)} + {slots} x {format_size(expert_bytes)})")
         return MemoryPlan(budget, dense_bytes, reserve_bytes, expert_bytes, total_experts, min_slots, slots)
 
-    bounded = budget if budget is not None else default_budget(device)
+    bounded = budget if budget is not None else default_budget(device, cfg.device_slack)
     room = bounded - dense_bytes - reserve_bytes
     slots = min(total_experts, max(room, 0) // expert_bytes)
     if slots < min_slots:
         need = dense_bytes + reserve_bytes + min_slots * expert_bytes
         where = f"device memory budget {format_size(bounded)}" if budget is not None else \
-            f"free memory on {device} ({format_size(bounded)})"
+            f"free memory on {device} less {format_size(cfg.device_slack)} of slack ({format_size(bounded)})"
         raise MoePrefetchError(
             f"{where} is too small: the minimum is {format_size(need)} (dense weights {format_size(dense_bytes)} "
             f"+ activation/KV reserve {format_size(reserve_bytes)} + {min_slots} expert slots x {format_size(expert_bytes)})")

@@ -99,6 +99,14 @@ class ExpertCache:
         self._slot_of: dict[Key, int] = {}
         self._free = list(range(n_slots - 1, -1, -1))  # pop() hands out slot 0 first
         self._pins: Counter[Key] = Counter()
+        self._per_layer: Counter = Counter()  # (layer, expert) keys: resident experts per layer
+
+    def count(self, layer) -> int:
+        """Resident experts of `layer` (keys are (layer, expert) pairs)."""
+        return self._per_layer[layer]
+
+    def _group(self, key: Key):
+        return key[0] if isinstance(key, tuple) else None
 
     def __len__(self) -> int:
         return len(self._slot_of)
@@ -145,8 +153,10 @@ class ExpertCache:
             evicted = self.policy.victim(candidates)
             assert evicted not in self._pins, "policy chose a pinned expert"
             slot = self._slot_of.pop(evicted)
+            self._per_layer[self._group(evicted)] -= 1
             self.policy.on_remove(evicted)
         self._slot_of[key] = slot
+        self._per_layer[self._group(key)] += 1
         self.policy.on_insert(key)
         assert len(self._slot_of) <= self.n_slots
         return slot, evicted
@@ -155,6 +165,7 @@ class ExpertCache:
         """Forget `key` (e.g. its copy failed); its slot becomes free."""
         assert key not in self._pins, f"removing pinned expert {key}"
         slot = self._slot_of.pop(key)
+        self._per_layer[self._group(key)] -= 1
         self._free.append(slot)
         self.policy.on_remove(key)
         return slot

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import argparse
 
-from .config import DEVICES, DTYPES, EVICTION_POLICIES, OffloadConfig, parse_size
+from .cli_common import check_size_flag
+from .config import DEVICES, DTYPES, EVICTION_POLICIES, PIN_MODES, OffloadConfig
 from .errors import MoePrefetchError
 from .predictors import PREDICTORS
 
@@ -21,19 +22,25 @@ def add_loading_flags(p: argparse.ArgumentParser) -> None:
                    help="what drives prefetching: none (demand only), next-gate, history, m2r2 (trained, needs "
                    "--predictor-path), oracle (replays a routing trace given by --predictor-path); default next-gate")
     p.add_argument("--predictor-path", help="m2r2 predictor file from moe_prefetch.calibrate, or a routing trace for oracle")
-    p.add_argument("--lookahead", type=int, default=2, help="prefetch the experts of layers l+1..l+K (default: 2; 0 = off)")
+    p.add_argument("--lookahead", type=int, help="prefetch the experts of layers l+1..l+K (default: 2; 0 = off; more than "
+                   "the predictor can use on the model runs at its limit, with a note)")
     p.add_argument("--prefetch-budget", help="cap on prefetch bytes in flight, e.g. 256MiB (default: top-k experts, one layer's worth)")
     p.add_argument("--link-gbps", type=float, help="CPU only: emulate a host-to-device link of this many GB/s "
                    "(throttles expert copies; for benchmarks; default off)")
+    p.add_argument("--pin-memory", default="auto", choices=PIN_MODES,
+                   help="CUDA: page-lock every expert in host RAM (on), stream them from the memory-mapped checkpoint "
+                   "through a small pinned ring (off), or pin only when they fit in available RAM with a margin "
+                   "(auto, the default)")
     p.add_argument("--dtype", default="auto", choices=DTYPES, help="compute dtype (default: the checkpoint's; float16 becomes float32 on CPU)")
     p.add_argument("--no-progress", action="store_true", help="hide the loading progress bars")
 
 
 def validate_loading_flags(args) -> None:
-    """Checks that need no model: malformed sizes and numbers fail before anything loads."""
-    for flag in ("device_memory", "prefetch_budget"):
-        if getattr(args, flag) is not None:
-            parse_size(getattr(args, flag))
+    """Checks that need no model: malformed sizes and numbers fail before anything loads, naming the flag."""
+    check_size_flag("--device-memory", args.device_memory)
+    check_size_flag("--prefetch-budget", args.prefetch_budget)
+    if args.expert_cache is not None and args.expert_cache < 1:
+        raise MoePrefetchError(f"--expert-cache must be a positive number of experts, got {args.expert_cache}")
     if args.link_gbps is not None and args.link_gbps <= 0:
         raise MoePrefetchError(f"--link-gbps must be positive, got {args.link_gbps}")
 
@@ -42,7 +49,8 @@ def offload_config(args, max_context: int) -> OffloadConfig:
     """The OffloadConfig the loading flags describe (max_context sizes the KV-cache reserve)."""
     return OffloadConfig(device=args.device, device_memory=args.device_memory, expert_cache=args.expert_cache,
                          dtype=args.dtype, eviction=args.eviction, max_context=max_context,
-                         predictor=args.predictor, predictor_path=args.predictor_path, lookahead=args.lookahead,
-                         prefetch_budget=args.prefetch_budget,
+                         predictor=args.predictor, predictor_path=args.predictor_path,
+                         lookahead=OffloadConfig.lookahead if args.lookahead is None else args.lookahead,
+                         prefetch_budget=args.prefetch_budget, pin_memory=args.pin_memory,
                          link_bandwidth=args.link_gbps * 1e9 if args.link_gbps else None,
                          show_progress=not args.no_progress)

@@ -23,6 +23,8 @@ def parse_size(text: str | int | float) -> int:
         if text <= 0:
             raise MoePrefetchError(f"size must be positive, got {text}")
         return int(text)
+    if str(text).strip().startswith("-"):
+        raise MoePrefetchError(f"size must be positive, got {text!r}")
     m = _SIZE_RE.match(str(text))
     unit = m.group(2).lower() if m else None
     if not m or unit not in _UNITS:
@@ -45,6 +47,7 @@ def format_size(n: int) -> str:
 DTYPES = ("auto", "float32", "float16", "bfloat16")
 DEVICES = ("auto", "cpu", "cuda")
 EVICTION_POLICIES = ("lru", "lfu")
+PIN_MODES = ("auto", "on", "off")
 
 
 @dataclass(frozen=True)
@@ -59,8 +62,12 @@ class OffloadConfig:
     eviction:       cache eviction policy, "lru" or "lfu".
     max_context:    longest sequence (prompt + new tokens) the KV-cache reserve is sized for.
     reserve:        extra bytes kept free for activations; None estimates it from the model shape.
-    pin_memory:     keep the host store in pinned memory (CUDA only; None = automatic = on). False on CUDA:
-                    experts stream from the memory-mapped checkpoint through a small pinned staging ring.
+    pin_memory:     "auto" (default), "on" or "off" (True/False/None are accepted as on/off/auto). On CUDA,
+                    "on" page-locks every expert in host RAM (refused up front when it does not fit with a
+                    margin); "off" streams experts from the memory-mapped checkpoint through a small pinned
+                    staging ring; "auto" pins only when it fits. The CPU backend never pins.
+    device_slack:   device memory left unplanned when the budget comes from free GPU memory (cuBLAS
+                    workspaces, kernels loaded on first use, allocator fragmentation); default 1GiB.
     show_progress:  show a progress bar while loading.
     predictor:      "none", "next-gate", "history", "m2r2" (needs predictor_path) or "oracle" (a trace).
     predictor_path: m2r2 predictor file (calibrate.py) or routing trace (trace.py) for the oracle.
@@ -76,7 +83,8 @@ class OffloadConfig:
     eviction: str = "lru"
     max_context: int = 2048
     reserve: int | str | None = None
-    pin_memory: bool | None = None
+    pin_memory: str | bool | None = "auto"
+    device_slack: int | str = "1GiB"
     show_progress: bool = True
     predictor: str = "next-gate"
     predictor_path: str | None = None
@@ -94,6 +102,11 @@ class OffloadConfig:
             raise MoePrefetchError(f"unknown eviction policy {self.eviction!r}: use one of {', '.join(EVICTION_POLICIES)}")
         if self.device_memory is not None:
             object.__setattr__(self, "device_memory", parse_size(self.device_memory))
+        pin = {None: "auto", True: "on", False: "off"}.get(self.pin_memory, self.pin_memory)
+        if pin not in PIN_MODES:
+            raise MoePrefetchError(f"unknown pin_memory {self.pin_memory!r}: use one of {', '.join(PIN_MODES)}")
+        object.__setattr__(self, "pin_memory", pin)
+        object.__setattr__(self, "device_slack", 0 if self.device_slack in (0, "0") else parse_size(self.device_slack))
         if self.reserve is not None and self.reserve != 0:  # 0: no reserve (tests, exact budgets)
             object.__setattr__(self, "reserve", parse_size(self.reserve))
         if self.expert_cache is not None and (not isinstance(self.expert_cache, int) or self.expert_cache < 1):

@@ -31,6 +31,7 @@ class ExpertOffloader:
         self._tickets: dict[tuple[int, int], Ticket] = {}
         self._prefetched: set[tuple[int, int]] = set()  # brought in by prefetch, not yet used
         self._slot_free: list = [None] * n_slots  # CUDA events: compute stream done with the slot
+        self._slot_copy: list[Ticket | None] = [None] * n_slots  # the latest copy into each slot
 
     @property
     def n_slots(self) -> int:
@@ -86,6 +87,16 @@ class ExpertOffloader:
                 self.stats.prefetch_late += 1
                 if self.engine.cancel(ticket):  # still queued: move it to the demand queue
                     self._tickets[key] = self.engine.submit(replace(ticket.job, demand=True))
+                    self._slot_copy[self.cache.lookup(key)] = self._tickets[key]
+
+    def landed(self, layer: int, expert: int) -> bool:
+        """The expert's bytes are in its slot (no copy outstanding); asks the engine, never waits."""
+        ticket = self._tickets.get((layer, expert))
+        return ticket is None or ticket.done()
+
+    def resident_count(self, layer: int) -> int:
+        """Experts of `layer` holding a slot (landed or in flight)."""
+        return self.cache.count(layer)
 
     def ready(self, layer: int, expert: int) -> dict[str, torch.Tensor]:
         """Views of the expert's matrices in its slot, once its copy (if any) has landed."""
@@ -163,8 +174,9 @@ class ExpertOffloader:
     # ---- data movement -----------------------------------------------------------------------
     def _submit(self, key: tuple[int, int], slot: int, demand: bool = True) -> None:
         job = CopyJob(dst=self.pool[slot], pieces=self.store.pieces(*key), nbytes=self.store.expert_nbytes,
-                      label=f"expert {key[1]} of layer {key[0]}", after=self._slot_free[slot], demand=demand)
-        self._tickets[key] = self.engine.submit(job)
+                      label=f"expert {key[1]} of layer {key[0]}", after=self._slot_free[slot], demand=demand,
+                      follows=prev if (prev := self._slot_copy[slot]) is not None and not prev.done() else None)
+        self._tickets[key] = self._slot_copy[slot] = self.engine.submit(job)
         self.stats.bytes_to_device += job.nbytes
 
     def resident(self) -> list[tuple[int, int]]:

@@ -1,18 +1,39 @@
 """Prefetcher: after each layer's routing, turn predictions for layers l+1 .. l+K into transfers.
 
+Split in two so the layer reads the device only once (devsync.py):
+  device_scores()  enqueued right after the router: the predictor's small matmuls and a [D, 2, E]
+                   summary per distance (best score of each expert over the tokens, and whether it is in
+                   some token's top-k); it travels to the host in the same read as the routing.
+  plan()           host work only, after the layer's expert compute has been enqueued (on the CPU
+                   backend, before it: there the host *is* the device, and queuing the copies first lets
+                   the copy thread move them while the host computes).
 Order: nearest layer first, then by score. Each planned expert is protected from eviction by the
 ones planned after it, so a far-ahead guess never evicts a nearer one, and nothing evicts an expert
-the executing layer needs. Bytes in flight stay under the prefetch budget. The model's router still
-decides what runs: a wrong guess costs link time and a slot, never a different output.
+the executing layer needs. Bytes in flight stay under the prefetch budget. A target layer whose experts
+are all resident is not predicted at all (with every expert cached, prediction costs nothing). The
+model's router still decides what runs: a wrong guess costs link time and a slot, never a different output.
 """
 from __future__ import annotations
 
 import torch
 from torch import nn
 
+from .devsync import host_list
 from .offloader import ExpertOffloader
 from .predictors import ModelView, Predictor
 from .stats import RunStats
+
+
+def summarise(scores: dict[int, torch.Tensor], distances: list[int], top_k: int) -> torch.Tensor:
+    """[D, 2, E] float32: per distance, each expert's best score over the tokens and 1.0 where it is in
+    some token's top-k (the union the prefetcher considers). Device ops only, no synchronisation."""
+    rows = []
+    for d in distances:
+        s = scores[d].float()  # [T, E]
+        best = s.amax(dim=0)  # [E]
+        chosen = torch.zeros_like(best).scatter_(0, torch.topk(s, top_k, dim=-1).indices.flatten(), 1.0)  # [E]
+        rows.append(torch.stack([best, chosen]))
+    return torch.stack(rows)  # [D, 2, E]
 
 
 class Prefetcher:
@@ -28,7 +49,9 @@ class Prefetcher:
         self._position = {layer: i for i, layer in enumerate(view.layers)}
         self._residual: dict[int, torch.Tensor] = {}
         self._pending: dict[tuple[int, int], set[int]] = {}  # (target i, d) -> predicted experts
-        self._handles = [norm.register_forward_pre_hook(self._capture(i)) for i, norm in enumerate(view.norms)]
+        self._asked: dict[int, list[int]] = {}  # layer position -> distances summarised by device_scores
+        self._handles = [] if predictor.on_host else \
+            [norm.register_forward_pre_hook(self._capture(i)) for i, norm in enumerate(view.norms)]
 
     def _capture(self, i: int):
         def hook(module, args):
@@ -43,35 +66,62 @@ class Prefetcher:
         if begin is not None:
             begin()
 
-    def after_routing(self, layer: int, indices: torch.Tensor, experts: list[int]) -> None:
-        """Called by the MoE block of `layer` once its own experts are requested (demand copies first)."""
+    def _targets(self, i: int) -> list[int]:
+        """Distances worth predicting from layer position i: the target exists (or the predictor can
+        look past the last layer) and it has experts that are not resident."""
+        n, out = len(self.view.layers), []
+        for d in self.distances:
+            if i + d >= n and not self.predictor.wraps:
+                continue
+            if self.offloader.resident_count(self.view.layers[(i + d) % n]) < self.view.num_experts:
+                out.append(d)
+        return out
+
+    def device_scores(self, layer: int) -> torch.Tensor | None:
+        """Enqueue the predictor's device work for the residual entering `layer`'s MoE block; returns the
+        [D, 2, E] summary to read back with the routing, or None (host-side predictor, nothing to predict)."""
         i = self._position[layer]
-        decode = indices.shape[0] == 1
+        h = self._residual.pop(i, None)
+        self._asked[i] = []
+        if self.predictor.on_host or h is None:
+            return None
+        targets = self._targets(i)
+        if not targets:
+            return None
+        scores = self.predictor.predict(i, h.reshape(-1, h.shape[-1]), targets)
+        self._asked[i] = [d for d in targets if d in scores]
+        return summarise(scores, self._asked[i], self.view.top_k) if self._asked[i] else None
+
+    def plan(self, layer: int, routing: list[list[int]], experts: list[int], summary: list | None) -> None:
+        """Queue prefetches from the predictions made at `layer`. routing: the layer's top-k rows [T][k]
+        (host lists); summary: device_scores()'s result, read back."""
+        i = self._position[layer]
+        decode = len(routing) == 1
         actual = set(experts)
         for d in self.distances:
             predicted = self._pending.pop((i, d), None)
             if predicted is not None and decode:
                 self.stats.record_prediction(d, len(predicted & actual), len(predicted), len(actual))
-        self.predictor.observe(i, indices)
-        h = self._residual.pop(i, None)
-        if h is None or not self.distances:
+        distances = self._asked.pop(i, [])
+        if self.predictor.on_host:
+            self.predictor.observe_rows(i, routing)  # [T][k] host lists
+            distances = self._targets(i)
+            if distances:
+                scores = self.predictor.predict(i, torch.empty(len(routing), 0), distances)
+                distances = [d for d in distances if d in scores]
+                summary = host_list(summarise(scores, distances, self.view.top_k)) if distances else None
+        if not summary:
             return
-        scores = self.predictor.predict(i, h.reshape(-1, h.shape[-1]), self.distances)
+        n = len(self.view.layers)
         protected = {(layer, e) for e in experts}
-        for d in self.distances:
-            if d not in scores:
-                continue
-            j = (i + d) % len(self.view.layers)  # past the last layer: the next token's (wrapping predictors)
+        for d, (best, chosen) in zip(distances, summary):
+            j = (i + d) % n  # past the last layer: the next token's (wrapping predictors)
             target = self.view.layers[j]
-            s = scores[d]  # [T, E]
-            chosen = torch.topk(s, self.view.top_k, dim=-1).indices.flatten().unique()  # per-token top-k, union
-            best = s.max(dim=0).values  # [E]
-            order = sorted(chosen.tolist(), key=lambda e: -float(best[e]))
+            order = sorted((e for e, c in enumerate(chosen) if c), key=lambda e: -best[e])
             self._pending[(j, d)] = set(order)
             for e in order:
-                key = (target, e)
                 self.offloader.prefetch(target, e, protected, self.budget_bytes)
-                protected.add(key)
+                protected.add((target, e))
 
     def close(self) -> None:
         for h in self._handles:

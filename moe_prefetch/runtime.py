@@ -15,7 +15,6 @@ from dataclasses import dataclass, field
 
 import torch
 from torch import nn
-from tqdm.auto import tqdm
 
 from .budget import MemoryPlan, estimate_reserve, plan_memory
 from .cache import make_policy
@@ -23,11 +22,13 @@ from .checkpoint import Checkpoint
 from .config import OffloadConfig
 from .errors import MoePrefetchError
 from .families import FamilyAdapter, adapter_for
+from .hostmem import HostPlan, PinningError, plan_host
 from .hub import resolve_model
 from .moe_block import OffloadedMoE
 from .offloader import ExpertOffloader
 from .prefetch import Prefetcher
 from .predictors import ModelView, Predictor, make_predictor
+from .progress import progress_bar as tqdm  # plain lines when stderr is not a terminal
 from .stats import RunStats
 from .store import ExpertStore
 from .transfer import make_engine
@@ -50,14 +51,20 @@ class OffloadRuntime:
     stats: RunStats = field(default_factory=RunStats)
     prefetcher: Prefetcher | None = None
     fingerprint: str | None = None
+    lookahead_note: str | None = None  # why the lookahead in use is below the one asked for (set_predictor)
+    host: HostPlan | None = None
+    timer: _ForwardTimer | None = None
 
     def stats_dict(self) -> dict:
+        if self.timer is not None:
+            self.timer.flush()
         d = self.stats.as_dict()
         d["stall_seconds"] += self.offloader.engine.stall_seconds()  # CUDA: measured on the compute stream
         d.update(device=str(self.device), backend=self.offloader.engine.backend,
                  predictor=self.prefetcher.predictor.name if self.prefetcher else "none",
                  lookahead=self.prefetcher.lookahead if self.prefetcher else 0,
-                 expert_cache_slots=self.plan.slots, total_experts=self.plan.total_experts)
+                 expert_cache_slots=self.plan.slots, total_experts=self.plan.total_experts,
+                 host_store="pinned" if self.store.pinned else "memory-mapped")
         return d
 
     def close(self) -> None:
@@ -70,7 +77,11 @@ def _resolve_device(name: str) -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if name.startswith("cuda") and not torch.cuda.is_available():
-        raise MoePrefetchError("--device cuda was requested but no CUDA GPU is visible to PyTorch; use --device cpu")
+        raise MoePrefetchError(f"--device {name} was requested but no CUDA GPU is visible to PyTorch; use --device cpu")
+    if name.startswith("cuda:") and int(name[5:]) >= torch.cuda.device_count():
+        n = torch.cuda.device_count()
+        raise MoePrefetchError(f"--device {name} was requested but PyTorch sees {n} CUDA GPU{'s' if n > 1 else ''} "
+                               f"(cuda:0{f'..cuda:{n - 1}' if n > 1 else ''})")
     return torch.device(name)
 
 
@@ -138,13 +149,57 @@ def _load_dense(model: nn.Module, adapter: FamilyAdapter, ckpt: Checkpoint, mode
         model.tie_weights()
 
 
-def _install_timers(model: nn.Module, stats: RunStats, device: torch.device, runtime_ref: list) -> None:
+class _ForwardTimer:
+    """Prefill and decode time without ever synchronising the device.
+
+    CPU: wall-clock around each forward. CUDA: a pair of events recorded on the compute stream around
+    each forward, read only when the counters are (stats()); a device-wide synchronize here would also
+    wait for the copy streams, so prefetches could no longer overlap the next token's compute."""
+
+    def __init__(self, stats: RunStats, device: torch.device):
+        self.stats = stats
+        self.cuda = device.type == "cuda"
+        self.device = device
+        self._pending: list[tuple[bool, object, object]] = []  # (prefill, start event, end event)
+
+    def start(self):
+        if not self.cuda:
+            return time.perf_counter()
+        ev = torch.cuda.Event(enable_timing=True)
+        ev.record(torch.cuda.current_stream(self.device))
+        return ev
+
+    def stop(self, prefill: bool, start) -> None:
+        if not self.cuda:
+            self._add(prefill, time.perf_counter() - start)
+            return
+        end = torch.cuda.Event(enable_timing=True)
+        end.record(torch.cuda.current_stream(self.device))
+        self._pending.append((prefill, start, end))
+        while self._pending and self._pending[0][2].query():  # fold in what has finished, without waiting
+            self._fold(*self._pending.pop(0))
+
+    def flush(self) -> None:
+        """Fold in every pending measurement (waits for the compute stream to reach the last one)."""
+        if self._pending:
+            self._pending[-1][2].synchronize()
+        while self._pending:
+            self._fold(*self._pending.pop(0))
+
+    def _fold(self, prefill, start, end) -> None:
+        self._add(prefill, start.elapsed_time(end) / 1000.0)
+
+    def _add(self, prefill: bool, seconds: float) -> None:
+        if prefill:
+            self.stats.prefill_seconds += seconds
+        else:
+            self.stats.decode_seconds += seconds
+
+
+def _install_timers(model: nn.Module, stats: RunStats, device: torch.device, runtime_ref: list) -> _ForwardTimer:
     """Prefill = a forward with an empty KV cache, decode = one with a filled cache."""
     state = {}
-
-    def sync():
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
+    timer = _ForwardTimer(stats, device)
 
     def pre(module, args, kwargs):
         ids = kwargs.get("input_ids", args[0] if args else None)
@@ -152,25 +207,22 @@ def _install_timers(model: nn.Module, stats: RunStats, device: torch.device, run
         n = (ids if ids is not None else embeds).shape[1]
         past = kwargs.get("past_key_values")
         seen = past.get_seq_length() if past is not None and hasattr(past, "get_seq_length") else 0
-        sync()
-        state.update(start=time.perf_counter(), n=n, prefill=seen == 0)
+        state.update(start=timer.start(), n=n, prefill=seen == 0)
         prefetcher = runtime_ref[0].prefetcher if runtime_ref else None
         if prefetcher is not None:
             prefetcher.start_forward(seen == 0)
 
     def post(module, args, kwargs, output):
-        sync()
-        dt = time.perf_counter() - state["start"]
+        timer.stop(state["prefill"], state["start"])
         if state["prefill"]:
-            stats.prefill_seconds += dt
             stats.prompt_tokens += state["n"]
         else:
-            stats.decode_seconds += dt
             stats.decode_steps += 1
         stats.generated_tokens += 1  # every forward of a causal LM yields the next token
 
     model.register_forward_pre_hook(pre, with_kwargs=True)
     model.register_forward_hook(post, with_kwargs=True)
+    return timer
 
 
 def load_model(model: str, config: OffloadConfig | None = None, **overrides):
@@ -189,6 +241,10 @@ def load_model(model: str, config: OffloadConfig | None = None, **overrides):
     model_fingerprint = fingerprint(adapter, ckpt)
     if cfg.predictor == "m2r2":
         read(cfg.predictor_path, model_fingerprint)  # refuse a wrong file before loading anything
+    elif cfg.predictor == "oracle":
+        from .trace import read_routing_header
+
+        read_routing_header(cfg.predictor_path, model_fingerprint)
     device = _resolve_device(cfg.device)
     if cfg.link_bandwidth is not None and device.type == "cuda":
         raise MoePrefetchError("--link-gbps / link_bandwidth emulates a link on the CPU backend only; drop it for a CUDA device")
@@ -199,12 +255,18 @@ def load_model(model: str, config: OffloadConfig | None = None, **overrides):
     store = ExpertStore(ckpt, adapter, dtype, pinned=False)
     dense_bytes = sum(t.numel() * t.element_size() for t in skeleton.state_dict().values())
     reserve = cfg.reserve if cfg.reserve is not None else estimate_reserve(
-        model_config, dtype, cfg.max_context, adapter.top_k, device)
+        model_config, dtype, cfg.max_context, adapter.top_k, device, getattr(skeleton.config, "_attn_implementation", None))
     plan = plan_memory(cfg, dense_bytes, reserve, store.expert_nbytes, store.total_experts, adapter.top_k, device)
-
-    pinned = cfg.pin_memory if cfg.pin_memory is not None else device.type == "cuda"
-    if pinned:
-        store = ExpertStore(ckpt, adapter, dtype, pinned=True, progress=cfg.show_progress)
+    # host RAM is planned before anything is allocated: a refusal here costs nothing
+    host = plan_host(cfg.pin_memory, device.type, store.store_bytes,
+                     device_side_bytes=dense_bytes + reserve + plan.cache_bytes)
+    if host.pinned:
+        try:
+            store = ExpertStore(ckpt, adapter, dtype, pinned=True, progress=cfg.show_progress)
+        except PinningError as e:
+            if cfg.pin_memory == "on":
+                raise
+            logging.getLogger("moe_prefetch").warning("%s; streaming experts from the checkpoint instead", e)
     skeleton.to_empty(device=device)
     with torch.no_grad():
         _load_dense(skeleton, adapter, ckpt, model_config, cfg.show_progress)
@@ -217,10 +279,10 @@ def load_model(model: str, config: OffloadConfig | None = None, **overrides):
     for layer in adapter.moe_layers():
         adapter.get_block(skeleton, layer).offloader = offloader
     runtime = OffloadRuntime(cfg, adapter, ckpt, store, offloader, plan, device, dtype, stats,
-                             fingerprint=model_fingerprint)
+                             fingerprint=model_fingerprint, host=host)
     # the copy worker must not outlive a model that was dropped without close()
     weakref.finalize(skeleton, engine.close)
-    _install_timers(skeleton, stats, device, [runtime])
+    runtime.timer = _install_timers(skeleton, stats, device, [runtime])
     _load_generation_config(skeleton, path)
     skeleton.moe_runtime = runtime
     if cfg.predictor != "none" and cfg.lookahead > 0:
@@ -228,14 +290,30 @@ def load_model(model: str, config: OffloadConfig | None = None, **overrides):
     return skeleton, _load_tokenizer(path)
 
 
-def set_predictor(model: nn.Module, predictor: Predictor | None, lookahead: int | None = None,
-                  prefetch_budget: int | None = None) -> None:
-    """Install (or, with None, remove) the predictor that drives prefetching of an offloaded model."""
-    rt: OffloadRuntime = model.moe_runtime
+def set_predictor(model: nn.Module, predictor: Predictor | str | None, lookahead: int | None = None,
+                  prefetch_budget: int | None = None, path: str | None = None) -> int:
+    """Install (or, with None or "none", remove) the predictor that drives prefetching of an offloaded model.
+
+    predictor: a Predictor, or a name as --predictor takes it: "next-gate", "history", "m2r2" (path: a
+    predictor file from moe_prefetch.calibrate) or "oracle" (path: a routing trace from moe_prefetch.trace);
+    a file made for another model is refused. lookahead: K (default: the config's). A K beyond what the
+    predictor can use on this model (see Predictor.max_lookahead) runs at that limit: stats() reports the
+    K in use and `model.moe_runtime.lookahead_note` says why. Returns the K in use.
+    """
+    rt = _runtime(model, "set_predictor()")
+    if isinstance(predictor, str):
+        predictor = None if predictor == "none" else make_predictor(
+            predictor, ModelView.of(model, rt.adapter), path, rt.device)
     if rt.prefetcher is not None:
         rt.prefetcher.close()
         rt.prefetcher = None
     K = rt.config.lookahead if lookahead is None else lookahead
+    rt.lookahead_note = None
+    if predictor is not None and K > 0:
+        limit, why = predictor.max_lookahead()
+        if K > limit:
+            rt.lookahead_note = f"lookahead {K} is more than {predictor.name} can use: {why}; running with {limit}"
+            K = limit
     if predictor is not None and K > 0:
         # default: one layer's worth (top-k experts) in flight, so prefetches use an idle link rather than
         # queueing up ahead of it (bench/throughput.py: deeper queues lose to LRU on a busy link)
@@ -243,6 +321,7 @@ def set_predictor(model: nn.Module, predictor: Predictor | None, lookahead: int 
         rt.prefetcher = Prefetcher(model, predictor.view, rt.offloader, predictor, K, budget, rt.stats)
     for layer in rt.adapter.moe_layers():
         rt.adapter.get_block(model, layer).prefetcher = rt.prefetcher
+    return K if rt.prefetcher is not None else 0
 
 
 def _load_generation_config(model: nn.Module, path) -> None:
@@ -262,15 +341,22 @@ def _load_tokenizer(path):
                                "the checkpoint directory needs tokenizer.json or tokenizer.model") from None
 
 
-def stats(model: nn.Module) -> dict:
-    """Counters of an offloaded model as a dict (see RunStats)."""
+def _runtime(model, what: str) -> OffloadRuntime:
     runtime = getattr(model, "moe_runtime", None)
     if runtime is None:
-        raise MoePrefetchError("stats() needs a model returned by moe_prefetch.load_model")
-    return runtime.stats_dict()
+        raise MoePrefetchError(f"{what} needs a model returned by moe_prefetch.load_model")
+    return runtime
+
+
+def stats(model: nn.Module) -> dict:
+    """Counters of an offloaded model as a dict (see RunStats)."""
+    return _runtime(model, "stats()").stats_dict()
 
 
 def reset_stats(model: nn.Module) -> None:
     """Zero the counters of an offloaded model (e.g. after a warm-up)."""
+    _runtime(model, "reset_stats()")
+    if model.moe_runtime.timer is not None:
+        model.moe_runtime.timer.flush()  # forwards timed before the reset must not land after it
     model.moe_runtime.stats.reset()
     model.moe_runtime.offloader.engine.reset_stats()

@@ -4,7 +4,7 @@ One decode step = for each MoE layer: attention (attn_s), then the routed expert
 once its copy has landed, then their compute (expert_s each); after the layer's own demand copies
 are queued, the policy's predictor queues prefetches for the next K layers. One link, one expert
 takes transfer_s; demand copies overtake queued prefetches and an evicted expert's queued copy is
-withdrawn, exactly as the runtime's CPU transfer engine does (priority=False: a FIFO link). Slots are managed with the
+withdrawn, as both of the runtime's transfer engines do (priority=False: a FIFO link, for comparison). Slots are managed with the
 runtime's own ExpertCache and eviction policies, plus Belady (farthest next use) for the bound.
 """
 from __future__ import annotations
@@ -207,8 +207,9 @@ class Link:
 
 
 def simulate(trace: Trace, cost: CostModel, slots: int, policy: Policy, priority: bool = True) -> SimResult:
-    """Replay `trace`; priority=True models the CPU engine (demand first, cancellable prefetches),
-    False a strictly FIFO link (the CUDA engine's copy stream)."""
+    """Replay `trace`; priority=True models the runtime's engines (demand first, withdrawable prefetches;
+    on CUDA the demand and prefetch streams share the link, which lands a demand copy a little earlier
+    than modelled here), False a strictly FIFO link for comparison."""
     routing = trace.routing
     N, L, k = routing.shape
     E = int(trace.header.get("experts", routing.max() + 1))

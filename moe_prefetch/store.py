@@ -2,24 +2,26 @@
 
 Each expert is described by its family's ExpertLayout: one contiguous buffer holding all of its
 matrices, so moving an expert is one copy (CUDA) or a few page-cache reads (CPU).
-  pinned=True   (CUDA) every expert is packed once, at load, into its own pinned host buffer;
-  pinned=False  (CPU)  experts are served straight from the memory-mapped safetensors files.
+  pinned=True   (CUDA) every expert is packed once, at load, into page-locked host memory (one
+                exact-size block per layer, see hostmem.PinnedBlocks); hostmem.plan_host decides
+                beforehand whether the host can afford it;
+  pinned=False  experts are served straight from the memory-mapped safetensors files (on CUDA
+                through the transfer engine's pinned staging ring).
 """
 from __future__ import annotations
 
-import weakref
-
 import torch
-from tqdm.auto import tqdm
 
 from .checkpoint import Checkpoint
 from .errors import MoePrefetchError
 from .families import ExpertLayout, FamilyAdapter
+from .hostmem import PinnedBlocks
+from .progress import progress_bar as tqdm  # plain lines when stderr is not a terminal
 
 
 class ExpertStore:
     def __init__(self, checkpoint: Checkpoint, adapter: FamilyAdapter, dtype: torch.dtype,
-                 pinned: bool = False, progress: bool = False):
+                 pinned: bool = False, progress: bool = False, blocks: PinnedBlocks | None = None):
         self.checkpoint = checkpoint
         self.adapter = adapter
         self.dtype = dtype
@@ -36,31 +38,26 @@ class ExpertStore:
         self.expert_nbytes = self.numel * torch.empty((), dtype=dtype).element_size()
         self.pinned = pinned
         self._host: dict[tuple[int, int], torch.Tensor] = {}
-        self._registered: list[int] = []  # cudaHostRegister'ed block addresses, unregistered on collection
+        self.blocks: PinnedBlocks | None = None
         if pinned:
-            for layer in tqdm(self.layers, desc="pinning experts", unit="layer", disable=not progress):
-                block = self._pinned_block(self.num_experts * self.numel)  # [E * numel]
-                for e in range(self.num_experts):
-                    buf = block[e * self.numel:(e + 1) * self.numel]
-                    for offset, src in self._mapped_pieces(layer, e):
-                        buf[offset:offset + src.numel()].view(src.shape).copy_(src)
-                    self._host[layer, e] = buf
-            if self._registered:
-                weakref.finalize(self, _unregister, list(self._registered))
+            self.blocks = blocks or PinnedBlocks()
+            try:
+                for layer in tqdm(self.layers, desc="pinning experts", unit="layer", disable=not progress):
+                    block = self.blocks.allocate(self.num_experts * self.numel, dtype)  # [E * numel]
+                    for e in range(self.num_experts):
+                        buf = block[e * self.numel:(e + 1) * self.numel]
+                        for offset, src in self._mapped_pieces(layer, e):
+                            buf[offset:offset + src.numel()].view(src.shape).copy_(src)
+                        self._host[layer, e] = buf
+            except BaseException:
+                self._host.clear()
+                self.blocks.release()  # nothing stays pinned after a failed load (Ctrl-C included)
+                raise
 
-    def _pinned_block(self, numel: int) -> torch.Tensor:
-        """Page-locked host memory of exactly `numel` elements: a plain allocation registered with
-        cudaHostRegister (torch's pinned allocator rounds each buffer up to a power of two, which
-        would take 512 MB for a 352 MB Mixtral expert); falls back to torch's allocator."""
-        block = torch.empty(numel, dtype=self.dtype)
-        try:
-            err = torch.cuda.cudart().cudaHostRegister(block.data_ptr(), numel * block.element_size(), 0)
-            if int(getattr(err, "value", err)) == 0:
-                self._registered.append(block.data_ptr())
-                return block
-        except (RuntimeError, AttributeError):
-            pass
-        return torch.empty(numel, dtype=self.dtype, pin_memory=True)
+    @property
+    def store_bytes(self) -> int:
+        """All experts at the store dtype: what pinning the whole store takes."""
+        return self.total_experts * self.expert_nbytes
 
     def _check(self, layout: ExpertLayout, layer: int, expert: int) -> None:
         ref = self._layouts.get((self.layers[0], 0), layout)  # every expert must match the first one
@@ -103,8 +100,3 @@ class ExpertStore:
     @property
     def total_experts(self) -> int:
         return len(self._layouts)
-
-
-def _unregister(addresses: list[int]) -> None:
-    for ptr in addresses:
-        torch.cuda.cudart().cudaHostUnregister(ptr)

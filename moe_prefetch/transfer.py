@@ -5,16 +5,16 @@ extension is loaded and their PyTorch twins otherwise; `engine.backend` names th
   CPUThreadEngine   "cpu-thread/native|ref": one worker thread gathers an expert's pieces (memory-mapped
                     checkpoint pages) into its RAM slot with gather_copy; wait() blocks until that is done.
                     Optionally throttled to an emulated host-to-device link (link_bandwidth, bytes/s).
-  CUDAStreamEngine  "cuda-stream/native|ref": copies are ordered on a dedicated copy stream, one event per
-                    expert; wait() makes the *compute stream* wait on that event (no host synchronisation).
-                    Pinned sources: plain async copies issued from submit(). Pageable sources (a store
-                    that is not pinned, e.g. mmap pieces on a host with less RAM than the model): a worker
-                    thread streams them through a small pinned staging ring, so the compute thread never
-                    blocks on the host-side staging.
-Ordering: the CPU engine runs demand copies (an executing layer waits for them) ahead of queued
-prefetches, and a queued prefetch whose expert gets evicted is cancelled before it runs; since one
-worker copies at a time, a copy into a slot still lands after any earlier copy into that slot. The
-CUDA engine is strictly FIFO on its copy stream (work on a stream cannot be withdrawn).
+  CUDAStreamEngine  "cuda-stream/native|ref": a high-priority demand stream and a low-priority prefetch
+                    stream, one event per expert; wait() makes the *compute stream* wait on that event (no
+                    host synchronisation). Pinned demand copies are issued from submit(); prefetches and
+                    pageable sources (a store that is not pinned: mmap pieces streamed through a small
+                    pinned staging ring) go through one worker thread, so the compute thread never blocks
+                    on host-side staging.
+Ordering, both engines: demand copies (an executing layer waits for them) go ahead of queued
+prefetches, at most one prefetch is on the link at a time, and a queued prefetch whose expert gets
+evicted is withdrawn before it runs. The CPU engine copies one job at a time, so a copy into a slot
+lands after any earlier copy into that slot; the CUDA engine orders them with the slot's events.
 Any failure is stored in the ticket and raised by wait() in the caller's thread as a TransferError;
 close() joins every thread and fails the copies still queued; nothing hangs.
 """
@@ -48,6 +48,7 @@ class CopyJob:
     label: str = ""
     after: Any = None  # CUDA event: the slot is free once the compute stream passes it
     demand: bool = True  # False for prefetches: they yield to demand copies and may be cancelled
+    follows: Any = None  # Ticket of the previous copy into the same slot (CUDA: two streams must not race)
 
 
 @dataclass
@@ -149,9 +150,10 @@ class _Worker:
 
     _STOP = 9  # sorts after every job
 
-    def __init__(self, handle, name: str, priority: bool = False):
+    def __init__(self, handle, name: str, priority: bool = False, gate=None):
         self._handle = handle
         self._priority = priority
+        self._gate = gate  # called before a prefetch starts; may block until the link has room for it
         self._queue: queue.PriorityQueue = queue.PriorityQueue()
         self._seq = 0
         self._seq_lock = threading.Lock()
@@ -165,9 +167,14 @@ class _Worker:
 
     def _loop(self) -> None:
         while True:
-            _, _, ticket = self._queue.get()
+            rank, seq, ticket = self._queue.get()
             if ticket is None:
                 return
+            if self._gate is not None and not ticket.job.demand and ticket.state == "queued":
+                self._gate()  # a queued prefetch stays withdrawable while it waits here
+                if self._demand_waiting():  # a demand copy arrived meanwhile: it goes first
+                    self._queue.put((rank, seq, ticket))
+                    continue
             if not ticket.start():
                 continue  # cancelled while queued
             try:
@@ -175,8 +182,13 @@ class _Worker:
             except BaseException as e:  # noqa: BLE001 - handed to the waiting caller
                 ticket.error = e
             finally:
+                ticket.job.follows = None  # ordered by now; do not keep a chain of old tickets alive
                 ticket.state = "finished"
                 ticket.host.set()
+
+    def _demand_waiting(self) -> bool:
+        with self._queue.mutex:
+            return bool(self._queue.queue) and self._queue.queue[0][0] == 0
 
     def put(self, ticket: Ticket) -> None:
         rank = 0 if (ticket.job.demand or not self._priority) else 1
@@ -280,12 +292,24 @@ class CPUThreadEngine(TransferEngine):
 
 
 class CUDAStreamEngine(TransferEngine):
-    """Copies on a dedicated CUDA stream; the compute stream waits on a per-expert event."""
+    """Two copy streams and one worker thread; the compute stream waits on a per-expert event.
+
+    Demand copies (a layer is about to read the expert) from pinned memory are issued at once, from
+    the calling thread, on a high-priority demand stream. Everything else goes through the worker's
+    queue, demand first: staged demand copies (pageable sources, through the pinned staging ring) and
+    every prefetch. A prefetch is issued onto the low-priority prefetch stream only once the previous
+    prefetch has landed, so the link never holds more than one expert's worth of prefetch in front of a
+    demand copy, and a prefetch still queued can be withdrawn when its expert is evicted, as on the
+    CPU engine. Copies into one slot stay ordered across the two streams: a job waits for the slot's
+    previous copy (`CopyJob.follows`) and for the compute stream to be done reading it (`after`).
+    Events are blocking-sync, so host threads that wait on them sleep instead of spinning."""
 
     def __init__(self, device: torch.device, measure_stalls: bool = True, threads: int | None = None,
                  native: bool | None = None):
         self.device = device
-        self.stream = torch.cuda.Stream(device=device)
+        low, high = torch.cuda.Stream.priority_range() if hasattr(torch.cuda.Stream, "priority_range") else (0, -1)
+        self.demand_stream = torch.cuda.Stream(device=device, priority=high)
+        self.prefetch_stream = torch.cuda.Stream(device=device, priority=low)
         self.measure_stalls = measure_stalls
         from . import _native
 
@@ -295,9 +319,8 @@ class CUDAStreamEngine(TransferEngine):
         self._native = ext is not None and ext.has_cuda()
         self.backend = "cuda-stream/" + ("native" if self._native else "ref")
         self._ring = None  # pinned staging ring, allocated with the first pageable job
-        self._worker: _Worker | None = None
-        self._queued = 0  # jobs handed to the worker and not yet issued
-        self._lock = threading.Lock()
+        self._in_flight: Ticket | None = None  # the last prefetch issued
+        self._worker = _Worker(self._run, "moe-prefetch-copy", priority=True, gate=self._prefetch_gate)
         self._stall_pairs: list[tuple[torch.cuda.Event, torch.cuda.Event]] = []
         self._stall_total = 0.0
         self._closed = False
@@ -310,54 +333,67 @@ class CUDAStreamEngine(TransferEngine):
     def submit(self, job: CopyJob) -> Ticket:
         if self._closed:
             return _closed_ticket(job)
-        with self._lock:
-            direct = self._queued == 0 and self._direct(job)  # behind staged jobs: queue too, to stay FIFO
-            if not direct:
-                self._queued += 1
-        if direct:
-            ticket = Ticket(job)
+        ticket = Ticket(job, host=threading.Event())
+        if job.demand and self._direct(job):
+            ticket.start()
             try:
-                self._issue(ticket, staged=False)
+                self._issue(ticket, self.demand_stream, staged=False)
             except BaseException as e:  # noqa: BLE001 - raised by wait()
                 ticket.error = e
+            finally:
+                job.follows = None
+                ticket.state = "finished"
+                ticket.host.set()
             return ticket
-        ticket = Ticket(job, host=threading.Event())
-        if self._worker is None:
-            self._worker = _Worker(self._run, "moe-prefetch-stage")
         self._worker.put(ticket)
         return ticket
 
-    def _run(self, ticket: Ticket) -> None:  # worker thread
-        try:
-            self._issue(ticket, staged=not self._direct(ticket.job))
-        finally:
-            with self._lock:
-                self._queued -= 1
+    def cancel(self, ticket: Ticket) -> bool:
+        return ticket.cancel()
 
-    def _issue(self, ticket: Ticket, staged: bool) -> None:
-        """Order the job's copies on the copy stream after its slot-free event, then record its event."""
+    def _prefetch_gate(self) -> None:  # worker thread: wait until the previous prefetch has landed
+        last = self._in_flight
+        if last is not None and last.event is not None:
+            last.event.synchronize()
+
+    def _run(self, ticket: Ticket) -> None:  # worker thread
         job = ticket.job
-        with torch.cuda.stream(self.stream):
+        self._issue(ticket, self.demand_stream if job.demand else self.prefetch_stream, staged=not self._direct(job))
+        if not job.demand:
+            self._in_flight = ticket
+
+    def _issue(self, ticket: Ticket, stream, staged: bool) -> None:
+        """Order the job's copies on `stream` after the slot's previous copy and its slot-free event,
+        then record the job's event."""
+        job = ticket.job
+        prev = job.follows
+        if prev is not None and prev.state == "running" and prev.host is not None:
+            prev.host.wait()  # the worker is issuing the slot's previous copy right now
+        with torch.cuda.stream(stream):
+            if prev is not None and prev.event is not None:
+                stream.wait_event(prev.event)
             if job.after is not None:
-                self.stream.wait_event(job.after)  # do not overwrite a slot the compute stream still reads
+                stream.wait_event(job.after)  # do not overwrite a slot the compute stream still reads
             if staged:
                 check_fit(job)
                 if self._ring is None:
                     self._ring = self._ops.make_staging_ring(self.device, threads=self.threads, native=self._native)
-                self._ring.copy(job.dst, job.pieces, self.stream)
+                self._ring.copy(job.dst, job.pieces, stream)
             else:
                 run_copy(job, non_blocking=True)
-            event = torch.cuda.Event()
-            event.record(self.stream)
+            event = torch.cuda.Event(blocking=True)
+            event.record(stream)
             ticket.event = event
 
     def wait(self, ticket: Ticket) -> float:
-        if ticket.host is not None and not ticket.host.is_set():
+        if not ticket.host.is_set():
             t0 = time.perf_counter()
-            self._worker.wait(ticket)  # the staging itself: a real stall, counted with the stream stalls
+            self._worker.wait(ticket)  # queued or staging: a real stall, counted with the stream stalls
             self._stall_total += time.perf_counter() - t0
         if ticket.error is not None:
             raise _wrap(ticket)
+        if ticket.event is None:
+            raise TransferError(f"copy of {ticket.job.label or 'expert'} was withdrawn before it ran")
         compute = torch.cuda.current_stream(self.device)
         if self.measure_stalls and not ticket.event.query():
             start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
@@ -383,10 +419,10 @@ class CUDAStreamEngine(TransferEngine):
     def close(self) -> None:
         if not self._closed:
             self._closed = True
-            if self._worker is not None:
-                self._worker.stop()
-            self.stream.synchronize()
-            self._ring = None  # frees the pinned chunks (their transfers are done: the stream is synchronised)
+            self._worker.stop()
+            self.demand_stream.synchronize()
+            self.prefetch_stream.synchronize()
+            self._ring = None  # frees the pinned chunks (their transfers are done: the streams are synchronised)
 
 
 def _wrap(ticket: Ticket) -> TransferError:

@@ -12,6 +12,9 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 torch.set_num_threads(min(2, torch.get_num_threads()))
 
 VOCAB = 96
+# The device equivalence tests run on: MOE_PREFETCH_TEST_DEVICE if set, else CUDA where present, else CPU.
+# Runtime and reference always run on the same device, so each is compared with its own arithmetic.
+TEST_DEVICE = os.environ.get("MOE_PREFETCH_TEST_DEVICE") or ("cuda" if torch.cuda.is_available() else "cpu")
 
 
 def save_tokenizer(path: Path, vocab: int = VOCAB) -> None:
@@ -47,9 +50,12 @@ def tiny_mixtral(tmp_path_factory) -> Path:
     return make_mixtral(tmp_path_factory.mktemp("ckpt") / "tiny")
 
 
-def reference_generate(path, ids, new_tokens, dtype=torch.float32, **kwargs):
+def reference_generate(path, ids, new_tokens, dtype=torch.float32, device=None, **kwargs):
+    """Greedy tokens of the unmodified transformers model, on `device` (default: TEST_DEVICE), as a CPU tensor."""
     from transformers import AutoModelForCausalLM
 
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, **kwargs)
+    device = device or TEST_DEVICE
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, **kwargs).to(device)
     with torch.inference_mode():
-        return model.generate(ids, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False)
+        out = model.generate(ids.to(device), max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False)
+    return out.cpu()

@@ -1,11 +1,14 @@
-"""Greedy output through the runtime is token-identical to plain transformers, for every cache size."""
+"""Greedy output through the runtime is token-identical to plain transformers, for every cache size.
+
+Runs on TEST_DEVICE (conftest: MOE_PREFETCH_TEST_DEVICE, else CUDA where present, else CPU); the
+reference runs on the same device."""
 from __future__ import annotations
 
 import pytest
 import torch
 
 import moe_prefetch as mp
-from conftest import make_mixtral, reference_generate
+from conftest import TEST_DEVICE, make_mixtral, reference_generate
 
 PROMPT = torch.tensor([[5, 17, 33, 8, 61, 42, 11, 90, 23, 7, 54, 3, 71, 29, 46, 88]])  # [1, 16]
 NEW = 24
@@ -17,6 +20,8 @@ SHAPES = {
     "l2-e6-k3-tied": dict(layers=2, experts=6, top_k=3, tie=True, seed=3),
     "l2-e4-k1-bf16": dict(layers=2, experts=4, top_k=1, dtype=torch.bfloat16, seed=5),
 }
+if TEST_DEVICE.startswith("cuda"):  # half precision is converted to float32 on the CPU backend
+    SHAPES["l2-e4-k2-fp16"] = dict(layers=2, experts=4, top_k=2, dtype=torch.float16, seed=7)
 
 
 def cache_sizes(layers, experts, top_k):
@@ -25,12 +30,12 @@ def cache_sizes(layers, experts, top_k):
 
 
 def run(path, slots, dtype, **kw):
-    model, _ = mp.load_model(str(path), mp.OffloadConfig(device="cpu", expert_cache=slots, show_progress=False, **kw))
+    model, _ = mp.load_model(str(path), mp.OffloadConfig(device=TEST_DEVICE, expert_cache=slots, show_progress=False, **kw))
     with torch.inference_mode():
-        out = model.generate(PROMPT, max_new_tokens=NEW, min_new_tokens=NEW, do_sample=False)
+        out = model.generate(PROMPT.to(TEST_DEVICE), max_new_tokens=NEW, min_new_tokens=NEW, do_sample=False)
     st = mp.stats(model)
     model.moe_runtime.close()
-    return out, st
+    return out.cpu(), st
 
 
 @pytest.mark.parametrize("name", list(SHAPES))
@@ -70,18 +75,18 @@ def test_full_forward_logits_bitwise_equal(tiny_mixtral):
     """Not just argmax: prefill logits are bit-for-bit the reference's, even with rounds (2 slots)."""
     from transformers import AutoModelForCausalLM
 
-    ref = AutoModelForCausalLM.from_pretrained(tiny_mixtral)
-    model, _ = mp.load_model(str(tiny_mixtral), mp.OffloadConfig(device="cpu", expert_cache=2, show_progress=False))
+    ref = AutoModelForCausalLM.from_pretrained(tiny_mixtral).to(TEST_DEVICE)
+    model, _ = mp.load_model(str(tiny_mixtral), mp.OffloadConfig(device=TEST_DEVICE, expert_cache=2, show_progress=False))
     with torch.inference_mode():
-        a = ref(PROMPT).logits
-        b = model(PROMPT).logits
+        a = ref(PROMPT.to(TEST_DEVICE)).logits
+        b = model(PROMPT.to(TEST_DEVICE)).logits
     assert torch.equal(a, b)
 
 
 def test_minimum_cache_runs_prefill_in_rounds(tiny_mixtral):
-    model, _ = mp.load_model(str(tiny_mixtral), mp.OffloadConfig(device="cpu", expert_cache=2, show_progress=False))
+    model, _ = mp.load_model(str(tiny_mixtral), mp.OffloadConfig(device=TEST_DEVICE, expert_cache=2, show_progress=False))
     with torch.inference_mode():
-        model(PROMPT)
+        model(PROMPT.to(TEST_DEVICE))
     st = mp.stats(model)
     # a 16-token prompt routes to all 4 experts of each layer, but only 2 slots exist
     assert st["misses"] == 2 * 4 and st["hits"] == 0

@@ -265,3 +265,37 @@ def test_demand_copies_overtake_queued_prefetches_and_cancel_withdraws():
     eng.close()
     assert order == ["p0", "d", "p1"]
     assert dst.tolist() == [1, 1, 0, 1]  # p2 never wrote
+
+
+def test_worker_gate_lets_demand_overtake_a_waiting_prefetch_and_withdraws_it():
+    """The CUDA engine's scheduling core: a prefetch waits at the gate (the previous prefetch still on
+    the link); a demand copy queued meanwhile runs first, and a prefetch withdrawn while waiting never runs."""
+    import threading
+
+    from moe_prefetch.transfer import CopyJob, Ticket, _Worker
+
+    ran, link_free = [], threading.Event()
+    gate_entered = threading.Event()
+
+    def gate():
+        gate_entered.set()
+        link_free.wait(5)
+
+    worker = _Worker(lambda t: ran.append(t.job.label), "test-gate", priority=True, gate=gate)
+
+    def job(label, demand):
+        return Ticket(CopyJob(dst=torch.empty(1), pieces=[], nbytes=1, label=label, demand=demand),
+                      host=threading.Event())
+
+    p1, p2, d = job("p1", False), job("p2", False), job("d", True)
+    worker.put(p1)
+    assert gate_entered.wait(5)
+    worker.put(d)       # arrives while p1 waits for the link
+    worker.put(p2)
+    assert p2.cancel()  # evicted before it ever ran
+    link_free.set()
+    for t in (p1, d):
+        worker.wait(t)
+    worker.stop()
+    assert ran == ["d", "p1"], ran
+    assert p2.state == "cancelled"

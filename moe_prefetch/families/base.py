@@ -119,8 +119,10 @@ class FamilyAdapter:
         """x [T, H] -> routing distribution [T, E] (float32) used to score experts ahead of time."""
         return torch.softmax(torch.nn.functional.linear(x, router.weight).float(), dim=-1)
 
-    def expert_mlp(self, views: dict[str, torch.Tensor], rows: torch.Tensor) -> torch.Tensor:
-        """rows [n, H] -> [n, H] through one expert (no routing weight applied)."""
+    def expert_mlp(self, views: dict[str, torch.Tensor], rows: torch.Tensor, mm=None) -> torch.Tensor:
+        """rows [n, H] -> [n, H] through one expert (no routing weight applied). mm(rows, weight[out, in])
+        is the matmul to use (default: torch.mm against weight^T; on CUDA the block passes the grouped
+        kernel the reference would use)."""
         raise NotImplementedError
 
     def expert_mlp_eager(self, views: dict[str, torch.Tensor], rows: torch.Tensor) -> torch.Tensor:
@@ -186,10 +188,11 @@ class GatedExpertsAdapter(FamilyAdapter):
         _, weights, indices = router(x)  # [T, k], [T, k]
         return weights, indices
 
-    def expert_mlp(self, views, rows):
-        h = torch.mm(rows, views["gate_up"].t())  # [n, 2I]
+    def expert_mlp(self, views, rows, mm=None):
+        mm = mm or (lambda r, w: torch.mm(r, w.t()))
+        h = mm(rows, views["gate_up"])  # [n, 2I]
         gate, up = h.chunk(2, dim=-1)
-        return torch.mm(self.act_fn(gate) * up, views["down"].t())  # [n, H]
+        return mm(self.act_fn(gate) * up, views["down"])  # [n, H]
 
     def expert_mlp_eager(self, views, rows):
         gate, up = torch.nn.functional.linear(rows, views["gate_up"]).chunk(2, dim=-1)  # [n, I] each

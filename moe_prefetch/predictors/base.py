@@ -49,6 +49,9 @@ class Predictor:
     #: True when the predictor can also score the *next* token's layers (i + d >= number of layers
     #: means layer i + d - n of the next forward pass); residual-based predictors cannot
     wraps = False
+    #: True when the predictor works on host data only (routing history, a recorded trace): it is
+    #: called after the layer's routing has been read back and never touches the device
+    on_host = False
 
     def __init__(self, view: ModelView):
         self.view = view
@@ -62,6 +65,25 @@ class Predictor:
 
     def observe(self, i: int, indices: torch.Tensor) -> None:
         """The router of MoE layer i chose `indices` [T, k]."""
+
+    def observe_rows(self, i: int, rows: list[list[int]]) -> None:
+        """observe() with the routing as host lists [T][k] (what the runtime has after its one read)."""
+        self.observe(i, torch.tensor(rows))
+
+    def max_lookahead(self) -> tuple[int, str]:
+        """The farthest distance d this predictor can score on this model, and why, in words. One rule
+        for every command: a residual predictor reaches the last MoE layer (n - 1 layers ahead), a
+        wrapping one the same layer of the next token (n layers ahead)."""
+        n = len(self.view.layers)
+        if self.wraps:
+            return n, f"it predicts at most one token ahead, {n} layers on a model with {n} MoE layers"
+        return n - 1, residual_reach(n)
+
+
+def residual_reach(n_layers: int) -> str:
+    """Why a predictor that reads the residual stream cannot look further (run and calibrate say the same)."""
+    return (f"it reads the residual stream, so it predicts at most {n_layers - 1} layers ahead "
+            f"on a model with {n_layers} MoE layers")
 
 
 class NoPredictor(Predictor):

@@ -11,10 +11,11 @@ class OraclePredictor(Predictor):
     name = "oracle"
     sequential = True
     wraps = True
+    on_host = True
 
     def __init__(self, view, trace: list[list[torch.Tensor]]):
         super().__init__(view)
-        self.trace = trace  # trace[step][i] = indices [T, k]
+        self.trace = [[t.detach().to("cpu", torch.long) for t in step] for step in trace]  # [step][i] = [T, k], host
         self.step = -1
 
     def reset(self):
@@ -37,7 +38,7 @@ class OraclePredictor(Predictor):
             if step < len(self.trace):
                 idx = self.trace[step][j]  # [T', k]
                 scores = torch.zeros(idx.shape[0], self.view.num_experts)
-                scores.scatter_(1, idx.cpu(), 1.0)
+                scores.scatter_(1, idx, 1.0)
                 if scores.shape[0] != h.shape[0]:  # a forward pass shaped unlike the trace's: union
                     scores = scores.amax(0, keepdim=True).expand(h.shape[0], -1)
                 out[d] = scores
