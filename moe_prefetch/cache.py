@@ -136,6 +136,9 @@ class ExpertCache:
     def is_pinned(self, key: Key) -> bool:
         return key in self._pins
 
+    def has_free(self) -> bool:
+        return bool(self._free)
+
     def evictable(self, protected: Collection[Key] = ()) -> set[Key]:
         return {k for k in self._slot_of if k not in self._pins and k not in protected}
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 
 from .cli_common import check_size_flag
-from .config import DEVICES, DTYPES, EVICTION_POLICIES, PIN_MODES, OffloadConfig
+from .config import DEVICES, DTYPES, EVICTION_POLICIES, HOST_COMPUTE, PIN_MODES, OffloadConfig
 from .errors import MoePrefetchError
 from .predictors import PREDICTORS
 
@@ -27,6 +27,13 @@ def add_loading_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--prefetch-budget", help="cap on prefetch bytes in flight, e.g. 256MiB (default: top-k experts, one layer's worth)")
     p.add_argument("--link-gbps", type=float, help="CPU only: emulate a host-to-device link of this many GB/s "
                    "(throttles expert copies; for benchmarks; default off)")
+    p.add_argument("--host-compute", default="auto", choices=HOST_COMPUTE,
+                   help="compute a missed expert on the host CPU when that finishes before a copy would: on, off, or "
+                   "auto (default: on for the CPU backend with --host-gbps, off on CUDA where it changes the arithmetic)")
+    p.add_argument("--host-gbps", type=float, help="CPU only: emulate a host that reads experts at this many GB/s "
+                   "(for benchmarks, with --link-gbps; default off)")
+    p.add_argument("--no-prefetch-gate", action="store_true",
+                   help="issue every predicted prefetch that fits the budget, even when it is not expected to pay")
     p.add_argument("--pin-memory", default="auto", choices=PIN_MODES,
                    help="CUDA: page-lock every expert in host RAM (on), stream them from the memory-mapped checkpoint "
                    "through a small pinned ring (off), or pin only when they fit in available RAM with a margin "
@@ -41,6 +48,8 @@ def validate_loading_flags(args) -> None:
     check_size_flag("--prefetch-budget", args.prefetch_budget)
     if args.expert_cache is not None and args.expert_cache < 1:
         raise MoePrefetchError(f"--expert-cache must be a positive number of experts, got {args.expert_cache}")
+    if args.host_gbps is not None and args.host_gbps <= 0:
+        raise MoePrefetchError(f"--host-gbps must be positive, got {args.host_gbps}")
     if args.link_gbps is not None and args.link_gbps <= 0:
         raise MoePrefetchError(f"--link-gbps must be positive, got {args.link_gbps}")
 
@@ -53,4 +62,6 @@ def offload_config(args, max_context: int) -> OffloadConfig:
                          lookahead=OffloadConfig.lookahead if args.lookahead is None else args.lookahead,
                          prefetch_budget=args.prefetch_budget, pin_memory=args.pin_memory,
                          link_bandwidth=args.link_gbps * 1e9 if args.link_gbps else None,
+                         host_compute=args.host_compute, prefetch_gate=not args.no_prefetch_gate,
+                         host_bandwidth=args.host_gbps * 1e9 if args.host_gbps else None,
                          show_progress=not args.no_progress)

@@ -46,7 +46,8 @@ def format_size(n: int) -> str:
 
 DTYPES = ("auto", "float32", "float16", "bfloat16")
 DEVICES = ("auto", "cpu", "cuda")
-EVICTION_POLICIES = ("lru", "lfu")
+EVICTION_POLICIES = ("lru", "lfu", "predictive")
+HOST_COMPUTE = ("auto", "on", "off")
 PIN_MODES = ("auto", "on", "off")
 
 
@@ -74,6 +75,12 @@ class OffloadConfig:
     lookahead:      K: predict and prefetch the experts of layers l+1 .. l+K.
     prefetch_budget: cap on bytes in flight for prefetches; None = top_k experts (one layer's worth).
     link_bandwidth: emulate a host-to-device link of this many bytes/s on the CPU engine (benchmarks).
+    host_compute:   compute missed experts on the host CPU when that beats copying them: "on", "off", or
+                    "auto" (default): on for the CPU backend when host_bandwidth is set (lossless there),
+                    off on CUDA, where the host's arithmetic differs from the GPU's (opt in with "on").
+    host_bandwidth: CPU backend: emulate a host that reads experts at this many bytes/s (benchmarks).
+    prefetch_gate:  issue a prefetch only when its expected saving beats its cost (default); False issues
+                    every predicted expert that fits the budget (the ungated behaviour, for comparison).
     """
 
     device: str = "auto"
@@ -91,6 +98,9 @@ class OffloadConfig:
     lookahead: int = 2
     prefetch_budget: int | str | None = None
     link_bandwidth: float | None = None
+    host_compute: str = "auto"
+    host_bandwidth: float | None = None
+    prefetch_gate: bool = True
 
     def __post_init__(self):
         dev = self.device
@@ -123,6 +133,10 @@ class OffloadConfig:
             raise MoePrefetchError(f"lookahead must be an integer from 0 to 16, got {self.lookahead!r}")
         if self.prefetch_budget is not None:
             object.__setattr__(self, "prefetch_budget", parse_size(self.prefetch_budget))
+        if self.host_compute not in HOST_COMPUTE:
+            raise MoePrefetchError(f"unknown host_compute {self.host_compute!r}: use one of {', '.join(HOST_COMPUTE)}")
+        if self.host_bandwidth is not None and not (isinstance(self.host_bandwidth, (int, float)) and self.host_bandwidth > 0):
+            raise MoePrefetchError(f"host bandwidth must be a positive number of bytes/s, got {self.host_bandwidth!r}")
         if self.link_bandwidth is not None and not (isinstance(self.link_bandwidth, (int, float)) and self.link_bandwidth > 0):
             raise MoePrefetchError(f"link bandwidth must be a positive number of bytes/s, got {self.link_bandwidth!r}")
         if not isinstance(self.max_context, int) or self.max_context < 1:

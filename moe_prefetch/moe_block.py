@@ -11,8 +11,9 @@ When a layer needs more experts than there are slots (long prompts), experts run
 group's rows are computed independently, so rounds do not change a single bit.
 
 Per layer the host reads the device once (devsync.read_back): the routing, together with the
-predictor's summary. Then, in the grouped path, experts whose bytes are already in their slots are
-computed first and the missed ones after, each waiting only for its own copy.
+predictor's summary. The planner (through the offloader) then says where each expert runs: experts
+sent to the host start there first, experts whose bytes are already in their slots are computed
+next, and the missed ones after, each waiting only for its own copy.
 """
 from __future__ import annotations
 
@@ -70,38 +71,57 @@ class OffloadedMoE(nn.Module):
                 counts[e] += 1
         return routing, counts, (host[1] if summary is not None else None)
 
-    def _run(self, experts: list[int], compute, routing, summary) -> None:
-        """Acquire `experts` in as many rounds as the cache needs and call compute(e, views) for each:
-        landed ones first (grouped path), then the missed ones as their copies land. The prefetcher plans
-        once, after the demand copies are queued and, on an asynchronous device, after the landed
-        experts' compute is enqueued, so the host plans while the device computes."""
+    def _run(self, counts: list[int], device_fn, host_fn, host_store, routing, summary) -> None:
+        """Run the layer's routed experts (counts[e] rows each) as the planner decides, in as many rounds
+        as the cache needs: host experts are queued on the host executor first, then the device computes
+        its landed experts, then the missed ones as their copies land, then the host results are stored.
+        device_fn(e, views) computes on a slot; host_fn(e) -> (mlp, rows) is what the host runs;
+        host_store(e, out) stores its result. The prefetcher plans once, after the demand copies are
+        queued and, on an asynchronous device, after the landed experts' compute is enqueued, so the
+        host plans while the device computes (on the CPU backend, before: the copy thread then moves the
+        prefetches while the host computes)."""
         off, layer = self.offloader, self.layer
+        experts = [e for e, n in enumerate(counts) if n]
+        rows = {e: counts[e] for e in experts}
         plan = None
         if self.prefetcher is not None:
             plan = lambda: self.prefetcher.plan(layer, routing, experts, summary)  # noqa: E731
         asynchronous = off.device.type == "cuda"
         pending = experts
         while pending:
-            granted = off.acquire(layer, pending, in_order=self.eager)  # eager adds up in ascending order
+            actions = off.acquire(layer, pending, rows, in_order=self.eager)  # eager adds up in ascending order
             try:
-                order = granted if self.eager else \
-                    [e for e in granted if off.landed(layer, e)] + [e for e in granted if not off.landed(layer, e)]
-                landed = sum(1 for e in order if off.landed(layer, e)) if asynchronous else 0
+                jobs = {}
+                if not self.eager:  # start the host early: it works while the device computes
+                    jobs = {a.key[1]: off.host.submit(layer, a.key[1], *host_fn(a.key[1]))
+                            for a in actions if a.kind == "host"}
+                device = [a.key[1] for a in actions if a.kind != "host"]
+                if not self.eager:
+                    device = [e for e in device if off.landed(layer, e)] + [e for e in device if not off.landed(layer, e)]
+                landed = sum(1 for e in device if off.landed(layer, e)) if asynchronous else 0
                 if plan is not None and not asynchronous:
                     plan()  # host = device: queue the prefetches first, the copy thread moves them meanwhile
                     plan = None
-                for n, e in enumerate(order):
-                    if plan is not None and n == landed:
+                order = [a.key[1] for a in actions] if self.eager else device
+                done = 0
+                for e in order:
+                    if plan is not None and done == landed:
                         plan()
                         plan = None
-                    compute(e, off.ready(layer, e))
+                    if self.eager and e not in device:  # in order: this host expert's sum comes now
+                        host_store(e, off.host.result(off.host.submit(layer, e, *host_fn(e))))
+                        continue
+                    device_fn(e, off.ready(layer, e))
+                    done += 1
                 if plan is not None:
                     plan()
                     plan = None
+                for e, job in jobs.items():
+                    host_store(e, off.host.result(job))
             finally:
-                off.release(layer, granted)
-            done = set(granted)
-            pending = [e for e in pending if e not in done]
+                off.release(actions)
+            granted = {a.key[1] for a in actions}
+            pending = [e for e in pending if e not in granted]
 
     def _mm(self, rows: torch.Tensor, weight: torch.Tensor, offs: torch.Tensor | None) -> torch.Tensor:
         """rows [n, in] @ weight[out, in]^T -> [n, out], with the reference's kernel for the device."""
@@ -129,7 +149,13 @@ class OffloadedMoE(nn.Module):
             mm = (lambda r, w: self._mm(r, w, offs)) if offs is not None else None
             out[s:s + n] = self.adapter.expert_mlp(views, rows[s:s + n], mm=mm)
 
-        self._run([e for e, n in enumerate(counts) if n], compute, routing, summary)
+        def host_rows(e):
+            return self.adapter.expert_mlp, rows[starts[e]:starts[e] + counts[e]]
+
+        def host_store(e, h):
+            out[starts[e]:starts[e] + counts[e]] = h
+
+        self._run(counts, compute, host_rows, host_store, routing, summary)
         weighted = out * weights.reshape(-1)[perm].unsqueeze(-1)  # [S, H] (promotes like the reference)
         inverse = torch.empty_like(perm)
         inverse[perm] = torch.arange(perm.numel(), device=perm.device)
@@ -148,11 +174,19 @@ class OffloadedMoE(nn.Module):
         for e in range(1, len(counts)):
             starts[e] = starts[e - 1] + counts[e - 1]
 
-        def compute(e, views):
+        def token_positions(e):
             p = perm[starts[e]:starts[e] + counts[e]]
-            tok, pos = p // k, p % k
-            h = self.adapter.expert_mlp_eager(views, x[tok]) * weights[tok, pos, None]
-            final.index_add_(0, tok, h.to(final.dtype))
+            return p // k, p % k
 
-        self._run([e for e, n in enumerate(counts) if n], compute, routing, summary)
+        def add(e, h):
+            tok, pos = token_positions(e)
+            final.index_add_(0, tok, (h * weights[tok, pos, None]).to(final.dtype))
+
+        def compute(e, views):
+            add(e, self.adapter.expert_mlp_eager(views, x[token_positions(e)[0]]))
+
+        def host_rows(e):
+            return self.adapter.expert_mlp_eager, x[token_positions(e)[0]]
+
+        self._run(counts, compute, host_rows, add, routing, summary)
         return final

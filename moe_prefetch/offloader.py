@@ -1,93 +1,92 @@
-"""ExpertOffloader: the data-movement side of the expert cache.
+"""ExpertOffloader: the data-movement side of the expert cache. The planner (planner.py) decides;
+this executes.
 
-Owns the device slot pool (one [slots, expert_numel] tensor), the cache bookkeeping (cache.py),
-the host store (store.py) and the transfer engine (transfer.py). A layer asks for its experts with
-acquire(); hits are pinned at once, misses get a slot (evicting by policy) and a demand copy;
-ready() waits for that expert's copy only; release() unpins and, on CUDA, records when the compute
-stream is done reading the slots so a later copy never overwrites them early.
+Owns the device slot pool (one [slots, expert_numel] tensor), the host store (store.py), the transfer
+engine (transfer.py) and the host executor (host_compute.py). A layer asks for its experts with
+acquire(): the planner answers with one action per expert (hit, wait, copy, host) and this starts the
+demand copies, promotes a late prefetch still queued to a demand copy, and withdraws the queued copy
+of any expert the planner evicted. ready() waits for one expert's copy only; release() unpins and, on
+CUDA, records when the compute stream is done reading the slots so a later copy never overwrites them
+early. prefetch() executes the planner's prefetch actions. The planner's clock is perf_counter, and
+its cost model is refreshed from what the engine and the host executor measured.
 """
 from __future__ import annotations
 
+import time
 from dataclasses import replace
 
 import torch
 
-from .cache import CacheFullError, ExpertCache, EvictionPolicy
+from .planner import Action, Costs, Planner
 from .stats import RunStats
 from .store import ExpertStore
 from .transfer import CopyJob, Ticket, TransferEngine, TransferError
 
 
 class ExpertOffloader:
-    def __init__(self, store: ExpertStore, n_slots: int, device: torch.device, policy: EvictionPolicy,
-                 engine: TransferEngine, stats: RunStats | None = None):
+    def __init__(self, store: ExpertStore, planner: Planner, device: torch.device, engine: TransferEngine,
+                 stats: RunStats | None = None, host=None):
         self.store = store
+        self.planner = planner
+        self.cache = planner.cache
         self.device = device
         self.engine = engine
+        self.host = host  # HostExecutor, when host compute is on
         self.stats = stats or RunStats()
-        self.cache = ExpertCache(n_slots, policy)
+        n_slots = self.cache.n_slots
         self.pool = torch.empty(n_slots, store.numel, dtype=store.dtype, device=device)  # [slots, numel]
         self._views = [store.layout.views(self.pool[s]) for s in range(n_slots)]
         self._tickets: dict[tuple[int, int], Ticket] = {}
         self._prefetched: set[tuple[int, int]] = set()  # brought in by prefetch, not yet used
         self._slot_free: list = [None] * n_slots  # CUDA events: compute stream done with the slot
         self._slot_copy: list[Ticket | None] = [None] * n_slots  # the latest copy into each slot
+        self._last_plan: float | None = None
+        self._layer_gap = None  # EMA of wall time between consecutive layers' plans (one layer's work)
 
     @property
     def n_slots(self) -> int:
         return self.cache.n_slots
 
-    # ---- the executing layer -----------------------------------------------------------------
-    def acquire(self, layer: int, experts: list[int], in_order: bool = False) -> list[int]:
-        """Pin the resident ones among `experts` and start demand copies for missing ones, as long as
-        a slot can be had without evicting another expert this layer needs. Returns the granted
-        experts (in the order given); the caller computes them, calls release(), and asks again for
-        the rest. in_order=True grants only a prefix of `experts` (for arithmetic whose result
-        depends on the order experts are added up)."""
-        needed = {(layer, e) for e in experts}
-        granted: set[int] = set()
-        if not in_order:  # hits first, so a miss can never evict an expert this layer is about to use
-            for e in experts:
-                if (layer, e) in self.cache:
-                    self._hit((layer, e))
-                    granted.add(e)
-        for e in experts:
-            key = (layer, e)
-            if e in granted:
-                continue
-            if key in self.cache:
-                self._hit(key)
-            else:
-                try:
-                    slot, evicted = self.cache.insert(key, protected=needed)
-                except CacheFullError:
-                    if granted:
-                        break  # every slot is in use by this layer: the caller runs another round
-                    slot, evicted = self.cache.insert(key)  # must make progress: a later expert goes
-                self._evicted(evicted)
-                self.cache.pin(key)
-                self._submit(key, slot)
-                self.stats.misses += 1
-                self.stats.expert_requests += 1
-            granted.add(e)
-        if not granted:
-            raise RuntimeError(f"expert cache of {self.n_slots} slots could not grant any expert of layer {layer}")
-        return [e for e in experts if e in granted]
+    @staticmethod
+    def clock() -> float:
+        return time.perf_counter()
 
-    def _hit(self, key: tuple[int, int]) -> None:
-        self.cache.touch(key)
-        self.cache.pin(key)
-        self.stats.hits += 1
-        self.stats.expert_requests += 1
-        if key in self._prefetched:
-            self._prefetched.discard(key)
-            self.stats.prefetch_used += 1
-            ticket = self._tickets.get(key)
-            if ticket is not None and not ticket.done():
-                self.stats.prefetch_late += 1
-                if self.engine.cancel(ticket):  # still queued: move it to the demand queue
-                    self._tickets[key] = self.engine.submit(replace(ticket.job, demand=True))
-                    self._slot_copy[self.cache.lookup(key)] = self._tickets[key]
+    # ---- the executing layer -----------------------------------------------------------------
+    def acquire(self, layer: int, experts: list[int], rows: dict[int, int] | None = None,
+                in_order: bool = False) -> list[Action]:
+        """The planner's actions for as many of `experts` as can run now (the caller computes them,
+        calls release(), and asks again for the rest). in_order=True grants only a prefix of
+        `experts` (for arithmetic whose result depends on the order experts are added up)."""
+        now = self.clock()
+        self._track_layer_time(now)
+        actions = self.planner.plan_layer(now, layer, experts, rows, in_order)
+        if not actions:
+            raise RuntimeError(f"expert cache of {self.n_slots} slots could not grant any expert of layer {layer}")
+        for a in actions:
+            self.stats.expert_requests += 1
+            if a.kind == "copy":
+                self._evicted(a.evicted)
+                self._submit(a.key, a.slot)
+                self.stats.misses += 1
+            elif a.kind == "host":
+                self.stats.host_computed += 1
+                self._used_prefetch(a.key)
+            else:
+                self.stats.hits += 1
+                self._used_prefetch(a.key)
+        return actions
+
+    def _used_prefetch(self, key: tuple[int, int]) -> None:
+        if key not in self._prefetched:
+            return
+        self._prefetched.discard(key)
+        self.stats.prefetch_used += 1
+        ticket = self._tickets.get(key)
+        if ticket is not None and not ticket.done():
+            self.stats.prefetch_late += 1
+            if self.engine.cancel(ticket):  # still queued: move it to the demand queue
+                self._tickets[key] = self.engine.submit(replace(ticket.job, demand=True))
+                self._slot_copy[self.cache.lookup(key)] = self._tickets[key]
 
     def landed(self, layer: int, expert: int) -> bool:
         """The expert's bytes are in its slot (no copy outstanding); asks the engine, never waits."""
@@ -107,59 +106,42 @@ class ExpertOffloader:
                 self.stats.stall_seconds += self.engine.wait(ticket)
             except TransferError:
                 self._tickets.pop(key, None)
-                self.cache.unpin(key)
-                self.cache.remove(key)
+                self.planner.remove(key)
                 raise
             # forget the ticket only once the copy has landed: an interrupted wait keeps it, so the
             # next use of this expert still waits instead of reading a half-written slot
             self._tickets.pop(key, None)
         return self._views[self.cache.lookup(key)]
 
-    def release(self, layer: int, experts: list[int]) -> None:
+    def release(self, actions: list[Action]) -> None:
         done = None
         if self.device.type == "cuda":
             done = torch.cuda.Event()
             done.record(torch.cuda.current_stream(self.device))
-        for e in experts:
-            key = (layer, e)
-            if not self.cache.is_pinned(key):
-                continue  # its copy failed and ready() already dropped it
-            self.cache.unpin(key)
-            if done is not None:
-                self._slot_free[self.cache.lookup(key)] = done
+        for a in actions:
+            if a.kind != "host" and self.cache.is_pinned(a.key) and done is not None:
+                self._slot_free[self.cache.lookup(a.key)] = done
+        self.planner.release(actions)  # a copy that failed was already dropped by ready()
 
     # ---- ahead of time -------------------------------------------------------------------------
-    def prefetch(self, layer: int, expert: int, protected, budget_bytes: int) -> bool:
-        """Start copying an expert a later layer is predicted to need. Never evicts a pinned or
-        `protected` expert; skipped when it would push bytes in flight over `budget_bytes`."""
-        key = (layer, expert)
-        if key in self.cache:
-            self.cache.touch(key)  # predicted again: keep it
-            return False
-        if self.bytes_in_flight() + self.store.expert_nbytes > budget_bytes:
-            self.stats.prefetch_skipped_budget += 1
-            return False
-        try:
-            slot, evicted = self.cache.insert(key, protected)
-        except CacheFullError:
-            return False
-        self._evicted(evicted)
-        self._submit(key, slot, demand=False)
-        self._prefetched.add(key)
-        self.stats.prefetch_issued += 1
-        return True
+    def prefetch(self, actions: list[Action]) -> None:
+        """Start the copies the planner decided to make ahead of time."""
+        for a in actions:
+            self._evicted(a.evicted)
+            self._submit(a.key, a.slot, demand=False)
+            self._prefetched.add(a.key)
+            self.stats.prefetch_issued += 1
 
-    def bytes_in_flight(self) -> int:
-        """Bytes of all copies (demand and prefetch) not yet landed: a prefetch is only issued while
-        this stays under the budget, i.e. into link capacity the executing layers leave idle."""
-        return sum(t.job.nbytes for t in self._tickets.values() if not t.done())
+    def copies_in_flight(self) -> int:
+        """Copies (demand and prefetch) submitted and not yet landed, as the engine reports them."""
+        return sum(1 for t in self._tickets.values() if not t.done())
 
     def _evicted(self, key) -> None:
         if key is None:
             return
         ticket = self._tickets.pop(key, None)
         # A copy still queued for the evicted expert is withdrawn (it would overwrite the slot's new
-        # occupant); one already running finishes first, since the engine copies one job at a time.
+        # occupant); one already running finishes first (the engines order copies into one slot).
         cancelled = ticket is not None and self.engine.cancel(ticket)
         if cancelled:
             self.stats.bytes_to_device -= ticket.job.nbytes
@@ -170,6 +152,24 @@ class ExpertOffloader:
                 self.stats.prefetch_cancelled += 1
             else:
                 self.stats.bytes_wasted += self.store.expert_nbytes
+
+    # ---- costs ---------------------------------------------------------------------------------
+    def _track_layer_time(self, now: float) -> None:
+        """Refresh the planner's costs from measurements: one layer's wall time (between plans),
+        the link time per expert the engine measured, the host executor's time per expert."""
+        if self._last_plan is not None:
+            gap = now - self._last_plan
+            if gap < 1.0:  # not across an idle pause between generate calls
+                self._layer_gap = gap if self._layer_gap is None else 0.9 * self._layer_gap + 0.1 * gap
+        self._last_plan = now
+        c = self.planner.costs
+        transfer_s = getattr(self.engine, "seconds_per_copy", lambda: None)() or c.transfer_s
+        host_s = c.host_s
+        if self.host is not None and self.host.jobs:
+            host_s = self.host.busy_seconds / self.host.jobs
+        layer_s = c.layer_s if self._layer_gap is None else max(self._layer_gap - self.planner.top_k * c.expert_s, 0.0)
+        if (transfer_s, host_s, layer_s) != (c.transfer_s, c.host_s, c.layer_s):
+            self.planner.set_costs(Costs(layer_s, c.expert_s, transfer_s, host_s))
 
     # ---- data movement -----------------------------------------------------------------------
     def _submit(self, key: tuple[int, int], slot: int, demand: bool = True) -> None:
@@ -184,4 +184,6 @@ class ExpertOffloader:
 
     def close(self) -> None:
         self.engine.close()
+        if self.host is not None:
+            self.host.close()
         self._tickets.clear()

@@ -7,11 +7,13 @@ Split in two so the layer reads the device only once (devsync.py):
   plan()           host work only, after the layer's expert compute has been enqueued (on the CPU
                    backend, before it: there the host *is* the device, and queuing the copies first lets
                    the copy thread move them while the host computes).
-Order: nearest layer first, then by score. Each planned expert is protected from eviction by the
-ones planned after it, so a far-ahead guess never evicts a nearer one, and nothing evicts an expert
-the executing layer needs. Bytes in flight stay under the prefetch budget. A target layer whose experts
-are all resident is not predicted at all (with every expert cached, prediction costs nothing). The
-model's router still decides what runs: a wrong guess costs link time and a slot, never a different output.
+What moves is the planner's decision (planner.plan_prefetch): nearest layer first, each candidate's
+raw score turned into a calibrated probability of use, and a copy made only when it is expected to
+save more time than it takes from demand copies plus the value of the expert it evicts; it never
+evicts an expert the executing layer needs, nor one planned for a nearer layer, and copies in flight
+stay under the budget. A target layer whose experts are all resident is not predicted at all (with
+every expert cached, prediction costs nothing). The model's router still decides what runs: a wrong
+guess costs link time and a slot, never a different output.
 """
 from __future__ import annotations
 
@@ -44,11 +46,12 @@ class Prefetcher:
         self.predictor = predictor
         self.lookahead = lookahead
         self.budget_bytes = budget_bytes
+        offloader.planner.budget = budget_bytes // offloader.store.expert_nbytes  # copies in flight (0: none)
         self.stats = stats
         self.distances = list(range(1, lookahead + 1))
         self._position = {layer: i for i, layer in enumerate(view.layers)}
         self._residual: dict[int, torch.Tensor] = {}
-        self._pending: dict[tuple[int, int], set[int]] = {}  # (target i, d) -> predicted experts
+        self._pending: dict[tuple[int, int], dict[int, float]] = {}  # (target i, d) -> {expert: raw score}
         self._asked: dict[int, list[int]] = {}  # layer position -> distances summarised by device_scores
         self._handles = [] if predictor.on_host else \
             [norm.register_forward_pre_hook(self._capture(i)) for i, norm in enumerate(view.norms)]
@@ -93,15 +96,19 @@ class Prefetcher:
         return summarise(scores, self._asked[i], self.view.top_k) if self._asked[i] else None
 
     def plan(self, layer: int, routing: list[list[int]], experts: list[int], summary: list | None) -> None:
-        """Queue prefetches from the predictions made at `layer`. routing: the layer's top-k rows [T][k]
-        (host lists); summary: device_scores()'s result, read back."""
+        """Prefetch from the predictions made at `layer`, through the planner. routing: the layer's
+        top-k rows [T][k] (host lists); summary: device_scores()'s result, read back."""
         i = self._position[layer]
         decode = len(routing) == 1
         actual = set(experts)
+        planner = self.offloader.planner
         for d in self.distances:
             predicted = self._pending.pop((i, d), None)
-            if predicted is not None and decode:
-                self.stats.record_prediction(d, len(predicted & actual), len(predicted), len(actual))
+            if predicted is not None:
+                planner.observe_prediction(d, predicted, actual)  # calibrates the scores
+                if decode:
+                    chosen = set(predicted)
+                    self.stats.record_prediction(d, len(chosen & actual), len(chosen), len(actual))
         distances = self._asked.pop(i, [])
         if self.predictor.on_host:
             self.predictor.observe_rows(i, routing)  # [T][k] host lists
@@ -113,15 +120,15 @@ class Prefetcher:
         if not summary:
             return
         n = len(self.view.layers)
-        protected = {(layer, e) for e in experts}
+        predictions = []
         for d, (best, chosen) in zip(distances, summary):
             j = (i + d) % n  # past the last layer: the next token's (wrapping predictors)
-            target = self.view.layers[j]
-            order = sorted((e for e, c in enumerate(chosen) if c), key=lambda e: -best[e])
-            self._pending[(j, d)] = set(order)
-            for e in order:
-                self.offloader.prefetch(target, e, protected, self.budget_bytes)
-                protected.add((target, e))
+            scores = {e: best[e] for e, c in enumerate(chosen) if c}
+            self._pending[(j, d)] = scores
+            predictions.append((self.view.layers[j], d, scores))
+        protected = {(layer, e) for e in experts}
+        off = self.offloader
+        off.prefetch(planner.plan_prefetch(off.clock(), layer, predictions, protected, in_flight=off.copies_in_flight()))
 
     def close(self) -> None:
         for h in self._handles:

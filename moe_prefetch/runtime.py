@@ -17,7 +17,6 @@ import torch
 from torch import nn
 
 from .budget import MemoryPlan, estimate_reserve, plan_memory
-from .cache import make_policy
 from .checkpoint import Checkpoint
 from .config import OffloadConfig
 from .errors import MoePrefetchError
@@ -25,7 +24,9 @@ from .families import FamilyAdapter, adapter_for
 from .hostmem import HostPlan, PinningError, plan_host
 from .hub import resolve_model
 from .moe_block import OffloadedMoE
+from .host_compute import HostExecutor
 from .offloader import ExpertOffloader
+from .planner import Costs, Planner
 from .prefetch import Prefetcher
 from .predictors import ModelView, Predictor, make_predictor
 from .progress import progress_bar as tqdm  # plain lines when stderr is not a terminal
@@ -64,13 +65,30 @@ class OffloadRuntime:
                  predictor=self.prefetcher.predictor.name if self.prefetcher else "none",
                  lookahead=self.prefetcher.lookahead if self.prefetcher else 0,
                  expert_cache_slots=self.plan.slots, total_experts=self.plan.total_experts,
-                 host_store="pinned" if self.store.pinned else "memory-mapped")
+                 host_store="pinned" if self.store.pinned else "memory-mapped",
+                 host_compute=self.offloader.host is not None, eviction=self.config.eviction,
+                 prefetch_gated=self.offloader.planner.counters.prefetch_gated,
+                 prefetch_skipped_budget=self.offloader.planner.counters.prefetch_budget,
+                 predictor_calibration=self.offloader.planner.calibration.report())
         return d
 
     def close(self) -> None:
         if self.prefetcher is not None:
             self.prefetcher.close()
         self.offloader.close()
+
+
+def initial_costs(expert_bytes: int, device: torch.device, cfg: OffloadConfig) -> Costs:
+    """The planner's starting cost model; the offloader refines it from measurements as it runs (layer
+    wall time, the engine's time per copy, the host executor's time per expert). Nominal rates where
+    nothing is known yet: a PCIe 4.0 x16 link (20 GB/s), GPU memory at 1 TB/s, a host reading 30 GB/s."""
+    if device.type == "cuda":
+        expert_s, link, host = expert_bytes / 1e12, 20e9, 30e9
+    else:  # the CPU backend: "device" and host are the same memory
+        expert_s, link, host = expert_bytes / 20e9, 10e9, 20e9
+    link = cfg.link_bandwidth or link
+    host = cfg.host_bandwidth or host
+    return Costs(layer_s=4 * expert_s, expert_s=expert_s, transfer_s=expert_bytes / link, host_s=expert_bytes / host)
 
 
 def _resolve_device(name: str) -> torch.device:
@@ -274,14 +292,22 @@ def load_model(model: str, config: OffloadConfig | None = None, **overrides):
     skeleton.eval().requires_grad_(False)
 
     stats = RunStats()
+    if cfg.host_bandwidth is not None and device.type == "cuda":
+        raise MoePrefetchError("--host-gbps / host_bandwidth emulates the host on the CPU backend only; drop it for a CUDA device")
     engine = make_engine(device, link_bandwidth=cfg.link_bandwidth)
-    offloader = ExpertOffloader(store, plan.slots, device, make_policy(cfg.eviction), engine, stats)
+    host_compute = cfg.host_compute == "on" or (cfg.host_compute == "auto" and device.type == "cpu"
+                                                 and cfg.host_bandwidth is not None)
+    planner = Planner(plan.slots, adapter.moe_layers(), adapter.num_experts, adapter.top_k,
+                      initial_costs(store.expert_nbytes, device, cfg), eviction=cfg.eviction,
+                      host_compute=host_compute, gate=cfg.prefetch_gate)
+    executor = HostExecutor(store, device, cfg.host_bandwidth) if host_compute else None
+    offloader = ExpertOffloader(store, planner, device, engine, stats, host=executor)
     for layer in adapter.moe_layers():
         adapter.get_block(skeleton, layer).offloader = offloader
     runtime = OffloadRuntime(cfg, adapter, ckpt, store, offloader, plan, device, dtype, stats,
                              fingerprint=model_fingerprint, host=host)
     # the copy worker must not outlive a model that was dropped without close()
-    weakref.finalize(skeleton, engine.close)
+    weakref.finalize(skeleton, offloader.close)
     runtime.timer = _install_timers(skeleton, stats, device, [runtime])
     _load_generation_config(skeleton, path)
     skeleton.moe_runtime = runtime

@@ -14,6 +14,7 @@ class RunStats:
     expert_requests: int = 0
     hits: int = 0
     misses: int = 0
+    host_computed: int = 0  # experts the planner ran on the host instead of copying them
     bytes_to_device: int = 0
     stall_seconds: float = 0.0
     prefetch_issued: int = 0
@@ -53,7 +54,8 @@ def format_summary(d: dict) -> str:
         f"generated tokens   {d['generated_tokens']}",
         f"prefill            {d['prefill_seconds']:.3f} s",
         f"decode             {d['decode_seconds']:.3f} s  ({d['decode_tokens_per_s']:.2f} tokens/s over {d['decode_steps']} steps)",
-        f"expert requests    {d['expert_requests']}  hits {d['hits']}  misses {d['misses']}  hit rate {d['hit_rate']:.1%}",
+        f"expert requests    {d['expert_requests']}  hits {d['hits']}  misses {d['misses']}  hit rate {d['hit_rate']:.1%}"
+        + (f"  on host {d['host_computed']}" if d.get("host_computed") else ""),
         f"moved to device    {d['bytes_to_device'] / 2**20:.1f} MiB",
         f"stalled on experts {d['stall_seconds']:.3f} s",
         f"prefetches         issued {d['prefetch_issued']}  used {d['prefetch_used']}  late {d['prefetch_late']}  "

@@ -241,6 +241,7 @@ class CPUThreadEngine(TransferEngine):
         self.bytes_copied = 0
         self.copy_seconds = 0.0
         self.throttle_seconds = 0.0
+        self.copies = 0
         self._closed = False
         self._stop = threading.Event()  # cuts a throttling sleep short on close()
         self._worker = _Worker(self._run, "moe-prefetch-copy", priority=True)
@@ -259,6 +260,11 @@ class CPUThreadEngine(TransferEngine):
                 if rest > 0:
                     self._stop.wait(rest)
                     self.throttle_seconds += rest
+            self.copies += 1
+
+    def seconds_per_copy(self) -> float | None:
+        """Mean time one job occupied the link (copy plus emulation), or None before the first."""
+        return (self.copy_seconds + self.throttle_seconds) / self.copies if self.copies else None
 
     def _copy(self, job: CopyJob) -> None:  # overridable (tests inject failures here)
         check_fit(job)

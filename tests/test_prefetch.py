@@ -98,44 +98,49 @@ def test_oracle_removes_decode_misses(ckpt, trace):
 
 
 def test_prefetch_budget_caps_bytes_in_flight(ckpt, monkeypatch):
-    model = load(ckpt, 12, predictor="next-gate", lookahead=3, prefetch_budget=1)
+    model = load(ckpt, 12, predictor="next-gate", lookahead=3, prefetch_budget=1, prefetch_gate=False)
+    generate(model)
+    st = mp.stats(model)
+    assert st["prefetch_issued"] == 0 and st["prefetch_skipped_budget"] > 0  # 1 byte: nothing fits
+    model.moe_runtime.close()
+    model = load(ckpt, 12, predictor="next-gate", lookahead=3, prefetch_gate=False,
+                 prefetch_budget=model.moe_runtime.store.expert_nbytes * 2)
     off = model.moe_runtime.offloader
     seen = []
     orig = off.prefetch
 
-    def spy(layer, e, protected, budget):
-        issued = orig(layer, e, protected, budget)
-        if issued:  # demand copies are not capped; a prefetch is only issued under the cap
-            seen.append(off.bytes_in_flight())
-        return issued
+    def spy(actions):
+        orig(actions)
+        if actions:  # demand copies are not capped; prefetches are only issued under the cap
+            seen.append(off.planner.link.in_flight(off.clock()))
+            seen.append(sum(1 for k, t in off._tickets.items() if k in off._prefetched and not t.done()))
 
     monkeypatch.setattr(off, "prefetch", spy)
     generate(model)
-    st = mp.stats(model)
-    assert st["prefetch_issued"] == 0 and st["prefetch_skipped_budget"] > 0  # 1 byte: nothing fits
-    model = load(ckpt, 12, predictor="next-gate", lookahead=3, prefetch_budget=off.store.expert_nbytes * 2)
-    off = model.moe_runtime.offloader
-    limit = off.store.expert_nbytes * 2
-    seen.clear()
-    orig = off.prefetch
-    monkeypatch.setattr(off, "prefetch", spy)
-    generate(model)
-    assert seen and max(seen) <= limit
+    model.moe_runtime.close()
+    assert seen and max(seen) <= 2
 
 
 def test_prefetch_never_evicts_pinned_or_nearer(ckpt):
-    model = load(ckpt, 4, predictor="none")
+    model = load(ckpt, 4, predictor="none", prefetch_gate=False)
     off = model.moe_runtime.offloader
-    granted = off.acquire(0, [0, 1])
-    for e in granted:
-        off.ready(0, e)
-    assert off.prefetch(1, 0, {(0, 0), (0, 1)}, 1 << 30)
-    assert off.prefetch(1, 1, {(0, 0), (0, 1), (1, 0)}, 1 << 30)
+    planner = off.planner
+    planner.budget = 8
+    actions = off.acquire(0, [0, 1])
+    for a in actions:
+        off.ready(0, a.key[1])
+    now = off.clock
+    first = planner.plan_prefetch(now(), 0, [(1, 1, {0: 0.9, 1: 0.8})], {(0, 0), (0, 1)})
+    assert [a.key for a in first] == [(1, 0), (1, 1)]
+    off.prefetch(first)
     # cache full: layer-0 experts pinned, layer-1 ones protected -> refused
-    assert not off.prefetch(2, 0, {(0, 0), (0, 1), (1, 0), (1, 1)}, 1 << 30)
-    off.release(0, granted)
-    assert off.prefetch(2, 0, {(1, 0), (1, 1)}, 1 << 30)  # now a layer-0 expert may go
+    assert planner.plan_prefetch(now(), 0, [(2, 2, {0: 0.9})], {(0, 0), (0, 1), (1, 0), (1, 1)}) == []
+    off.release(actions)
+    later = planner.plan_prefetch(now(), 1, [(2, 1, {0: 0.9})], {(1, 0), (1, 1)})  # now a layer-0 expert may go
+    assert [a.key for a in later] == [(2, 0)] and later[0].evicted[0] == 0
+    off.prefetch(later)
     assert {(1, 0), (1, 1), (2, 0)} <= set(off.resident())
+    model.moe_runtime.close()
 
 
 def test_predictor_contract(ckpt, trace):
@@ -186,16 +191,16 @@ def test_a_layer_never_evicts_an_expert_it_still_needs(ckpt):
     for layer, e in ((0, 2), (1, 5), (0, 0)):  # (0, 2) is now the least recently used
         g = off.acquire(layer, [e])
         off.ready(layer, e)
-        off.release(layer, g)
+        off.release(g)
     st = off.stats
     before = st.misses
-    granted = off.acquire(0, [0, 1, 2])
-    assert granted == [0, 1, 2]
+    actions = off.acquire(0, [0, 1, 2])
+    assert sorted(a.key[1] for a in actions) == [0, 1, 2]
     assert st.misses - before == 1, "expert 2 was evicted to make room for expert 1 of the same layer"
     assert (1, 5) not in off.cache
-    for e in granted:
-        off.ready(0, e)
-    off.release(0, granted)
+    for a in actions:
+        off.ready(0, a.key[1])
+    off.release(actions)
 
 
 def test_failed_copy_reaches_the_caller_as_transfer_error(ckpt):

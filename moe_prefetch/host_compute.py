@@ -1,0 +1,122 @@
+"""HostExecutor: computes missed experts on the host CPU, straight from the expert store.
+
+When copying an expert over the link would take longer than the host takes to read it and apply it
+to a few token rows (decode: one row), the planner sends the expert here instead (hybrid execution,
+as llama.cpp's --n-cpu-moe, Fiddler and HybriMoE do). One worker thread runs the jobs in order, so
+the device keeps computing the layer's resident experts meanwhile:
+  CUDA: the token rows are copied to the host (asynchronously, after an event), the expert runs with
+        torch on the CPU, and the result goes back to the device when the layer collects it. The host's
+        arithmetic differs from the GPU's, so this is opt-in there (--host-compute on).
+  CPU backend: the same code path; the "device" is the CPU too, so the output is token-identical.
+        host_bandwidth (bytes/s) throttles each job to expert_bytes / host_bandwidth, so benchmarks
+        reproduce a GPU machine's third speed, as link_bandwidth does for the link.
+Weights come from the pinned store's buffer when there is one, else the expert's pieces are gathered
+from the memory-mapped checkpoint into a reused host buffer (the same bytes the slot would hold, so
+the same arithmetic). Errors are raised by result() in the caller.
+"""
+from __future__ import annotations
+
+import queue
+import threading
+import time
+from dataclasses import dataclass, field
+
+import torch
+
+from .errors import MoePrefetchError
+from .store import ExpertStore
+
+
+@dataclass
+class HostJob:
+    layer: int
+    expert: int
+    fn: object                     # fn(views, rows [n, H]) -> [n, H]: the expert's MLP
+    rows: torch.Tensor             # [n, H] on the host
+    ready: object = None           # CUDA event: the rows have reached the host
+    out: torch.Tensor | None = None
+    error: BaseException | None = None
+    seconds: float = 0.0           # how long the host took (throttle included)
+    done: threading.Event = field(default_factory=threading.Event)
+
+
+class HostExecutor:
+    def __init__(self, store: ExpertStore, device: torch.device, host_bandwidth: float | None = None):
+        if host_bandwidth is not None and not host_bandwidth > 0:
+            raise MoePrefetchError(f"host bandwidth must be a positive number of bytes/s, got {host_bandwidth!r}")
+        self.store = store
+        self.device = device
+        self.host_bandwidth = host_bandwidth
+        self._scratch = None  # [numel] host buffer for experts gathered from the checkpoint
+        self._queue: queue.Queue = queue.Queue()
+        self._stop = threading.Event()
+        self.jobs = 0
+        self.busy_seconds = 0.0
+        self._thread = threading.Thread(target=self._loop, name="moe-prefetch-host", daemon=True)
+        self._thread.start()
+
+    def submit(self, layer: int, expert: int, fn, rows: torch.Tensor) -> HostJob:
+        """Queue expert `expert` of `layer` on `rows` [n, H] (any device); returns at once."""
+        if self._stop.is_set():
+            raise MoePrefetchError("the host executor is closed")
+        ready = None
+        if rows.device.type == "cuda":
+            rows = rows.to("cpu", non_blocking=True)  # pinned staging, in stream order
+            ready = torch.cuda.Event(blocking=True)
+            ready.record(torch.cuda.current_stream(self.device))
+        job = HostJob(layer, expert, fn, rows, ready)
+        self._queue.put(job)
+        return job
+
+    def result(self, job: HostJob) -> torch.Tensor:
+        """The job's output on the compute device; waits for it (interruptibly)."""
+        while not job.done.wait(0.5):
+            if not self._thread.is_alive():
+                raise MoePrefetchError("the host compute thread died")
+        if job.error is not None:
+            raise MoePrefetchError(f"host compute of expert {job.expert} of layer {job.layer} failed: "
+                                   f"{type(job.error).__name__}: {job.error}") from job.error
+        return job.out.to(self.device, non_blocking=True) if self.device.type == "cuda" else job.out
+
+    def _views(self, layer: int, expert: int) -> dict[str, torch.Tensor]:
+        pieces = self.store.pieces(layer, expert)
+        if len(pieces) == 1 and pieces[0][0] == 0 and pieces[0][1].numel() == self.store.numel \
+                and pieces[0][1].dtype == self.store.dtype:
+            flat = pieces[0][1].reshape(-1)  # pinned store: the expert's own buffer
+        else:
+            if self._scratch is None:
+                self._scratch = torch.empty(self.store.numel, dtype=self.store.dtype)  # [numel]
+            from . import _native
+
+            _native.gather_copy(self._scratch, pieces, ext=_native.extension())
+            flat = self._scratch
+        return self.store.layout.views(flat)
+
+    def _loop(self) -> None:
+        while True:
+            job = self._queue.get()
+            if job is None:
+                return
+            t0 = time.perf_counter()
+            try:
+                if job.ready is not None:
+                    job.ready.synchronize()
+                with torch.inference_mode():
+                    job.out = job.fn(self._views(job.layer, job.expert), job.rows)
+                if self.host_bandwidth:
+                    rest = self.store.expert_nbytes / self.host_bandwidth - (time.perf_counter() - t0)
+                    if rest > 0:
+                        self._stop.wait(rest)
+            except BaseException as e:  # noqa: BLE001 - handed to the caller by result()
+                job.error = e
+            finally:
+                job.seconds = time.perf_counter() - t0
+                self.jobs += 1
+                self.busy_seconds += job.seconds
+                job.done.set()
+
+    def close(self) -> None:
+        if not self._stop.is_set():
+            self._stop.set()
+            self._queue.put(None)
+            self._thread.join()

@@ -1,0 +1,417 @@
+"""Planner: for each MoE layer, what runs where, what moves and what stays. Pure Python, no tensors.
+
+The runtime (offloader.py, moe_block.py) and the simulator (sim.py) both execute its decisions, so
+the two cannot drift. It knows nothing of model families: keys are (layer, expert) pairs.
+
+Three speeds decide everything (Costs): the device computing an expert, the link moving one, and the
+host computing one. For the executing layer every routed expert becomes one action:
+  hit    its bytes are in a slot;
+  wait   its copy is in flight and lands before the host could compute it;
+  copy   a demand copy into a slot (evicting by policy, never an expert this layer needs);
+  host   computed on the host from the store, when that finishes before a copy would land and the
+         device computed it (Fiddler's rule; host compute is opt-in);
+and after it, predictions for later layers (and the next token's first layers) become prefetches only
+when they pay: P(used) x time saved > link time taken from demand copies + the value of the evicted
+expert. P comes from the predictor's score through an online calibration table (Calibration), so
+raw router probabilities, history frequencies and an oracle's 0/1 all mean the same thing.
+Eviction may use the same predictions (PredictivePolicy): the expert least likely to be used soon,
+per layer distance, goes first, an approximation of Belady's farthest-next-use.
+Time is whatever clock the caller passes as `now` (the runtime's wall clock, the simulator's model).
+"""
+from __future__ import annotations
+
+import math
+from collections import Counter, defaultdict
+from dataclasses import dataclass, field
+
+from .cache import CacheFullError, EvictionPolicy, ExpertCache, LRUPolicy, make_policy
+
+Key = tuple[int, int]
+
+
+@dataclass(frozen=True)
+class Costs:
+    """Seconds. host_s None: no host compute."""
+
+    layer_s: float          # device: one MoE layer's resident work (attention, norms, router), batch 1
+    expert_s: float         # device: one expert applied to one token
+    transfer_s: float       # link: one expert
+    host_s: float | None = None  # host: one expert applied to one token (reads the whole expert: memory-bound)
+
+    def layer_time(self, top_k: int) -> float:
+        return self.layer_s + top_k * self.expert_s
+
+    def host_time(self, rows: int) -> float:
+        return math.inf if self.host_s is None else self.host_s * max(rows, 1)
+
+
+class Link:
+    """One host-to-device link as both transfer engines run it: one copy at a time; demand copies go
+    ahead of prefetches that have not started; a queued copy can be withdrawn. Tracks when each key's
+    bytes land (exact in the simulator, an estimate in the runtime)."""
+
+    def __init__(self, transfer_s: float, priority: bool = True):
+        self.transfer_s = transfer_s
+        self.priority = priority
+        self.queue: list[list] = []  # [key, start, end, demand] in link order
+        self.ready: dict = {}        # key -> time its bytes land
+
+    def _settle(self, now: float) -> None:
+        self.queue = [q for q in self.queue if q[2] > now]
+
+    def _reflow(self, now: float, start_at: int) -> None:
+        prev_end = self.queue[start_at - 1][2] if start_at > 0 else now
+        for q in self.queue[start_at:]:
+            q[1] = max(prev_end, now)
+            q[2] = q[1] + self.transfer_s
+            self.ready[q[0]] = q[2]
+            prev_end = q[2]
+
+    def _demand_position(self, now: float) -> int:
+        if not self.priority:
+            return len(self.queue)
+        return next((j for j, q in enumerate(self.queue) if q[1] > now and not q[3]), len(self.queue))
+
+    def send(self, key, now: float, demand: bool) -> float:
+        """Queue a copy; returns when it lands."""
+        self._settle(now)
+        pos = self._demand_position(now) if demand else len(self.queue)
+        self.queue.insert(pos, [key, 0.0, 0.0, demand])
+        self._reflow(now, pos)
+        return self.ready[key]
+
+    def cancel(self, key, now: float) -> bool:
+        """Withdraw a copy that has not started (the expert was evicted or is needed right away)."""
+        if not self.priority:
+            return False
+        self._settle(now)
+        for j, q in enumerate(self.queue):
+            if q[0] == key and q[1] > now:
+                del self.queue[j]
+                self.ready.pop(key, None)
+                self._reflow(now, j)
+                return True
+        return False
+
+    def demand_eta(self, now: float) -> float:
+        """When a demand copy queued now would land."""
+        self._settle(now)
+        pos = self._demand_position(now)
+        start = max(now, self.queue[pos - 1][2]) if pos else now
+        return start + self.transfer_s
+
+    def prefetch_eta(self, now: float) -> float:
+        """When a prefetch queued now would land (behind everything queued)."""
+        self._settle(now)
+        return max(now, self.queue[-1][2] if self.queue else now) + self.transfer_s
+
+    def in_flight(self, now: float) -> int:
+        self._settle(now)
+        return len(self.queue)
+
+    def landed(self, key, now: float) -> bool:
+        return self.ready.get(key, -math.inf) <= now
+
+
+class Calibration:
+    """Online reliability table: raw predictor score -> probability the expert is then used.
+
+    Per distance d, scores fall in BINS equal bins; each bin keeps (uses, predictions) plus a prior of
+    `prior_weight` pseudo-observations at min(1, top_k x score) (a router probability of 1/top_k
+    already makes top-k membership likely). Updated every time a predicted layer runs."""
+
+    BINS = 10
+
+    def __init__(self, top_k: int, prior_weight: float = 2.0):
+        self.top_k = top_k
+        self.w = prior_weight
+        self.uses: dict[tuple[int, int], float] = defaultdict(float)
+        self.seen: dict[tuple[int, int], float] = defaultdict(float)
+        self.pred_sum: dict[tuple[int, int], float] = defaultdict(float)
+
+    def _bin(self, score: float) -> int:
+        return min(self.BINS - 1, max(0, int(score * self.BINS)))
+
+    def prior(self, score: float) -> float:
+        return min(1.0, max(0.0, self.top_k * score))
+
+    def p(self, d: int, score: float) -> float:
+        b = (d, self._bin(score))
+        return (self.uses[b] + self.w * self.prior(score)) / (self.seen[b] + self.w)
+
+    def update(self, d: int, score: float, used: bool) -> None:
+        b = (d, self._bin(score))
+        self.pred_sum[b] += self.p(d, score)
+        self.seen[b] += 1
+        self.uses[b] += float(used)
+
+    def report(self) -> dict[str, dict]:
+        """Per distance: predictions seen, mean calibrated P, observed use rate, expected calibration error."""
+        out = {}
+        for d in sorted({d for d, _ in self.seen}):
+            bins = [b for b in range(self.BINS) if self.seen[d, b]]
+            n = sum(self.seen[d, b] for b in bins)
+            ece = sum(abs(self.pred_sum[d, b] - self.uses[d, b]) for b in bins) / n
+            out[str(d)] = dict(n=int(n), mean_p=sum(self.pred_sum[d, b] for b in bins) / n,
+                               used=sum(self.uses[d, b] for b in bins) / n, ece=ece)
+        return out
+
+
+class PredictivePolicy(LRUPolicy):
+    """Evict the expert least likely to be needed soon: value = P(used at its layer's next run) /
+    layers until that run. P blends the planner's latest calibrated prediction for the key (when
+    there is one) with its frequency share in its layer (LFU counts, kept across evictions);
+    ties go to the least recently used."""
+
+    name = "predictive"
+
+    def __init__(self, positions: dict[int, int], top_k: int):
+        super().__init__()
+        self.positions = positions  # layer id -> position in execution order
+        self.n = len(positions)
+        self.top_k = top_k
+        self.position = 0           # the executing layer's position
+        self.counts: Counter = Counter()
+        self.layer_counts: Counter = Counter()
+        self.predicted: dict = {}   # key -> calibrated P of use at its next run
+
+    def on_access(self, key):
+        super().on_access(key)
+        self.counts[key] += 1
+        self.layer_counts[key[0]] += 1
+
+    def value(self, key) -> float:
+        freq = min(1.0, self.top_k * self.counts[key] / self.layer_counts[key[0]]) if self.layer_counts[key[0]] else 0.0
+        p = 0.5 * self.predicted[key] + 0.5 * freq if key in self.predicted else freq
+        dist = (self.positions[key[0]] - self.position) % self.n or self.n
+        return p / dist
+
+    def victim(self, candidates):
+        best, best_v = None, math.inf
+        for key in self._order:  # oldest first: ties go to LRU
+            if key in candidates:
+                v = self.value(key)
+                if v < best_v:
+                    best, best_v = key, v
+        if best is None:
+            raise CacheFullError("no evictable expert")
+        return best
+
+
+EVICTIONS = ("lru", "lfu", "predictive")
+
+
+@dataclass(frozen=True)
+class Action:
+    kind: str            # hit | wait | copy | host | prefetch
+    key: Key
+    slot: int | None = None
+    evicted: Key | None = None
+    rows: int = 1
+
+
+@dataclass
+class PlanCounters:
+    hits: int = 0
+    waits: int = 0
+    copies: int = 0
+    host: int = 0
+    prefetch_issued: int = 0
+    prefetch_gated: int = 0      # refused by the benefit test
+    prefetch_budget: int = 0     # refused by the bytes-in-flight cap
+    prefetch_used: int = 0
+    prefetch_wasted: int = 0
+    extra: dict = field(default_factory=dict)
+
+
+class Planner:
+    """One planner per offloaded model (or simulated run).
+
+    layers: MoE layer ids in execution order. budget_experts: prefetch copies allowed in flight
+    (None: top_k). gate=False issues every predicted prefetch that fits the budget (the old
+    behaviour, for comparison)."""
+
+    def __init__(self, n_slots: int, layers: list[int], num_experts: int, top_k: int, costs: Costs,
+                 eviction: str = "predictive", host_compute: bool = False, budget_experts: int | None = None,
+                 gate: bool = True, policy: EvictionPolicy | None = None):
+        self.layers = list(layers)
+        self.positions = {layer: i for i, layer in enumerate(self.layers)}
+        self.num_experts, self.top_k = num_experts, top_k
+        self.costs = costs
+        self.host_compute = host_compute and costs.host_s is not None
+        self.budget = budget_experts or top_k
+        self.gate = gate
+        if policy is None:
+            policy = PredictivePolicy(self.positions, top_k) if eviction == "predictive" else make_policy(eviction)
+        self.policy = policy
+        self.cache = ExpertCache(n_slots, policy)
+        self.link = Link(costs.transfer_s)
+        self.calibration = Calibration(top_k)
+        self.prefetched: set = set()   # brought in by prefetch, not yet used
+        self.host_free = 0.0           # when the host finishes the expert computations queued on it
+        self.demand_pressure = 0.0     # EMA of demand copies per layer: how often a prefetch delays one
+        self.counters = PlanCounters()
+
+    # ---- the executing layer ----------------------------------------------------------------
+    def set_costs(self, costs: Costs) -> None:
+        self.costs = costs
+        self.link.transfer_s = costs.transfer_s
+        self.host_compute = self.host_compute and costs.host_s is not None
+
+    def plan_layer(self, now: float, layer: int, experts: list[int], rows: dict[int, int] | None = None,
+                   in_order: bool = False) -> list[Action]:
+        """Actions for as many of `experts` (layer's routed experts, pending this round) as can run now:
+        every slot this layer holds stays pinned until release(). in_order: grant a prefix only."""
+        if isinstance(self.policy, PredictivePolicy):
+            self.policy.position = self.positions[layer]
+            for e in range(self.num_experts):  # its predictions are consumed now
+                self.policy.predicted.pop((layer, e), None)
+        rows = rows or {}
+        needed = {(layer, e) for e in experts}
+        actions: list[Action] = []
+        copies = 0
+        order = experts if in_order else sorted(experts, key=lambda e: (layer, e) not in self.cache)  # hits first
+        for e in order:
+            key, n = (layer, e), rows.get(e, 1)
+            if key in self.cache:
+                self.cache.touch(key)
+                self.cache.pin(key)
+                if key in self.prefetched:
+                    self.prefetched.discard(key)
+                    self.counters.prefetch_used += 1
+                if self.link.landed(key, now):
+                    self.counters.hits += 1
+                    actions.append(Action("hit", key, self.cache.lookup(key), rows=n))
+                    continue
+                if self.link.cancel(key, now):  # a prefetch that has not started: it becomes a demand copy
+                    self.link.send(key, now, demand=True)
+                eta = self.link.ready.get(key, now)
+                if self.host_compute and self._host_done(now, n) < eta + n * self.costs.expert_s:
+                    self.cache.unpin(key)  # the copy still lands, for later use
+                    actions.append(self._host(now, key, n))
+                else:
+                    self.counters.waits += 1
+                    actions.append(Action("wait", key, self.cache.lookup(key), rows=n))
+                continue
+            if self.host_compute and self._host_done(now, n) < self.link.demand_eta(now) + n * self.costs.expert_s:
+                actions.append(self._host(now, key, n))
+                continue
+            try:
+                slot, evicted = self.cache.insert(key, protected=needed)
+            except CacheFullError:
+                if actions:
+                    break  # every slot is in use by this layer: the caller runs another round
+                slot, evicted = self.cache.insert(key)  # must make progress: a later expert goes
+            self._forget(now, evicted)
+            self.cache.pin(key)
+            self.link.send(key, now, demand=True)
+            copies += 1
+            self.counters.copies += 1
+            actions.append(Action("copy", key, slot, evicted, rows=n))
+        self.demand_pressure = 0.9 * self.demand_pressure + 0.1 * copies
+        return actions
+
+    def _host_done(self, now: float, rows: int) -> float:
+        return max(now, self.host_free) + self.costs.host_time(rows)
+
+    def _host(self, now: float, key: Key, rows: int) -> Action:
+        self.host_free = self._host_done(now, rows)
+        self.counters.host += 1
+        return Action("host", key, rows=rows)
+
+    def release(self, actions: list[Action]) -> None:
+        """The layer has finished with the slots it was granted."""
+        for a in actions:
+            if a.kind in ("hit", "wait", "copy") and self.cache.is_pinned(a.key):
+                self.cache.unpin(a.key)
+
+    def remove(self, key: Key) -> None:
+        """A copy failed: forget the expert (its slot becomes free)."""
+        if key in self.cache:
+            if self.cache.is_pinned(key):
+                self.cache.unpin(key)
+            self.cache.remove(key)
+        self.prefetched.discard(key)
+
+    def _forget(self, now: float, key: Key | None) -> None:
+        if key is None:
+            return
+        self.link.cancel(key, now)
+        if key in self.prefetched:
+            self.prefetched.discard(key)
+            self.counters.prefetch_wasted += 1
+
+    # ---- ahead of time ------------------------------------------------------------------------
+    def observe_prediction(self, d: int, scores: dict[int, float], used: set[int]) -> None:
+        """A layer predicted `d` layers earlier has run: calibrate the scores against what it used."""
+        for e, s in scores.items():
+            self.calibration.update(d, s, e in used)
+
+    def plan_prefetch(self, now: float, layer: int, predictions: list[tuple[int, int, dict[int, float]]],
+                      protected: set[Key], in_flight: int | None = None) -> list[Action]:
+        """Prefetches from predictions made at `layer`: (target layer, distance d, {expert: raw score}),
+        nearest first. Never evicts a pinned or `protected` expert, nor one planned for a nearer layer.
+        in_flight: copies really in flight (the runtime's engine knows; the link model is an estimate
+        there); the budget holds against the larger of the two."""
+        in_flight = 0 if in_flight is None else in_flight
+        c = self.costs
+        layer_time = c.layer_time(self.top_k)
+        protected = set(protected)
+        miss_cost = min(c.transfer_s, c.host_time(1)) if self.host_compute else c.transfer_s
+        link_cost = min(1.0, self.demand_pressure) * c.transfer_s / 2  # a demand copy waits ~half a copy
+        actions = []
+        predictive = isinstance(self.policy, PredictivePolicy)
+        for target, d, scores in predictions:
+            # by calibrated probability, then raw score (bins tie), then expert id
+            ranked = sorted(((self.calibration.p(d, s), s, e) for e, s in scores.items()), key=lambda r: (-r[0], -r[1], r[2]))
+            for p, _, e in ranked:
+                key = (target, e)
+                if predictive:
+                    self.policy.predicted[key] = max(p, self.policy.predicted.get(key, 0.0))
+                if key in self.cache:
+                    protected.add(key)
+                    continue
+                if self.gate and p < 0.05:
+                    continue
+                if max(self.link.in_flight(now), in_flight) >= self.budget:
+                    self.counters.prefetch_budget += 1
+                    continue
+                victim = None if self.cache.has_free() else self._victim(protected)
+                if victim is False:
+                    continue  # nothing may be evicted
+                if self.gate:
+                    need_at = now + d * layer_time
+                    late = max(0.0, self.link.prefetch_eta(now) - need_at)
+                    saving = p * max(0.0, miss_cost - late)
+                    victim_value = 0.0
+                    if victim is not None:
+                        victim_value = self._use_probability(victim) * miss_cost
+                    if saving <= link_cost + victim_value:
+                        self.counters.prefetch_gated += 1
+                        continue
+                slot, evicted = self.cache.insert(key, protected)
+                self._forget(now, evicted)
+                self.link.send(key, now, demand=False)
+                self.prefetched.add(key)
+                self.counters.prefetch_issued += 1
+                in_flight += 1
+                protected.add(key)
+                actions.append(Action("prefetch", key, slot, evicted))
+        return actions
+
+    def _victim(self, protected: set[Key]):
+        candidates = self.cache.evictable(protected)
+        if not candidates:
+            return False
+        return self.policy.victim(candidates)
+
+    def _use_probability(self, key: Key) -> float:
+        """How likely an evicted `key` is to be needed at its layer's next run."""
+        if isinstance(self.policy, PredictivePolicy):
+            dist = (self.positions[key[0]] - self.policy.position) % len(self.layers) or len(self.layers)
+            return min(1.0, self.policy.value(key) * dist)
+        counts = getattr(self.policy, "counts", None)
+        if counts:
+            layer_total = sum(v for k, v in counts.items() if k[0] == key[0])
+            return min(1.0, self.top_k * counts[key] / layer_total) if layer_total else 0.0
+        return self.top_k / self.num_experts

@@ -1,0 +1,92 @@
+"""Host compute of missed experts: chosen by the planner when the host beats the link, token-identical
+on the CPU backend, errors reach the caller, flags validated."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+import moe_prefetch as mp
+from moe_prefetch.errors import MoePrefetchError
+from conftest import make_mixtral, reference_generate
+
+PROMPT = torch.tensor([[5, 17, 33, 8, 61, 42, 11, 90, 23, 7]])
+NEW = 12
+
+
+@pytest.fixture(scope="module")
+def ckpt(tmp_path_factory):
+    return make_mixtral(tmp_path_factory.mktemp("host") / "m", layers=3, experts=6, top_k=2, seed=4)
+
+
+def run(path, slots, **kw):
+    model, _ = mp.load_model(str(path), mp.OffloadConfig(device="cpu", expert_cache=slots, show_progress=False, **kw))
+    with torch.inference_mode():
+        out = model.generate(PROMPT, max_new_tokens=NEW, min_new_tokens=NEW, do_sample=False)
+    st = mp.stats(model)
+    model.moe_runtime.close()
+    return out, st
+
+
+# a slow link and a fast host: every miss goes to the host
+SLOW_LINK = dict(link_bandwidth=2e6, host_bandwidth=1e12)
+
+
+@pytest.mark.parametrize("slots", [2, 5, 9, 18])
+@pytest.mark.parametrize("predictor", ["none", "next-gate"])
+def test_host_compute_is_token_identical_on_cpu(ckpt, slots, predictor):
+    ref = reference_generate(ckpt, PROMPT, NEW, device="cpu")
+    out, st = run(ckpt, slots, predictor=predictor, **SLOW_LINK)
+    assert torch.equal(out, ref), f"{slots} slots, {predictor}: host compute changed the output"
+    assert st["host_compute"] is True
+    assert st["expert_requests"] == st["hits"] + st["misses"] + st["host_computed"]
+    if slots < 18:
+        assert st["host_computed"] > 0, "a miss on a slow link must go to a fast host"
+
+
+def test_auto_turns_host_compute_on_only_with_an_emulated_host(ckpt):
+    _, st = run(ckpt, 4, predictor="none", link_bandwidth=2e6)
+    assert st["host_compute"] is False and st["host_computed"] == 0
+    _, st = run(ckpt, 4, predictor="none", host_compute="off", **SLOW_LINK)
+    assert st["host_compute"] is False and st["host_computed"] == 0
+
+
+def test_a_slow_host_is_not_used(ckpt):
+    _, st = run(ckpt, 4, predictor="none", link_bandwidth=1e12, host_bandwidth=1e5, host_compute="on")
+    assert st["host_computed"] == 0, "the host must lose to a fast link"
+
+
+def test_eager_experts_with_host_compute_identical(tmp_path):
+    path = make_mixtral(tmp_path / "eager", layers=2, experts=6, top_k=3, seed=11)
+    ref = reference_generate(path, PROMPT, NEW, device="cpu", experts_implementation="eager")
+    from transformers import AutoConfig
+
+    cfg = AutoConfig.from_pretrained(path)
+    cfg.experts_implementation = "eager"
+    cfg.save_pretrained(path)
+    out, st = run(path, 4, predictor="none", **SLOW_LINK)
+    assert torch.equal(out, ref) and st["host_computed"] > 0
+
+
+def test_host_errors_reach_the_caller(ckpt, monkeypatch):
+    from moe_prefetch.host_compute import HostExecutor
+
+    def broken(self, layer, expert):
+        raise OSError("disk went away")
+
+    monkeypatch.setattr(HostExecutor, "_views", broken)
+    model, _ = mp.load_model(str(ckpt), mp.OffloadConfig(device="cpu", expert_cache=2, predictor="none",
+                                                         show_progress=False, **SLOW_LINK))
+    with pytest.raises(MoePrefetchError, match="disk went away"), torch.inference_mode():
+        model(PROMPT)
+    assert not any(model.moe_runtime.offloader.cache.is_pinned(k) for k in list(model.moe_runtime.offloader.cache.keys()))
+    model.moe_runtime.close()
+
+
+def test_host_flags(ckpt, capsys):
+    from moe_prefetch.run import main
+
+    assert main(["--model", str(ckpt), "--device", "cpu", "--host-gbps", "-1", "--no-progress"]) != 0
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "--host-gbps" in err[0]
+    with pytest.raises(MoePrefetchError, match="host_compute"):
+        mp.OffloadConfig(host_compute="maybe")
