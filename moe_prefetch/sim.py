@@ -1,11 +1,14 @@
-"""Trace-driven simulator: replay recorded routing under a cost model and a policy.
+"""Trace-driven simulator: replay recorded routing through the runtime's own planner under a cost model.
 
-One decode step = for each MoE layer: attention (attn_s), then the routed experts, each available
-once its copy has landed, then their compute (expert_s each); after the layer's own demand copies
-are queued, the policy's predictor queues prefetches for the next K layers. One link, one expert
-takes transfer_s; demand copies overtake queued prefetches and an evicted expert's queued copy is
-withdrawn, as both of the runtime's transfer engines do (priority=False: a FIFO link, for comparison). Slots are managed with the
-runtime's own ExpertCache and eviction policies, plus Belady (farthest next use) for the bound.
+Nothing here decides what moves, what stays or where an expert runs: planner.Planner does, exactly as
+it does in the runtime, and this file only keeps the clock. One decode step = for each MoE layer:
+attention (attn_s); the planner's actions for the routed experts (hit, wait for a copy in flight,
+demand copy, or compute on the host); the predictions made at this layer for the next K layers
+(and the next token's first layers) offered to the planner, which gates them; then the device
+computes its experts (expert_s each) once their copies have landed, while the host computes its own.
+The link is the planner's Link (one copy at a time, demand first, withdrawable prefetches); here its
+times are exact, in the runtime they are estimates. Belady (farthest next use, which needs the
+future) is the one eviction policy that exists only here.
 """
 from __future__ import annotations
 
@@ -18,13 +21,18 @@ from pathlib import Path
 
 import numpy as np
 
-from .cache import CacheFullError, EvictionPolicy, ExpertCache, make_policy
+from .cache import CacheFullError, EvictionPolicy
+from .planner import EVICTIONS, Costs, Link, Planner
+
+__all__ = ["BYTES_PER_PARAM", "BeladyPolicy", "CostModel", "Link", "Policy", "SimResult", "Trace",
+           "load_profiles", "min_transfers", "physical_bound", "simulate", "standard_policies"]
 
 PROFILES = Path(__file__).resolve().parent / "profiles"
 BYTES_PER_PARAM = {"fp16": 2.0, "int8": 1.0 + 1 / 64, "int4": 0.5 + 1 / 64}
 
 
 def load_profiles(kind: str) -> dict:
+    """One profile file ("hardware", "models" or "hosts") as {name: profile}."""
     data = json.loads((PROFILES / f"{kind}.json").read_text())
     data.pop("_about", None)
     return data
@@ -38,17 +46,25 @@ class CostModel:
     expert_bytes: int
     tail_s: float = 0.0  # per token: embeddings, lm_head, dense layers
     layer_scale: float = 1.0  # real layers / trace layers when the trace stands in for a deeper model
+    host_s: float | None = None  # one expert for one token on the host (None: no host profile)
 
     @classmethod
-    def for_gpu(cls, hw: dict, shape: dict, dtype: str, trace_layers: int) -> "CostModel":
-        """Batch-1 decode is memory-bound: time = bytes read / device bandwidth (+ launch overhead)."""
+    def for_gpu(cls, hw: dict, shape: dict, dtype: str, trace_layers: int, host: dict | None = None) -> "CostModel":
+        """Batch-1 decode is memory-bound: time = bytes read / device bandwidth (+ launch overhead). With
+        a host profile, an expert computed on the host costs its bytes / the host's memory read rate
+        (the same memory-bound assumption, which is optimistic for a CPU kernel that also dequantizes)."""
         bpp = BYTES_PER_PARAM[dtype]
         bw = hw["mem_gbps"] * 1e9
         expert_bytes = int(shape["expert_params"] * bpp)
         return cls(attn_s=shape["dense_params_per_layer"] * 2 / bw + hw["layer_overhead_us"] * 1e-6,  # attention weights stay fp16
                    expert_s=expert_bytes / bw, transfer_s=expert_bytes / (hw["h2d_gbps"] * 1e9),
                    expert_bytes=expert_bytes, tail_s=shape["other_dense_params"] * 2 / bw / 2,  # lm_head only (embedding is a gather)
-                   layer_scale=shape["moe_layers"] / trace_layers)
+                   layer_scale=shape["moe_layers"] / trace_layers,
+                   host_s=None if host is None else expert_bytes / (host["read_gbps"] * 1e9))
+
+    def costs(self) -> Costs:
+        """The planner's view of these costs."""
+        return Costs(layer_s=self.attn_s, expert_s=self.expert_s, transfer_s=self.transfer_s, host_s=self.host_s)
 
 
 @dataclass(frozen=True)
@@ -56,8 +72,10 @@ class Policy:
     name: str
     predictor: str | None = None  # a score array in the trace, "oracle", or None
     lookahead: int = 0
-    eviction: str = "lru"         # lru | lfu | belady | none (no reuse: every use is a copy)
-    budget_experts: int | None = None  # prefetch bytes in flight, in experts (None: top-k, the runtime's default)
+    eviction: str = "lru"         # lru | lfu | predictive | belady | none (no reuse: every use is a copy)
+    budget_experts: int | None = None  # prefetch copies in flight (None: top-k, the runtime's default)
+    host_compute: bool = False    # a miss may run on the host when that finishes first (needs CostModel.host_s)
+    gate: bool = True             # False: every predicted prefetch under the budget (the behaviour before the planner)
 
 
 @dataclass
@@ -68,10 +86,13 @@ class SimResult:
     seconds: float
     stall_seconds: float
     requests: int
-    hits: int
+    hits: int                # served from a slot without a demand copy (landed, or a prefetch still in flight)
     bytes_moved: int
     prefetch_issued: int = 0
     prefetch_wasted: int = 0
+    host_computed: int = 0
+    prefetch_gated: int = 0  # refused by the planner's benefit test
+    late: int = 0            # of the hits, prefetches that had not landed when the layer needed them
 
     @property
     def tokens_per_s(self) -> float:
@@ -88,7 +109,9 @@ class SimResult:
     def row(self) -> dict:
         return dict(policy=self.policy, slots=self.slots, tokens_per_s=self.tokens_per_s, hit_rate=self.hit_rate,
                     stall_fraction=self.stall_fraction, mb_per_token=self.bytes_moved / self.tokens / 1e6,
-                    prefetch_issued=self.prefetch_issued, prefetch_wasted=self.prefetch_wasted)
+                    host_fraction=self.host_computed / self.requests if self.requests else 0.0,
+                    prefetch_issued=self.prefetch_issued, prefetch_wasted=self.prefetch_wasted,
+                    prefetch_gated=self.prefetch_gated, late=self.late)
 
 
 @dataclass
@@ -121,7 +144,8 @@ class Trace:
 
 
 class BeladyPolicy(EvictionPolicy):
-    """Evict the expert whose next use is farthest in the future (optimal for a known trace)."""
+    """Evict the expert whose next use is farthest in the future (optimal for a known trace).
+    The caller sets `position` (t * L + i) before each layer."""
 
     name = "belady"
 
@@ -159,169 +183,216 @@ def _oracle_scores(routing: np.ndarray, E: int, K: int) -> np.ndarray:
     return out
 
 
-class Link:
-    """One host-to-device link, as the CPU engine runs it: one copy at a time; with `priority`, demand
-    copies go ahead of prefetches that have not started, and a queued prefetch can be withdrawn."""
+class _CountingLink(Link):
+    """The planner's link, counting the copies that really cross it (a withdrawn copy moves nothing)."""
 
-    def __init__(self, transfer_s: float, priority: bool = True):
-        self.transfer_s = transfer_s
-        self.priority = priority
-        self.queue: list[list] = []  # [key, start, end, demand] in link order
-        self.ready: dict = {}        # key -> time its bytes have landed
+    def __init__(self, transfer_s: float, priority: bool):
+        super().__init__(transfer_s, priority)
+        self.copies = 0
 
-    def _settle(self, now: float) -> None:
-        self.queue = [q for q in self.queue if q[2] > now]
+    def send(self, key, now, demand):
+        self.copies += 1
+        return super().send(key, now, demand)
 
-    def _reflow(self, now: float, start_at: int) -> None:
-        prev_end = self.queue[start_at - 1][2] if start_at > 0 else now
-        for q in self.queue[start_at:]:
-            q[1] = max(prev_end, now)
-            q[2] = q[1] + self.transfer_s
-            self.ready[q[0]] = q[2]
-            prev_end = q[2]
+    def cancel(self, key, now):
+        withdrawn = super().cancel(key, now)
+        self.copies -= withdrawn
+        return withdrawn
 
-    def send(self, key, now: float, demand: bool) -> None:
-        self._settle(now)
-        pos = len(self.queue)
-        if demand and self.priority:  # ahead of every prefetch that has not started
-            pos = next((j for j, q in enumerate(self.queue) if q[1] > now and not q[3]), pos)
-        self.queue.insert(pos, [key, 0.0, 0.0, demand])
-        self._reflow(now, pos)
 
-    def cancel(self, key, now: float) -> bool:
-        """Withdraw a copy that has not started (the expert was evicted or is needed right away)."""
-        if not self.priority:
-            return False
-        self._settle(now)
-        for j, q in enumerate(self.queue):
-            if q[0] == key and q[1] > now:
-                del self.queue[j]
-                self.ready.pop(key, None)
-                self._reflow(now, j)
-                return True
-        return False
+def _predictions(trace: Trace, policy: Policy, E: int, k: int):
+    """Per (t, i, d-1): the top-k experts and their scores as lists, or None where there is no
+    prediction. The runtime's prefetcher offers the planner the union of the tokens' top-k: in
+    decode (one token), the top-k."""
+    K = policy.lookahead
+    if not policy.predictor or not K:
+        return None
+    routing = trace.routing
+    scores = _oracle_scores(routing, E, K) if policy.predictor == "oracle" else trace.scores[policy.predictor]
+    if scores.shape[2] < K:
+        raise ValueError(f"trace has scores for lookahead {scores.shape[2]}, policy asks {K}")
+    scores = scores[:, :, :K]                                             # [N, L, K, E]
+    missing = np.isnan(scores).all(-1)                                    # [N, L, K]
+    top = np.argsort(-np.nan_to_num(scores, nan=-np.inf), axis=-1, kind="stable")[..., :k]  # [N, L, K, k]
+    values = np.take_along_axis(scores, top, axis=-1)                     # [N, L, K, k]
+    return missing.tolist(), top.tolist(), values.tolist()
 
-    def in_flight(self, now: float) -> int:
-        self._settle(now)
-        return len(self.queue)
+
+def make_planner(trace: Trace, cost: CostModel, slots: int, policy: Policy, priority: bool = True) -> Planner:
+    """The planner a simulated run drives: layers are trace positions 0..L-1."""
+    _, L, k = trace.routing.shape
+    E = int(trace.header.get("experts", trace.routing.max() + 1))
+    if policy.host_compute and cost.host_s is None:
+        raise ValueError(f"policy {policy.name!r} computes on the host but the cost model has no host_s "
+                         "(give CostModel.for_gpu a host profile)")
+    custom = None
+    eviction = policy.eviction
+    if eviction == "belady":
+        custom = BeladyPolicy(trace.routing)
+    elif eviction == "none":
+        eviction = "lru"  # the slots only hold a layer's experts while it runs: simulate() drops them after
+    elif eviction not in EVICTIONS:
+        raise ValueError(f"unknown eviction {eviction!r}: one of {', '.join(EVICTIONS + ('belady', 'none'))}")
+    planner = Planner(max(slots, k), list(range(L)), E, k, cost.costs(), eviction=eviction,
+                      host_compute=policy.host_compute, budget_experts=policy.budget_experts, gate=policy.gate,
+                      policy=custom)
+    planner.link = _CountingLink(cost.transfer_s, priority)  # the same link, with a copy count and the FIFO option
+    return planner
 
 
 def simulate(trace: Trace, cost: CostModel, slots: int, policy: Policy, priority: bool = True) -> SimResult:
-    """Replay `trace`; priority=True models the runtime's engines (demand first, withdrawable prefetches;
-    on CUDA the demand and prefetch streams share the link, which lands a demand copy a little earlier
-    than modelled here), False a strictly FIFO link for comparison."""
+    """Replay `trace` through the planner; priority=True models the runtime's engines (demand first,
+    withdrawable prefetches; on CUDA the demand and prefetch streams share the link, which lands a
+    demand copy a little earlier than modelled here), False a strictly FIFO link for comparison."""
     routing = trace.routing
     N, L, k = routing.shape
     E = int(trace.header.get("experts", routing.max() + 1))
     K = policy.lookahead
+    planner = make_planner(trace, cost, slots, policy, priority)
+    link = planner.link
+    belady = planner.policy if isinstance(planner.policy, BeladyPolicy) else None
     no_reuse = policy.eviction == "none"
-    if policy.eviction == "belady":
-        evict = BeladyPolicy(routing)
-    else:
-        evict = make_policy("lru" if no_reuse else policy.eviction)
-    cache = ExpertCache(max(slots, k), evict)
-    scores = None
-    if policy.predictor and K:
-        scores = _oracle_scores(routing, E, K) if policy.predictor == "oracle" else trace.scores[policy.predictor]
-        if scores.shape[2] < K:
-            raise ValueError(f"trace has scores for lookahead {scores.shape[2]}, policy asks {K}")
-    budget = (policy.budget_experts or k) * cost.expert_bytes
-    attn, expert_s = cost.attn_s, cost.expert_s
-    link = Link(cost.transfer_s, priority)
+    preds = _predictions(trace, policy, E, k)
+    expert_s = cost.expert_s
+    pending: dict[int, list[tuple[int, dict[int, float]]]] = defaultdict(list)  # global layer index -> predictions for it
     now = stall = 0.0
-    prefetched: set = set()
-    requests = hits = copies = issued = wasted = 0
-
-    def evicted(key) -> None:
-        nonlocal wasted, copies
-        if key is None:
-            return
-        if link.cancel(key, now):
-            copies -= 1
-        if key in prefetched:
-            prefetched.discard(key)
-            wasted += 1
-
+    requests = 0
     for t in range(N):
         for i in range(L):
-            now += attn
-            if isinstance(evict, BeladyPolicy):
-                evict.position = t * L + i
+            g = t * L + i
+            now += cost.attn_s
+            if belady is not None:
+                belady.position = g
             needed = sorted(set(routing[t, i].tolist()))
-            pinned = set()
-            wanted = {(i, e) for e in needed}  # as the runtime: hits first, and a miss never evicts a needed one
-            for e in sorted(needed, key=lambda e: (i, e) not in cache):
-                key = (i, e)
-                requests += 1
-                if not no_reuse and key in cache:
-                    hits += 1
-                    cache.touch(key)
-                    if key in prefetched:
-                        prefetched.discard(key)
-                        if link.cancel(key, now):  # late and not started: promote to a demand copy
-                            link.send(key, now, demand=True)
-                else:
-                    if not no_reuse:
-                        _, ev = cache.insert(key, protected=wanted)
-                        evicted(ev)
-                    link.send(key, now, demand=True)
-                    copies += 1
-                pinned.add(key)
-            if scores is not None:  # prefetch after this layer's demand copies, nearest layer first
-                planned = set(pinned)
-                for d in range(1, K + 1):
-                    s = scores[t, i, d - 1]
-                    if np.isnan(s).all():
-                        continue
-                    j = (i + d) % L
-                    for e in np.argsort(-s, kind="stable")[:k].tolist():
-                        key = (j, e)
-                        if key in cache:
-                            cache.touch(key)
-                        elif (link.in_flight(now) + 1) * cost.expert_bytes <= budget:
-                            try:
-                                _, ev = cache.insert(key, protected=planned)
-                            except CacheFullError:
+            requests += len(needed)
+            remaining, first = needed, True
+            while remaining:  # as the runtime: rounds until every routed expert has run
+                actions = planner.plan_layer(now, i, remaining)
+                if not actions:
+                    raise RuntimeError(f"planner made no progress at token {t}, layer {i}")
+                if first:  # after the layer's own demand copies, as the runtime plans prefetches
+                    first = False
+                    used = set(needed)
+                    for d, sc in pending.pop(g, ()):
+                        planner.observe_prediction(d, sc, used)
+                    if preds is not None:
+                        offered = []
+                        missing, top, values = preds[0][t][i], preds[1][t][i], preds[2][t][i]
+                        for d in range(1, K + 1):
+                            if missing[d - 1]:
                                 continue
-                            evicted(ev)
-                            link.send(key, now, demand=False)
-                            copies += 1
-                            prefetched.add(key)
-                            issued += 1
-                        planned.add(key)
-            t_ready = max((link.ready.get(key, 0.0) for key in pinned), default=now)
-            if t_ready > now:
-                stall += t_ready - now
-                now = t_ready
-            now += len(needed) * expert_s
+                            sc = dict(zip(top[d - 1], values[d - 1]))
+                            offered.append(((i + d) % L, d, sc))
+                            if g + d < N * L:  # a layer past the trace's end never runs
+                                pending[g + d].append((d, sc))
+                        if offered:
+                            planner.plan_prefetch(now, i, offered, {(i, e) for e in needed})
+                device = [a for a in actions if a.kind != "host"]
+                on_host = any(a.kind == "host" for a in actions)
+                ready = max((link.ready.get(a.key, now) for a in device if a.kind != "hit"), default=now)
+                work = len(device) * expert_s
+                end = max(max(ready, now) + work, planner.host_free if on_host else now)  # host and device in parallel
+                stall += end - now - work  # waiting for copies, or for the host's share
+                now = end
+                planner.release(actions)
+                if no_reuse:
+                    for a in device:
+                        planner.remove(a.key)
+                granted = {a.key[1] for a in actions}
+                remaining = [e for e in remaining if e not in granted]
         now += cost.tail_s / cost.layer_scale
+    c = planner.counters
     scale = cost.layer_scale
-    return SimResult(policy.name, slots, N, now * scale, stall * scale, requests, hits,
-                     int(copies * cost.expert_bytes * scale), issued, wasted)
+    return SimResult(policy.name, slots, N, now * scale, stall * scale, requests, c.hits + c.waits,
+                     int(link.copies * cost.expert_bytes * scale), c.prefetch_issued, c.prefetch_wasted,
+                     host_computed=c.host, prefetch_gated=c.prefetch_gated, late=c.waits)
 
 
-def physical_bound(trace: Trace, cost: CostModel, slots: int) -> SimResult:
-    """max(compute, minimum copies x transfer time): Belady misses with no prefetch, fully overlapped."""
-    belady = simulate(trace, cost, slots, Policy("belady", eviction="belady"))
-    N, L, k = trace.routing.shape
-    compute = N * (L * cost.attn_s + cost.tail_s / cost.layer_scale) + cost.expert_s * sum(
-        len(set(trace.routing[t, i].tolist())) for t in range(N) for i in range(L))
-    copies = belady.requests - belady.hits
-    seconds = max(compute, copies * cost.transfer_s) * cost.layer_scale
-    return SimResult("physical bound", slots, N, seconds, 0.0, belady.requests, belady.hits,
-                     int(copies * cost.expert_bytes * cost.layer_scale))
+def min_transfers(routing: np.ndarray, slots: int, bypass: bool = False) -> int:
+    """The fewest experts any policy must bring in (or, with `bypass`, bring in or compute without a
+    slot) to serve `routing` with `slots` slots: Belady's MIN over the requests in order, which no
+    prefetching policy can beat on fetch count. Requests of one layer are treated one after another,
+    which only loosens the bound (a real layer also needs its experts resident together).
+    bypass: a miss may leave the cache alone (host compute); MIN then skips caching the requested
+    expert when it is the one needed farthest in the future."""
+    N, L, _ = routing.shape
+    seq = [(i, e) for t in range(N) for i in range(L) for e in sorted(set(routing[t, i].tolist()))]
+    nxt = [math.inf] * len(seq)
+    last: dict = {}
+    for p in range(len(seq) - 1, -1, -1):
+        nxt[p] = last.get(seq[p], math.inf)
+        last[seq[p]] = p
+    cache: dict = {}  # key -> position of its next request
+    faults = 0
+    for p, key in enumerate(seq):
+        if key in cache:
+            cache[key] = nxt[p]
+            continue
+        faults += 1
+        if len(cache) >= slots:
+            far = max(cache, key=cache.__getitem__)
+            if bypass and cache[far] <= nxt[p]:
+                continue  # the requested expert is the one needed last: compute it without a slot
+            del cache[far]
+        cache[key] = nxt[p]
+    return faults
 
 
-def standard_policies(predictors: list[str], max_lookahead: int = 4) -> list[Policy]:
-    """The comparison set: peers' approaches, ours per predictor and K, and the oracle."""
+def physical_bound(trace: Trace, cost: CostModel, slots: int, host_compute: bool = False) -> SimResult:
+    """A lower bound on time for any policy: the device's own work, the link's and the host's are each
+    serial, and the fewest fetches come from Belady's MIN (min_transfers).
+
+    Copy only: max(device compute, MIN copies x transfer_s). With host compute (cost.host_s), a split of
+    h misses to the host and c copies must still cover MIN-with-bypass faults (c + h >= M_b; c >= M when
+    h = 0), and the time is at least max(device compute - h x expert_s, c x transfer_s, h x host_s),
+    minimised over h."""
+    routing = trace.routing
+    N, L, k = routing.shape
+    n = max(slots, k)
+    requests = sum(len(set(routing[t, i].tolist())) for t in range(N) for i in range(L))
+    device = N * (L * cost.attn_s + cost.tail_s / cost.layer_scale) + cost.expert_s * requests
+    copies = min_transfers(routing, n)
+    seconds, host, name = max(device, copies * cost.transfer_s), 0, "physical bound, copy only"
+    if host_compute:
+        if cost.host_s is None:
+            raise ValueError("a host-compute bound needs CostModel.host_s")
+        name = "physical bound, host compute"
+        faults = min_transfers(routing, n, bypass=True)
+        h = np.arange(1, faults + 1)
+        times = np.maximum.reduce([device - h * cost.expert_s, (faults - h) * cost.transfer_s, h * cost.host_s])
+        best = int(np.argmin(times))
+        if times[best] < seconds:
+            seconds, host, copies = float(times[best]), int(h[best]), int(faults - h[best])
+    s = cost.layer_scale
+    return SimResult(name, slots, N, seconds * s, 0.0, requests, requests - copies - host,
+                     int(copies * cost.expert_bytes * s), host_computed=host)
+
+
+def standard_policies(predictors: list[str], max_lookahead: int = 4, host_compute: bool = False) -> list[Policy]:
+    """The comparison set: peers' approaches (ungated: they prefetch whatever they predict), the
+    previous design (ungated LFU), ours through the planner (predictive eviction, gated prefetch),
+    the oracle; with host_compute also the rows that may compute misses on the host."""
     out = [Policy("on-demand, no reuse (HF accelerate)", eviction="none"),
            Policy("LRU, no prefetch (mixtral-offloading code)"),
-           Policy("LFU, no prefetch", eviction="lfu"),
-           Policy("LRU + next-gate K=1 (mixtral-offloading paper)", "next-gate", 1)]
+           Policy("LFU, no prefetch", eviction="lfu")]
+    if host_compute:
+        out.append(Policy("LFU, no prefetch, host compute (Fiddler-like)", eviction="lfu", host_compute=True))
+    out.append(Policy("LRU + next-gate K=1 (mixtral-offloading paper)", "next-gate", 1, gate=False))
     if "history" in predictors:
-        out.append(Policy("history + LFU (MoE-Infinity-like)", "history", 1, eviction="lfu"))
+        out.append(Policy("history + LFU (MoE-Infinity-like)", "history", 1, eviction="lfu", gate=False))
     for p in predictors:
         for K in range(1, max_lookahead + 1):
-            out.append(Policy(f"ours: {p} K={K}, LFU", p, K, eviction="lfu"))
+            out.append(Policy(f"ungated: {p} K={K}, LFU", p, K, eviction="lfu", gate=False))
+    for p in predictors:
+        for K in range(1, max_lookahead + 1):
+            out.append(Policy(f"ours: {p} K={K}, predictive eviction, gated", p, K, eviction="predictive"))
+    if host_compute:
+        for p in predictors:
+            for K in range(1, max_lookahead + 1):
+                out.append(Policy(f"ours: {p} K={K}, predictive eviction, gated, host compute", p, K,
+                                  eviction="predictive", host_compute=True))
     out.append(Policy(f"oracle prediction + Belady, K={max_lookahead}", "oracle", max_lookahead, eviction="belady"))
+    if host_compute:
+        out.append(Policy(f"oracle prediction + Belady, K={max_lookahead}, host compute", "oracle", max_lookahead,
+                          eviction="belady", host_compute=True))
     return out

@@ -1,8 +1,10 @@
-"""Simulator: hand-checkable timings, bounds, and the trace file format."""
+"""Simulator: it drives the runtime's planner; hand-checkable timings, bounds, host compute, the gate,
+and the trace file format."""
 import numpy as np
 import pytest
 
-from moe_prefetch.sim import (CostModel, Policy, Trace, load_profiles, physical_bound, simulate,
+from moe_prefetch import planner as planner_mod
+from moe_prefetch.sim import (CostModel, Policy, Trace, load_profiles, min_transfers, physical_bound, simulate,
                               standard_policies)
 
 
@@ -28,6 +30,27 @@ def test_single_slot_alternating_experts_is_serial():
     assert r.hits == 0 and r.bytes_moved == 1000 and r.stall_seconds == pytest.approx(20.0)
 
 
+def test_simulator_drives_the_planner(monkeypatch):
+    """Every layer of every token is planned by planner.Planner, and predictions reach plan_prefetch
+    and, once their layer has run, observe_prediction."""
+    calls = {"layer": 0, "prefetch": 0, "observe": 0}
+    for name, short in (("plan_layer", "layer"), ("plan_prefetch", "prefetch"), ("observe_prediction", "observe")):
+        original = getattr(planner_mod.Planner, name)
+
+        def counted(self, *a, _orig=original, _short=short, **kw):
+            calls[_short] += 1
+            return _orig(self, *a, **kw)
+        monkeypatch.setattr(planner_mod.Planner, name, counted)
+    tr = make_trace(N=50)
+    N, L, _ = tr.shape
+    r = simulate(tr, CostModel(1e-3, 1e-3, 5e-3, 1000), 6, Policy("ng", "next-gate", 2, eviction="predictive"))
+    assert calls["layer"] == N * L, "one planning round per layer when the cache holds top-k"
+    assert calls["prefetch"] == N * L
+    # next-gate scores cover both distances everywhere in this trace; predictions past the end never run
+    assert calls["observe"] == N * L * 2 - (1 + 2)
+    assert r.requests == sum(len(set(tr.routing[t, i])) for t in range(N) for i in range(L))
+
+
 def test_full_cache_only_compulsory_misses():
     tr = make_trace()
     N, L, k = tr.shape
@@ -35,18 +58,23 @@ def test_full_cache_only_compulsory_misses():
     r = simulate(tr, cost, L * 8, Policy("lru"))
     distinct = len({(i, e) for t in range(N) for i in range(L) for e in tr.routing[t, i]})
     assert r.requests - r.hits == distinct
+    assert min_transfers(tr.routing, L * 8) == distinct
     none = simulate(tr, cost, L * 8, Policy("no reuse", eviction="none"))
     assert none.hits == 0 and none.bytes_moved == N * L * k * 1000
 
 
-def test_oracle_prefetch_hides_transfers_and_bound_holds():
+def test_oracle_prefetch_hides_transfers_and_bounds_hold():
     tr = make_trace(sticky=0.2)
-    cost = CostModel(attn_s=2e-3, expert_s=1e-3, transfer_s=1e-3, expert_bytes=1000)
+    cost = CostModel(attn_s=2e-3, expert_s=1e-3, transfer_s=1e-3, expert_bytes=1000, host_s=1.5e-3)
     slots = 12
-    results = [simulate(tr, cost, slots, p) for p in standard_policies(["next-gate"], 2)]
     bound = physical_bound(tr, cost, slots)
-    for r in results:
-        assert r.tokens_per_s <= bound.tokens_per_s * (1 + 1e-9), r.policy
+    host_bound = physical_bound(tr, cost, slots, host_compute=True)
+    assert host_bound.tokens_per_s >= bound.tokens_per_s
+    results = [simulate(tr, cost, slots, p) for p in standard_policies(["next-gate"], 2, host_compute=True)]
+    for r, p in zip(results, standard_policies(["next-gate"], 2, host_compute=True)):
+        limit = host_bound if p.host_compute else bound
+        assert r.tokens_per_s <= limit.tokens_per_s * (1 + 1e-9), r.policy
+        assert r.bytes_moved >= bound.bytes_moved or p.host_compute, "no policy moves fewer bytes than MIN"
     by = {r.policy: r for r in results}
     oracle = by["oracle prediction + Belady, K=2"]
     lru = by["LRU, no prefetch (mixtral-offloading code)"]
@@ -55,6 +83,66 @@ def test_oracle_prefetch_hides_transfers_and_bound_holds():
     compute = N * L * (cost.attn_s + k * cost.expert_s)  # k distinct experts per layer and token
     assert oracle.seconds <= compute * 1.01, "perfect prediction should leave only compute"
     assert lru.seconds > compute * 1.1
+
+
+def test_belady_bounds_lru_and_lfu_hits():
+    for seed, slots in ((0, 6), (1, 10), (2, 16)):
+        tr = make_trace(seed=seed, sticky=0.5)
+        cost = CostModel(1e-3, 1e-3, 5e-3, 1000)
+        belady = simulate(tr, cost, slots, Policy("b", eviction="belady"))
+        for ev in ("lru", "lfu", "predictive"):
+            assert belady.hits >= simulate(tr, cost, slots, Policy(ev, eviction=ev)).hits, (seed, slots, ev)
+        assert belady.requests - belady.hits >= min_transfers(tr.routing, slots)
+        assert min_transfers(tr.routing, slots, bypass=True) <= min_transfers(tr.routing, slots)
+
+
+def test_host_compute_pays_only_when_the_host_is_faster():
+    """Fiddler's rule, queue-aware: a miss runs on the host when the host finishes it before its copy
+    would land and the device computed it. Without prefetch a layer's k=2 misses queue on the link,
+    so the second one's copy lands after 2 transfers."""
+    tr = make_trace(sticky=0.3)
+    slots = 6
+    pol, host_pol = Policy("lfu", eviction="lfu"), Policy("lfu+host", eviction="lfu", host_compute=True)
+
+    def run(host_s):
+        cost = CostModel(attn_s=1e-3, expert_s=1e-4, transfer_s=10e-3, expert_bytes=1000, host_s=host_s)
+        return simulate(tr, cost, slots, pol), simulate(tr, cost, slots, host_pol)
+    base, host = run(1e-3)  # host 10x faster than the link
+    assert host.host_computed > 0 and host.seconds < 0.5 * base.seconds
+    assert host.bytes_moved < base.bytes_moved
+    base, host = run(15e-3)  # slower than one copy, faster than a second one queued behind it
+    assert 0 < host.host_computed <= (base.requests - base.hits) / 2
+    assert host.seconds < base.seconds
+    base, host = run(20.2e-3)  # slower than transfer + compute even behind a queued copy: never chosen
+    assert host.host_computed == 0 and host.seconds == pytest.approx(base.seconds)
+    assert host.bytes_moved == base.bytes_moved
+    with pytest.raises(ValueError, match="host_s"):
+        simulate(tr, CostModel(1e-3, 1e-4, 1e-2, 1000), slots, host_pol)
+
+
+def test_gate_refuses_hopeless_prefetches_on_a_saturated_link():
+    """A link 50 layers slow with demand copies queued: a prefetch 1-2 layers ahead cannot land in
+    time, so the gate refuses what the ungated planner issues; an idle, fast link and sure
+    predictions get every prefetch through."""
+    tr = make_trace(sticky=0.0, seed=3)
+    slow = CostModel(attn_s=1e-3, expert_s=1e-4, transfer_s=60e-3, expert_bytes=1000)
+    gated = simulate(tr, slow, 8, Policy("g", "oracle", 2, eviction="lfu", budget_experts=8))
+    ungated = simulate(tr, slow, 8, Policy("u", "oracle", 2, eviction="lfu", budget_experts=8, gate=False))
+    assert gated.prefetch_gated > 0 and gated.prefetch_issued < ungated.prefetch_issued / 2
+    fast = CostModel(attn_s=1e-3, expert_s=1e-4, transfer_s=0.5e-3, expert_bytes=1000)
+    idle = simulate(tr, fast, 12, Policy("g", "oracle", 2, eviction="lfu"))
+    assert idle.prefetch_issued > 0 and idle.prefetch_gated == 0
+    assert idle.hit_rate > 0.9
+
+
+@pytest.mark.parametrize("transfer_s", [0.5e-3, 3e-3, 20e-3])
+def test_oracle_with_gate_never_loses_hits(transfer_s):
+    tr = make_trace(sticky=0.4, seed=5)
+    cost = CostModel(attn_s=1e-3, expert_s=2e-4, transfer_s=transfer_s, expert_bytes=1000)
+    for ev in ("lfu", "predictive"):
+        plain = simulate(tr, cost, 8, Policy("plain", eviction=ev))
+        oracle = simulate(tr, cost, 8, Policy("oracle", "oracle", 2, eviction=ev))
+        assert oracle.hits >= plain.hits, (ev, oracle.hits, plain.hits)
 
 
 def test_trace_roundtrip(tmp_path):
@@ -66,14 +154,28 @@ def test_trace_roundtrip(tmp_path):
     assert back.header["experts"] == 8
 
 
-def test_profiles_have_sources():
-    for kind in ("hardware", "models"):
+def test_profiles_have_sources_and_host_costs():
+    for kind in ("hardware", "models", "hosts"):
         for name, prof in load_profiles(kind).items():
             assert prof.get("source"), f"{kind}/{name} has no source"
+    hosts = load_profiles("hosts")
+    assert hosts["ddr5-2ch"]["read_gbps"] < hosts["ddr5-2ch"]["theoretical_gbps"]
+    shape = load_profiles("models")["mixtral-8x7b"]
+    cost = CostModel.for_gpu(load_profiles("hardware")["rtx4090-pcie4"], shape, "int4", 6, hosts["ddr5-2ch"])
+    assert cost.host_s == pytest.approx(cost.expert_bytes / 60e9)
+    assert cost.host_s < cost.transfer_s, "DDR5 reads an int4 expert faster than PCIe 4 moves it"
+    assert cost.costs().host_s == cost.host_s and cost.costs().layer_s == cost.attn_s
+    assert CostModel.for_gpu(load_profiles("hardware")["rtx4090-pcie4"], shape, "int4", 6).host_s is None
+
+
+def test_link_is_the_planners():
+    from moe_prefetch.sim import Link
+    assert Link is planner_mod.Link
 
 
 def test_trace_cli_and_simulate_bench_end_to_end(tmp_path, capsys):
     """Record a trace from a tiny Mixtral with the CLI, then run the GPU-profile bench on it."""
+    import json
     import random
     import sys
     from pathlib import Path
@@ -98,24 +200,13 @@ def test_trace_cli_and_simulate_bench_end_to_end(tmp_path, capsys):
     finally:
         sys.path.pop(0)
     capsys.readouterr()
-    assert bench_sim.main(["--trace", str(out), "--hardware", "rtx4090-pcie4", "--cache", "0.5"]) == 0
+    md, js = tmp_path / "s.md", tmp_path / "s.json"
+    assert bench_sim.main(["--trace", str(out), "--hardware", "rtx4090-pcie4", "--cache", "0.5", "--max-lookahead", "1",
+                           "--host-compute", "--host", "ddr5-2ch", "--md", str(md), "--json", str(js)]) == 0
     text_out = capsys.readouterr().out
-    assert "standing in for Mixtral-8x7B" in text_out and "physical bound" in text_out
-    assert "ours: history K=2, LFU" in text_out
-
-
-def test_link_demand_overtakes_queued_prefetch_and_cancel():
-    from moe_prefetch.sim import Link
-
-    link = Link(transfer_s=1.0)
-    link.send("p0", 0.0, demand=False)   # runs 0..1
-    link.send("p1", 0.0, demand=False)   # queued 1..2
-    link.send("d", 0.5, demand=True)     # overtakes p1: 1..2, p1 moves to 2..3
-    assert link.ready == {"p0": 1.0, "d": 2.0, "p1": 3.0}
-    assert link.cancel("p1", 0.6) and "p1" not in link.ready
-    assert not link.cancel("p0", 0.6)    # already on the wire
-    fifo = Link(transfer_s=1.0, priority=False)
-    fifo.send("p0", 0.0, demand=False)
-    fifo.send("p1", 0.0, demand=False)
-    fifo.send("d", 0.5, demand=True)
-    assert fifo.ready["d"] == 3.0
+    assert "standing in for Mixtral-8x7B" in text_out and "physical bound, copy only" in text_out
+    assert "ours: history K=1, predictive eviction, gated, host compute" in text_out
+    assert "physical bound, host compute" in text_out
+    assert "Simulated, not measured" in md.read_text()
+    rows = json.loads(js.read_text())
+    assert {r["host"] for r in rows} == {None, "ddr5-2ch"} and all(r["simulated"] for r in rows)

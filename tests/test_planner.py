@@ -1,0 +1,226 @@
+"""Planner (pure Python): link timing, calibration, predictive eviction, the executing layer's actions,
+host-or-copy choice and the prefetch gate, checked by hand."""
+import pytest
+
+from moe_prefetch.cache import ExpertCache
+from moe_prefetch.planner import Calibration, Costs, Link, Planner, PredictivePolicy
+
+
+def make_planner(slots=4, layers=4, experts=8, top_k=2, **kw):
+    costs = kw.pop("costs", Costs(layer_s=1.0, expert_s=0.1, transfer_s=10.0))
+    return Planner(slots, list(range(layers)), experts, top_k, costs, **kw)
+
+
+# ---- Link -------------------------------------------------------------------------------------
+
+def test_link_etas_and_demand_first():
+    link = Link(transfer_s=1.0)
+    assert link.demand_eta(0.0) == 1.0 and link.prefetch_eta(0.0) == 1.0  # idle
+    assert link.send("p0", 0.0, demand=False) == 1.0   # on the wire 0..1
+    assert link.send("p1", 0.0, demand=False) == 2.0   # queued 1..2
+    assert link.prefetch_eta(0.5) == 3.0               # behind everything
+    assert link.demand_eta(0.5) == 2.0                 # ahead of p1, not of p0 (already on the wire)
+    assert link.send("d", 0.5, demand=True) == 2.0     # overtakes p1, which moves to 2..3
+    assert link.ready == {"p0": 1.0, "d": 2.0, "p1": 3.0}
+    assert link.in_flight(0.5) == 3 and not link.landed("d", 1.5) and link.landed("p0", 1.0)
+    assert link.cancel("p1", 0.6) and "p1" not in link.ready
+    assert not link.cancel("p0", 0.6)                  # already on the wire
+    assert link.in_flight(1.5) == 1                     # p0 landed at 1.0
+    assert link.landed("never sent", 0.0), "an expert with no copy pending is ready"
+
+
+def test_fifo_link_has_no_overtaking():
+    fifo = Link(transfer_s=1.0, priority=False)
+    fifo.send("p0", 0.0, demand=False)
+    fifo.send("p1", 0.0, demand=False)
+    assert fifo.demand_eta(0.5) == 3.0
+    fifo.send("d", 0.5, demand=True)
+    assert fifo.ready["d"] == 3.0 and not fifo.cancel("p1", 0.6)
+
+
+def test_demand_copy_after_idle_gap_starts_now():
+    link = Link(transfer_s=1.0)
+    link.send("a", 0.0, demand=True)
+    assert link.send("b", 5.0, demand=True) == 6.0
+    assert link.demand_eta(5.5) == 7.0
+
+
+# ---- Calibration ------------------------------------------------------------------------------
+
+def test_calibration_starts_at_the_prior_and_converges_to_observed_rates():
+    cal = Calibration(top_k=2)
+    assert cal.p(1, 0.3) == pytest.approx(0.6)  # prior: top_k x score
+    assert cal.p(1, 0.9) == pytest.approx(1.0)
+    for n in range(2000):
+        cal.update(1, 0.3, used=n % 5 == 0)  # a 0.3 score is used 20% of the time at distance 1
+        cal.update(1, 0.9, used=n % 10 != 0)  # a 0.9 score, 90%
+        cal.update(2, 0.3, used=n % 2 == 0)   # distances calibrate apart
+    assert cal.p(1, 0.3) == pytest.approx(0.2, abs=0.01)
+    assert cal.p(1, 0.35) == pytest.approx(0.2, abs=0.01), "same bin"
+    assert cal.p(1, 0.9) == pytest.approx(0.9, abs=0.01)
+    assert cal.p(2, 0.3) == pytest.approx(0.5, abs=0.01)
+    rep = cal.report()
+    assert rep["1"]["n"] == 4000 and rep["1"]["used"] == pytest.approx(0.55)
+    assert rep["1"]["ece"] < 0.02, "after convergence the calibrated P matches the use rate"
+
+
+# ---- PredictivePolicy -------------------------------------------------------------------------
+
+def test_predictive_policy_evicts_the_expert_expected_to_be_needed_last():
+    """Fewer layers until its layer runs and a higher P of use both keep an expert."""
+    pol = PredictivePolicy({i: i for i in range(4)}, top_k=2)
+    cache = ExpertCache(3, pol)
+    for key in ((1, 0), (2, 0), (3, 0)):
+        cache.insert(key)
+    pol.position = 0
+    pol.predicted.update({(1, 0): 0.9, (2, 0): 0.9, (3, 0): 0.2})
+    assert pol.victim(set(cache.keys())) == (3, 0), "farthest and least likely"
+    pol.predicted.update({(1, 0): 0.02, (3, 0): 0.9})
+    assert pol.victim(set(cache.keys())) == (1, 0), "nearest, but very unlikely"
+    pol.position = 2  # layer 1 is now 3 layers away, layer 2 a whole token (4) away
+    pol.predicted.update({(1, 0): 0.6, (2, 0): 0.6, (3, 0): 0.6})
+    assert pol.victim(set(cache.keys())) == (2, 0), "equal P: the farthest layer goes"
+    assert pol.victim({(1, 0), (3, 0)}) == (1, 0), "only among the candidates"
+
+
+def test_predictive_policy_uses_frequency_and_breaks_ties_by_recency():
+    pol = PredictivePolicy({0: 0}, top_k=1)
+    cache = ExpertCache(3, pol)
+    for e in range(3):
+        cache.insert((0, e))
+    everything = {(0, 0), (0, 1), (0, 2)}
+    assert pol.victim(everything) == (0, 0), "no information: least recently used"
+    for _ in range(3):
+        pol.record_use((0, 0))
+    pol.record_use((0, 2))
+    assert pol.victim(everything) == (0, 1), "never used"
+    pol.predicted[(0, 1)] = 1.0
+    assert pol.victim(everything) == (0, 2), "a sure prediction outweighs one past use in four"
+    assert pol.victim({(0, 0), (0, 1)}) == (0, 1), "three uses in four beat a prediction blended with none"
+
+
+# ---- the executing layer ----------------------------------------------------------------------
+
+def test_plan_layer_hits_copies_and_never_evicts_what_the_layer_needs():
+    for eviction in ("lru", "lfu", "predictive"):
+        pl = make_planner(slots=2, layers=1, eviction=eviction)
+        for e in (1, 0):  # (0, 1) becomes the least recently used
+            acts = pl.plan_layer(0.0, 0, [e])
+            assert [a.kind for a in acts] == ["copy"]
+            pl.release(acts)
+        acts = pl.plan_layer(100.0, 0, [2, 1], in_order=True)
+        assert [(a.kind, a.key) for a in acts] == [("copy", (0, 2)), ("hit", (0, 1))], eviction
+        assert acts[0].evicted == (0, 0), f"{eviction}: evicted an expert the layer needs"
+        assert pl.cache.is_pinned((0, 2)) and pl.cache.is_pinned((0, 1))
+        pl.release(acts)
+        assert not pl.cache.is_pinned((0, 2)) and not pl.cache.is_pinned((0, 1))
+
+
+def test_plan_layer_runs_in_rounds_when_the_layer_needs_more_than_the_cache():
+    pl = make_planner(slots=2, layers=1, top_k=3, eviction="lru")
+    first = pl.plan_layer(0.0, 0, [0, 1, 2])
+    assert len(first) == 2 and all(a.kind == "copy" for a in first)
+    pl.release(first)
+    rest = [e for e in (0, 1, 2) if (0, e) not in {a.key for a in first}]
+    second = pl.plan_layer(30.0, 0, rest)
+    assert [a.key[1] for a in second] == rest and second[0].evicted in {a.key for a in first}
+
+
+def test_wait_for_a_prefetch_in_flight_and_promotion_to_demand():
+    pl = make_planner(slots=4, layers=4, eviction="lru", budget_experts=4, gate=False)
+    acts = pl.plan_prefetch(0.0, 0, [(1, 1, {5: 0.5}), (2, 2, {6: 0.5})], protected=set())
+    assert [a.key for a in acts] == [(1, 5), (2, 6)]
+    assert pl.link.ready == {(1, 5): 10.0, (2, 6): 20.0}
+    got = pl.plan_layer(1.0, 2, [6])  # (2, 6) has not started: it becomes a demand copy, ahead of nothing
+    assert [a.kind for a in got] == ["wait"] and pl.link.ready[(2, 6)] == 20.0
+    pl.release(got)
+    late = pl.plan_layer(12.0, 1, [5])
+    assert [a.kind for a in late] == ["hit"], "landed at 10"
+    assert pl.counters.prefetch_used == 2 and pl.counters.waits == 1 and pl.counters.hits == 1
+
+
+def test_remove_frees_the_slot():
+    pl = make_planner(slots=1, layers=1, eviction="lru")
+    acts = pl.plan_layer(0.0, 0, [3])
+    pl.release(acts)
+    pl.remove((0, 3))
+    assert (0, 3) not in pl.cache and pl.cache.has_free()
+
+
+# ---- host or copy -----------------------------------------------------------------------------
+
+@pytest.mark.parametrize("host_s,expected", [(9.95, "host"), (10.2, "copy")])
+def test_host_or_copy_by_which_finishes_first(host_s, expected):
+    """transfer 10 + device compute 0.1: the host wins below 10.1 (Fiddler's rule for one miss)."""
+    costs = Costs(layer_s=1.0, expert_s=0.1, transfer_s=10.0, host_s=host_s)
+    pl = make_planner(costs=costs, host_compute=True, eviction="lru")
+    acts = pl.plan_layer(0.0, 0, [3])
+    assert [a.kind for a in acts] == [expected]
+    if expected == "host":
+        assert pl.host_free == pytest.approx(host_s) and (0, 3) not in pl.cache
+        assert pl.link.in_flight(0.0) == 0, "nothing moved"
+
+
+def test_host_choice_sees_the_queues():
+    costs = Costs(layer_s=1.0, expert_s=0.1, transfer_s=10.0, host_s=15.0)
+    pl = make_planner(costs=costs, host_compute=True, eviction="lru")
+    acts = pl.plan_layer(0.0, 0, [0, 1])
+    # first miss: copy lands at 10 < host 15; second: copy at 20 > host 15
+    assert [(a.kind, a.key) for a in acts] == [("copy", (0, 0)), ("host", (0, 1))]
+    pl.release(acts)
+    acts = pl.plan_layer(1.0, 1, [2])  # the host is busy until 15: host at 30 vs copy at 20
+    assert [a.kind for a in acts] == ["copy"]
+    assert make_planner(costs=costs, host_compute=False).plan_layer(0.0, 0, [0, 1])[1].kind == "copy"
+    no_host = make_planner(costs=Costs(1.0, 0.1, 10.0), host_compute=True)
+    assert not no_host.host_compute, "host compute needs a host cost"
+
+
+def test_host_beats_waiting_for_a_late_prefetch():
+    costs = Costs(layer_s=1.0, expert_s=0.1, transfer_s=10.0, host_s=2.0)
+    pl = make_planner(costs=costs, host_compute=True, eviction="lru", gate=False, budget_experts=4)
+    pl.plan_prefetch(0.0, 0, [(1, 1, {4: 0.9})], protected=set())
+    acts = pl.plan_layer(1.0, 1, [4])  # the copy lands at 10; the host is done at 3
+    assert [a.kind for a in acts] == ["host"] and (1, 4) in pl.cache, "the copy still lands, for later use"
+    assert not pl.cache.is_pinned((1, 4))
+
+
+# ---- the prefetch gate ------------------------------------------------------------------------
+
+def test_gate_accepts_on_an_idle_link_and_refuses_on_a_saturated_one():
+    costs = Costs(layer_s=1.0, expert_s=0.1, transfer_s=100.0)
+    idle = make_planner(slots=8, costs=costs, eviction="lru", budget_experts=8)
+    acts = idle.plan_prefetch(0.0, 0, [(1, 1, {3: 1.0})], protected=set())
+    assert [a.key for a in acts] == [(1, 3)], "sure prediction, idle link, free slot: it pays"
+    busy = make_planner(slots=8, costs=costs, eviction="lru", budget_experts=8)
+    demand = busy.plan_layer(0.0, 0, [0, 1])  # two demand copies: the link is busy until 200
+    acts = busy.plan_prefetch(0.0, 0, [(1, 1, {3: 1.0})], protected={a.key for a in demand})
+    assert acts == [] and busy.counters.prefetch_gated == 1, "lands 300 after it is needed at 1.2"
+    ungated = make_planner(slots=8, costs=costs, eviction="lru", budget_experts=8, gate=False)
+    demand = ungated.plan_layer(0.0, 0, [0, 1])
+    assert len(ungated.plan_prefetch(0.0, 0, [(1, 1, {3: 1.0})], protected={a.key for a in demand})) == 1
+
+
+def test_gate_refuses_unlikely_experts_and_the_budget_caps_copies_in_flight():
+    costs = Costs(layer_s=1.0, expert_s=0.1, transfer_s=0.5)
+    pl = make_planner(slots=8, costs=costs, eviction="lru", budget_experts=2)
+    acts = pl.plan_prefetch(0.0, 0, [(1, 1, {3: 0.01, 4: 0.6, 5: 0.6, 6: 0.6})], protected=set())
+    assert [a.key for a in acts] == [(1, 4), (1, 5)], "P(0.01) below the floor; two in flight at most"
+    assert pl.counters.prefetch_budget == 1
+
+
+def test_prefetch_never_evicts_protected_or_pinned_experts():
+    costs = Costs(layer_s=1.0, expert_s=0.1, transfer_s=0.5)
+    pl = make_planner(slots=2, costs=costs, eviction="lru", budget_experts=4, gate=False)
+    acts = pl.plan_layer(0.0, 0, [0, 1])  # both slots pinned by the executing layer
+    assert pl.plan_prefetch(0.0, 0, [(1, 1, {3: 1.0})], protected=set()) == []
+    pl.release(acts)
+    got = pl.plan_prefetch(5.0, 0, [(1, 1, {3: 1.0, 4: 0.9})], protected={(0, 0)})
+    assert [(a.key, a.evicted) for a in got] == [((1, 3), (0, 1))], "(1, 3) is protected from (1, 4)"
+
+
+def test_predictive_eviction_counts_every_use_host_computed_ones_included():
+    costs = Costs(layer_s=1.0, expert_s=0.1, transfer_s=10.0, host_s=1.0)
+    pl = make_planner(costs=costs, host_compute=True, eviction="predictive")
+    acts = pl.plan_layer(0.0, 0, [3, 4])
+    assert {a.kind for a in acts} == {"host"}
+    assert pl.policy.uses[(0, 3)] == 1 and pl.policy.layer_uses[0] == 2
