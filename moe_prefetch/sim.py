@@ -287,16 +287,20 @@ def simulate(trace: Trace, cost: CostModel, slots: int, policy: Policy, priority
                                 pending[g + d].append((d, sc))
                         if offered:
                             planner.plan_prefetch(now, i, offered, {(i, e) for e in needed})
-                device = [a for a in actions if a.kind != "host"]
+                # the device computes its experts as their bytes land (landed ones first, as the
+                # runtime does), while the host computes its own
+                device_end = now
+                for ready in sorted(now if a.kind == "hit" else link.ready.get(a.key, now)
+                                    for a in actions if a.kind != "host"):
+                    device_end = max(device_end, ready) + expert_s
+                work = sum(a.kind != "host" for a in actions) * expert_s
                 on_host = any(a.kind == "host" for a in actions)
-                ready = max((link.ready.get(a.key, now) for a in device if a.kind != "hit"), default=now)
-                work = len(device) * expert_s
-                end = max(max(ready, now) + work, planner.host_free if on_host else now)  # host and device in parallel
+                end = max(device_end, planner.host_free if on_host else now)
                 stall += end - now - work  # waiting for copies, or for the host's share
                 now = end
                 planner.release(actions)
                 if no_reuse:
-                    for a in device:
+                    for a in actions:
                         planner.remove(a.key)
                 granted = {a.key[1] for a in actions}
                 remaining = [e for e in remaining if e not in granted]

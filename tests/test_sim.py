@@ -30,6 +30,17 @@ def test_single_slot_alternating_experts_is_serial():
     assert r.hits == 0 and r.bytes_moved == 1000 and r.stall_seconds == pytest.approx(20.0)
 
 
+def test_landed_experts_compute_while_a_copy_is_in_flight():
+    routing = np.array([[[0, 1]], [[0, 2]]])  # N=2, L=1, k=2: the second token hits 0 and misses 2
+    tr = Trace(routing, [2], {}, {"experts": 3})
+    cost = CostModel(attn_s=1.0, expert_s=0.5, transfer_s=2.0, expert_bytes=100)
+    r = simulate(tr, cost, 2, Policy("lru"))
+    # token 0: copies land at 3 and 5, computed 3..3.5 and 5..5.5; token 1 from 6.5: the hit computes
+    # 6.5..7 while expert 2's copy runs 6.5..8.5, then it computes 8.5..9
+    assert r.seconds == pytest.approx(9.0) and r.hits == 1 and r.bytes_moved == 300
+    assert r.stall_seconds == pytest.approx(3.5 + 1.5)  # elapsed minus the 2 x 1.0 of compute per token
+
+
 def test_simulator_drives_the_planner(monkeypatch):
     """Every layer of every token is planned by planner.Planner, and predictions reach plan_prefetch
     and, once their layer has run, observe_prediction."""
@@ -82,7 +93,7 @@ def test_oracle_prefetch_hides_transfers_and_bounds_hold():
     N, L, k = tr.shape
     compute = N * L * (cost.attn_s + k * cost.expert_s)  # k distinct experts per layer and token
     assert oracle.seconds <= compute * 1.01, "perfect prediction should leave only compute"
-    assert lru.seconds > compute * 1.1
+    assert lru.seconds > compute * 1.05
 
 
 def test_belady_bounds_lru_and_lfu_hits():
