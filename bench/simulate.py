@@ -15,6 +15,7 @@ Mixtral), every table says so. Nothing here is a measurement.
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import sys
 from pathlib import Path
@@ -49,6 +50,12 @@ def table(results: list, base: float, bounds: list[float]) -> list[str]:
     return lines
 
 
+def planner_blob() -> str:
+    """Git's blob id of planner.py, so a table can be matched with the planner that produced it."""
+    data = (Path(__file__).resolve().parents[1] / "moe_prefetch" / "planner.py").read_bytes()
+    return hashlib.sha1(b"blob %d\0" % len(data) + data).hexdigest()
+
+
 def main(argv=None) -> int:
     hw_all, shapes, hosts = load_profiles("hardware"), load_profiles("models"), load_profiles("hosts")
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -78,13 +85,15 @@ def main(argv=None) -> int:
     K = min(args.max_lookahead, trace.header.get("lookahead", 1))
     copy_policies = standard_policies(predictors, K)
     host_policies = [pol for pol in standard_policies(predictors, K, host_compute=True) if pol.host_compute]
+    blob = planner_blob()[:12]
     md = [f"# Simulated decode throughput, {shape['name']} shape, batch 1\n",
           f"Simulated, not measured: the routing trace of the `{stand_in}` model ({N} tokens, {L} MoE layers, "
           f"{E} experts top-{k}) stands in for {shape['name']} ({shape['moe_layers']} MoE layers); per-layer "
           "costs come from the profiles in moe_prefetch/profiles (bytes / bandwidth, memory-bound batch-1 "
           "decode), and time is scaled by real layers / trace layers. Every policy runs through the runtime's "
           "planner (moe_prefetch/planner.py). Host compute assumes the host reads an expert at the profile's "
-          "practical memory rate, an optimistic rate for a CPU kernel.\n",
+          "practical memory rate, an optimistic rate for a CPU kernel. "
+          f"Planner: moe_prefetch/planner.py blob {blob}.\n",
           "`of bound` compares with the physical bound of the row's kind: copy only, the fewest copies any "
           "policy needs (Belady's MIN) against the device's own compute, each resource serial; with host "
           "compute, the best split of misses between the link and the host. `hit rate` counts experts served from a slot without a "
@@ -125,7 +134,8 @@ def main(argv=None) -> int:
                 md.extend(lines)
                 for r, host_name in labelled:
                     rows.append(dict(r.row(), hardware=hw_name, dtype=dtype, cache_fraction=frac, shape=args.shape,
-                                     host=host_name, trace_model=stand_in, simulated=True))
+                                     host=host_name, trace_model=stand_in, simulated=True,
+                                     planner_blob=blob))
     if args.md:
         Path(args.md).write_text("\n".join(md) + "\n")
     if args.json:

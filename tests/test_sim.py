@@ -142,7 +142,8 @@ def test_gate_refuses_hopeless_prefetches_on_a_saturated_link():
     assert gated.prefetch_gated > 0 and gated.prefetch_issued < ungated.prefetch_issued / 2
     fast = CostModel(attn_s=1e-3, expert_s=1e-4, transfer_s=0.5e-3, expert_bytes=1000)
     idle = simulate(tr, fast, 12, Policy("g", "oracle", 2, eviction="lfu"))
-    assert idle.prefetch_issued > 0 and idle.prefetch_gated == 0
+    # an idle link: almost everything passes (the gate still declines to evict an expert as sure to be used)
+    assert idle.prefetch_issued > 0 and idle.prefetch_gated <= idle.prefetch_issued // 100
     assert idle.hit_rate > 0.9
 
 
