@@ -12,7 +12,13 @@ to plain transformers. Caches are warmed before timing. Writes overhead.md and o
 """
 from __future__ import annotations
 
-import argparse
+import os
+
+# Before torch loads: OpenMP threads that sleep when idle instead of spinning, so the copy and host
+# threads' work does not stall the compute thread's matmuls on a small machine.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+import argparse  # noqa: E402
 import json
 import statistics
 import sys

@@ -13,7 +13,13 @@ Writes throughput.md, throughput.json and throughput.png to --out.
 """
 from __future__ import annotations
 
-import argparse
+import os
+
+# Before torch loads: OpenMP threads that sleep when idle instead of spinning, so the copy and host
+# threads' work does not stall the compute thread's matmuls on a small machine.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+import argparse  # noqa: E402
 import json
 import sys
 import time
@@ -73,7 +79,10 @@ def run_policy(model_name, seqs, **kw) -> dict:
     link_s = (eng.copy_seconds + eng.throttle_seconds) / copies if copies else 0.0  # what one copy really took
     model.moe_runtime.close()
     return dict(tokens_per_s=steps / seconds, link_s=link_s, hit_rate=st["hit_rate"], stall_s=st["stall_seconds"],
-                mb_moved=st["bytes_to_device"] / 1e6, prefetch_issued=st["prefetch_issued"],
+                mb_moved=st["bytes_to_device"] / 1e6, bytes_moved=st["bytes_to_device"],
+                host_computed=st["host_computed"], prefetch_gated=st["prefetch_gated"],
+                host_s=(model_host.busy_seconds / model_host.jobs) if (model_host := model.moe_runtime.offloader.host)
+                and model_host.jobs else None, prefetch_issued=st["prefetch_issued"],
                 prefetch_used=st["prefetch_used"], prefetch_late=st["prefetch_late"],
                 prefetch_wasted=st["prefetch_wasted"], seconds=seconds, steps=steps)
 
@@ -153,7 +162,12 @@ def main(argv=None) -> int:
     p.add_argument("--profile", default="rtx4090-pcie4:mixtral-8x7b:int4",
                    help="HARDWARE:SHAPE:DTYPE whose transfer/compute ratio the link reproduces (default: %(default)s)")
     p.add_argument("--ratio", type=float, help="override: expert transfer time / layer compute time")
-    p.add_argument("--caches", type=float, nargs="+", default=[0.25, 0.5, 0.75, 1.0], help="cache fractions (default: 0.25 0.5 0.75 1)")
+    p.add_argument("--host", default="ddr5-2ch", help="host profile (moe_prefetch/profiles/hosts.json) whose expert read "
+                   "rate, relative to the GPU profile's link, sets the emulated host speed of the host-compute rows "
+                   "(default: %(default)s)")
+    p.add_argument("--threads", type=int, default=1, help="torch threads of the emulated device (default 1: the other "
+                   "core is left to the copy and host threads, as a GPU machine has its own)")
+    p.add_argument("--caches", type=float, nargs="+", default=[0.25, 0.5, 0.75], help="cache fractions (default: 0.25 0.5 0.75)")
     p.add_argument("--out", default="bench/results", help="output folder (default: bench/results)")
     p.add_argument("--tag", default="", help="suffix for the output file names (default: none)")
     p.add_argument("--replot", help="only redraw the plot from a throughput JSON written earlier")
@@ -166,6 +180,7 @@ def main(argv=None) -> int:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(0)
+    torch.set_num_threads(args.threads)
 
     probe, tok = load(args.model, predictor="none")
     rt = probe.moe_runtime
@@ -178,9 +193,13 @@ def main(argv=None) -> int:
     attn0, expert0, tail0 = measure_costs(args.model, seqs, k, predictor="none", expert_cache=L * E)
     layer_s = attn0 + k * expert0
     link_bw = expert_bytes / (ratio * layer_s)
+    host_profile = load_profiles("hosts")[args.host]
+    host_over_link = host_profile["read_gbps"] / load_profiles("hardware")[hw]["h2d_gbps"]
+    host_bw = link_bw * host_over_link
     print(f"{args.model}: {L} MoE layers x {E} experts (top-{k}), expert {expert_bytes / 1e6:.2f} MB; CPU layer compute "
           f"{layer_s * 1e3:.3f} ms; emulated link {link_bw / 1e9:.3f} GB/s so one expert takes {ratio:.1f} layer-computes "
-          f"(the ratio of {args.profile})")
+          f"(the ratio of {args.profile}); emulated host {host_bw / 1e9:.3f} GB/s ({args.host} reads experts "
+          f"{host_over_link:.2f}x as fast as {hw}'s link)")
 
     # oracle trace: routing of exactly these sequences
     rec, _ = load(args.model, predictor="none", expert_cache=L * E)
@@ -195,28 +214,42 @@ def main(argv=None) -> int:
     one = expert_bytes  # a prefetch budget of one expert in flight: prefetch only into an idle link
 
     def policies(slots):
-        rows = [("LRU, no prefetch", dict(predictor="none")),
-                ("LFU, no prefetch", dict(predictor="none", eviction="lfu")),
-                ("LRU + next-gate K=1", dict(predictor="next-gate", lookahead=1)),
-                ("LFU + history K=1", dict(predictor="history", lookahead=1, eviction="lfu")),
-                ("ours: next-gate K=2, LFU", dict(predictor="next-gate", lookahead=2, eviction="lfu"))]
+        """(name, predictor, eviction, host compute, loading kwargs); default-config row flagged by name."""
+        none = dict(predictor="none")
+        host = dict(host_bandwidth=host_bw, host_compute="on")
+        rows = [("LRU, no prefetch", none | dict(eviction="lru")),
+                ("LFU, no prefetch", none | dict(eviction="lfu")),
+                ("predictive eviction, no prefetch", none | dict(eviction="predictive")),
+                ("LRU + next-gate K=1, ungated (mixtral-offloading paper)",
+                 dict(predictor="next-gate", lookahead=1, eviction="lru", prefetch_gate=False)),
+                ("LFU + history K=1, ungated (MoE-Infinity-like)",
+                 dict(predictor="history", lookahead=1, eviction="lfu", prefetch_gate=False)),
+                ("default (no flags): next-gate K=2, predictive, gated", dict(predictor="next-gate", lookahead=2))]
         if args.predictor_path:
-            m2r2 = dict(predictor="m2r2", predictor_path=args.predictor_path, eviction="lfu")
-            rows += [(f"ours: m2r2 K={K}, LFU", dict(m2r2, lookahead=K)) for K in (1, 2, 3)]
-            rows += [("ours: m2r2 K=2, LFU, 1 in flight", dict(m2r2, lookahead=2, prefetch_budget=one))]
-        rows.append(("oracle K=2, LFU", dict(predictor="oracle", predictor_path=str(trace_path), lookahead=2,
-                                             eviction="lfu")))
+            m2r2 = dict(predictor="m2r2", predictor_path=args.predictor_path, eviction="predictive")
+            rows += [(f"ours: m2r2 K={K}, predictive, gated", dict(m2r2, lookahead=K)) for K in (1, 2, 3)]
+        oracle = dict(predictor="oracle", predictor_path=str(trace_path), lookahead=2, eviction="predictive")
+        rows.append(("oracle K=2, predictive, gated", oracle))
+        rows += [("LFU, no prefetch, host compute", none | dict(eviction="lfu") | host),
+                 ("predictive eviction, no prefetch, host compute", none | dict(eviction="predictive") | host),
+                 ("next-gate K=2, predictive, gated, host compute", dict(predictor="next-gate", lookahead=2) | host)]
+        if args.predictor_path:
+            rows.append(("ours: m2r2 K=2, predictive, gated, host compute", dict(m2r2, lookahead=2) | host))
+        rows.append(("oracle K=2, predictive, gated, host compute", oracle | host))
         return [(n, dict(kw, expert_cache=slots, link_bandwidth=link_bw)) for n, kw in rows]
 
     results = []
     t_start = time.perf_counter()
     base = run_policy(args.model, seqs, predictor="none", expert_cache=k, link_bandwidth=link_bw)
-    results.append(dict(policy="on-demand (top-k slots, no reuse)", cache=k / (L * E), **base))
+    results.append(dict(policy="on-demand (top-k slots, no reuse)", cache=k / (L * E), predictor="none",
+                        eviction="lru", host_compute=False, **base))
     for frac in args.caches:
         slots = max(k, round(frac * L * E))
         for name, kw in policies(slots):
             r = run_policy(args.model, seqs, **kw)
-            results.append(dict(policy=name, cache=slots / (L * E), **r))
+            results.append(dict(policy=name, cache=slots / (L * E), predictor=kw.get("predictor", "next-gate"),
+                                eviction=kw.get("eviction", "predictive"), host_compute=kw.get("host_compute") == "on",
+                                **r))
             print(f"  cache {slots / (L * E):4.0%}  {name:<24} {r['tokens_per_s']:7.1f} tok/s  hit {r['hit_rate']:.1%}")
     from transformers import AutoModelForCausalLM
 
@@ -234,12 +267,16 @@ def main(argv=None) -> int:
                              Path(args.data).read_text(encoding="utf-8"), 3, args.seq_len,
                              args.sequences * args.seq_len, args.predictor_path, progress=False)
     rec_model.moe_runtime.close()
-    check_set = [("LRU, no prefetch", Policy("lru"), dict(predictor="none")),
-                 ("ours: next-gate K=2, LFU", Policy("ng", "next-gate", 2, eviction="lfu"),
-                  dict(predictor="next-gate", lookahead=2, eviction="lfu"))]
+    check_set = [("LRU, no prefetch", Policy("lru", eviction="lru"), dict(predictor="none", eviction="lru")),
+                 ("default (no flags): next-gate K=2, predictive, gated",
+                  Policy("ng", "next-gate", 2, eviction="predictive"), dict(predictor="next-gate", lookahead=2)),
+                 ("predictive eviction, no prefetch, host compute",
+                  Policy("host", eviction="predictive", host_compute=True), dict(predictor="none"))]
     if args.predictor_path:
-        check_set.append(("ours: m2r2 K=2, LFU", Policy("m2r2", "m2r2", 2, eviction="lfu"),
-                          dict(predictor="m2r2", predictor_path=args.predictor_path, lookahead=2, eviction="lfu")))
+        m2r2 = dict(predictor="m2r2", predictor_path=args.predictor_path, lookahead=2)
+        check_set += [("ours: m2r2 K=2, predictive, gated", Policy("m2r2", "m2r2", 2, eviction="predictive"), m2r2),
+                      ("ours: m2r2 K=2, predictive, gated, host compute",
+                       Policy("m2r2h", "m2r2", 2, eviction="predictive", host_compute=True), m2r2)]
     # at the 50% cache when it was measured, else at the first cache that was
     check_frac = 0.5 if 0.5 in args.caches else args.caches[0]
     for frac in (check_frac,):
@@ -248,13 +285,17 @@ def main(argv=None) -> int:
             attn, expert, tail = measure_costs(args.model, seqs, k, expert_cache=L * E, **kw)
             row = next(r for r in results if r["policy"] == name and abs(r["cache"] - slots / (L * E)) < 1e-9)
             # the link time per expert as the engine measured it in that run (throttle plus copy)
-            cost = CostModel(attn, expert, row["link_s"] or expert_bytes / link_bw, expert_bytes, tail)
+            cost = CostModel(attn, expert, row["link_s"] or expert_bytes / link_bw, expert_bytes, tail,
+                             host_s=(row.get("host_s") or expert_bytes / host_bw) if row["host_compute"] else None)
             sim = simulate(sim_trace, cost, slots, pol).tokens_per_s
             meas = row["tokens_per_s"]
             checks.append(dict(policy=name, cache=slots / (L * E), measured=meas, simulated=sim, error=sim / meas - 1,
                                link_ms=cost.transfer_s * 1e3, nominal_link_ms=expert_bytes / link_bw * 1e3))
 
+    for r in results:
+        r["cache_fraction"] = r["cache"]
     report = dict(model=args.model, profile=args.profile, ratio=ratio, link_gbps=link_bw / 1e9, layer_ms=layer_s * 1e3,
+                  host=args.host, host_gbps=host_bw / 1e9, threads=args.threads, targets=targets(results),
                   expert_mb=expert_bytes / 1e6, steps=results[0]["steps"], all_resident=upper,
                   accelerate=peer, results=results, sim_check=checks, wall_seconds=wall)
     (out / f"throughput{args.tag}.json").write_text(json.dumps(report, indent=1))
@@ -263,6 +304,30 @@ def main(argv=None) -> int:
     print(md)
     plot(report, out / f"throughput{args.tag}.png")
     return 0
+
+
+def targets(results: list[dict]) -> list[dict]:
+    """Per cache: the issue's ratios. best ours / LRU no prefetch; prediction's gain with host compute
+    on and off (best predictor row / the same planner without a predictor); the worst predictor row
+    against its no-predictor twin."""
+    out = []
+    for cache in sorted({r["cache"] for r in results[1:]}):
+        rows = {r["policy"]: r["tokens_per_s"] for r in results[1:] if r["cache"] == cache}
+
+        def best(host):
+            return max((v for n, v in rows.items() if (n.startswith(("ours", "default", "next-gate")) and
+                                                        ("host compute" in n) == host)), default=None)
+
+        twin_off, twin_on = rows.get("predictive eviction, no prefetch"), rows.get("predictive eviction, no prefetch, host compute")
+        worst = min((v / (twin_on if "host compute" in n else twin_off), n) for n, v in rows.items()
+                    if n.startswith(("ours", "default", "next-gate")))
+        ours = max(v for n, v in rows.items() if n.startswith(("ours", "default", "next-gate")))
+        out.append(dict(cache=cache, best_over_lru=ours / rows["LRU, no prefetch"],
+                        prediction_host_on=best(True) / twin_on, prediction_host_off=best(False) / twin_off,
+                        worst_predictor_vs_twin=worst[0], worst_row=worst[1],
+                        default_vs_best_no_prediction=rows["default (no flags): next-gate K=2, predictive, gated"] /
+                        max(v for n, v in rows.items() if "no prefetch" in n and "host compute" not in n)))
+    return out
 
 
 def render(r: dict, L: int, E: int) -> str:
@@ -282,6 +347,16 @@ def render(r: dict, L: int, E: int) -> str:
     if r["accelerate"]:
         lines.append(f"| HF accelerate cpu_offload of the experts, same link | 0% | {r['accelerate']:.1f} | "
                      f"{r['accelerate'] / base:.2f} | - | - | - | - | - |")
+    if r.get("targets"):
+        lines += ["", "Ratios per cache (best ours / LRU no prefetch; prediction = best predictor row / the same planner "
+                  "with no predictor, host compute on and off; worst predictor row / its no-predictor twin; default "
+                  "config / best no-prediction config without host compute):", "",
+                  "| cache | best ours / LRU | prediction, host on | prediction, host off | worst row / twin | default / best no-prediction |",
+                  "|---|---|---|---|---|---|"]
+        for t in r["targets"]:
+            lines.append(f"| {t['cache']:.0%} | {t['best_over_lru']:.2f} | {t['prediction_host_on']:.2f} | "
+                         f"{t['prediction_host_off']:.2f} | {t['worst_predictor_vs_twin']:.2f} ({t['worst_row']}) | "
+                         f"{t['default_vs_best_no_prediction']:.2f} |")
     if r["sim_check"]:
         lines += ["", "Simulator vs measurement (same routing, cache and policy; compute costs measured on this CPU "
                   "with every expert resident, link time per expert as the engine measured it in the row's run):", "",

@@ -60,7 +60,8 @@ class OffloadConfig:
                     (bytes or a size string). None: free device memory (CUDA) / available RAM (CPU).
     expert_cache:   number of expert slots; overrides the size derived from device_memory.
     dtype:          compute dtype; "auto" keeps the checkpoint's (float16 becomes float32 on CPU).
-    eviction:       cache eviction policy, "lru" or "lfu".
+    eviction:       cache eviction policy: "predictive" (default: expected next use from predictions and
+                    frequency, an approximation of Belady), "lru" or "lfu".
     max_context:    longest sequence (prompt + new tokens) the KV-cache reserve is sized for.
     reserve:        extra bytes kept free for activations; None estimates it from the model shape.
     pin_memory:     "auto" (default), "on" or "off" (True/False/None are accepted as on/off/auto). On CUDA,
@@ -87,7 +88,7 @@ class OffloadConfig:
     device_memory: int | str | None = None
     expert_cache: int | None = None
     dtype: str = "auto"
-    eviction: str = "lru"
+    eviction: str = "predictive"
     max_context: int = 2048
     reserve: int | str | None = None
     pin_memory: str | bool | None = "auto"

@@ -158,10 +158,14 @@ class Calibration:
 
 
 class PredictivePolicy(LRUPolicy):
-    """Evict the expert least likely to be needed soon: value = P(used at its layer's next run) /
-    layers until that run. P blends the planner's latest calibrated prediction for the key (when
-    there is one) with its frequency share in its layer (LFU counts, kept across evictions);
-    ties go to the least recently used."""
+    """Belady's rule with estimated next uses: evict the expert expected to be needed last.
+
+    A key of layer j comes up again in dist(j) layers and then every L layers (one token); if it is
+    used at each of its layer's runs with probability p, its expected next use is
+    dist + L x (1 - p) / p layers away. p is the planner's latest calibrated prediction for the key
+    when there is one, blended with its frequency share among its layer's routed uses (counted for
+    every use, host-computed ones included, and kept across evictions); ties go to the least
+    recently used."""
 
     name = "predictive"
 
@@ -171,28 +175,34 @@ class PredictivePolicy(LRUPolicy):
         self.n = len(positions)
         self.top_k = top_k
         self.position = 0           # the executing layer's position
-        self.counts: Counter = Counter()
-        self.layer_counts: Counter = Counter()
+        self.uses: Counter = Counter()
+        self.layer_uses: Counter = Counter()
         self.predicted: dict = {}   # key -> calibrated P of use at its next run
 
-    def on_access(self, key):
-        super().on_access(key)
-        self.counts[key] += 1
-        self.layer_counts[key[0]] += 1
+    def record_use(self, key) -> None:
+        self.uses[key] += 1
+        self.layer_uses[key[0]] += 1
 
-    def value(self, key) -> float:
-        freq = min(1.0, self.top_k * self.counts[key] / self.layer_counts[key[0]]) if self.layer_counts[key[0]] else 0.0
+    def use_probability(self, key) -> float:
+        """P(key is used at its layer's next run)."""
+        tokens = self.layer_uses[key[0]] / self.top_k  # runs of its layer seen so far
+        freq = (self.uses[key] + 0.5) / (tokens + 1.0)  # smoothed: a new expert is not worthless
         p = 0.5 * self.predicted[key] + 0.5 * freq if key in self.predicted else freq
+        return min(1.0, max(p, 1e-3))
+
+    def next_use(self, key) -> float:
+        """Expected layers until the key is used again."""
         dist = (self.positions[key[0]] - self.position) % self.n or self.n
-        return p / dist
+        p = self.use_probability(key)
+        return dist + self.n * (1.0 - p) / p
 
     def victim(self, candidates):
-        best, best_v = None, math.inf
+        best, best_t = None, -1.0
         for key in self._order:  # oldest first: ties go to LRU
             if key in candidates:
-                v = self.value(key)
-                if v < best_v:
-                    best, best_v = key, v
+                t = self.next_use(key)
+                if t > best_t:
+                    best, best_t = key, t
         if best is None:
             raise CacheFullError("no evictable expert")
         return best
@@ -249,7 +259,9 @@ class Planner:
         self.calibration = Calibration(top_k)
         self.prefetched: set = set()   # brought in by prefetch, not yet used
         self.host_free = 0.0           # when the host finishes the expert computations queued on it
-        self.demand_pressure = 0.0     # EMA of demand copies per layer: how often a prefetch delays one
+        self.demand_pressure = 0.0     # EMA of demand copies per layer
+        self.link_traffic = 0.0        # EMA of all copies (demand + prefetch) per layer: link utilisation
+        self._sent = 0                 # prefetches sent since the last layer
         self.counters = PlanCounters()
 
     # ---- the executing layer ----------------------------------------------------------------
@@ -271,8 +283,11 @@ class Planner:
         actions: list[Action] = []
         copies = 0
         order = experts if in_order else sorted(experts, key=lambda e: (layer, e) not in self.cache)  # hits first
+        predictive = isinstance(self.policy, PredictivePolicy)
         for e in order:
             key, n = (layer, e), rows.get(e, 1)
+            if predictive:
+                self.policy.record_use(key)
             if key in self.cache:
                 self.cache.touch(key)
                 self.cache.pin(key)
@@ -309,6 +324,9 @@ class Planner:
             self.counters.copies += 1
             actions.append(Action("copy", key, slot, evicted, rows=n))
         self.demand_pressure = 0.9 * self.demand_pressure + 0.1 * copies
+        if not in_order or not actions or actions[0].key[1] == experts[0]:  # once per layer, not per round
+            self.link_traffic = 0.9 * self.link_traffic + 0.1 * (copies + self._sent)
+            self._sent = 0
         return actions
 
     def _host_done(self, now: float, rows: int) -> float:
@@ -358,7 +376,10 @@ class Planner:
         layer_time = c.layer_time(self.top_k)
         protected = set(protected)
         miss_cost = min(c.transfer_s, c.host_time(1)) if self.host_compute else c.transfer_s
-        link_cost = min(1.0, self.demand_pressure) * c.transfer_s / 2  # a demand copy waits ~half a copy
+        # How much of the link demand copies need: at 1 every byte a prefetch moves is taken from them.
+        # A used prefetch replaces a demand copy of the same size (no net link time); a wasted one
+        # costs its whole transfer, to the extent the link is saturated.
+        saturation = min(1.0, self.link_traffic * c.transfer_s / max(layer_time, 1e-12))
         actions = []
         predictive = isinstance(self.policy, PredictivePolicy)
         for target, d, scores in predictions:
@@ -381,12 +402,14 @@ class Planner:
                     continue  # nothing may be evicted
                 if self.gate:
                     need_at = now + d * layer_time
-                    late = max(0.0, self.link.prefetch_eta(now) - need_at)
+                    # demand copies that arrive while it waits go ahead of it (demand first)
+                    eta = self.link.prefetch_eta(now) + self.demand_pressure * d * c.transfer_s
+                    late = max(0.0, eta - need_at)
                     saving = p * max(0.0, miss_cost - late)
                     victim_value = 0.0
                     if victim is not None:
                         victim_value = self._use_probability(victim) * miss_cost
-                    if saving <= link_cost + victim_value:
+                    if saving <= (1.0 - p) * c.transfer_s * saturation + victim_value:
                         self.counters.prefetch_gated += 1
                         continue
                 slot, evicted = self.cache.insert(key, protected)
@@ -394,6 +417,7 @@ class Planner:
                 self.link.send(key, now, demand=False)
                 self.prefetched.add(key)
                 self.counters.prefetch_issued += 1
+                self._sent += 1
                 in_flight += 1
                 protected.add(key)
                 actions.append(Action("prefetch", key, slot, evicted))
@@ -408,8 +432,7 @@ class Planner:
     def _use_probability(self, key: Key) -> float:
         """How likely an evicted `key` is to be needed at its layer's next run."""
         if isinstance(self.policy, PredictivePolicy):
-            dist = (self.positions[key[0]] - self.policy.position) % len(self.layers) or len(self.layers)
-            return min(1.0, self.policy.value(key) * dist)
+            return self.policy.use_probability(key)
         counts = getattr(self.policy, "counts", None)
         if counts:
             layer_total = sum(v for k, v in counts.items() if k[0] == key[0])

@@ -186,7 +186,7 @@ def test_history_predicts_previous_token_experts(ckpt):
 
 
 def test_a_layer_never_evicts_an_expert_it_still_needs(ckpt):
-    model = load(ckpt, 3, predictor="none")
+    model = load(ckpt, 3, predictor="none", eviction="lru")
     off = model.moe_runtime.offloader
     for layer, e in ((0, 2), (1, 5), (0, 0)):  # (0, 2) is now the least recently used
         g = off.acquire(layer, [e])
