@@ -74,6 +74,7 @@ class ExpertOffloader:
             else:
                 self.stats.hits += 1
                 self._used_prefetch(a.key)
+        self.prefetch(self.planner.take_keeps())  # host-computed misses copied in while the link is idle
         return actions
 
     def _used_prefetch(self, key: tuple[int, int]) -> None:

@@ -226,6 +226,7 @@ class PlanCounters:
     waits: int = 0
     copies: int = 0
     host: int = 0
+    keeps: int = 0              # host-computed misses also copied in while the link was idle
     prefetch_issued: int = 0
     prefetch_gated: int = 0      # refused by the benefit test
     prefetch_budget: int = 0     # refused by the bytes-in-flight cap
@@ -248,6 +249,7 @@ class Planner:
         self.positions = {layer: i for i, layer in enumerate(self.layers)}
         self.num_experts, self.top_k = num_experts, top_k
         self.costs = costs
+        self._host_enabled = host_compute
         self.host_compute = host_compute and costs.host_s is not None
         self.budget = budget_experts or top_k
         self.gate = gate
@@ -262,13 +264,15 @@ class Planner:
         self.demand_pressure = 0.0     # EMA of demand copies per layer
         self.link_traffic = 0.0        # EMA of all copies (demand + prefetch) per layer: link utilisation
         self._sent = 0                 # prefetches sent since the last layer
+        self._traffic_layer = None     # the layer link_traffic was last updated for
+        self.keeps: list[Action] = []  # background copies of host-computed experts (take_keeps())
         self.counters = PlanCounters()
 
     # ---- the executing layer ----------------------------------------------------------------
     def set_costs(self, costs: Costs) -> None:
         self.costs = costs
         self.link.transfer_s = costs.transfer_s
-        self.host_compute = self.host_compute and costs.host_s is not None
+        self.host_compute = self._host_enabled and costs.host_s is not None
 
     def plan_layer(self, now: float, layer: int, experts: list[int], rows: dict[int, int] | None = None,
                    in_order: bool = False) -> list[Action]:
@@ -324,15 +328,46 @@ class Planner:
             self.counters.copies += 1
             actions.append(Action("copy", key, slot, evicted, rows=n))
         self.demand_pressure = 0.9 * self.demand_pressure + 0.1 * copies
-        if not in_order or not actions or actions[0].key[1] == experts[0]:  # once per layer, not per round
+        if layer != self._traffic_layer:  # once per layer, not per round
+            self._traffic_layer = layer
             self.link_traffic = 0.9 * self.link_traffic + 0.1 * (copies + self._sent)
             self._sent = 0
+        for a in actions:
+            if a.kind == "host":
+                self._keep(now, a.key, needed)
         return actions
+
+    def _keep(self, now: float, key: Key, needed: set[Key]) -> None:
+        """A host-computed miss is also copied in, in the background, when the link is idle and it is
+        more likely to be used again than the expert it would evict: host compute must not leave the
+        cache cold (otherwise every later use of a popular expert goes to the host as well)."""
+        if key in self.cache or self.link.in_flight(now) >= self.budget:
+            return
+        victim = None
+        if not self.cache.has_free():
+            victim = self._victim(needed)
+            if victim is False or self._use_probability(key) <= self._use_probability(victim):
+                return
+        slot, evicted = self.cache.insert(key, protected=needed)
+        self._forget(now, evicted)
+        self.link.send(key, now, demand=False)
+        self.prefetched.add(key)
+        self._sent += 1
+        self.counters.keeps += 1
+        self.keeps.append(Action("prefetch", key, slot, evicted))
+
+    def take_keeps(self) -> list[Action]:
+        """The background copies the last plan_layer decided on (the runtime starts them)."""
+        keeps, self.keeps = self.keeps, []
+        return keeps
 
     def _host_done(self, now: float, rows: int) -> float:
         return max(now, self.host_free) + self.costs.host_time(rows)
 
     def _host(self, now: float, key: Key, rows: int) -> Action:
+        counts = getattr(self.policy, "counts", None)
+        if counts is not None and not isinstance(self.policy, PredictivePolicy) and key not in self.cache:
+            counts[key] += 1  # LFU: a use, though the expert stays out of the cache
         self.host_free = self._host_done(now, rows)
         self.counters.host += 1
         return Action("host", key, rows=rows)
@@ -393,6 +428,7 @@ class Planner:
                     protected.add(key)
                     continue
                 if self.gate and p < 0.05:
+                    self.counters.prefetch_gated += 1
                     continue
                 if max(self.link.in_flight(now), in_flight) >= self.budget:
                     self.counters.prefetch_budget += 1
@@ -405,7 +441,9 @@ class Planner:
                     # demand copies that arrive while it waits go ahead of it (demand first)
                     eta = self.link.prefetch_eta(now) + self.demand_pressure * d * c.transfer_s
                     late = max(0.0, eta - need_at)
-                    saving = p * max(0.0, miss_cost - late)
+                    # with a host, a copy that is still in flight when needed saves nothing: that use
+                    # runs on the host anyway; without one it still shortens the demand wait
+                    saving = p * (miss_cost if late <= 0 else 0.0) if self.host_compute else p * max(0.0, miss_cost - late)
                     victim_value = 0.0
                     if victim is not None:
                         victim_value = self._use_probability(victim) * miss_cost

@@ -157,8 +157,11 @@ def test_host_or_copy_by_which_finishes_first(host_s, expected):
     acts = pl.plan_layer(0.0, 0, [3])
     assert [a.kind for a in acts] == [expected]
     if expected == "host":
-        assert pl.host_free == pytest.approx(host_s) and (0, 3) not in pl.cache
-        assert pl.link.in_flight(0.0) == 0, "nothing moved"
+        assert pl.host_free == pytest.approx(host_s)
+        # the link is idle and a slot is free: the expert is also copied in, in the background
+        assert (0, 3) in pl.cache and pl.counters.keeps == 1 and [a.key for a in pl.take_keeps()] == [(0, 3)]
+        assert pl.take_keeps() == []
+        assert pl.link.in_flight(0.0) == 1, "only the background copy moves"
 
 
 def test_host_choice_sees_the_queues():
@@ -224,3 +227,14 @@ def test_predictive_eviction_counts_every_use_host_computed_ones_included():
     acts = pl.plan_layer(0.0, 0, [3, 4])
     assert {a.kind for a in acts} == {"host"}
     assert pl.policy.uses[(0, 3)] == 1 and pl.policy.layer_uses[0] == 2
+
+
+def test_host_computed_miss_is_kept_only_when_the_link_is_idle_and_it_beats_the_victim():
+    costs = Costs(layer_s=1.0, expert_s=0.1, transfer_s=10.0, host_s=1.0)
+    pl = make_planner(costs=costs, host_compute=True, eviction="predictive")
+    pl.budget = 1
+    first = pl.plan_layer(0.0, 0, [3])
+    assert first[0].kind == "host" and pl.counters.keeps == 1  # idle link, free slot
+    pl.release(first)
+    second = pl.plan_layer(0.5, 1, [4])
+    assert second[0].kind == "host" and pl.counters.keeps == 1, "the link is busy with the first keep"
