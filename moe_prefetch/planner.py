@@ -266,6 +266,13 @@ class Planner:
         self._sent = 0                 # prefetches sent since the last layer
         self._traffic_layer = None     # the layer link_traffic was last updated for
         self.keeps: list[Action] = []  # background copies of host-computed experts (take_keeps())
+        # Realised value of the planner's own prefetches, against the P it expected (decaying sums):
+        # a prefetch counts as good when it is used with its bytes landed (with host compute a late
+        # one saves nothing; without, half), bad when evicted unused. P is scaled by good / expected,
+        # so in a regime where prefetching does not pay the gate closes by itself.
+        self._issued_p: dict = {}
+        self._expected = 0.0
+        self._good = 0.0
         self.counters = PlanCounters()
 
     # ---- the executing layer ----------------------------------------------------------------
@@ -298,6 +305,8 @@ class Planner:
                 if key in self.prefetched:
                     self.prefetched.discard(key)
                     self.counters.prefetch_used += 1
+                    landed = self.link.landed(key, now)
+                    self._outcome(key, 1.0 if landed else (0.0 if self.host_compute else 0.5))
                 if self.link.landed(key, now):
                     self.counters.hits += 1
                     actions.append(Action("hit", key, self.cache.lookup(key), rows=n))
@@ -393,6 +402,18 @@ class Planner:
         if key in self.prefetched:
             self.prefetched.discard(key)
             self.counters.prefetch_wasted += 1
+            self._outcome(key, 0.0)
+
+    def _outcome(self, key: Key, good: float) -> None:
+        p = self._issued_p.pop(key, None)
+        if p is None:
+            return  # a keep, not a prediction
+        self._expected = 0.98 * self._expected + p
+        self._good = 0.98 * self._good + good
+
+    def realised(self) -> float:
+        """Good prefetch outcomes per unit of expected P (1 until there is evidence)."""
+        return min(1.0, (self._good + 2.0) / (self._expected + 2.0))
 
     # ---- ahead of time ------------------------------------------------------------------------
     def observe_prediction(self, d: int, scores: dict[int, float], used: set[int]) -> None:
@@ -417,6 +438,11 @@ class Planner:
         saturation = min(1.0, self.link_traffic * c.transfer_s / max(layer_time, 1e-12))
         actions = []
         predictive = isinstance(self.policy, PredictivePolicy)
+        # evidence fades slowly even when nothing is issued, so a closed gate reopens now and then and
+        # re-tests the regime (the cache, the link and the predictor's accuracy all change over a run)
+        self._expected *= 0.999
+        self._good *= 0.999
+        realised = self.realised()
         for target, d, scores in predictions:
             # by calibrated probability, then raw score (bins tie), then expert id
             ranked = sorted(((self.calibration.p(d, s), s, e) for e, s in scores.items()), key=lambda r: (-r[0], -r[1], r[2]))
@@ -443,17 +469,19 @@ class Planner:
                     late = max(0.0, eta - need_at)
                     # with a host, a copy that is still in flight when needed saves nothing: that use
                     # runs on the host anyway; without one it still shortens the demand wait
-                    saving = p * (miss_cost if late <= 0 else 0.0) if self.host_compute else p * max(0.0, miss_cost - late)
+                    q = p * realised  # what a prefetch of this P has really delivered lately
+                    saving = q * (miss_cost if late <= 0 else 0.0) if self.host_compute else q * max(0.0, miss_cost - late)
                     victim_value = 0.0
                     if victim is not None:
                         victim_value = self._use_probability(victim) * miss_cost
-                    if saving <= (1.0 - p) * c.transfer_s * saturation + victim_value:
+                    if saving <= (1.0 - q) * c.transfer_s * saturation + victim_value:
                         self.counters.prefetch_gated += 1
                         continue
                 slot, evicted = self.cache.insert(key, protected)
                 self._forget(now, evicted)
                 self.link.send(key, now, demand=False)
                 self.prefetched.add(key)
+                self._issued_p[key] = p
                 self.counters.prefetch_issued += 1
                 self._sent += 1
                 in_flight += 1

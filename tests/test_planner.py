@@ -238,3 +238,16 @@ def test_host_computed_miss_is_kept_only_when_the_link_is_idle_and_it_beats_the_
     pl.release(first)
     second = pl.plan_layer(0.5, 1, [4])
     assert second[0].kind == "host" and pl.counters.keeps == 1, "the link is busy with the first keep"
+
+
+def test_prefetches_that_do_not_deliver_close_the_gate_and_it_reopens():
+    pl = make_planner(costs=Costs(layer_s=1.0, expert_s=0.1, transfer_s=0.5), slots=8)
+    assert pl.realised() == 1.0
+    for i in range(40):  # issued with high P, every one evicted unused
+        key = (1, i % 8)
+        pl._issued_p[key] = 0.9
+        pl._outcome(key, 0.0)
+    assert pl.realised() < 0.1
+    for _ in range(8000):  # no evidence for a long while: the correction fades
+        pl.plan_prefetch(0.0, 0, [], set())
+    assert pl.realised() > 0.9
