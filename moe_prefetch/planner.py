@@ -230,6 +230,7 @@ class PlanCounters:
     prefetch_issued: int = 0
     prefetch_gated: int = 0      # refused by the benefit test
     prefetch_budget: int = 0     # refused by the bytes-in-flight cap
+    prediction_skipped: int = 0  # layers where no prefetch could be issued, so nothing was predicted
     prefetch_used: int = 0
     prefetch_wasted: int = 0
     extra: dict = field(default_factory=dict)
@@ -271,6 +272,10 @@ class Planner:
         # one saves nothing; without, half), bad when evicted unused. P is scaled by good / expected,
         # so in a regime where prefetching does not pay the gate closes by itself.
         self._issued_p: dict = {}
+        # prefetches issued per layer that was predicted (EMA): a predictor whose output is almost never
+        # acted on is not run at all, except one layer in PROBE_EVERY, which keeps the estimate current
+        self.prediction_yield = 1.0
+        self._skipped_in_a_row = 0
         self._expected = 0.0
         self._good = 0.0
         self.counters = PlanCounters()
@@ -421,28 +426,59 @@ class Planner:
         for e, s in scores.items():
             self.calibration.update(d, s, e in used)
 
+    def _miss_cost_and_saturation(self) -> tuple[float, float]:
+        c = self.costs
+        miss_cost = min(c.transfer_s, c.host_time(1)) if self.host_compute else c.transfer_s
+        # How much of the link copies need: at 1 every byte a prefetch moves is taken from them.
+        # A used prefetch replaces a demand copy of the same size (no net link time); a wasted one
+        # costs its whole transfer, to the extent the link is saturated.
+        saturation = min(1.0, self.link_traffic * c.transfer_s / max(c.layer_time(self.top_k), 1e-12))
+        return miss_cost, saturation
+
+    PROBE_EVERY = 16
+    MIN_YIELD = 0.1
+
+    def worth_predicting(self, now: float, in_flight: int | None = None) -> bool:
+        """Could any prefetch be issued now? False when copies in flight fill the budget, when even a
+        certain prediction would not pass the gate, or when predictions have lately yielded almost no
+        prefetches (but for a probe now and then); the runtime then skips the predictor's compute."""
+        if max(self.link.in_flight(now), in_flight or 0) >= self.budget:
+            return False
+        if not self.gate:
+            return True
+        if self.prediction_yield < self.MIN_YIELD:
+            self._skipped_in_a_row += 1
+            if self._skipped_in_a_row < self.PROBE_EVERY:
+                return False
+            self._skipped_in_a_row = 0
+        q = self.realised()
+        miss_cost, saturation = self._miss_cost_and_saturation()
+        return q * miss_cost > (1.0 - q) * self.costs.transfer_s * saturation
+
     def plan_prefetch(self, now: float, layer: int, predictions: list[tuple[int, int, dict[int, float]]],
-                      protected: set[Key], in_flight: int | None = None) -> list[Action]:
+                      protected: set[Key], in_flight: int | None = None, asked: bool = False) -> list[Action]:
         """Prefetches from predictions made at `layer`: (target layer, distance d, {expert: raw score}),
         nearest first. Never evicts a pinned or `protected` expert, nor one planned for a nearer layer.
         in_flight: copies really in flight (the runtime's engine knows; the link model is an estimate
-        there); the budget holds against the larger of the two."""
+        there); the budget holds against the larger of the two. asked: the caller already had
+        worth_predicting() say yes for this layer (the runtime asks before computing predictions); else
+        it is asked here, so the simulator drops the predictions the runtime would not have made."""
         in_flight = 0 if in_flight is None else in_flight
         c = self.costs
         layer_time = c.layer_time(self.top_k)
         protected = set(protected)
-        miss_cost = min(c.transfer_s, c.host_time(1)) if self.host_compute else c.transfer_s
-        # How much of the link demand copies need: at 1 every byte a prefetch moves is taken from them.
-        # A used prefetch replaces a demand copy of the same size (no net link time); a wasted one
-        # costs its whole transfer, to the extent the link is saturated.
-        saturation = min(1.0, self.link_traffic * c.transfer_s / max(layer_time, 1e-12))
+        miss_cost, saturation = self._miss_cost_and_saturation()
         actions = []
         predictive = isinstance(self.policy, PredictivePolicy)
         # evidence fades slowly even when nothing is issued, so a closed gate reopens now and then and
         # re-tests the regime (the cache, the link and the predictor's accuracy all change over a run)
         self._expected *= 0.999
         self._good *= 0.999
+        if predictions and not asked and not self.worth_predicting(now, in_flight):
+            self.counters.prediction_skipped += 1
+            return []
         realised = self.realised()
+        issued_before = self.counters.prefetch_issued
         for target, d, scores in predictions:
             # by calibrated probability, then raw score (bins tie), then expert id
             ranked = sorted(((self.calibration.p(d, s), s, e) for e, s in scores.items()), key=lambda r: (-r[0], -r[1], r[2]))
@@ -487,6 +523,8 @@ class Planner:
                 in_flight += 1
                 protected.add(key)
                 actions.append(Action("prefetch", key, slot, evicted))
+        if predictions:
+            self.prediction_yield = 0.9 * self.prediction_yield + 0.1 * (self.counters.prefetch_issued - issued_before)
         return actions
 
     def _victim(self, protected: set[Key]):

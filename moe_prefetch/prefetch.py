@@ -89,8 +89,11 @@ class Prefetcher:
         if self.predictor.on_host or h is None:
             return None
         targets = self._targets(i)
-        if not targets:
-            return None
+        off = self.offloader
+        if not targets or not off.planner.worth_predicting(off.clock(), off.copies_in_flight()):
+            if targets:
+                off.planner.counters.prediction_skipped += 1
+            return None  # nothing could be prefetched: the predictor's compute is skipped
         scores = self.predictor.predict(i, h.reshape(-1, h.shape[-1]), targets)
         self._asked[i] = [d for d in targets if d in scores]
         return summarise(scores, self._asked[i], self.view.top_k) if self._asked[i] else None
@@ -110,14 +113,17 @@ class Prefetcher:
                     chosen = set(predicted)
                     self.stats.record_prediction(d, len(chosen & actual), len(chosen), len(actual))
         distances = self._asked.pop(i, [])
+        off = self.offloader
         if self.predictor.on_host:
             self.predictor.observe_rows(i, routing)  # [T][k] host lists
-            distances = self._targets(i)
+            worth = planner.worth_predicting(off.clock(), off.copies_in_flight())
+            distances = self._targets(i) if worth else []
             if distances:
                 scores = self.predictor.predict(i, torch.empty(len(routing), 0), distances)
                 distances = [d for d in distances if d in scores]
                 summary = host_list(summarise(scores, distances, self.view.top_k)) if distances else None
         if not summary:
+            planner.plan_prefetch(off.clock(), layer, [], set())  # the evidence still ages
             return
         n = len(self.view.layers)
         predictions = []
@@ -127,8 +133,8 @@ class Prefetcher:
             self._pending[(j, d)] = scores
             predictions.append((self.view.layers[j], d, scores))
         protected = {(layer, e) for e in experts}
-        off = self.offloader
-        off.prefetch(planner.plan_prefetch(off.clock(), layer, predictions, protected, in_flight=off.copies_in_flight()))
+        off.prefetch(planner.plan_prefetch(off.clock(), layer, predictions, protected, in_flight=off.copies_in_flight(),
+                                           asked=True))  # worth_predicting() said yes before predicting
 
     def close(self) -> None:
         for h in self._handles:

@@ -69,6 +69,7 @@ class OffloadRuntime:
                  host_compute=self.offloader.host is not None, eviction=self.config.eviction,
                  prefetch_gated=self.offloader.planner.counters.prefetch_gated,
                  prefetch_skipped_budget=self.offloader.planner.counters.prefetch_budget,
+                 prediction_skipped=self.offloader.planner.counters.prediction_skipped,
                  predictor_calibration=self.offloader.planner.calibration.report())
         return d
 

@@ -251,3 +251,17 @@ def test_prefetches_that_do_not_deliver_close_the_gate_and_it_reopens():
     for _ in range(8000):  # no evidence for a long while: the correction fades
         pl.plan_prefetch(0.0, 0, [], set())
     assert pl.realised() > 0.9
+
+
+def test_a_predictor_that_yields_nothing_is_only_probed():
+    pl = make_planner(costs=Costs(layer_s=1.0, expert_s=0.1, transfer_s=0.5), slots=8)
+    pl.prediction_yield = 0.0
+    asked = [pl.worth_predicting(0.0) for _ in range(64)]
+    assert sum(asked) == 64 // pl.PROBE_EVERY, "one probe per PROBE_EVERY layers"
+    # a probe that issues prefetches brings the yield back up, and prediction resumes
+    for _ in range(30):
+        pl.plan_prefetch(0.0, 0, [(1, 1, {0: 0.9, 1: 0.9})], set(), asked=True)
+        for key in list(pl.prefetched):
+            pl.remove(key)
+        pl.link = type(pl.link)(pl.link.transfer_s)
+    assert pl.prediction_yield > pl.MIN_YIELD and pl.worth_predicting(0.0)
