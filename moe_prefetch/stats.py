@@ -22,7 +22,6 @@ class RunStats:
     prefetch_late: int = 0
     prefetch_wasted: int = 0
     prefetch_cancelled: int = 0
-    prefetch_skipped_budget: int = 0
     bytes_wasted: int = 0
     # per distance d: [correct, predicted, actual] expert counts over decode steps
     prediction: dict = field(default_factory=dict)
