@@ -80,9 +80,8 @@ class HostExecutor:
 
     def _views(self, layer: int, expert: int) -> dict[str, torch.Tensor]:
         pieces = self.store.pieces(layer, expert)
-        if len(pieces) == 1 and pieces[0][0] == 0 and pieces[0][1].numel() == self.store.numel \
-                and pieces[0][1].dtype == self.store.dtype:
-            flat = pieces[0][1].reshape(-1)  # pinned store: the expert's own buffer
+        if self.store.pinned:
+            flat = pieces[0][1]  # the expert's own packed buffer, at the compute dtype
         else:
             if self._scratch is None:
                 self._scratch = torch.empty(self.store.numel, dtype=self.store.dtype)  # [numel]

@@ -96,9 +96,10 @@ class OffloadedMoE(nn.Module):
                     jobs = {a.key[1]: off.host.submit(layer, a.key[1], *host_fn(a.key[1]))
                             for a in actions if a.kind == "host"}
                 device = [a.key[1] for a in actions if a.kind != "host"]
+                here = {e for e in device if off.landed(layer, e)}  # asked once: the engine may change its answer
                 if not self.eager:
-                    device = [e for e in device if off.landed(layer, e)] + [e for e in device if not off.landed(layer, e)]
-                landed = sum(1 for e in device if off.landed(layer, e)) if asynchronous else 0
+                    device = [e for e in device if e in here] + [e for e in device if e not in here]
+                landed = len(here) if asynchronous else 0
                 if plan is not None and not asynchronous:
                     plan()  # host = device: queue the prefetches first, the copy thread moves them meanwhile
                     plan = None

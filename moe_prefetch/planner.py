@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import math
 from collections import Counter, defaultdict
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from .cache import CacheFullError, EvictionPolicy, ExpertCache, LRUPolicy, make_policy
 
@@ -233,7 +233,6 @@ class PlanCounters:
     prediction_skipped: int = 0  # layers where no prefetch could be issued, so nothing was predicted
     prefetch_used: int = 0
     prefetch_wasted: int = 0
-    extra: dict = field(default_factory=dict)
 
 
 class Planner:
@@ -245,7 +244,7 @@ class Planner:
 
     def __init__(self, n_slots: int, layers: list[int], num_experts: int, top_k: int, costs: Costs,
                  eviction: str = "predictive", host_compute: bool = False, budget_experts: int | None = None,
-                 gate: bool = True, policy: EvictionPolicy | None = None):
+                 gate: bool = True, policy: EvictionPolicy | None = None, link: Link | None = None):
         self.layers = list(layers)
         self.positions = {layer: i for i, layer in enumerate(self.layers)}
         self.num_experts, self.top_k = num_experts, top_k
@@ -258,7 +257,7 @@ class Planner:
             policy = PredictivePolicy(self.positions, top_k) if eviction == "predictive" else make_policy(eviction)
         self.policy = policy
         self.cache = ExpertCache(n_slots, policy)
-        self.link = Link(costs.transfer_s)
+        self.link = link or Link(costs.transfer_s)  # the simulator passes one that also counts copies
         self.calibration = Calibration(top_k)
         self.prefetched: set = set()   # brought in by prefetch, not yet used
         self.host_free = 0.0           # when the host finishes the expert computations queued on it

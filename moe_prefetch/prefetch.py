@@ -45,7 +45,6 @@ class Prefetcher:
         self.offloader = offloader
         self.predictor = predictor
         self.lookahead = lookahead
-        self.budget_bytes = budget_bytes
         offloader.planner.budget = budget_bytes // offloader.store.expert_nbytes  # copies in flight (0: none)
         self.stats = stats
         self.distances = list(range(1, lookahead + 1))

@@ -235,8 +235,7 @@ def make_planner(trace: Trace, cost: CostModel, slots: int, policy: Policy, prio
         raise ValueError(f"unknown eviction {eviction!r}: one of {', '.join(EVICTIONS + ('belady', 'none'))}")
     planner = Planner(max(slots, k), list(range(L)), E, k, cost.costs(), eviction=eviction,
                       host_compute=policy.host_compute, budget_experts=policy.budget_experts, gate=policy.gate,
-                      policy=custom)
-    planner.link = _CountingLink(cost.transfer_s, priority)  # the same link, with a copy count and the FIFO option
+                      policy=custom, link=_CountingLink(cost.transfer_s, priority))  # + a copy count, the FIFO option
     return planner
 
 
