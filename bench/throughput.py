@@ -92,7 +92,8 @@ def measure_costs(model_name, seqs, top_k, **kw) -> tuple[float, float, float]:
     from forward hooks on the decoder layers and MoE blocks; `kw` sets the predictor in use."""
     model, _ = load(model_name, **kw)
     rt = model.moe_runtime
-    layers = rt.adapter.decoder_layers(model)
+    a = rt.adapter
+    layers = [(model.get_submodule(a.info(l).decoder), a.block(model, l)) for l in a.moe_layers()]
     spans = {"layer": 0.0, "moe": 0.0}
     marks = {}
 
@@ -105,8 +106,8 @@ def measure_costs(model_name, seqs, top_k, **kw) -> tuple[float, float, float]:
         return pre, post
 
     handles = []
-    for layer in layers:
-        for mod, kind in ((layer, "layer"), (layer.mlp, "moe")):
+    for layer, block in layers:
+        for mod, kind in ((layer, "layer"), (block, "moe")):
             pre, post = timer(kind)
             handles += [mod.register_forward_pre_hook(pre), mod.register_forward_hook(post)]
     teacher_forced(model, seqs[:1])  # warm-up: brings every used expert in

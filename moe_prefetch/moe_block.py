@@ -1,12 +1,18 @@
-"""OffloadedMoE: the module that replaces a family's sparse MoE block.
+"""Offloaded experts: transformers' own MoE blocks and routers run unchanged; only the experts
+module's arithmetic is served from the expert cache, through transformers' experts interface.
 
-The family's own router decides which experts run (so output is exactly the reference's); the
-experts come from the offloader's device slots instead of resident weights. The arithmetic mirrors
-transformers' experts implementations operation for operation, so greedy decoding is token-identical:
-  grouped (transformers' default, "grouped_mm"): rows sorted by expert, one matmul per expert group
+`install(model, adapter)` takes every experts module of the skeleton (any family whose experts use
+`use_experts_implementation`), drops its [E, ...] parameters (they are never allocated) and points
+its dispatch at the "moe_prefetch" implementation registered with `ExpertsInterface`: the module
+keeps its flags, activation, `_apply_gate` and post-expert norm, and our implementation calls them.
+The arithmetic mirrors the implementation transformers would have dispatched to, operation for
+operation, so greedy decoding is token-identical:
+  grouped ("grouped_mm", transformers' default): rows sorted by expert, one matmul per expert group
       (on CUDA, transformers' own grouped-mm dispatcher with that one group, so the kernel is the one
-      the reference picks for the dtype), routing weights applied after, per-token sum over top-k;
-  eager: experts in ascending id, F.linear per expert, index_add_ into a zero buffer.
+      the reference picks for the dtype), biases added after each matmul, gate or activation, optional
+      post-expert norm, routing weights applied after, per-token sum over top-k;
+  eager: the family's own eager loop (its original forward) runs as is; its `self.gate_up_proj[e]`
+      lookups return views of expert e's cache slot.
 When a layer needs more experts than there are slots (long prompts), experts run in rounds; each
 group's rows are computed independently, so rounds do not change a single bit.
 
@@ -21,7 +27,30 @@ import torch
 from torch import nn
 
 from .devsync import read_back
+from .errors import MoePrefetchError
 from .families import FamilyAdapter
+
+IMPLEMENTATION = "moe_prefetch"
+
+
+def _dispatch(module: nn.Module, hidden_states: torch.Tensor, top_k_index=None, top_k_weights=None, **kwargs):
+    """The function registered with transformers' ExpertsInterface (GPT-OSS names the routing
+    router_indices / routing_weights)."""
+    offload = module.__dict__.get("_moe_offload")
+    if offload is None:
+        raise MoePrefetchError(f"experts implementation {IMPLEMENTATION!r} serves models loaded with "
+                               "moe_prefetch.load_model only")
+    if top_k_index is None:
+        top_k_index = kwargs.pop("router_indices")
+    if top_k_weights is None:
+        top_k_weights = kwargs.pop("routing_weights")
+    return offload(hidden_states, top_k_index, top_k_weights)
+
+
+def register() -> None:
+    from transformers.integrations.moe import ExpertsInterface
+
+    ExpertsInterface.register(IMPLEMENTATION, _dispatch)
 
 
 def _grouped_mm_dispatch():
@@ -33,32 +62,96 @@ def _grouped_mm_dispatch():
     return _grouped_mm
 
 
-class OffloadedMoE(nn.Module):
-    def __init__(self, adapter: FamilyAdapter, layer: int, gate: nn.Module, extras: dict[str, nn.Module]):
-        super().__init__()
+class _ConfigView:
+    """The experts module's config as it was, except that it names our implementation (a per-module
+    view: the model's own config, shared with every other module, is left as transformers set it)."""
+
+    def __init__(self, config):
+        object.__setattr__(self, "_config", config)
+
+    def __getattr__(self, name):
+        if name == "_experts_implementation":
+            return IMPLEMENTATION
+        return getattr(self._config, name)
+
+    def __setattr__(self, name, value):
+        setattr(self._config, name, value)
+
+
+class _ExpertRows:
+    """Stands for an [E, ...] expert parameter inside the family's eager loop: `p[e]` is expert e's
+    matrix in its cache slot (acquired through the offloader as the loop reaches it)."""
+
+    def __init__(self, owner: "OffloadedExperts", name: str):
+        self.owner, self.name = owner, name
+
+    def __getitem__(self, expert) -> torch.Tensor:
+        return self.owner._eager_views(int(expert))[self.name]
+
+
+class OffloadedExperts:
+    """The offloaded arithmetic of one experts module (state only: the module stays transformers')."""
+
+    def __init__(self, module: nn.Module, adapter: FamilyAdapter, layer: int):
+        self.module = module
         self.adapter = adapter
         self.layer = layer
-        self.gate = gate  # same attribute name as the reference block, so parameter names line up
-        self.extra_names = tuple(extras)
-        for name, module in extras.items():
-            self.add_module(name, module)
+        self.eager = adapter.eager
         self.offloader = None  # set by runtime.load_model once the cache exists
         self.prefetcher = None  # optional: predicts and prefetches later layers' experts
-        self.eager = getattr(adapter.config, "_experts_implementation", None) == "eager"
+        self.last_indices = None  # trace.record_routing reads it
         self._grouped_mm = _grouped_mm_dispatch()
+        flags = adapter.flags
+        self.transposed = flags["is_transposed"]
+        self.has_bias = flags["has_bias"]
+        self.has_gate = flags["has_gate"]
+        self.post_norm = flags["has_post_expert_norm"]
+        self.up = "gate_up_proj" if self.has_gate else "up_proj"
+        self._round = None
 
-    def extra_repr(self) -> str:
-        return f"layer={self.layer}, experts={self.adapter.num_experts}, top_k={self.adapter.top_k}"
+    # ---- installation ----------------------------------------------------------------------
+    @classmethod
+    def install(cls, module: nn.Module, adapter: FamilyAdapter, layer: int) -> "OffloadedExperts":
+        state = cls(module, adapter, layer)
+        for name, _ in adapter.params:
+            del module._parameters[name]
+            if state.eager:
+                object.__setattr__(module, name, _ExpertRows(state, name))
+        module.config = _ConfigView(module.config)
+        module.__dict__["_moe_offload"] = state
+        return state
 
-    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
-        shape = hidden_states.shape
-        x = hidden_states.reshape(-1, shape[-1])  # [T, H]
-        weights, indices = self.adapter.route(self.gate, x)  # [T, k], [T, k]
-        self._indices = indices  # trace.record_routing reads it
-        routed = self._experts_eager(x, weights, indices) if self.eager else self._experts_grouped(x, weights, indices)
-        out = self.adapter.combine({n: getattr(self, n) for n in self.extra_names}, x, routed)
-        return out.reshape(shape)
+    def __call__(self, x: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor) -> torch.Tensor:
+        self.last_indices = top_k_index
+        if self.eager:
+            return self._experts_eager(x, top_k_weights, top_k_index)
+        return self._experts_grouped(x, top_k_weights, top_k_index)
 
+    # ---- one expert ------------------------------------------------------------------------
+    def _linear(self, rows: torch.Tensor, weight: torch.Tensor, offs: torch.Tensor | None) -> torch.Tensor:
+        """rows [n, in] @ weight -> [n, out] (weight [out, in], or [in, out] when transposed), with the
+        reference's kernel for the device."""
+        w = weight if self.transposed else weight.t()  # [in, out]
+        if offs is None:
+            return torch.mm(rows, w)
+        return self._grouped_mm(rows, w.unsqueeze(0), offs=offs)  # one group of n rows
+
+    def expert_mlp(self, views: dict[str, torch.Tensor], rows: torch.Tensor, offs: torch.Tensor | None = None) -> torch.Tensor:
+        """rows [n, H] -> [n, H] through one expert (no routing weight applied), as transformers'
+        grouped implementation computes each group."""
+        m = self.module
+        h = self._linear(rows, views[self.up], offs)  # [n, 2I] or [n, I]
+        if self.has_bias:
+            h.add_(views[self.up + "_bias"])
+        h = m._apply_gate(h) if self.has_gate else m.act_fn(h)  # [n, I]
+        out = self._linear(h, views["down_proj"], offs)  # [n, H]
+        if self.has_bias:
+            out.add_(views["down_proj_bias"])
+        if self.post_norm:
+            out = m.post_expert_norm(out)
+        return out
+
+    # ---- the layer ---------------------------------------------------------------------------
     def _read_routing(self, indices: torch.Tensor):
         """The layer's one device read: routing rows [T][k] (+ the predictor's summary), and the
         number of rows routed to each expert."""
@@ -68,8 +161,14 @@ class OffloadedMoE(nn.Module):
         counts = [0] * self.adapter.num_experts
         for row in routing:
             for e in row:
-                counts[e] += 1
+                if 0 <= e < len(counts):
+                    counts[e] += 1
         return routing, counts, (host[1] if summary is not None else None)
+
+    def _plan(self, routing, experts, summary):
+        if self.prefetcher is None:
+            return None
+        return lambda: self.prefetcher.plan(self.layer, routing, experts, summary)  # noqa: E731
 
     def _run(self, counts: list[int], device_fn, host_fn, host_store, routing, summary) -> None:
         """Run the layer's routed experts (counts[e] rows each) as the planner decides, in as many rounds
@@ -83,37 +182,26 @@ class OffloadedMoE(nn.Module):
         off, layer = self.offloader, self.layer
         experts = [e for e, n in enumerate(counts) if n]
         rows = {e: counts[e] for e in experts}
-        plan = None
-        if self.prefetcher is not None:
-            plan = lambda: self.prefetcher.plan(layer, routing, experts, summary)  # noqa: E731
+        plan = self._plan(routing, experts, summary)
         asynchronous = off.device.type == "cuda"
         pending = experts
         while pending:
-            actions = off.acquire(layer, pending, rows, in_order=self.eager)  # eager adds up in ascending order
+            actions = off.acquire(layer, pending, rows, in_order=False)
             try:
-                jobs = {}
-                if not self.eager:  # start the host early: it works while the device computes
-                    jobs = {a.key[1]: off.host.submit(layer, a.key[1], *host_fn(a.key[1]))
-                            for a in actions if a.kind == "host"}
+                jobs = {a.key[1]: off.host.submit(layer, a.key[1], *host_fn(a.key[1]))
+                        for a in actions if a.kind == "host"}  # the host works while the device computes
                 device = [a.key[1] for a in actions if a.kind != "host"]
                 here = {e for e in device if off.landed(layer, e)}  # asked once: the engine may change its answer
-                if not self.eager:
-                    device = [e for e in device if e in here] + [e for e in device if e not in here]
+                device = [e for e in device if e in here] + [e for e in device if e not in here]
                 landed = len(here) if asynchronous else 0
                 if plan is not None and not asynchronous:
                     plan()  # host = device: queue the prefetches first, the copy thread moves them meanwhile
                     plan = None
-                order = [a.key[1] for a in actions] if self.eager else device
-                done = 0
-                for e in order:
+                for done, e in enumerate(device):
                     if plan is not None and done == landed:
                         plan()
                         plan = None
-                    if self.eager and e not in device:  # in order: this host expert's sum comes now
-                        host_store(e, off.host.result(off.host.submit(layer, e, *host_fn(e))))
-                        continue
                     device_fn(e, off.ready(layer, e))
-                    done += 1
                 if plan is not None:
                     plan()
                     plan = None
@@ -123,12 +211,6 @@ class OffloadedMoE(nn.Module):
                 off.release(actions)
             granted = {a.key[1] for a in actions}
             pending = [e for e in pending if e not in granted]
-
-    def _mm(self, rows: torch.Tensor, weight: torch.Tensor, offs: torch.Tensor | None) -> torch.Tensor:
-        """rows [n, in] @ weight[out, in]^T -> [n, out], with the reference's kernel for the device."""
-        if offs is None:
-            return torch.mm(rows, weight.t())
-        return self._grouped_mm(rows, weight.t().unsqueeze(0), offs=offs)  # one group of n rows
 
     def _experts_grouped(self, x, weights, indices):
         T, k = indices.shape
@@ -142,52 +224,74 @@ class OffloadedMoE(nn.Module):
         starts = [0] * len(counts)
         for e in range(1, len(counts)):
             starts[e] = starts[e - 1] + counts[e - 1]
-        out = torch.empty_like(rows)  # [S, H]
+        out = None  # [S, H], allocated at the first result (its dtype is the experts' output dtype)
+
+        def put(e, h):
+            nonlocal out
+            if out is None:
+                out = rows.new_empty((rows.shape[0], h.shape[-1]), dtype=h.dtype)
+            out[starts[e]:starts[e] + counts[e]] = h
 
         def compute(e, views):
             s, n = starts[e], counts[e]
             offs = None if ends is None else ends[e:e + 1] - s  # [1]: this group's rows end at n
-            mm = (lambda r, w: self._mm(r, w, offs)) if offs is not None else None
-            out[s:s + n] = self.adapter.expert_mlp(views, rows[s:s + n], mm=mm)
+            put(e, self.expert_mlp(views, rows[s:s + n], offs))
 
         def host_rows(e):
-            return self.adapter.expert_mlp, rows[starts[e]:starts[e] + counts[e]]
+            return self.expert_mlp, rows[starts[e]:starts[e] + counts[e]]
 
-        def host_store(e, h):
-            out[starts[e]:starts[e] + counts[e]] = h
-
-        self._run(counts, compute, host_rows, host_store, routing, summary)
+        self._run(counts, compute, host_rows, put, routing, summary)
         weighted = out * weights.reshape(-1)[perm].unsqueeze(-1)  # [S, H] (promotes like the reference)
         inverse = torch.empty_like(perm)
         inverse[perm] = torch.arange(perm.numel(), device=perm.device)
         return weighted[inverse].view(T, k, -1).sum(dim=1).to(x.dtype)  # [T, H]
 
+    # ---- eager: the family's own loop ---------------------------------------------------------
     def _experts_eager(self, x, weights, indices):
-        T, k = indices.shape
-        final = torch.zeros_like(x)  # [T, H]
-        # The order transformers' eager loop visits (expert, top-k position, token) in, without a
-        # data-dependent op: sort by expert, then position, then token.
-        flat = torch.arange(T * k, device=x.device)  # [T*k] = token * k + position
-        key = indices.reshape(-1) * (T * k) + (flat % k) * T + flat // k
-        _, perm = torch.sort(key)  # [T*k]
         routing, counts, summary = self._read_routing(indices)
-        starts = [0] * len(counts)
-        for e in range(1, len(counts)):
-            starts[e] = starts[e - 1] + counts[e - 1]
+        experts = [e for e, n in enumerate(counts) if n]
+        self._round = dict(pending=experts, rows={e: counts[e] for e in experts}, actions=None, views={},
+                           plan=self._plan(routing, experts, summary))
+        try:
+            return type(self.module).forward.__wrapped__(self.module, x, indices, weights)
+        finally:
+            if self._round["actions"] is not None:
+                self.offloader.release(self._round["actions"])
+            self._round = None
 
-        def token_positions(e):
-            p = perm[starts[e]:starts[e] + counts[e]]
-            return p // k, p % k
+    def _eager_views(self, e: int) -> dict[str, torch.Tensor]:
+        """Expert e's slot views for the eager loop, which visits experts in ascending order: the
+        experts are acquired in rounds of as many as fit, in that order."""
+        r, off = self._round, self.offloader
+        if r is None:
+            raise MoePrefetchError("offloaded expert weights are only readable inside the model's forward")
+        if e not in r["views"]:
+            if r["actions"] is not None and e in {a.key[1] for a in r["actions"]}:
+                r["views"][e] = off.ready(self.layer, e)
+                return r["views"][e]
+            if r["actions"] is not None:
+                off.release(r["actions"])
+                r["actions"], r["views"] = None, {}
+            pending = [p for p in r["pending"] if p >= e]
+            if e not in pending:
+                raise MoePrefetchError(f"the eager experts loop of layer {self.layer} asked for expert {e}, "
+                                       "which the routing does not use")
+            r["actions"] = off.acquire(self.layer, pending, r["rows"], in_order=True)
+            granted = {a.key[1] for a in r["actions"]}
+            r["pending"] = [p for p in pending if p not in granted]
+            if r["plan"] is not None:
+                r["plan"]()
+                r["plan"] = None
+            r["views"][e] = off.ready(self.layer, e)
+        return r["views"][e]
 
-        def add(e, h):
-            tok, pos = token_positions(e)
-            final.index_add_(0, tok, (h * weights[tok, pos, None]).to(final.dtype))
 
-        def compute(e, views):
-            add(e, self.adapter.expert_mlp_eager(views, x[token_positions(e)[0]]))
+def install(model: nn.Module, adapter: FamilyAdapter) -> dict[int, OffloadedExperts]:
+    """Offload every experts module of `model` (a meta skeleton); returns the state per MoE layer."""
+    register()
+    return {layer: OffloadedExperts.install(adapter.experts_module(model, layer), adapter, layer)
+            for layer in adapter.moe_layers()}
 
-        def host_rows(e):
-            return self.adapter.expert_mlp_eager, x[token_positions(e)[0]]
 
-        self._run(counts, compute, host_rows, add, routing, summary)
-        return final
+def offloaded(model: nn.Module, adapter: FamilyAdapter, layer: int) -> OffloadedExperts:
+    return adapter.experts_module(model, layer).__dict__["_moe_offload"]

@@ -1,9 +1,10 @@
 """load_model: a transformers MoE model whose experts live in a host store and reach the compute
 device through a bounded expert cache.
 
-Steps: resolve the checkpoint; build the model skeleton on the meta device (no weights); swap every
-sparse MoE block for an OffloadedMoE (so expert weights are never allocated); materialise the rest on
-the device and fill it from the checkpoint; size the expert cache from the memory budget; wire the
+Steps: resolve the checkpoint; build the model skeleton on the meta device (no weights); point every
+experts module at the offloaded implementation (moe_block.install: its [E, ...] parameters are
+dropped, so expert weights are never allocated; routers and shared experts stay transformers');
+materialise the rest on the device and fill it from the checkpoint; size the expert cache from the memory budget; wire the
 store, cache and transfer engine; count prefill/decode time with forward hooks.
 """
 from __future__ import annotations
@@ -20,10 +21,10 @@ from .budget import MemoryPlan, estimate_reserve, plan_memory
 from .checkpoint import Checkpoint
 from .config import OffloadConfig
 from .errors import MoePrefetchError
-from .families import FamilyAdapter, adapter_for
+from .families import FamilyAdapter, adapter_for, build_skeleton
 from .hostmem import HostPlan, PinningError, plan_host
 from .hub import resolve_model
-from .moe_block import OffloadedMoE
+from .moe_block import install, offloaded
 from .host_compute import HostExecutor
 from .offloader import ExpertOffloader
 from .planner import Costs, Planner
@@ -123,17 +124,6 @@ def _load_config(path):
     except (ValueError, KeyError, OSError) as e:
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise MoePrefetchError(f"cannot read {path}/config.json as a transformers config: {first}") from None
-
-
-def _build_skeleton(model_config, adapter: FamilyAdapter, dtype: torch.dtype) -> nn.Module:
-    from transformers import AutoModelForCausalLM
-
-    with torch.device("meta"):
-        model = AutoModelForCausalLM.from_config(model_config, dtype=dtype)
-    for layer in adapter.moe_layers():
-        block = adapter.get_block(model, layer)
-        adapter.set_block(model, layer, OffloadedMoE(adapter, layer, adapter.router(block), adapter.extra_modules(block)))
-    return model
 
 
 def _rebuild_buffers(model: nn.Module, device: torch.device) -> None:
@@ -253,8 +243,14 @@ def load_model(model: str, config: OffloadConfig | None = None, **overrides):
     cfg = (config or OffloadConfig()).replace(**overrides) if overrides else (config or OffloadConfig())
     path = resolve_model(model)
     model_config = _load_config(path)
-    adapter = adapter_for(model_config)
     ckpt = Checkpoint(path)
+    device = _resolve_device(cfg.device)
+    if cfg.link_bandwidth is not None and device.type == "cuda":
+        raise MoePrefetchError("--link-gbps / link_bandwidth emulates a link on the CPU backend only; drop it for a CUDA device")
+    dtype = _resolve_dtype(cfg.dtype, model_config, device)
+    logging.getLogger("transformers.modeling_utils").setLevel(logging.ERROR)
+    skeleton = build_skeleton(model_config, dtype)
+    adapter = adapter_for(model_config, ckpt, skeleton)
     from .predictors.accelerated import fingerprint, read
 
     model_fingerprint = fingerprint(adapter, ckpt)
@@ -264,13 +260,7 @@ def load_model(model: str, config: OffloadConfig | None = None, **overrides):
         from .trace import read_routing_header
 
         read_routing_header(cfg.predictor_path, model_fingerprint)
-    device = _resolve_device(cfg.device)
-    if cfg.link_bandwidth is not None and device.type == "cuda":
-        raise MoePrefetchError("--link-gbps / link_bandwidth emulates a link on the CPU backend only; drop it for a CUDA device")
-    dtype = _resolve_dtype(cfg.dtype, model_config, device)
-    logging.getLogger("transformers.modeling_utils").setLevel(logging.ERROR)
-
-    skeleton = _build_skeleton(model_config, adapter, dtype)
+    install(skeleton, adapter)
     store = ExpertStore(ckpt, adapter, dtype, pinned=False)
     dense_bytes = sum(t.numel() * t.element_size() for t in skeleton.state_dict().values())
     reserve = cfg.reserve if cfg.reserve is not None else estimate_reserve(
@@ -298,13 +288,18 @@ def load_model(model: str, config: OffloadConfig | None = None, **overrides):
     engine = make_engine(device, link_bandwidth=cfg.link_bandwidth)
     host_compute = cfg.host_compute == "on" or (cfg.host_compute == "auto" and device.type == "cpu"
                                                  and cfg.host_bandwidth is not None)
+    if host_compute and adapter.eager:
+        if cfg.host_compute == "on":
+            raise MoePrefetchError("--host-compute on needs the grouped experts implementation; this model is set to "
+                                   "experts_implementation='eager'")
+        host_compute = False
     planner = Planner(plan.slots, adapter.moe_layers(), adapter.num_experts, adapter.top_k,
                       initial_costs(store.expert_nbytes, device, cfg), eviction=cfg.eviction,
                       host_compute=host_compute, gate=cfg.prefetch_gate)
     executor = HostExecutor(store, device, cfg.host_bandwidth) if host_compute else None
     offloader = ExpertOffloader(store, planner, device, engine, stats, host=executor)
     for layer in adapter.moe_layers():
-        adapter.get_block(skeleton, layer).offloader = offloader
+        offloaded(skeleton, adapter, layer).offloader = offloader
     runtime = OffloadRuntime(cfg, adapter, ckpt, store, offloader, plan, device, dtype, stats,
                              fingerprint=model_fingerprint, host=host)
     # the copy worker must not outlive a model that was dropped without close()
@@ -347,7 +342,7 @@ def set_predictor(model: nn.Module, predictor: Predictor | str | None, lookahead
         budget = prefetch_budget or rt.config.prefetch_budget or rt.adapter.top_k * rt.plan.expert_bytes
         rt.prefetcher = Prefetcher(model, predictor.view, rt.offloader, predictor, K, budget, rt.stats)
     for layer in rt.adapter.moe_layers():
-        rt.adapter.get_block(model, layer).prefetcher = rt.prefetcher
+        offloaded(model, rt.adapter, layer).prefetcher = rt.prefetcher
     return K if rt.prefetcher is not None else 0
 
 

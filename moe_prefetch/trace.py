@@ -27,8 +27,9 @@ def record_routing(model):
     trace: list[list[torch.Tensor]] = []
     handles = [model.register_forward_pre_hook(lambda m, a, k: trace.append([]), with_kwargs=True)]
     for layer in rt.adapter.moe_layers():
-        block = rt.adapter.get_block(model, layer)
-        handles.append(block.register_forward_hook(lambda m, a, o: trace[-1].append(m._indices.detach().cpu().clone())))
+        experts = rt.adapter.experts_module(model, layer)
+        handles.append(experts.register_forward_hook(
+            lambda m, a, o: trace[-1].append(m.__dict__["_moe_offload"].last_indices.detach().cpu().clone())))
     try:
         yield trace
     finally:

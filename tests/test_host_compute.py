@@ -55,7 +55,9 @@ def test_a_slow_host_is_not_used(ckpt):
     assert st["host_computed"] == 0, "the host must lose to a fast link"
 
 
-def test_eager_experts_with_host_compute_identical(tmp_path):
+def test_eager_experts_run_on_the_device_only(tmp_path):
+    """The eager experts implementation runs the family's own loop, which reads each expert's weights
+    where it computes: host compute stays off under `auto` (output still identical) and `on` is refused."""
     path = make_mixtral(tmp_path / "eager", layers=2, experts=6, top_k=3, seed=11)
     ref = reference_generate(path, PROMPT, NEW, device="cpu", experts_implementation="eager")
     from transformers import AutoConfig
@@ -64,7 +66,9 @@ def test_eager_experts_with_host_compute_identical(tmp_path):
     cfg.experts_implementation = "eager"
     cfg.save_pretrained(path)
     out, st = run(path, 4, predictor="none", **SLOW_LINK)
-    assert torch.equal(out, ref) and st["host_computed"] > 0
+    assert torch.equal(out, ref) and st["host_computed"] == 0 and not st["host_compute"]
+    with pytest.raises(MoePrefetchError, match="grouped experts implementation"):
+        mp.load_model(str(path), mp.OffloadConfig(device="cpu", expert_cache=4, host_compute="on", show_progress=False))
 
 
 def test_host_errors_reach_the_caller(ckpt, monkeypatch):

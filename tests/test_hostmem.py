@@ -104,7 +104,7 @@ def test_store_failing_mid_load_unpins_what_it_pinned(tiny_mixtral):
     from moe_prefetch.runtime import _load_config
     from moe_prefetch.store import ExpertStore
 
-    adapter = adapter_for(_load_config(tiny_mixtral))
+    adapter = adapter_for(_load_config(tiny_mixtral), Checkpoint(tiny_mixtral))
     drv = FakeDriver(fail_at=2)  # the second layer's block
     with pytest.raises(PinningError):
         ExpertStore(Checkpoint(tiny_mixtral), adapter, torch.float32, pinned=True,

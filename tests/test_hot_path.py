@@ -1,7 +1,8 @@
 """The decode hot path reads the device once per MoE layer (the routing, with the predictor's summary
 in the same transfer), and nothing else in a MoE block makes the host wait for the device.
 
-Counted inside every OffloadedMoE.forward of a decode step: aten ops that synchronise a GPU
+Counted inside every offloaded experts call (OffloadedExperts.__call__, behind transformers' experts
+interface) of a decode step: aten ops that synchronise a GPU
 (_local_scalar_dense behind .item()/float()/bool(), nonzero behind boolean indexing and
 torch.where(cond), unique, bincount, masked_select, repeat_interleave without a size, device-to-host
 copies) and the Python-level reads .tolist()/.cpu()/.numpy(); devsync.read_back is the one allowed read.
@@ -17,7 +18,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 import moe_prefetch as mp
 from moe_prefetch import devsync
-from moe_prefetch.moe_block import OffloadedMoE
+from moe_prefetch.moe_block import OffloadedExperts
 from moe_prefetch.predictors import ModelView, make_predictor
 from moe_prefetch.predictors.oracle import OraclePredictor
 from moe_prefetch.runtime import set_predictor
@@ -51,7 +52,7 @@ class SyncCounter(TorchDispatchMode):
 @pytest.fixture
 def counter(monkeypatch):
     c = SyncCounter()
-    forward = OffloadedMoE.forward
+    forward = OffloadedExperts.__call__
 
     def counted_forward(self, *a, **k):
         c.in_moe += 1
@@ -77,7 +78,7 @@ def counter(monkeypatch):
             c.reads += 1
         return real_read_back(tensors)
 
-    monkeypatch.setattr(OffloadedMoE, "forward", counted_forward)
+    monkeypatch.setattr(OffloadedExperts, "__call__", counted_forward)
     monkeypatch.setattr("moe_prefetch.moe_block.read_back", counted_read_back)
     for name in ("tolist", "cpu", "numpy"):
         monkeypatch.setattr(torch.Tensor, name, python_read(name))
@@ -109,8 +110,9 @@ def _oracle(model, view):
     from transformers import DynamicCache
 
     trace = []
-    blocks = [m for m in model.modules() if isinstance(m, OffloadedMoE)]
-    hooks = [b.register_forward_hook(lambda m, a, o: trace[-1].append(m._indices.detach().clone())) for b in blocks]
+    blocks = [m for m in model.modules() if "_moe_offload" in m.__dict__]
+    hooks = [b.register_forward_hook(lambda m, a, o: trace[-1].append(m._moe_offload.last_indices.detach().clone()))
+             for b in blocks]
     starts = model.register_forward_pre_hook(lambda m, a, k: trace.append([]), with_kwargs=True)
     cache = DynamicCache()
     with torch.inference_mode():
@@ -155,13 +157,13 @@ def test_counter_catches_a_sync(counter, ckpt, monkeypatch):
     """The counter is not blind: an .item() inside a MoE block is reported."""
     model, _ = mp.load_model(str(ckpt), mp.OffloadConfig(device=TEST_DEVICE, expert_cache=24, predictor="none",
                                                          show_progress=False))
-    original = OffloadedMoE._read_routing
+    original = OffloadedExperts._read_routing
 
     def with_item(self, indices):
         indices.max().item()
         return original(self, indices)
 
-    monkeypatch.setattr(OffloadedMoE, "_read_routing", with_item)
+    monkeypatch.setattr(OffloadedExperts, "_read_routing", with_item)
     _decode(model, counter, steps=2)
     model.moe_runtime.close()
     assert "item" in counter.syncs

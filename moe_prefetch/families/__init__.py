@@ -1,25 +1,40 @@
-"""Model-family adapters. `adapter_for(config)` picks the one serving config.model_type."""
+"""Model families: one generic adapter for every transformers MoE whose experts follow transformers'
+experts interface. `adapter_for(config, checkpoint)` describes a model; `build_skeleton` makes the
+weightless model it describes."""
 from __future__ import annotations
 
-from ..errors import MoePrefetchError
-from .base import ExpertLayout, ExpertPart, FamilyAdapter, GatedExpertsAdapter, TensorSource
-from .mixtral import MixtralAdapter
-from .qwen_moe import QwenMoeAdapter
+import torch
 
-ADAPTERS: tuple[type[FamilyAdapter], ...] = (MixtralAdapter, QwenMoeAdapter)
+from ..errors import MoePrefetchError
+from .adapter import MoeAdapter, Router, is_experts_module
+from .data import supported_summary
+from .layout import ExpertLayout, ExpertPart, TensorSource
+
+FamilyAdapter = MoeAdapter  # the name the rest of the runtime uses
+
+
+def build_skeleton(config, dtype: torch.dtype = torch.float32):
+    """The model transformers builds for `config`, on the meta device (no memory)."""
+    from transformers import AutoModelForCausalLM
+
+    try:
+        with torch.device("meta"):
+            return AutoModelForCausalLM.from_config(config, dtype=dtype)
+    except ValueError as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise MoePrefetchError(f"transformers cannot build a causal LM for model type "
+                               f"{getattr(config, 'model_type', None)!r}: {first}") from None
+
+
+def adapter_for(config, checkpoint=None, model=None) -> MoeAdapter:
+    """The adapter for `config` (pass the checkpoint to resolve expert and dense tensor names, and the
+    meta skeleton if one is already built)."""
+    return MoeAdapter(config, model if model is not None else build_skeleton(config), checkpoint)
 
 
 def supported_families() -> str:
-    return ", ".join(f"{a.family} ({'/'.join(a.model_types)})" for a in ADAPTERS)
+    return supported_summary()
 
 
-def adapter_for(config) -> FamilyAdapter:
-    model_type = getattr(config, "model_type", None)
-    for cls in ADAPTERS:
-        if model_type in cls.model_types:
-            return cls(config)
-    raise MoePrefetchError(
-        f"model type {model_type!r} is not a supported Mixture-of-Experts family; supported: {supported_families()}")
-
-
-__all__ = ["ADAPTERS", "ExpertLayout", "ExpertPart", "FamilyAdapter", "GatedExpertsAdapter", "TensorSource", "adapter_for", "supported_families"]
+__all__ = ["ExpertLayout", "ExpertPart", "FamilyAdapter", "MoeAdapter", "Router", "TensorSource", "adapter_for",
+           "build_skeleton", "is_experts_module", "supported_families"]

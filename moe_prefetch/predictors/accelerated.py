@@ -25,11 +25,10 @@ def fingerprint(adapter, checkpoint) -> str:
     """Identifies the model a predictor was trained for: the checkpoint's routers and pre-MoE norms,
     read from the files (so it does not depend on the dtype the model runs in)."""
     h = hashlib.sha256()
-    for layer in adapter.moe_layers():
-        for module_key in (f"model.layers.{layer}.post_attention_layernorm.weight", f"model.layers.{layer}.mlp.gate.weight"):
-            key = adapter.checkpoint_key(module_key, checkpoint)
-            if key is not None:
-                h.update(checkpoint.tensor(key).float().contiguous().numpy().tobytes())
+    for module_key in adapter.routing_params:
+        key = adapter.checkpoint_key(module_key, checkpoint)
+        if key is not None:
+            h.update(checkpoint.tensor(key).float().contiguous().numpy().tobytes())
     return h.hexdigest()[:32]
 
 

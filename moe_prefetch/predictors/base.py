@@ -20,7 +20,7 @@ class ModelView:
     adapter: object
     layers: list[int]            # MoE layer indices, in execution order
     norms: list[nn.Module]       # norms[i] belongs to layers[i]
-    routers: list[nn.Module]
+    routers: list                # families.Router: the family's own routing of each layer
     num_experts: int
     top_k: int
     hidden_size: int
@@ -32,12 +32,12 @@ class ModelView:
         runtime = getattr(model, "moe_runtime", None)
         fp = runtime.fingerprint if runtime is not None else None
         return cls(adapter, layers, [adapter.moe_norm(model, l) for l in layers],
-                   [adapter.get_block(model, l).gate for l in layers], adapter.num_experts, adapter.top_k,
-                   model.config.hidden_size, fp)
+                   [adapter.router(model, l) for l in layers], adapter.num_experts, adapter.top_k,
+                   adapter.hidden_size, fp)
 
     def router_probs(self, i: int, h: torch.Tensor) -> torch.Tensor:
         """Routing distribution [T, E] of MoE layer index i applied to residual h [T, H]."""
-        return self.adapter.router_probs(self.routers[i], self.norms[i](h))
+        return self.routers[i].probs(self.norms[i](h))
 
 
 class Predictor:
