@@ -26,6 +26,15 @@ class MemoryPlan:
         return self.slots * self.expert_bytes
 
 
+def _global(config, name: str):
+    """A config value, or None where the config has none or keeps it per layer (Gemma 4 refuses a
+    global read of per-layer attributes); the estimate then falls back to the uniform-layer value."""
+    try:
+        return getattr(config, name, None)
+    except Exception:  # noqa: BLE001 - transformers' per-layer attribute error
+        return None
+
+
 def estimate_reserve(model_config, dtype: torch.dtype, max_context: int, top_k: int, device: torch.device,
                      attn_implementation: str | None = None) -> int:
     """KV cache for `max_context` tokens plus the peak activations of a `max_context`-token prefill (batch 1).
@@ -33,11 +42,11 @@ def estimate_reserve(model_config, dtype: torch.dtype, max_context: int, top_k: 
     Attention scores are charged only where they are materialised: the eager implementation builds a
     [heads, T, T] score matrix (in the compute dtype, softmax in float32); SDPA and flash attention
     stream over key blocks and keep nothing quadratic."""
-    c = model_config
+    c = model_config.get_text_config() if hasattr(model_config, "get_text_config") else model_config
     item = torch.empty((), dtype=dtype).element_size()
     heads = c.num_attention_heads
-    head_dim = getattr(c, "head_dim", None) or c.hidden_size // heads
-    kv_heads = getattr(c, "num_key_value_heads", None) or heads
+    head_dim = _global(c, "head_dim") or c.hidden_size // heads
+    kv_heads = _global(c, "num_key_value_heads") or heads
     T, H = max_context, c.hidden_size
     kv = 2 * c.num_hidden_layers * kv_heads * head_dim * T * item
     inter = getattr(c, "moe_intermediate_size", None) or getattr(c, "intermediate_size", H * 4)

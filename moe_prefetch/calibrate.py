@@ -64,7 +64,7 @@ def collect_residuals(model, tokenizer, text: str, seq_len: int, max_tokens: int
 
 def true_topk(view: ModelView, H: list[torch.Tensor]) -> list[torch.Tensor]:
     with torch.no_grad():
-        return [torch.topk(view.router_probs(i, H[i].to(view.routers[i].weight.dtype)), view.top_k, -1).indices
+        return [torch.topk(view.router_probs(i, H[i].to(view.routers[i].dtype)), view.top_k, -1).indices
                 for i in range(len(H))]
 
 
@@ -82,7 +82,7 @@ def recall_by_distance(predictor: Predictor, view: ModelView, H: list[torch.Tens
     n, k = len(H), view.top_k
     hits = {d: 0.0 for d in distances}
     total = {d: 0 for d in distances}
-    dtype = view.routers[0].weight.dtype
+    dtype = view.routers[0].dtype
     if not predictor.sequential:
         for i in range(n):
             for d, s in predictor.predict(i, H[i].to(dtype), distances).items():
@@ -110,8 +110,11 @@ def train(view: ModelView, H: list[torch.Tensor], lookahead: int, rank: int, ste
           batch: int, regression_weight: float, seed: int, progress: bool = True) -> AcceleratedResidual:
     torch.manual_seed(seed)
     n = len(H)
+    if any(r.weight is None for r in view.routers):
+        raise MoePrefetchError("m2r2 trains against each router's [experts, hidden] weight, and this model's routers "
+                               "are not one linear map of their input; use --predictor next-gate or history")
     maps = AcceleratedResidual(n, lookahead, view.hidden_size, rank)
-    dtype = view.routers[0].weight.dtype
+    dtype = view.routers[0].dtype
     with torch.no_grad():  # soft targets: the true routing distribution of every layer
         targets = [view.router_probs(i, H[i].to(dtype)).float() for i in range(n)]
     pairs = [(i, d) for i in range(n) for d in range(1, lookahead + 1) if i + d < n]

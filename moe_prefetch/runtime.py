@@ -126,29 +126,31 @@ def _load_config(path):
         raise MoePrefetchError(f"cannot read {path}/config.json as a transformers config: {first}") from None
 
 
-def _rebuild_buffers(model: nn.Module, device: torch.device) -> None:
-    """Non-persistent buffers (rotary frequencies) are not in checkpoints: construct them anew."""
-    for name, module in list(model.named_modules()):
-        if not module._non_persistent_buffers_set:
-            continue
-        if not hasattr(module, "rope_type"):
-            raise MoePrefetchError(f"cannot rebuild non-persistent buffers of {name} ({type(module).__name__})")
-        with torch.device("cpu"):
-            fresh = type(module)(config=module.config)
-        parent_name, _, child = name.rpartition(".")
-        model.get_submodule(parent_name).register_module(child, fresh.to(device))
+def _rebuild_buffers(model: nn.Module, adapter: FamilyAdapter) -> None:
+    """Non-persistent buffers (rotary frequencies, embedding scales) are not in checkpoints: after the
+    dense weights are loaded, let transformers initialise what is still uninitialised, as from_pretrained
+    does. Everything loaded is marked initialised first, and so are the offloaded experts modules."""
+    for t in model.state_dict(keep_vars=True).values():
+        t._is_hf_initialized = True
+    for layer in adapter.moe_layers():
+        adapter.experts_module(model, layer)._is_hf_initialized = True
+    model.initialize_weights()
 
 
 def _load_dense(model: nn.Module, adapter: FamilyAdapter, ckpt: Checkpoint, model_config, progress: bool) -> None:
     tied = bool(getattr(model_config, "tie_word_embeddings", False))
     state = model.state_dict()
+    converted = adapter.keys.converted_tensors(ckpt, model, model_config)  # fused/split dense tensors
     for name, param in tqdm(state.items(), desc="loading dense weights", unit="tensor", disable=not progress):
-        key = adapter.checkpoint_key(name, ckpt)
-        if key is None:
-            if tied and name == "lm_head.weight":
-                continue
-            raise MoePrefetchError(f"checkpoint {ckpt.directory} has no tensor for {name}")
-        src = ckpt.tensor(key)
+        if name in converted:
+            key, src = name, converted[name]
+        else:
+            key = adapter.checkpoint_key(name, ckpt)
+            if key is None:
+                if tied and name == "lm_head.weight":
+                    continue
+                raise MoePrefetchError(f"checkpoint {ckpt.directory} has no tensor for {name}")
+            src = ckpt.tensor(key)
         if tuple(src.shape) != tuple(param.shape):
             raise MoePrefetchError(
                 f"checkpoint tensor {key} has shape {list(src.shape)}, the model expects {list(param.shape)}: "
@@ -279,7 +281,7 @@ def load_model(model: str, config: OffloadConfig | None = None, **overrides):
     skeleton.to_empty(device=device)
     with torch.no_grad():
         _load_dense(skeleton, adapter, ckpt, model_config, cfg.show_progress)
-    _rebuild_buffers(skeleton, device)
+    _rebuild_buffers(skeleton, adapter)
     skeleton.eval().requires_grad_(False)
 
     stats = RunStats()

@@ -53,21 +53,49 @@ class Router:
         self.module = module
         self.num_experts = num_experts
         sig = inspect.signature(module.forward)
-        extra = [n for n, p in list(sig.parameters.items())[1:] if p.default is inspect.Parameter.empty
-                 and p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
-        missing = [n for n in extra if not hasattr(block, n)]
+        extra = [(n, p) for n, p in list(sig.parameters.items())[1:]
+                 if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)]
+        missing = [n for n, p in extra if p.default is inspect.Parameter.empty and not hasattr(block, n)]
         if missing:
             raise MoePrefetchError(f"router {type(module).__name__} takes {', '.join(missing)}, which its MoE block "
-                                   f"{type(block).__name__} does not hold")
+                                   f"{type(block).__name__} does not hold, so it cannot be run ahead of time: use a "
+                                   "predictor that does not call routers (history) or none")
+        extra = [n for n, _ in extra if hasattr(block, n)]  # e.g. MiniMax-M2's e_score_correction_bias
         self._block = block
+        self._hidden = hidden
+        self._batched = False
         self._extra = tuple(extra)  # e.g. MiniMax-M2: the block's e_score_correction_bias
         weights = [p for p in module.parameters() if p.dim() == 2 and tuple(p.shape) == (num_experts, hidden)]
-        if not weights:
-            raise MoePrefetchError(f"router {type(module).__name__} has no [{num_experts}, {hidden}] weight")
-        self.weight = weights[0]  # what calibrate trains against (a softmax surrogate of the routing)
+        # what calibrate trains against (a softmax surrogate of the routing); None: a router that is not one
+        # linear map of the block's input (m2r2 cannot be trained for it)
+        self.weight = weights[0] if weights else None
+        self.dtype = next(module.parameters()).dtype
 
     def __call__(self, x: torch.Tensor):
-        return self.module(x, *(getattr(self._block, n) for n in self._extra))
+        """x [T, H] -> (logits, weights [T, k], indices [T, k]) as the family's router returns them. Blocks hand
+        their router either the flat rows or [batch, seq, H]; `probe` found which this one takes."""
+        kwargs = {n: getattr(self._block, n) for n in self._extra}
+        out = self.module(x.unsqueeze(0) if self._batched else x, **kwargs)
+        if not (isinstance(out, tuple) and len(out) >= 3):
+            raise MoePrefetchError(f"router {type(self.module).__name__} does not return (logits, weights, indices)")
+        k = out[2].shape[-1]
+        return out[0], out[1].reshape(-1, k), out[2].reshape(-1, k)
+
+    def probe(self, device, dtype) -> None:
+        """Run the router once on a dummy row, flat and then batched, and keep the form it accepts; a router
+        that accepts neither cannot be run ahead of time (one clear error at load, not mid-generation)."""
+        x = torch.zeros(1, self.weight.shape[1] if self.weight is not None else self._hidden, device=device, dtype=dtype)
+        errors = []
+        for batched in (False, True):
+            self._batched = batched
+            try:
+                with torch.no_grad():
+                    self(x)
+                return
+            except Exception as e:  # noqa: BLE001 - any failure means this form is not the one
+                errors.append(f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}")
+        raise MoePrefetchError(f"the router of this model ({type(self.module).__name__}) cannot be run ahead of time "
+                               f"({errors[-1]}); use --predictor history or none")
 
     def select(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         out = self(x)
@@ -75,10 +103,9 @@ class Router:
 
     def probs(self, x: torch.Tensor) -> torch.Tensor:
         """x [T, H] (the MoE block's input) -> scores [T, E] float32."""
-        out = self(x)
-        logits, weights, idx = out[0], out[1], out[2]
+        logits, weights, idx = self(x)
         T = idx.shape[0]
-        if isinstance(logits, torch.Tensor) and tuple(logits.shape[-2:]) == (T, self.num_experts):
+        if isinstance(logits, torch.Tensor) and logits.numel() == T * self.num_experts:
             p = torch.softmax(logits.reshape(T, -1).float(), dim=-1)
         else:
             w = weights.float().abs()
@@ -161,12 +188,16 @@ class MoeAdapter:
         return nn.Identity() if name is None else getattr(decoder, name)
 
     def router_module(self, model: nn.Module, layer: int) -> nn.Module:
+        """The MoE block's router: the child (other than the experts) holding a [E, H] weight, at any depth
+        (some families wrap an nn.Linear), else one named like a router."""
         block = self.block(model, layer)
         experts = self.experts_module(model, layer)
-        for name, child in block.named_children():
-            if child is experts:
-                continue
-            if any(p.dim() == 2 and tuple(p.shape) == (self.num_experts, self.hidden_size) for p in child.parameters(recurse=False)):
+        children = [(n, c) for n, c in block.named_children() if c is not experts]
+        for _, child in children:
+            if any(p.dim() == 2 and tuple(p.shape) == (self.num_experts, self.hidden_size) for p in child.parameters()):
+                return child
+        for name, child in children:
+            if name in data.ROUTER_NAMES:
                 return child
         raise MoePrefetchError(f"cannot find the router of MoE layer {layer} (a module of {self.info(layer).block} "
                                f"with a [{self.num_experts}, {self.hidden_size}] weight)")

@@ -8,8 +8,11 @@ from __future__ import annotations
 from ..errors import MoePrefetchError
 
 #: config attributes that hold the number of experts each token is routed to, in the order tried
-TOP_K_ATTRS = ("num_experts_per_tok", "num_experts_per_token", "moe_topk", "top_k", "moe_k",
+TOP_K_ATTRS = ("num_experts_per_tok", "num_experts_per_token", "moe_topk", "top_k", "top_k_experts", "moe_k",
                "n_activated_experts", "experts_per_token", "num_selected_experts")
+
+#: names a MoE block gives its router, for routers that are not a plain [E, H] linear map
+ROUTER_NAMES = ("gate", "router")
 
 #: decoder-layer attributes that hold the norm between the residual stream and the MoE block, in the
 #: order tried (post_attention_layernorm is the pre-MLP norm of the pre-norm families)

@@ -37,6 +37,10 @@ def _expert_merge(converter) -> bool:
     return all(isinstance(op, Concatenate) and op.dim == 1 for op in ops[1:])
 
 
+def _natural(key: str):
+    return [int(t) if t.isdigit() else t for t in re.split(r"(\d+)", key)]
+
+
 def _star_regex(pattern: str) -> re.Pattern:
     """A converter source pattern ('mlp.experts.*.gate_proj.weight') -> regex capturing the expert id."""
     parts = [re.escape(p.replace("\\.", ".")) for p in pattern.lstrip("^").split("*")]
@@ -55,6 +59,7 @@ class CheckpointKeys:
         self.stacked: dict[str, dict[int, dict[int, str]]] = defaultdict(lambda: defaultdict(dict))
         self.unsupported: dict[str, str] = {}  # model key -> why its checkpoint tensors cannot be read as is
         self.n_sources: dict[str, int] = {}  # fused model key -> checkpoint tensors per expert
+        self.converted: dict[str, tuple] = {}  # converter's first target -> (converter, {pattern: [keys]})
         for key in checkpoint_keys:
             renamed = apply_renamings(key, renamings)
             pattern, conv = None, None
@@ -73,9 +78,9 @@ class CheckpointKeys:
                     continue
                 self.stacked[renamed][int(m.group(1))][conv.source_patterns.index(pattern)] = key
                 self.n_sources[renamed] = len(conv.source_patterns)
-            else:
-                ops = ", ".join(type(op).__name__ for op in getattr(conv, "operations", []))
-                self.unsupported[renamed] = f"checkpoint key {key} needs a conversion ({ops}) the offloader does not apply"
+            else:  # a dense conversion (fused or split projections): applied at load, as transformers does
+                group = self.converted.setdefault(renamed, (conv, defaultdict(list)))
+                group[1][pattern].append(key)
 
     @staticmethod
     def _prefixed(key: str, prefix: str, expected: set[str]) -> str:
@@ -87,6 +92,25 @@ class CheckpointKeys:
         if f"{prefix}.{key}" in expected:
             return f"{prefix}.{key}"
         return key
+
+    def converted_tensors(self, checkpoint, model, config) -> dict:
+        """Model key -> tensor for the dense parameters that transformers builds with a conversion (its own
+        operations, run on the checkpoint's tensors; these are small: norms, convolutions, projections)."""
+        out = {}
+        for layer_name, (conv, keys) in self.converted.items():
+            if _expert_merge(conv) or any(".experts." in k for ks in keys.values() for k in ks):
+                raise MoePrefetchError(f"checkpoint tensors for {layer_name} need a conversion "
+                                       f"({', '.join(type(op).__name__ for op in conv.operations)}) that the expert "
+                                       "store does not apply")
+            collected = {p: [checkpoint.tensor(k) for k in sorted(ks, key=_natural)] for p, ks in keys.items()}
+            for op in conv.operations:
+                collected = op.convert(collected, source_patterns=conv.source_patterns, target_patterns=conv.target_patterns,
+                                       full_layer_name=layer_name, model=model, config=config, missing_keys=None)
+            for target, tensor in collected.items():
+                prefix, _, suffix = layer_name.partition(conv.target_patterns[0])
+                name = prefix + target + suffix if target not in layer_name else layer_name.replace(conv.target_patterns[0], target, 1)
+                out[name] = tensor[0] if isinstance(tensor, list) else tensor
+        return out
 
     def dense(self, model_key: str) -> str | None:
         """The checkpoint key holding model parameter `model_key` as is (None if none does)."""
@@ -106,4 +130,8 @@ class CheckpointKeys:
             return [(parts[i], None) for i in range(len(parts))]
         if model_key in self.unsupported:
             raise MoePrefetchError(self.unsupported[model_key])
+        if model_key in self.converted:
+            ops = ", ".join(type(op).__name__ for op in self.converted[model_key][0].operations)
+            raise MoePrefetchError(f"the checkpoint stores {model_key} in a layout that needs a conversion ({ops}) "
+                                   "before experts can be read one by one; this is not supported")
         return None

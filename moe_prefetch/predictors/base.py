@@ -31,9 +31,12 @@ class ModelView:
         layers = adapter.moe_layers()
         runtime = getattr(model, "moe_runtime", None)
         fp = runtime.fingerprint if runtime is not None else None
-        return cls(adapter, layers, [adapter.moe_norm(model, l) for l in layers],
-                   [adapter.router(model, l) for l in layers], adapter.num_experts, adapter.top_k,
-                   adapter.hidden_size, fp)
+        routers = [adapter.router(model, l) for l in layers]
+        param = next(model.parameters())
+        for r in routers:
+            r.probe(param.device, param.dtype)
+        return cls(adapter, layers, [adapter.moe_norm(model, l) for l in layers], routers, adapter.num_experts,
+                   adapter.top_k, adapter.hidden_size, fp)
 
     def router_probs(self, i: int, h: torch.Tensor) -> torch.Tensor:
         """Routing distribution [T, E] of MoE layer index i applied to residual h [T, H]."""
