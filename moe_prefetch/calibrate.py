@@ -41,6 +41,7 @@ def collect_residuals(model, tokenizer, text: str, seq_len: int, max_tokens: int
     The text must have min_tokens tokens (default: two sequences, enough to hold one out)."""
     rt = model.moe_runtime
     view = ModelView.of(model, rt.adapter)
+    view.need_routers("calibrate")
     ids = tokenizer(text, return_tensors="pt")["input_ids"][0]
     ids = ids[skip_tokens:skip_tokens + max_tokens]
     need = 2 * seq_len if min_tokens is None else min_tokens
@@ -50,7 +51,7 @@ def collect_residuals(model, tokenizer, text: str, seq_len: int, max_tokens: int
     chunks = [ids[s:s + seq_len] for s in range(0, ids.numel() - 1, seq_len) if ids[s:s + seq_len].numel() >= shortest]
     store: list[list[torch.Tensor]] = [[] for _ in view.layers]
     handles = []
-    for i, norm in enumerate(view.norms):
+    for i, norm in enumerate(view.taps):
         handles.append(norm.register_forward_pre_hook(
             lambda m, a, i=i: store[i].append(a[0].reshape(-1, a[0].shape[-1]).float().cpu())))
     try:

@@ -53,7 +53,7 @@ class Prefetcher:
         self._pending: dict[tuple[int, int], dict[int, float]] = {}  # (target i, d) -> {expert: raw score}
         self._asked: dict[int, list[int]] = {}  # layer position -> distances summarised by device_scores
         self._handles = [] if predictor.on_host else \
-            [norm.register_forward_pre_hook(self._capture(i)) for i, norm in enumerate(view.norms)]
+            [tap.register_forward_pre_hook(self._capture(i)) for i, tap in enumerate(view.taps)]
 
     def _capture(self, i: int):
         def hook(module, args):

@@ -180,12 +180,12 @@ class MoeAdapter:
     def block(self, model: nn.Module, layer: int) -> nn.Module:
         return model.get_submodule(self.info(layer).block)
 
-    def moe_norm(self, model: nn.Module, layer: int) -> nn.Module:
-        """The norm between the residual stream and layer `layer`'s MoE block (Identity for families
-        that feed the block the raw residual)."""
+    def moe_norm(self, model: nn.Module, layer: int) -> nn.Module | None:
+        """The norm between the residual stream and layer `layer`'s MoE block; None where there is none
+        or it is not known (predictors then read the block's input)."""
         decoder = model.get_submodule(self.info(layer).decoder)
         name = data.pre_moe_norm(self.model_type, decoder)
-        return nn.Identity() if name is None else getattr(decoder, name)
+        return None if name is None else getattr(decoder, name)
 
     def router_module(self, model: nn.Module, layer: int) -> nn.Module:
         """The MoE block's router: the child (other than the experts) holding a [E, H] weight, at any depth

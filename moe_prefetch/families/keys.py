@@ -69,6 +69,8 @@ class CheckpointKeys:
                     conv, renamed = c, target
                     break
             renamed = self._prefixed(renamed, prefix, expected)
+            if conv is None and renamed not in expected and self._prefixed(key, prefix, expected) in expected:
+                renamed = self._prefixed(key, prefix, expected)  # a renaming meant for other keys caught this one
             if conv is None:
                 self.direct.setdefault(renamed, key)
             elif _expert_merge(conv):

@@ -14,12 +14,14 @@ def make_predictor(name: str, view: ModelView, path=None, device="cpu", trace=No
     if name == "none":
         return NoPredictor(view)
     if name == "next-gate":
+        view.need_routers("--predictor next-gate")
         return NextGatePredictor(view)
     if name == "history":
         return HistoryPredictor(view)
     if name == "m2r2":
         from .accelerated import AcceleratedPredictor, load
 
+        view.need_routers("--predictor m2r2")
         if path is None:
             raise MoePrefetchError("--predictor m2r2 needs --predictor-path FILE (train it with python -m moe_prefetch.calibrate)")
         return AcceleratedPredictor(view, load(view, path, device))

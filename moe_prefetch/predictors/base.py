@@ -12,6 +12,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from ..errors import MoePrefetchError
+
 
 @dataclass
 class ModelView:
@@ -19,24 +21,40 @@ class ModelView:
 
     adapter: object
     layers: list[int]            # MoE layer indices, in execution order
-    norms: list[nn.Module]       # norms[i] belongs to layers[i]
+    norms: list[nn.Module]       # norms[i] belongs to layers[i] (Identity where the block reads its input as is)
     routers: list                # families.Router: the family's own routing of each layer
     num_experts: int
     top_k: int
     hidden_size: int
     fingerprint: str | None = None  # of the checkpoint's routers (predictor files are tied to it)
+    routers_unavailable: str | None = None  # why routers cannot run ahead of time (then `routers` is empty)
+    taps: list[nn.Module] | None = None  # taps[i]: the module whose input is the stream predictors read at layers[i]
 
     @classmethod
     def of(cls, model: nn.Module, adapter) -> "ModelView":
         layers = adapter.moe_layers()
         runtime = getattr(model, "moe_runtime", None)
         fp = runtime.fingerprint if runtime is not None else None
-        routers = [adapter.router(model, l) for l in layers]
         param = next(model.parameters())
-        for r in routers:
-            r.probe(param.device, param.dtype)
-        return cls(adapter, layers, [adapter.moe_norm(model, l) for l in layers], routers, adapter.num_experts,
-                   adapter.top_k, adapter.hidden_size, fp)
+        try:
+            routers = [adapter.router(model, l) for l in layers]
+            for r in routers:
+                r.probe(param.device, param.dtype)
+            why = None
+        except MoePrefetchError as e:  # only the predictors that run routers ahead of time need them
+            routers, why = [], str(e)
+        found = [adapter.moe_norm(model, l) for l in layers]
+        norms = [n if n is not None else nn.Identity() for n in found]
+        # the residual enters the pre-MoE norm; without one, the MoE block's own input is read
+        taps = [n if n is not None else adapter.block(model, l) for n, l in zip(found, layers)]
+        return cls(adapter, layers, norms, routers, adapter.num_experts, adapter.top_k, adapter.hidden_size, fp, why,
+                   taps)
+
+    def need_routers(self, what: str) -> None:
+        """Refuse, with the reason, a predictor that runs routers ahead of time on a model whose routers
+        cannot be (they read more than the MoE block's input)."""
+        if self.routers_unavailable:
+            raise MoePrefetchError(f"{what}: {self.routers_unavailable}")
 
     def router_probs(self, i: int, h: torch.Tensor) -> torch.Tensor:
         """Routing distribution [T, E] of MoE layer index i applied to residual h [T, H]."""
