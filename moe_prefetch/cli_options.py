@@ -40,6 +40,10 @@ def add_loading_flags(p: argparse.ArgumentParser) -> None:
                    help="CUDA: page-lock every expert in host RAM (on), stream them from the memory-mapped checkpoint "
                    "through a small pinned ring (off), or pin only when they fit in available RAM with a margin "
                    "(auto, the default)")
+    p.add_argument("--expert-dtype", default="auto", choices=("auto", "bf16", "fp16", "int8", "int4"),
+                   help="how experts are kept and moved: auto (compute dtype, lossless), bf16/fp16, or int8/int4 "
+                        "group-wise weight-only quantization (2-4x fewer bytes, lossy; built once per model)")
+    p.add_argument("--expert-group-size", type=int, default=128, help="int8/int4 quantization group size (default 128)")
     p.add_argument("--dtype", default="auto", choices=DTYPES, help="compute dtype (default: the checkpoint's; float16 becomes float32 on CPU)")
     p.add_argument("--no-progress", action="store_true", help="hide the loading progress bars")
 
@@ -66,4 +70,5 @@ def offload_config(args, max_context: int) -> OffloadConfig:
                          link_bandwidth=args.link_gbps * 1e9 if args.link_gbps else None,
                          host_compute=args.host_compute, prefetch_gate=not args.no_prefetch_gate,
                          host_bandwidth=args.host_gbps * 1e9 if args.host_gbps else None,
+                         expert_dtype=args.expert_dtype, expert_group_size=args.expert_group_size,
                          show_progress=not args.no_progress)

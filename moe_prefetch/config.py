@@ -82,6 +82,10 @@ class OffloadConfig:
     host_bandwidth: CPU backend: emulate a host that reads experts at this many bytes/s (benchmarks).
     prefetch_gate:  issue a prefetch only when its expected saving beats its cost (default); False issues
                     every predicted expert that fits the budget (the ungated behaviour, for comparison).
+    expert_dtype:   how experts are kept, moved and cached: "auto" (the compute dtype, lossless), "bf16" or
+                    "fp16" (down-cast), "int8" or "int4" (group-wise weight-only quantization: 2-4x fewer
+                    bytes, lossy, quality measured in the README). Built once per model in the cache directory.
+    expert_group_size: quantization group along each matrix's input dimension (int8/int4), default 128.
     """
 
     device: str = "auto"
@@ -102,6 +106,8 @@ class OffloadConfig:
     host_compute: str = "auto"
     host_bandwidth: float | None = None
     prefetch_gate: bool = True
+    expert_dtype: str = "auto"
+    expert_group_size: int = 128
 
     def __post_init__(self):
         dev = self.device
@@ -140,6 +146,12 @@ class OffloadConfig:
             raise MoePrefetchError(f"host bandwidth must be a positive number of bytes/s, got {self.host_bandwidth!r}")
         if self.link_bandwidth is not None and not (isinstance(self.link_bandwidth, (int, float)) and self.link_bandwidth > 0):
             raise MoePrefetchError(f"link bandwidth must be a positive number of bytes/s, got {self.link_bandwidth!r}")
+        from .quant_store import EXPERT_DTYPES
+
+        if self.expert_dtype not in EXPERT_DTYPES:
+            raise MoePrefetchError(f"unknown expert dtype {self.expert_dtype!r}: use one of {', '.join(EXPERT_DTYPES)}")
+        if not isinstance(self.expert_group_size, int) or self.expert_group_size < 1:
+            raise MoePrefetchError(f"expert group size must be a positive integer, got {self.expert_group_size!r}")
         if not isinstance(self.max_context, int) or self.max_context < 1:
             raise MoePrefetchError(f"max_context must be a positive integer, got {self.max_context!r}")
 

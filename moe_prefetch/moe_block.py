@@ -107,6 +107,7 @@ class OffloadedExperts:
         self.has_gate = flags["has_gate"]
         self.post_norm = flags["has_post_expert_norm"]
         self.up = "gate_up_proj" if self.has_gate else "up_proj"
+        self.dequant = None  # quant_store.Dequantizer when experts are kept quantized: slot parts -> weights
         self._round = None
 
     # ---- installation ----------------------------------------------------------------------
@@ -140,6 +141,8 @@ class OffloadedExperts:
         """rows [n, H] -> [n, H] through one expert (no routing weight applied), as transformers'
         grouped implementation computes each group."""
         m = self.module
+        if self.dequant is not None:
+            views = self.dequant(views)  # the expert's weights in the compute dtype, just before use
         h = self._linear(rows, views[self.up], offs)  # [n, 2I] or [n, I]
         if self.has_bias:
             h.add_(views[self.up + "_bias"])
@@ -267,7 +270,7 @@ class OffloadedExperts:
             raise MoePrefetchError("offloaded expert weights are only readable inside the model's forward")
         if e not in r["views"]:
             if r["actions"] is not None and e in {a.key[1] for a in r["actions"]}:
-                r["views"][e] = off.ready(self.layer, e)
+                r["views"][e] = self._weights(off.ready(self.layer, e))
                 return r["views"][e]
             if r["actions"] is not None:
                 off.release(r["actions"])
@@ -282,8 +285,11 @@ class OffloadedExperts:
             if r["plan"] is not None:
                 r["plan"]()
                 r["plan"] = None
-            r["views"][e] = off.ready(self.layer, e)
+            r["views"][e] = self._weights(off.ready(self.layer, e))
         return r["views"][e]
+
+    def _weights(self, views: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        return views if self.dequant is None else self.dequant(views)
 
 
 def install(model: nn.Module, adapter: FamilyAdapter) -> dict[int, OffloadedExperts]:

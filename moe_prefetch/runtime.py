@@ -10,6 +10,7 @@ store, cache and transfer engine; count prefill/decode time with forward hooks.
 from __future__ import annotations
 
 import logging
+import math
 import time
 import weakref
 from dataclasses import dataclass, field
@@ -67,6 +68,9 @@ class OffloadRuntime:
                  lookahead=self.prefetcher.lookahead if self.prefetcher else 0,
                  expert_cache_slots=self.plan.slots, total_experts=self.plan.total_experts,
                  host_store="pinned" if self.store.pinned else "memory-mapped",
+                 expert_dtype=self.config.expert_dtype if self.config.expert_dtype != "auto" else
+                 str(self.dtype).removeprefix("torch."), expert_bytes=self.store.expert_nbytes,
+                 bytes_per_token=d["bytes_to_device"] / max(1, d.get("generated_tokens", 0)),
                  host_compute=self.offloader.host is not None, eviction=self.config.eviction,
                  prefetch_gated=self.offloader.planner.counters.prefetch_gated,
                  prefetch_skipped_budget=self.offloader.planner.counters.prefetch_budget,
@@ -262,18 +266,29 @@ def load_model(model: str, config: OffloadConfig | None = None, **overrides):
         from .trace import read_routing_header
 
         read_routing_header(cfg.predictor_path, model_fingerprint)
-    install(skeleton, adapter)
-    store = ExpertStore(ckpt, adapter, dtype, pinned=False)
+    states = install(skeleton, adapter)
+    store_ckpt, store_src, dequant = ckpt, adapter, None
+    if cfg.expert_dtype != "auto":  # experts kept (and moved, and cached) in another format, built once
+        from .quant_store import ExpertFormat, ensure
+
+        store_ckpt, store_src = ensure(adapter, ckpt, ExpertFormat.of(cfg.expert_dtype, cfg.expert_group_size),
+                                       progress=cfg.show_progress)
+        dequant = store_src.dequantizer(dtype)
+        for state in states.values():
+            state.dequant = dequant
+    store = ExpertStore(store_ckpt, store_src, dtype, pinned=False)
     dense_bytes = sum(t.numel() * t.element_size() for t in skeleton.state_dict().values())
     reserve = cfg.reserve if cfg.reserve is not None else estimate_reserve(
         model_config, dtype, cfg.max_context, adapter.top_k, device, getattr(skeleton.config, "_attn_implementation", None))
+    if dequant is not None and cfg.reserve is None:  # one expert's weights, dequantized just before use
+        reserve += sum(math.prod(shape) for _, shape in adapter.params) * dtype.itemsize
     plan = plan_memory(cfg, dense_bytes, reserve, store.expert_nbytes, store.total_experts, adapter.top_k, device)
     # host RAM is planned before anything is allocated: a refusal here costs nothing
     host = plan_host(cfg.pin_memory, device.type, store.store_bytes,
                      device_side_bytes=dense_bytes + reserve + plan.cache_bytes)
     if host.pinned:
         try:
-            store = ExpertStore(ckpt, adapter, dtype, pinned=True, progress=cfg.show_progress)
+            store = ExpertStore(store_ckpt, store_src, dtype, pinned=True, progress=cfg.show_progress)
         except PinningError as e:
             if cfg.pin_memory == "on":
                 raise

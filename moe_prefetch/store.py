@@ -34,6 +34,9 @@ class ExpertStore:
                 self._check(layout, layer, e)
                 self._layouts[layer, e] = layout
         self.layout = self._layouts[self.layers[0], 0]  # names, shapes and offsets are shared
+        self.compute_dtype = dtype
+        if self.layout.bytewise:  # quantized experts: one uint8 buffer holding codes and scales
+            dtype = self.dtype = torch.uint8
         self.numel = self.layout.numel
         self.expert_nbytes = self.numel * torch.empty((), dtype=dtype).element_size()
         self.pinned = pinned
@@ -87,6 +90,10 @@ class ExpertStore:
                 t = self.checkpoint.tensor(s.key)
                 if s.index is not None:
                     t = t[s.index]
+                if part.dtype is not None:  # byte layout: the stored bytes as they are
+                    if t.dtype != part.dtype:
+                        raise MoePrefetchError(f"checkpoint tensor {s.key} is {t.dtype}, expected {part.dtype}")
+                    t = t.contiguous().reshape(-1).view(torch.uint8)
                 pieces.append((offset, t))
                 offset += t.numel()
         return pieces
