@@ -62,8 +62,18 @@ _REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 _PATTERNS = ["*.json", "*.safetensors", "tokenizer*", "*.model", "*.txt"]
 
 
+def _quantized(matrices: list[tuple[int, int]]) -> str:
+    """One expert's size as --expert-dtype int8 / int4 would store it (group size 128)."""
+    from . import quant
+
+    sizes = [sum(quant.nbytes(m, quant.QuantSpec.from_name(k)) for m in matrices) for k in ("int8", "int4")]
+    return f"as int8 {_gib(sizes[0])}, as int4 {_gib(sizes[1])}"
+
+
 def _gib(n: float) -> str:
-    return f"{n / 2**30:.1f} GiB" if n >= 2**30 else f"{n / 2**20:.1f} MiB"
+    if n >= 2**30:
+        return f"{n / 2**30:.1f} GiB"
+    return f"{n / 2**20:.1f} MiB" if n >= 2**20 else f"{n / 2**10:.0f} KiB"
 
 
 def _measured(path: Path) -> str | None:
@@ -83,8 +93,9 @@ def _measured(path: Path) -> str | None:
                  ckpt.info(s.key).dtype.itemsize for p in adapter.expert_layout(ckpt, adapter.moe_layers()[0], 0).parts
                  for s in p.sources)
     n = len(adapter.moe_layers()) * adapter.num_experts
+    matrices = [tuple(shape) for _, shape in adapter.params if len(shape) == 2]
     return (f"{total / 1e6:.1f}M parameters; {n} experts ({len(adapter.moe_layers())} layers x {adapter.num_experts}, "
-            f"top-{adapter.top_k}) of {_gib(expert)} each, {_gib(expert * n)} in all (measured)")
+            f"top-{adapter.top_k}) of {_gib(expert)} each ({_quantized(matrices)}), {_gib(expert * n)} in all (measured)")
 
 
 def _local_copy(entry: ModelEntry) -> Path | None:
@@ -106,9 +117,10 @@ def list_models() -> str:
         sizes = _measured(local) if local is not None else None
         if sizes is None and e.params_b:
             n = e.moe_layers * e.experts
+            matrices = [(2 * e.expert_intermediate, e.hidden), (e.hidden, e.expert_intermediate)]
             sizes = (f"{e.params_b:g}B parameters, {e.active_b:g}B active; {n} experts ({e.moe_layers} layers x {e.experts}, "
-                     f"top-{e.top_k}) of {_gib(e.expert_bytes)} each at bf16, {_gib(e.all_expert_bytes)} in all "
-                     f"(published{'; not downloaded' if local is None else ''})")
+                     f"top-{e.top_k}) of {_gib(e.expert_bytes)} each at bf16 ({_quantized(matrices)}), "
+                     f"{_gib(e.all_expert_bytes)} in all (published{'; not downloaded' if local is None else ''})")
         target = "(packaged)" if name == "demo" else e.target
         lines.append(f"{name:<17} {target}  [{e.family}]\n{'':<17} {e.description}\n{'':<17} {sizes or 'sizes unknown'}")
     return "\n".join(lines)

@@ -9,16 +9,16 @@ G = ceil(in / g) groups along the input dimension (g = spec.group_size, or in fo
 When g does not divide `in`, the last group is shorter (in - (G-1)*g columns): nothing is padded and
 no byte is stored for columns that do not exist.
 
-Codes:
-  int8 symmetric   q in [-127, 127], scale = amax/127, w ~ q * s
-  int4 symmetric   nibble u = q + 8 with q in [-7, 7] (scale = amax/7; -8 is representable but never
-                   produced, so the grid is symmetric and +amax / -amax both land exactly), w ~ (u - 8) * s
+Codes (every scale is rounded UP to fp16, so a group's extremes are never clipped and |w - w_hat| <= s/2):
+  int8 symmetric   q in [-127, 127], scale = max|w| / 127, w ~ q * s
+  int4 symmetric   nibble u = q + 8 with q in [-8, 7], scale = max(max(w)/7, -min(w)/8) (the smallest
+                   scale that reaches both ends of the group), w ~ (u - 8) * s
   int4 asymmetric  nibble u in [0, 15], integer zero point z in [0, 15] (stored fp16, exact),
                    range [min(w, 0), max(w, 0)] so 0.0 is exactly representable, w ~ (u - z) * s
 int4 packing: column 2k in the low nibble and 2k+1 in the high nibble of byte k of its row; for odd
 `in` the high nibble of each row's last byte is 0 and ignored (dequantize needs `in_features` then).
-int8 asymmetric is refused: at 8 bits the rounding error is already ~0.3% of a group's range and a
-zero point would add bytes and a subtraction for no measurable gain.
+int8 asymmetric is refused: symmetric int8-g128 already measures 0.65% relative error on Gaussian weights
+(int4-asym-g128 10.1%, int4-sym-g128 11.1%), so a zero point would add bytes and a subtraction for little.
 
 Exactness: `dequantize` is elementwise float32 arithmetic in a fixed order (int -> float32 is exact,
 (u - z) and (u - 8) are exact small-integer differences, then one float32 multiply by the scale, then
@@ -29,10 +29,13 @@ Fast paths (`linear(..., kernel="fused")`) use kernels PyTorch ships; they need 
 made by `pack_for_kernel`, kept apart from the storage format. Constraints found on torch 2.13:
   CPU int4  aten._weight_int4pack_mm_for_cpu(x, w, g, sz) with w from
             aten._convert_weight_to_int4pack_for_cpu(codes int32 [N, K], innerKTiles) (innerKTiles is
-            ignored on CPU): g in {32, 64, 128, 256}, K % g == 0, N % 16 == 0, K even; x 2-D contiguous
-            bf16 / fp16 / fp32 and sz [K/g, N, 2] of the same dtype; dequantizes w = (u - 8) * s + z.
+            ignored on CPU; the layout is blocked by 64 rows): g in {32, 64, 128, 256}, K % g == 0, N % 16 == 0; x 2-D
+            contiguous bf16 / fp16 / fp32 and sz [K/g, N, 2] of the same dtype; it computes with
+            w = (u - 8) * s + z, so our (u - z) * s becomes s and z' = (8 - z) * s.
   int8      torch._weight_int8pack_mm(x, q int8 [N, K], scales [N]): one scale per output row only,
-            x contiguous bf16 / fp16 / fp32, scales of x's dtype, any N, K.
+            x contiguous bf16 / fp16 / fp32, scales of x's dtype, any N. On CPU (AVX512 build tested)
+            K % 16 != 0 segfaults with bf16 and returns garbage with fp32 (fp16 was right), so fused int8
+            is gated on K % 16 == 0 for every dtype.
   CUDA int4 aten._weight_int4pack_mm(x, w, g, sz) with w from aten._convert_weight_to_int4pack(
             uint8 [N, K/2] (even column in the HIGH nibble), innerKTiles in {2, 4, 8}); x bf16 only,
             sz [K/g, N, 2] bf16, N % 8 == 0, K % (innerKTiles*16) == 0, sm80+. Written from the PyTorch
@@ -50,17 +53,24 @@ KINDS = ("int8", "int4")
 FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 TINYGEMM_GROUPS = (32, 64, 128, 256)
 KERNELS = ("auto", "dequant", "fused")
+_PACK_ROWS = 4096  # a multiple of the CPU int4 layout's 64-row blocks
+_CPU_SLICE = 1 << 16  # weights per slice of CPU dequantize (256 KiB of float32)
 
-# "auto" uses a fused kernel for at most this many rows of x (None: never). Measured on a 2-core x86 CPU,
-# 1 thread (bench/quant_kernels.py): CPU int4 fused beats dequant+mm at every n up to 256 in all three
-# dtypes (3-60x), so it is always picked; CPU int8 fused beats dequant+mm at every measured n as well.
-# CUDA is unmeasured: tinygemm is a decode kernel (gpt-fast uses it for small batches) and PyTorch's CUDA
-# _weight_int8pack_mm is a plain one-thread-per-output kernel, so int8 stays on dequant+mm there.
-AUTO_MAX_ROWS: dict[tuple[str, str], int | None] = {
-    ("int4", "cpu"): 1 << 30,
-    ("int8", "cpu"): 1 << 30,
-    ("int4", "cuda"): 16,
-    ("int8", "cuda"): None,
+# "auto" uses the fused kernel for x [n, in] with n <= AUTO_MAX_ROWS[(kind, device type, x dtype)]; absent:
+# never. Measured with bench/quant_kernels.py on a 2-core AVX512 Xeon VM, 1 thread, on [2048, 512],
+# [512, 1024] and [28672, 4096], fused vs dequant+mm:
+#   bf16 n=1    int8 0.06 / 0.82, 9.9 / 190 ms; int4 0.06 / 1.7, 8.7 / 279 ms (fused also beats dense bf16)
+#   bf16        int8 wins through n=32 (ties at worst), loses at 64 (0.82 / 0.59 ms); int4 wins through
+#               n=64 (0.80 / 1.03, 195 / 300 ms) and loses at 128 (1.56 / 1.03, 392 / 327 ms)
+#   fp32 n=1    int8 0.33 / 0.41, 98 / 289 ms; int4 0.87 / 0.86, 203 / 379 ms; from n=8 fused is 3-16x slower
+#   fp16        fused is slower already at n=1 (int4 1.4 / 0.8 ms on [512, 1024])
+# CUDA is unmeasured, so auto stays on dequant+mm there (PyTorch's CUDA _weight_int8pack_mm is a
+# one-thread-per-output kernel; tinygemm int4 needs a measurement before it is picked automatically).
+AUTO_MAX_ROWS: dict[tuple[str, str, torch.dtype], int] = {
+    ("int8", "cpu", torch.bfloat16): 32,
+    ("int4", "cpu", torch.bfloat16): 64,
+    ("int8", "cpu", torch.float32): 1,
+    ("int4", "cpu", torch.float32): 1,
 }
 
 
@@ -88,7 +98,7 @@ class QuantSpec:
                              "use symmetric=None/True, or kind='int4' for asymmetric")
 
     @classmethod
-    def from_name(cls, name: str, group_size: int = 128, symmetric: bool | None = None) -> "QuantSpec":
+    def from_name(cls, name: str, group_size: int = 128, symmetric: bool | None = None) -> QuantSpec:
         """'int8' | 'int4' (also 'int4-sym' / 'int4-asym') -> QuantSpec."""
         base, _, variant = str(name).strip().lower().partition("-")
         if variant not in ("", "sym", "asym"):
@@ -164,18 +174,22 @@ def _grouped(t: torch.Tensor, g: int, groups: int) -> torch.Tensor:
 
 
 def _fp16_scales(scale: torch.Tensor, what: str) -> torch.Tensor:
-    """float32 scales [out, G] -> fp16 as stored. Overflow is refused; a scale that underflows fp16
-    becomes its smallest subnormal (the group is ~0 then, and the absolute error stays below qmax * 2^-25)."""
+    """float32 scales [out, G] -> fp16 as stored, rounded UP to the next fp16 value so the grid still
+    reaches the group's extremes (no clipping, so |w - w_hat| <= s/2 for every weight, even where the scale
+    is an fp16 subnormal: int8 groups with max|w| < 127 * 2^-14 ~ 7.8e-3). An all-zero group gets the
+    smallest subnormal (its codes are then 0 and it dequantizes to exactly 0). Overflow is refused."""
     s16 = scale.to(torch.float16)
     if torch.isinf(s16).any():
         raise ValueError(f"{what}: a group's scale {scale.max().item():.3g} (max|w| / qmax) exceeds the fp16 "
                          "maximum 65504; rescale the weights first")
-    return torch.where(s16 > 0, s16, torch.tensor(2.0 ** -24, dtype=torch.float16, device=s16.device))
+    up = torch.nextafter(s16, torch.full_like(s16, float("inf")))
+    s16 = torch.where(s16.float() < scale, up, s16)
+    return torch.where(s16 > 0, s16, up)
 
 
 def quantize(w: torch.Tensor, spec: QuantSpec) -> dict[str, torch.Tensor]:
     """w [out, in] (any float dtype, any layout; pass w.T for weights stored [in, out]) -> the `plan`
-    parts, contiguous, on w's device. Round-to-nearest-even on fp16-rounded scales."""
+    parts, contiguous, on w's device. Round-to-nearest-even on the stored (fp16) scales."""
     if w.dim() != 2:
         raise ValueError(f"quantize expects a 2-D [out, in] weight, got shape {tuple(w.shape)}")
     if not w.is_floating_point():
@@ -185,13 +199,16 @@ def quantize(w: torch.Tensor, spec: QuantSpec) -> dict[str, torch.Tensor]:
     out, inp = _check_shape(w.shape)
     g, groups = spec.group_len(inp), spec.num_groups(inp)
     wg = _grouped(w.to(torch.float32), g, groups)  # [out, G, g], zero-padded tail
-    if spec.symmetric:
-        qmax = 127 if spec.kind == "int8" else 7
-        s16 = _fp16_scales(wg.abs().amax(dim=2) / qmax, spec.name)  # [out, G]
-        q = torch.clamp(torch.round(wg / s16.float()[..., None]), -qmax, qmax)  # [out, G, g]
+    if spec.kind == "int8":
+        s16 = _fp16_scales(wg.abs().amax(dim=2) / 127, spec.name)  # [out, G]
+        q = torch.clamp(torch.round(wg / s16.float()[..., None]), -127, 127)  # [out, G, g]
         zeros = None
-        if spec.kind == "int4":
-            q = q + 8
+    elif spec.symmetric:
+        # the smallest scale that reaches both ends: max(w) <= 7 s and min(w) >= -8 s
+        scale = torch.maximum(wg.amax(dim=2).clamp(min=0.0) / 7, -wg.amin(dim=2).clamp(max=0.0) / 8)
+        s16 = _fp16_scales(scale, spec.name)
+        q = torch.clamp(torch.round(wg / s16.float()[..., None]), -8, 7) + 8  # nibble u = q + 8
+        zeros = None
     else:
         lo = wg.amin(dim=2).clamp(max=0.0)  # [out, G] range always holds 0.0
         hi = wg.amax(dim=2).clamp(min=0.0)
@@ -246,25 +263,38 @@ def shape_of(parts: dict[str, torch.Tensor], spec: QuantSpec, in_features: int |
 
 def dequantize(parts: dict[str, torch.Tensor], spec: QuantSpec, out_dtype: torch.dtype = torch.float32,
                in_features: int | None = None) -> torch.Tensor:
-    """The exact reference: parts -> w [out, in] in out_dtype, computed in float32 then cast once."""
+    """The exact reference: parts -> w [out, in] in out_dtype, computed in float32 then cast once.
+    On CPU it works in slices of rows (about _CPU_SLICE weights each) written into one output tensor:
+    the same elementwise ops on fewer bytes at a time, so the float32 intermediates stay in cache instead
+    of being fresh [out, in] allocations (the bits are the same either way; CUDA does one slice)."""
     out, inp = shape_of(parts, spec, in_features)
+    rows = out if parts["q"].device.type != "cpu" else max(1, _CPU_SLICE // inp)
+    if rows >= out:
+        return _dequantize_rows(parts, spec, inp).to(out_dtype)
+    w = torch.empty(out, inp, dtype=out_dtype)
+    for r in range(0, out, rows):
+        w[r:r + rows] = _dequantize_rows({k: v[r:r + rows] for k, v in parts.items()}, spec, inp)  # one cast
+    return w
+
+
+def _dequantize_rows(parts: dict[str, torch.Tensor], spec: QuantSpec, inp: int) -> torch.Tensor:
+    """float32 [rows, in] of a slice of rows of the parts."""
+    out = parts["q"].shape[0]
     g, groups = spec.group_len(inp), spec.num_groups(inp)
-    s = parts["scales"].float()[..., None]  # [out, G, 1]
+    s = parts["scales"].float()[..., None]  # [rows, G, 1]
     if spec.kind == "int8":
-        codes = parts["q"]  # int8 [out, in]
+        codes = parts["q"]  # int8 [rows, in]
     else:
-        codes = unpack_nibbles(parts["q"], inp)  # uint8 [out, in]
+        codes = unpack_nibbles(parts["q"], inp)  # uint8 [rows, in]
         if spec.symmetric:
             codes = codes.to(torch.int8) - 8
-    cg = _grouped(codes, g, groups)  # [out, G, g]
+    cg = _grouped(codes, g, groups)  # [rows, G, g]
     if spec.kind == "int4" and not spec.symmetric:
-        w = (cg - parts["zeros"].float()[..., None]) * s  # float32, exact difference then one rounding
+        w = (cg - parts["zeros"].float()[..., None]).mul_(s)  # float32: exact difference, one rounding
     else:
-        w = cg * s  # int -> float32 promotion is exact
+        w = cg * s  # int -> float32 promotion is exact, one rounding
     w = w.reshape(out, groups * g)
-    if groups * g != inp:
-        w = w[:, :inp]
-    return w.to(out_dtype)
+    return w[:, :inp] if groups * g != inp else w
 
 
 def error_stats(w: torch.Tensor, spec: QuantSpec) -> dict[str, float]:
@@ -286,7 +316,8 @@ def error_stats(w: torch.Tensor, spec: QuantSpec) -> dict[str, float]:
 class KernelWeights:
     """One matrix in a fused kernel's layout (made by pack_for_kernel; not a storage format)."""
     kernel: str  # "int4_cpu" | "int4_cuda" | "int8"
-    weight: torch.Tensor  # int4_cpu: uint8 [N, K/2]; int4_cuda: int32 [N/8, K/(16*tiles), 32, tiles/2]; int8: int8 [N, K]
+    # int4_cpu: uint8 [N, K/2] (64-row blocks); int4_cuda: int32 [N/8, K/(16*tiles), 32, tiles/2]; int8: int8 [N, K]
+    weight: torch.Tensor
     scales: torch.Tensor  # int4: scales_and_zeros [K/g, N, 2]; int8: [N]; in `dtype`
     group_size: int  # columns per group (int8: K)
     shape: tuple[int, int]  # (out, in)
@@ -307,6 +338,9 @@ def fused_unsupported(shape_out_in: tuple[int, int], spec: QuantSpec, device: to
                     f"{spec.num_groups(inp)} groups per row (use group_size=-1 for per-channel int8)")
         if dtype not in FLOAT_DTYPES:
             return f"_weight_int8pack_mm needs bf16/fp16/fp32 activations, got {dtype}"
+        if dev == "cpu" and inp % 16:
+            return (f"_weight_int8pack_mm (CPU) needs in % 16 == 0, got in={inp} (with bf16 it crashes and "
+                    "with fp32 it returns wrong values otherwise)")
         return None
     if g not in TINYGEMM_GROUPS or inp % g:
         return (f"int4 kernels need a group of 32/64/128/256 columns dividing in={inp}, got {g}"
@@ -350,7 +384,10 @@ def pack_for_kernel(parts: dict[str, torch.Tensor], spec: QuantSpec, device: tor
     sz = _tinygemm_scales_and_zeros({k: v.to(device) for k, v in parts.items()}, spec, dtype)  # [G, N, 2]
     codes = unpack_nibbles(parts["q"].to(device), inp)  # uint8 [N, K]
     if device.type == "cpu":
-        weight = torch.ops.aten._convert_weight_to_int4pack_for_cpu(codes.to(torch.int32).contiguous(), 1)
+        # the CPU layout is blocked by 64 rows, so packing 4096-row slices gives the same bytes while the
+        # int32 copy the converter needs stays at 4096 * in * 4 bytes
+        weight = torch.cat([torch.ops.aten._convert_weight_to_int4pack_for_cpu(
+            codes[r:r + _PACK_ROWS].to(torch.int32).contiguous(), 1) for r in range(0, out, _PACK_ROWS)])
         return KernelWeights("int4_cpu", weight, sz, g, shape, dtype)
     tiles = 8 if inp % 128 == 0 else 4 if inp % 64 == 0 else 2  # K % (tiles * 16) == 0; g >= 32 divides K
     high_even = ((codes[:, 0::2] << 4) | codes[:, 1::2]).contiguous()  # uint8 [N, K/2], even column high
@@ -366,10 +403,12 @@ def _fused(x: torch.Tensor, kw: KernelWeights) -> torch.Tensor:
         raise ValueError(f"x is on {x.device}, kernel weights on {kw.weight.device}")
     x = x.contiguous()
     if kw.kernel == "int8":
-        return torch._weight_int8pack_mm(x, kw.weight, kw.scales)
-    if kw.kernel == "int4_cpu":
-        return torch.ops.aten._weight_int4pack_mm_for_cpu(x, kw.weight, kw.group_size, kw.scales)
-    return torch.ops.aten._weight_int4pack_mm(x, kw.weight, kw.group_size, kw.scales)
+        y = torch._weight_int8pack_mm(x, kw.weight, kw.scales)
+    elif kw.kernel == "int4_cpu":
+        y = torch.ops.aten._weight_int4pack_mm_for_cpu(x, kw.weight, kw.group_size, kw.scales)
+    else:
+        y = torch.ops.aten._weight_int4pack_mm(x, kw.weight, kw.group_size, kw.scales)
+    return y.to(x.dtype)  # a no-op on CPU; guards the unverified CUDA kernels' output dtype
 
 
 def linear(x: torch.Tensor, parts: dict[str, torch.Tensor], spec: QuantSpec, kernel: str = "auto",
@@ -391,9 +430,9 @@ def linear(x: torch.Tensor, parts: dict[str, torch.Tensor], spec: QuantSpec, ker
     if packed is not None and packed.shape != shape:
         raise ValueError(f"packed kernel weights are {list(packed.shape)}, the parts {list(shape)}")
     if kernel == "auto":
-        limit = AUTO_MAX_ROWS.get((spec.kind, x.device.type))
+        limit = AUTO_MAX_ROWS.get((spec.kind, x.device.type, x.dtype), 0)
         usable = (packed is not None and packed.dtype == x.dtype and packed.weight.device == x.device
-                  and limit is not None and x.shape[0] <= limit)
+                  and x.shape[0] <= limit)
         kernel = "fused" if usable else "dequant"
     if kernel == "dequant":
         return torch.mm(x, dequantize(parts, spec, x.dtype, inp).T)

@@ -28,7 +28,9 @@ __all__ = ["BYTES_PER_PARAM", "BeladyPolicy", "CostModel", "Link", "Policy", "Si
            "load_profiles", "min_transfers", "physical_bound", "simulate", "standard_policies"]
 
 PROFILES = Path(__file__).resolve().parent / "profiles"
-BYTES_PER_PARAM = {"fp16": 2.0, "int8": 1.0 + 1 / 64, "int4": 0.5 + 1 / 64}
+# the runtime's stored formats (quant.py, group size 128): int8 codes + an fp16 scale per group; int4
+# packed codes + an fp16 scale and an fp16 zero point per group (asymmetric, the default)
+BYTES_PER_PARAM = {"fp16": 2.0, "int8": 1.0 + 2 / 128, "int4": 0.5 + 4 / 128}
 
 
 def load_profiles(kind: str) -> dict:
