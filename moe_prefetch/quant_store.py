@@ -36,7 +36,7 @@ from .errors import MoePrefetchError
 from .families import ExpertLayout, ExpertPart, TensorSource
 from .progress import progress_bar as tqdm
 
-FORMAT = "moe_prefetch.experts.v1"
+FORMAT = "moe_prefetch.experts.v2"  # v2: quant.py rounds scales up (nothing clipped), int4-sym uses [-8, 7]
 EXPERT_DTYPES = ("auto", "bf16", "fp16", "int8", "int4")
 _CASTS = {"bf16": torch.bfloat16, "fp16": torch.float16}
 _ALIGN = 16  # bytes: every part starts on a 16-byte boundary of its expert's buffer
