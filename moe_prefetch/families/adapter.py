@@ -64,6 +64,7 @@ class Router:
         self._block = block
         self._hidden = hidden
         self._batched = False
+        self._plain = False
         self._extra = tuple(extra)  # e.g. MiniMax-M2: the block's e_score_correction_bias
         weights = [p for p in module.parameters() if p.dim() == 2 and tuple(p.shape) == (num_experts, hidden)]
         # what calibrate trains against (a softmax surrogate of the routing); None: a router that is not one
@@ -91,11 +92,29 @@ class Router:
             try:
                 with torch.no_grad():
                     self(x)
+                    self._plain = self._is_plain(device, dtype)
                 return
             except Exception as e:  # noqa: BLE001 - any failure means this form is not the one
                 errors.append(f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}")
         raise MoePrefetchError(f"the router of this model ({type(self.module).__name__}) cannot be run ahead of time "
                                f"({errors[-1]}); use --predictor history or none")
+
+    def _is_plain(self, device, dtype) -> bool:
+        """True when this router is a bias-free linear map followed by top-k of its softmax (Mixtral, Qwen,
+        OLMoE...): checked on random rows, its logits are exactly F.linear(x, weight) and its choice the
+        top-k of their softmax. Predictions then skip the router's own selection (fewer device ops)."""
+        if self.weight is None:
+            return False
+        g = torch.Generator().manual_seed(0)
+        x = torch.randn(64, self.weight.shape[1], generator=g).to(device=device, dtype=dtype)
+        logits, _, idx = self(x)
+        if not (isinstance(logits, torch.Tensor) and tuple(logits.shape) == (64, self.num_experts)):
+            return False
+        mine = torch.nn.functional.linear(x, self.weight)
+        if not torch.equal(logits, mine):
+            return False
+        top = torch.topk(torch.softmax(mine.float(), -1), idx.shape[-1], dim=-1).indices
+        return torch.equal(top.sort(-1).values, idx.sort(-1).values)
 
     def select(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         out = self(x)
@@ -103,6 +122,8 @@ class Router:
 
     def probs(self, x: torch.Tensor) -> torch.Tensor:
         """x [T, H] (the MoE block's input) -> scores [T, E] float32."""
+        if self._plain:
+            return torch.softmax(torch.nn.functional.linear(x, self.weight).float(), dim=-1)
         logits, weights, idx = self(x)
         T = idx.shape[0]
         if isinstance(logits, torch.Tensor) and logits.numel() == T * self.num_experts:
