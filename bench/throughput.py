@@ -65,8 +65,11 @@ def gpu_ratio(hw_name: str, shape_name: str, dtype: str) -> float:
     return c.transfer_s / (c.attn_s + shape["top_k"] * c.expert_s)
 
 
+EXPERT: dict = {}  # loading options every row shares (--expert-dtype): set once the full-precision probe ran
+
+
 def load(model_name, **kw):
-    model, tok = mp.load_model(model_name, mp.OffloadConfig(device="cpu", show_progress=False, **kw))
+    model, tok = mp.load_model(model_name, mp.OffloadConfig(device="cpu", show_progress=False, **{**EXPERT, **kw}))
     return model, tok
 
 
@@ -169,6 +172,9 @@ def main(argv=None) -> int:
     p.add_argument("--threads", type=int, default=1, help="torch threads of the emulated device (default 1: the other "
                    "core is left to the copy and host threads, as a GPU machine has its own)")
     p.add_argument("--caches", type=float, nargs="+", default=[0.25, 0.5, 0.75], help="cache fractions (default: 0.25 0.5 0.75)")
+    p.add_argument("--expert-dtype", default="auto", choices=("auto", "bf16", "fp16", "int8", "int4"),
+                   help="experts of every row kept as this (default auto); the emulated link stays the one derived "
+                        "from the full-precision experts, so smaller experts move faster over the same link")
     p.add_argument("--out", default="bench/results", help="output folder (default: bench/results)")
     p.add_argument("--tag", default="", help="suffix for the output file names (default: none)")
     p.add_argument("--replot", help="only redraw the plot from a throughput JSON written earlier")
@@ -193,7 +199,14 @@ def main(argv=None) -> int:
     ratio = args.ratio or gpu_ratio(hw, shape, dtype)
     attn0, expert0, tail0 = measure_costs(args.model, seqs, k, predictor="none", expert_cache=L * E)
     layer_s = attn0 + k * expert0
-    link_bw = expert_bytes / (ratio * layer_s)
+    link_bw = expert_bytes / (ratio * layer_s)  # the emulated GPU link, from the full-precision experts
+    if args.expert_dtype != "auto":
+        EXPERT.update(expert_dtype=args.expert_dtype)
+        probe, _ = load(args.model, predictor="none")
+        expert_bytes = probe.moe_runtime.store.expert_nbytes
+        probe.moe_runtime.close()
+        print(f"experts as {args.expert_dtype}: {expert_bytes / 1e6:.3f} MB each, one copy takes "
+              f"{expert_bytes / link_bw / layer_s:.2f} full-precision layer-computes")
     host_profile = load_profiles("hosts")[args.host]
     host_over_link = host_profile["read_gbps"] / load_profiles("hardware")[hw]["h2d_gbps"]
     host_bw = link_bw * host_over_link
@@ -295,7 +308,7 @@ def main(argv=None) -> int:
 
     for r in results:
         r["cache_fraction"] = r["cache"]
-    report = dict(model=args.model, profile=args.profile, ratio=ratio, link_gbps=link_bw / 1e9, layer_ms=layer_s * 1e3,
+    report = dict(model=args.model, expert_dtype=args.expert_dtype, profile=args.profile, ratio=ratio, link_gbps=link_bw / 1e9, layer_ms=layer_s * 1e3,
                   host=args.host, host_gbps=host_bw / 1e9, threads=args.threads, targets=targets(results),
                   expert_mb=expert_bytes / 1e6, steps=results[0]["steps"], all_resident=upper,
                   accelerate=peer, results=results, sim_check=checks, wall_seconds=wall)
@@ -333,8 +346,12 @@ def targets(results: list[dict]) -> list[dict]:
 
 def render(r: dict, L: int, E: int) -> str:
     lines = [f"Decode tokens/s, {r.get('model', 'demo')} ({L} MoE layers x {E} experts), CPU "
-             f"({r['steps']} teacher-forced decode steps per row), emulated link {r['link_gbps']:.3f} GB/s = {r['ratio']:.1f} layer-computes per expert "
-             f"(ratio of {r['profile']}). All rows measured in one run.\n",
+             f"({r['steps']} teacher-forced decode steps per row), emulated link {r['link_gbps']:.3f} GB/s = {r['ratio']:.1f} layer-computes per "
+             f"full-precision expert (ratio of {r['profile']})"
+             + (f"; experts kept as {r['expert_dtype']} ({r['expert_mb']:.3f} MB: one copy takes "
+                f"{r['expert_mb'] * 1e6 / (r['link_gbps'] * 1e9) / (r['layer_ms'] / 1e3):.1f} full-precision layer-computes; "
+                "every row also dequantizes on this CPU)" if r.get("expert_dtype", "auto") != "auto" else "")
+             + ". All rows measured in one run.\n",
              "| policy | cache | tokens/s | x on-demand | x LRU same cache | hit rate | stall s | MB moved | prefetch used/late/wasted |",
              "|---|---|---|---|---|---|---|---|---|"]
     base = r["results"][0]["tokens_per_s"]

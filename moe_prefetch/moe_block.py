@@ -134,7 +134,7 @@ class OffloadedExperts:
         reference's kernel for the device."""
         w = weight if self.transposed else weight.t()  # [in, out]
         if offs is None:
-            return torch.mm(rows, w)
+            return torch.mm(rows.to(w.dtype), w)  # transformers casts the rows to the weights' dtype too
         return self._grouped_mm(rows, w.unsqueeze(0), offs=offs)  # one group of n rows
 
     def expert_mlp(self, views: dict[str, torch.Tensor], rows: torch.Tensor, offs: torch.Tensor | None = None) -> torch.Tensor:

@@ -172,8 +172,8 @@ def source_identity(checkpoint: Checkpoint) -> str:
     time and header digest (a checkpoint rewritten in place changes at least the time)."""
     h = hashlib.sha256()
     for path in sorted({info.file for info in checkpoint.tensors.values()}):
-        st = path.stat()
-        h.update(f"{path.name}:{st.st_size}:{st.st_mtime_ns}:".encode())
+        st = path.stat()  # ctime cannot be set back (cp -p / rsync -a / touch -r keep mtime, not ctime)
+        h.update(f"{path.name}:{st.st_size}:{st.st_mtime_ns}:{st.st_ctime_ns}:{st.st_ino}:".encode())
         with open(path, "rb") as f:
             n = int.from_bytes(f.read(8), "little")
             h.update(f.read(min(n, 1 << 26)))
@@ -195,7 +195,22 @@ def _expert_matrix(adapter, checkpoint: Checkpoint, layout: ExpertLayout, name: 
 
 
 def ensure(adapter, checkpoint: Checkpoint, fmt: ExpertFormat, progress: bool = True) -> tuple[Checkpoint, QuantizedExperts]:
-    """The stored experts of `checkpoint` in `fmt`: reused when meta.json matches, else (re)built."""
+    """The stored experts of `checkpoint` in `fmt`: reused when meta.json matches, else (re)built. Processes
+    building the same store take turns (a lock file beside it); file-system errors become one line."""
+    import fcntl
+
+    directory = store_dir(checkpoint, fmt)
+    try:
+        directory.parent.mkdir(parents=True, exist_ok=True)
+        with open(directory.parent / f"{directory.name}.lock", "w") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            return _ensure(adapter, checkpoint, fmt, progress)
+    except OSError as e:
+        raise MoePrefetchError(f"cannot store {fmt.tag} experts under {directory.parent} ({type(e).__name__}: "
+                               f"{e.strerror or e}); set MOE_PREFETCH_CACHE to a writable directory with room") from None
+
+
+def _ensure(adapter, checkpoint: Checkpoint, fmt: ExpertFormat, progress: bool) -> tuple[Checkpoint, QuantizedExperts]:
     first = adapter.expert_layout(checkpoint, adapter.moe_layers()[0], 0)
     source_dtypes = {p.name: checkpoint.info(p.sources[0].key).dtype for p in first.parts}
     experts = QuantizedExperts(adapter, fmt, source_dtypes)
@@ -223,7 +238,6 @@ def ensure(adapter, checkpoint: Checkpoint, fmt: ExpertFormat, progress: bool = 
 def _build(adapter, checkpoint: Checkpoint, experts: QuantizedExperts, directory: Path, meta: dict, progress: bool) -> None:
     from safetensors.torch import save_file
 
-    directory.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=directory.name + ".", dir=directory.parent))
     try:
         for layer in tqdm(adapter.moe_layers(), desc=f"storing experts as {experts.fmt.tag}", unit="layer",

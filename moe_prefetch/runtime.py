@@ -280,8 +280,10 @@ def load_model(model: str, config: OffloadConfig | None = None, **overrides):
     dense_bytes = sum(t.numel() * t.element_size() for t in skeleton.state_dict().values())
     reserve = cfg.reserve if cfg.reserve is not None else estimate_reserve(
         model_config, dtype, cfg.max_context, adapter.top_k, device, getattr(skeleton.config, "_attn_implementation", None))
-    if dequant is not None and cfg.reserve is None:  # one expert's weights, dequantized just before use
+    if dequant is not None and cfg.reserve is None:
+        # one expert's weights dequantized just before use, plus the float32 working copy of its largest matrix
         reserve += sum(math.prod(shape) for _, shape in adapter.params) * dtype.itemsize
+        reserve += 2 * max(math.prod(shape) for _, shape in adapter.params) * 4
     plan = plan_memory(cfg, dense_bytes, reserve, store.expert_nbytes, store.total_experts, adapter.top_k, device)
     # host RAM is planned before anything is allocated: a refusal here costs nothing
     host = plan_host(cfg.pin_memory, device.type, store.store_bytes,

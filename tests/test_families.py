@@ -80,6 +80,20 @@ def test_family_eager_experts_identical(tmp_path, model_type):
         assert torch.equal(out, ref), f"{model_type} eager slots={slots}"
 
 
+#: run again in bfloat16: families with parameters transformers keeps in float32 (score-correction biases,
+#: hyper-connection weights, a float32 router), and a biased transposed one
+BF16 = ("deepseek_v3", "hy_v4", "hunyuan_v1_moe", "gpt_oss", "qwen2_moe")
+
+
+@pytest.mark.parametrize("model_type", BF16)
+def test_family_bfloat16_identical(tmp_path, model_type):
+    path = _checkpoint(tmp_path, model_type)
+    ref = reference_generate(path, PROMPT, NEW, dtype=torch.bfloat16, device="cpu")
+    for slots in (None, 3):
+        out, _, _ = _generate(path, dtype="bfloat16", expert_cache=slots, predictor="next-gate")
+        assert torch.equal(out, ref), f"{model_type} bf16 slots={slots}"
+
+
 def test_families_cover_every_interface_family():
     """Each causal-LM family whose modeling uses transformers' experts interface is either tested here or
     listed with the reason it is not; the package's registry names exactly the tested ones."""

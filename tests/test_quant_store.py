@@ -144,7 +144,8 @@ def test_store_built_once_reused_and_rebuilt_when_stale(ckpt, cache, caplog):
     with caplog.at_level(logging.WARNING, logger="moe_prefetch"):
         out3, _ = run(ckpt, expert_cache=4, expert_dtype="int8")
     assert "rebuilding" in caplog.text and torch.equal(out3, out1)
-    assert not [p for p in where.parent.iterdir() if p.name != where.name]  # no half-written leftovers
+    leftovers = [p for p in where.parent.iterdir() if p.name not in (where.name, where.name + ".lock")]
+    assert not leftovers  # no half-written stores left behind
 
 
 def test_quantized_experts_fit_more_slots_in_the_same_budget(ckpt):
@@ -176,3 +177,26 @@ def test_cli_expert_dtype_and_bad_values(ckpt, tmp_path):
                         "--expert-dtype", "int4", "--expert-group-size", "0", "--prompt", "w5"],
                        capture_output=True, text=True, env=env)
     assert r.returncode != 0 and r.stderr.count("\n") == 1 and "group size" in r.stderr
+
+
+def test_unwritable_cache_is_one_clear_error(ckpt, tmp_path, monkeypatch):
+    blocker = tmp_path / "file"
+    blocker.write_text("not a directory")
+    monkeypatch.setenv("MOE_PREFETCH_CACHE", str(blocker / "cache"))
+    with pytest.raises(mp.MoePrefetchError, match="MOE_PREFETCH_CACHE"):
+        run(ckpt, expert_cache=4, expert_dtype="int8")
+
+
+def test_prequantized_checkpoints_refused(tmp_path):
+    """FP8 checkpoints (weights in float8 with weight_scale_inv, a quantization_config) are refused at load,
+    never cast and run unscaled."""
+    from safetensors.torch import load_file, save_file
+
+    path = make_mixtral(tmp_path / "fp8", layers=2, experts=4, top_k=2, hidden=64, inter=128, seed=5)
+    tensors = load_file(path / "model.safetensors")
+    name = next(k for k in tensors if k.endswith("experts.0.w1.weight") or k.endswith("experts.gate_up_proj"))
+    tensors[name] = tensors[name].to(torch.float8_e4m3fn)
+    tensors[name + "_scale_inv"] = torch.ones(1)
+    save_file(tensors, path / "model.safetensors")
+    with pytest.raises(mp.MoePrefetchError, match="quantized"):
+        run(path)

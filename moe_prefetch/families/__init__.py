@@ -19,11 +19,28 @@ def build_skeleton(config, dtype: torch.dtype = torch.float32):
 
     try:
         with torch.device("meta"):
-            return AutoModelForCausalLM.from_config(config, dtype=dtype)
+            model = AutoModelForCausalLM.from_config(config, dtype=dtype)
     except ValueError as e:
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise MoePrefetchError(f"transformers cannot build a causal LM for model type "
                                f"{getattr(config, 'model_type', None)!r}: {first}") from None
+    _keep_in_fp32(model, dtype)
+    return model
+
+
+def _keep_in_fp32(model, dtype: torch.dtype) -> None:
+    """Parameters and buffers transformers keeps in float32 whatever the model dtype (its dtype plan, as
+    from_pretrained applies it: DeepSeek's score-correction biases, GPT-OSS's norms in fp16...)."""
+    from transformers.core_model_loading import build_glob_alternation
+
+    plan = model._get_dtype_plan(dtype) if hasattr(model, "_get_dtype_plan") else {}
+    if not plan:
+        return
+    alternation, by_group, _ = build_glob_alternation(list(plan.keys()))
+    for name, t in list(model.state_dict(keep_vars=True).items()):
+        m = alternation.search(name)
+        if m is not None and t.is_floating_point():
+            t.data = t.data.to(plan[by_group[m.lastgroup]])
 
 
 def adapter_for(config, checkpoint=None, model=None) -> MoeAdapter:

@@ -92,10 +92,15 @@ class Router:
             try:
                 with torch.no_grad():
                     self(x)
-                    self._plain = self._is_plain(device, dtype)
-                return
             except Exception as e:  # noqa: BLE001 - any failure means this form is not the one
                 errors.append(f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}")
+                continue
+            try:
+                with torch.no_grad():
+                    self._plain = self._is_plain(device, dtype)
+            except Exception:  # noqa: BLE001 - not a plain router: the general path serves it
+                self._plain = False
+            return
         raise MoePrefetchError(f"the router of this model ({type(self.module).__name__}) cannot be run ahead of time "
                                f"({errors[-1]}); use --predictor history or none")
 
@@ -110,7 +115,7 @@ class Router:
         logits, _, idx = self(x)
         if not (isinstance(logits, torch.Tensor) and tuple(logits.shape) == (64, self.num_experts)):
             return False
-        mine = torch.nn.functional.linear(x, self.weight)
+        mine = torch.nn.functional.linear(x.to(self.weight.dtype), self.weight)
         if not torch.equal(logits, mine):
             return False
         top = torch.topk(torch.softmax(mine.float(), -1), idx.shape[-1], dim=-1).indices
@@ -123,7 +128,7 @@ class Router:
     def probs(self, x: torch.Tensor) -> torch.Tensor:
         """x [T, H] (the MoE block's input) -> scores [T, E] float32."""
         if self._plain:
-            return torch.softmax(torch.nn.functional.linear(x, self.weight).float(), dim=-1)
+            return torch.softmax(torch.nn.functional.linear(x.to(self.weight.dtype), self.weight).float(), dim=-1)
         logits, weights, idx = self(x)
         T = idx.shape[0]
         if isinstance(logits, torch.Tensor) and logits.numel() == T * self.num_experts:
@@ -169,6 +174,9 @@ class MoeAdapter:
                 raise MoePrefetchError(f"experts module {name} differs in shape from {found[0][0]}: layers with "
                                        "different expert shapes are not supported")
         impl = getattr(first.config, "_experts_implementation", None) or "grouped_mm"
+        if impl not in ("grouped_mm", "eager"):
+            raise MoePrefetchError(f"experts_implementation {impl!r} is not mirrored by the offloaded experts (their "
+                                   "output would not be bit-identical); set it to grouped_mm (the default) or eager")
         self.eager = impl == "eager"  # mirror transformers' eager loop instead of its grouped one
         self.implementation = impl
         self.hidden_size = int(config.get_text_config().hidden_size) if hasattr(config, "get_text_config") else int(config.hidden_size)
@@ -240,6 +248,15 @@ class MoeAdapter:
     def _check_checkpoint(self, checkpoint) -> None:
         if checkpoint is None:
             return
+        quantized = getattr(self.config, "quantization_config", None)
+        fp8 = next((k for k, i in checkpoint.tensors.items() if i.dtype in (torch.float8_e4m3fn, torch.float8_e5m2)
+                    or k.endswith(("weight_scale_inv", ".weight_scale"))), None)
+        if quantized is not None or fp8 is not None:
+            method = quantized.get("quant_method", "?") if isinstance(quantized, dict) else \
+                getattr(quantized, "quant_method", None) or fp8
+            raise MoePrefetchError(
+                f"checkpoint {checkpoint.directory} is quantized ({method}); this runtime reads bf16/fp16/fp32 "
+                "weights and quantizes experts itself (--expert-dtype int8|int4): use the unquantized checkpoint")
         info = self.layers_info[0]
         for name, _ in self.params:
             key = f"{info.experts}.{name}"
