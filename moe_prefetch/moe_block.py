@@ -62,6 +62,15 @@ def _grouped_mm_dispatch():
     return _grouped_mm
 
 
+def _native_grouped_mm(rows, weight, offs) -> bool:
+    """True where transformers' _grouped_mm would call torch's native grouped kernel for these operands."""
+    try:
+        from transformers.integrations.moe import _can_use_grouped_mm
+    except ImportError:
+        return False
+    return bool(_can_use_grouped_mm(rows, weight, offs))
+
+
 class _ConfigView:
     """The experts module's config as it was, except that it names our implementation (a per-module
     view: the model's own config, shared with every other module, is left as transformers set it)."""
@@ -101,6 +110,7 @@ class OffloadedExperts:
         self.prefetcher = None  # optional: predicts and prefetches later layers' experts
         self.last_indices = None  # trace.record_routing reads it
         self._grouped_mm = _grouped_mm_dispatch()
+        self._native = None  # whether transformers' grouped mm runs a native kernel here (decided on first use)
         flags = adapter.flags
         self.transposed = flags["is_transposed"]
         self.has_bias = flags["has_bias"]
@@ -133,7 +143,11 @@ class OffloadedExperts:
         """rows [n, in] @ weight -> [n, out] (weight [out, in], or [in, out] when transposed), with the
         reference's kernel for the device."""
         w = weight if self.transposed else weight.t()  # [in, out]
-        if offs is None:
+        if offs is not None and self._native is None:  # asked once: a host-side check of device and dtypes
+            self._native = _native_grouped_mm(rows, w.unsqueeze(0), offs)
+        if offs is None or not self._native:
+            # transformers' fallback (no native grouped mm: CPU, GPUs before sm80) is this same torch.mm per
+            # group; calling it directly spares the fallback's per-call offsets read (a host sync per expert)
             return torch.mm(rows.to(w.dtype), w)  # transformers casts the rows to the weights' dtype too
         return self._grouped_mm(rows, w.unsqueeze(0), offs=offs)  # one group of n rows
 

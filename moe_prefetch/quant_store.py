@@ -210,10 +210,15 @@ def ensure(adapter, checkpoint: Checkpoint, fmt: ExpertFormat, progress: bool = 
                                f"{e.strerror or e}); set MOE_PREFETCH_CACHE to a writable directory with room") from None
 
 
-def _ensure(adapter, checkpoint: Checkpoint, fmt: ExpertFormat, progress: bool) -> tuple[Checkpoint, QuantizedExperts]:
+def describe(adapter, checkpoint: Checkpoint, fmt: ExpertFormat) -> QuantizedExperts:
+    """The stored experts' layout and size, before anything is built (the memory plan needs them)."""
     first = adapter.expert_layout(checkpoint, adapter.moe_layers()[0], 0)
     source_dtypes = {p.name: checkpoint.info(p.sources[0].key).dtype for p in first.parts}
-    experts = QuantizedExperts(adapter, fmt, source_dtypes)
+    return QuantizedExperts(adapter, fmt, source_dtypes)
+
+
+def _ensure(adapter, checkpoint: Checkpoint, fmt: ExpertFormat, progress: bool) -> tuple[Checkpoint, QuantizedExperts]:
+    experts = describe(adapter, checkpoint, fmt)
     directory = store_dir(checkpoint, fmt)
     expected = dict(store=FORMAT, source=source_identity(checkpoint), **experts.meta())
     meta_path = directory / "meta.json"

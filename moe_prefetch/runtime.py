@@ -267,24 +267,31 @@ def load_model(model: str, config: OffloadConfig | None = None, **overrides):
 
         read_routing_header(cfg.predictor_path, model_fingerprint)
     states = install(skeleton, adapter)
-    store_ckpt, store_src, dequant = ckpt, adapter, None
+    fmt = quantized = None
     if cfg.expert_dtype != "auto":  # experts kept (and moved, and cached) in another format, built once
-        from .quant_store import ExpertFormat, ensure
+        from .quant_store import ExpertFormat, describe, ensure
 
-        store_ckpt, store_src = ensure(adapter, ckpt, ExpertFormat.of(cfg.expert_dtype, cfg.expert_group_size),
-                                       progress=cfg.show_progress)
-        dequant = store_src.dequantizer(dtype)
-        for state in states.values():
-            state.dequant = dequant
-    store = ExpertStore(store_ckpt, store_src, dtype, pinned=False)
+        fmt = ExpertFormat.of(cfg.expert_dtype, cfg.expert_group_size)
+        quantized = describe(adapter, ckpt, fmt)  # sizes only: the plan is checked before anything is built
     dense_bytes = sum(t.numel() * t.element_size() for t in skeleton.state_dict().values())
     reserve = cfg.reserve if cfg.reserve is not None else estimate_reserve(
         model_config, dtype, cfg.max_context, adapter.top_k, device, getattr(skeleton.config, "_attn_implementation", None))
-    if dequant is not None and cfg.reserve is None:
+    if quantized is not None and cfg.reserve is None:
         # one expert's weights dequantized just before use, plus the float32 working copy of its largest matrix
         reserve += sum(math.prod(shape) for _, shape in adapter.params) * dtype.itemsize
         reserve += 2 * max(math.prod(shape) for _, shape in adapter.params) * 4
-    plan = plan_memory(cfg, dense_bytes, reserve, store.expert_nbytes, store.total_experts, adapter.top_k, device)
+    if quantized is None:
+        store = ExpertStore(ckpt, adapter, dtype, pinned=False)
+        store_ckpt, store_src = ckpt, adapter
+        plan = plan_memory(cfg, dense_bytes, reserve, store.expert_nbytes, store.total_experts, adapter.top_k, device)
+    else:
+        total = len(adapter.moe_layers()) * adapter.num_experts
+        plan = plan_memory(cfg, dense_bytes, reserve, quantized.expert_nbytes, total, adapter.top_k, device)
+        store_ckpt, store_src = ensure(adapter, ckpt, fmt, progress=cfg.show_progress)
+        store = ExpertStore(store_ckpt, store_src, dtype, pinned=False)
+        dequant = store_src.dequantizer(dtype)
+        for state in states.values():
+            state.dequant = dequant
     # host RAM is planned before anything is allocated: a refusal here costs nothing
     host = plan_host(cfg.pin_memory, device.type, store.store_bytes,
                      device_side_bytes=dense_bytes + reserve + plan.cache_bytes)

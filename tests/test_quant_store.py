@@ -200,3 +200,10 @@ def test_prequantized_checkpoints_refused(tmp_path):
     save_file(tensors, path / "model.safetensors")
     with pytest.raises(mp.MoePrefetchError, match="quantized"):
         run(path)
+
+
+def test_budget_refused_before_quantizing(ckpt, cache):
+    """A budget too small even for quantized experts is refused before the (long) first quantization."""
+    with pytest.raises(mp.MoePrefetchError, match="minimum"):
+        run(ckpt, device_memory="16KiB", expert_dtype="int4")
+    assert not cache.exists() or not any(p.suffix != ".lock" for p in (cache / "experts").glob("*"))
