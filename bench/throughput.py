@@ -51,7 +51,7 @@ def teacher_forced(model, seqs, device="cpu") -> tuple[float, int]:
         cache = DynamicCache(config=model.config)
         for t in range(seq.numel()):
             t0 = time.perf_counter()
-            model(seq[t:t + 1][None].to(device), past_key_values=cache, use_cache=True)
+            model(seq[t:t + 1][None].to(device), use_cache=True, **mp.cache_kwargs(model, cache))
             if t:
                 seconds += time.perf_counter() - t0
                 steps += 1

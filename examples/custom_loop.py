@@ -3,7 +3,8 @@
     python examples/custom_loop.py --model demo --prompt "And God said" --max-new-tokens 40
 
 The model returned by moe_prefetch.load_model is an ordinary transformers causal LM: call it
-with past_key_values like any other. Expert fetching happens inside its MoE blocks.
+with a KV cache like any other (moe_prefetch.cache_kwargs names the argument for the installed
+transformers). Expert fetching happens inside its MoE blocks.
 """
 from __future__ import annotations
 
@@ -21,11 +22,12 @@ def greedy(model, input_ids: torch.Tensor, max_new_tokens: int, eos_token_id: in
     """Greedy decoding, one token per step, reusing the KV cache; returns the new token ids."""
     device = model.moe_runtime.device
     cache = DynamicCache(config=model.config)
+    kv = moe_prefetch.cache_kwargs(model, cache)
     ids = input_ids.to(device)  # [1, T]
     out: list[int] = []
     with torch.inference_mode():
         for _ in range(max_new_tokens):
-            logits = model(input_ids=ids, past_key_values=cache, use_cache=True).logits  # [1, t, V]
+            logits = model(input_ids=ids, use_cache=True, **kv).logits  # [1, t, V]
             next_id = int(logits[0, -1].argmax())
             out.append(next_id)
             if eos_token_id is not None and next_id == eos_token_id:

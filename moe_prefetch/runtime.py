@@ -9,6 +9,8 @@ store, cache and transfer engine; count prefill/decode time with forward hooks.
 """
 from __future__ import annotations
 
+import inspect
+
 import logging
 import math
 import time
@@ -220,7 +222,8 @@ def _install_timers(model: nn.Module, stats: RunStats, device: torch.device, run
         ids = kwargs.get("input_ids", args[0] if args else None)
         embeds = kwargs.get("inputs_embeds")
         n = (ids if ids is not None else embeds).shape[1]
-        past = kwargs.get("past_key_values")
+        # transformers >= 5.24 passes the KV cache as `cache`; older 5.x (and callers) as past_key_values
+        past = kwargs.get("cache", kwargs.get("past_key_values"))
         seen = past.get_seq_length() if past is not None and hasattr(past, "get_seq_length") else 0
         state.update(start=timer.start(), n=n, prefill=seen == 0)
         prefetcher = runtime_ref[0].prefetcher if runtime_ref else None
@@ -238,6 +241,13 @@ def _install_timers(model: nn.Module, stats: RunStats, device: torch.device, run
     model.register_forward_pre_hook(pre, with_kwargs=True)
     model.register_forward_hook(post, with_kwargs=True)
     return timer
+
+
+def cache_kwargs(model: nn.Module, cache) -> dict:
+    """{name: cache} for passing a KV cache to `model`'s forward: transformers 5.24 renamed
+    `past_key_values` to `cache` (the old name still works there, with a deprecation warning)."""
+    params = inspect.signature(model.forward).parameters
+    return {"cache" if "cache" in params else "past_key_values": cache}
 
 
 def load_model(model: str, config: OffloadConfig | None = None, **overrides):

@@ -96,13 +96,13 @@ def _decode(model, counter, steps=STEPS):
 
     cache = DynamicCache()
     with torch.inference_mode():
-        logits = model(PROMPT.to(TEST_DEVICE), past_key_values=cache, use_cache=True).logits
+        logits = model(PROMPT.to(TEST_DEVICE), **mp.cache_kwargs(model, cache), use_cache=True).logits
         counter.syncs.clear()
         counter.reads = 0
         with counter:
             for _ in range(steps):
                 nxt = logits[:, -1:].argmax(-1)
-                logits = model(nxt, past_key_values=cache, use_cache=True).logits
+                logits = model(nxt, **mp.cache_kwargs(model, cache), use_cache=True).logits
 
 
 def _oracle(model, view):
@@ -116,9 +116,9 @@ def _oracle(model, view):
     starts = model.register_forward_pre_hook(lambda m, a, k: trace.append([]), with_kwargs=True)
     cache = DynamicCache()
     with torch.inference_mode():
-        logits = model(PROMPT.to(TEST_DEVICE), past_key_values=cache, use_cache=True).logits
+        logits = model(PROMPT.to(TEST_DEVICE), **mp.cache_kwargs(model, cache), use_cache=True).logits
         for _ in range(STEPS):
-            logits = model(logits[:, -1:].argmax(-1), past_key_values=cache, use_cache=True).logits
+            logits = model(logits[:, -1:].argmax(-1), **mp.cache_kwargs(model, cache), use_cache=True).logits
     for h in hooks + [starts]:
         h.remove()
     return OraclePredictor(view, trace)

@@ -82,11 +82,11 @@ def test_oracle_removes_decode_misses(ckpt, trace):
 
     cache = DynamicCache(config=model.config)
     with torch.inference_mode():
-        logits = model(PROMPT, past_key_values=cache).logits  # prefill = warm-up
+        logits = model(PROMPT, **mp.cache_kwargs(model, cache)).logits  # prefill = warm-up
         nxt = logits[:, -1:].argmax(-1)
         mp.reset_stats(model)
         for _ in range(NEW - 1):
-            nxt = model(nxt, past_key_values=cache).logits[:, -1:].argmax(-1)
+            nxt = model(nxt, **mp.cache_kwargs(model, cache)).logits[:, -1:].argmax(-1)
     st = mp.stats(model)
     assert st["misses"] == 0, st
     assert st["prefetch_used"] > 0 and st["hits"] == st["expert_requests"]
