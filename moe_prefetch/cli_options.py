@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 
 from .cli_common import check_size_flag
-from .config import DEVICES, DTYPES, EVICTION_POLICIES, HOST_COMPUTE, PIN_MODES, OffloadConfig
+from .config import DEVICES, DTYPES, EVICTION_POLICIES, HOST_COMPUTE, HOST_KERNELS, PIN_MODES, OffloadConfig
 from .errors import MoePrefetchError
 from .predictors import PREDICTORS
 
@@ -34,6 +34,10 @@ def add_loading_flags(p: argparse.ArgumentParser) -> None:
                    "auto (default: on for the CPU backend with --host-gbps, off on CUDA where it changes the arithmetic)")
     p.add_argument("--host-gbps", type=float, help="CPU only: emulate a host that reads experts at this many GB/s "
                    "(for benchmarks, with --link-gbps; default off)")
+    p.add_argument("--host-kernel", default="auto", choices=HOST_KERNELS,
+                   help="host compute of int8/int4 experts: exact (dequantize, then the device's matmul; token-identical "
+                   "on the CPU backend), fused (PyTorch's weight-only CPU kernels, no dequantized copy, lossy by a few "
+                   "ulp), or auto (default: fused on CUDA, exact on the CPU backend)")
     p.add_argument("--no-prefetch-gate", action="store_true",
                    help="issue every predicted prefetch that fits the budget, even when it is not expected to pay")
     p.add_argument("--pin-memory", default="auto", choices=PIN_MODES,
@@ -70,5 +74,6 @@ def offload_config(args, max_context: int) -> OffloadConfig:
                          link_bandwidth=args.link_gbps * 1e9 if args.link_gbps else None,
                          host_compute=args.host_compute, prefetch_gate=not args.no_prefetch_gate,
                          host_bandwidth=args.host_gbps * 1e9 if args.host_gbps else None,
+                         host_kernel=args.host_kernel,
                          expert_dtype=args.expert_dtype, expert_group_size=args.expert_group_size,
                          show_progress=not args.no_progress)

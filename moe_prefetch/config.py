@@ -48,6 +48,7 @@ DTYPES = ("auto", "float32", "float16", "bfloat16")
 DEVICES = ("auto", "cpu", "cuda")
 EVICTION_POLICIES = ("lru", "lfu", "predictive")
 HOST_COMPUTE = ("auto", "on", "off")
+HOST_KERNELS = ("auto", "exact", "fused")
 PIN_MODES = ("auto", "on", "off")
 
 
@@ -80,6 +81,11 @@ class OffloadConfig:
                     "auto" (default): on for the CPU backend when host_bandwidth is set (lossless there),
                     off on CUDA, where the host's arithmetic differs from the GPU's (opt in with "on").
     host_bandwidth: CPU backend: emulate a host that reads experts at this many bytes/s (benchmarks).
+    host_kernel:    how the host computes int8/int4 experts: "exact" (dequantize, then the device's matmul:
+                    token-identical on the CPU backend), "fused" (PyTorch's weight-only CPU kernels on
+                    experts repacked once: no dequantized copy, several times faster, lossy by a few units
+                    in the last place), or "auto" (default: fused on CUDA, where host compute is opt-in and
+                    not bit-identical anyway; exact on the CPU backend).
     prefetch_gate:  issue a prefetch only when its expected saving beats its cost (default); False issues
                     every predicted expert that fits the budget (the ungated behaviour, for comparison).
     expert_dtype:   how experts are kept, moved and cached: "auto" (the compute dtype, lossless), "bf16" or
@@ -105,6 +111,7 @@ class OffloadConfig:
     link_bandwidth: float | None = None
     host_compute: str = "auto"
     host_bandwidth: float | None = None
+    host_kernel: str = "auto"
     prefetch_gate: bool = True
     expert_dtype: str = "auto"
     expert_group_size: int = 128
@@ -142,6 +149,8 @@ class OffloadConfig:
             object.__setattr__(self, "prefetch_budget", parse_size(self.prefetch_budget))
         if self.host_compute not in HOST_COMPUTE:
             raise MoePrefetchError(f"unknown host_compute {self.host_compute!r}: use one of {', '.join(HOST_COMPUTE)}")
+        if self.host_kernel not in HOST_KERNELS:
+            raise MoePrefetchError(f"unknown host_kernel {self.host_kernel!r}: use one of {', '.join(HOST_KERNELS)}")
         if self.host_bandwidth is not None and not (isinstance(self.host_bandwidth, (int, float)) and self.host_bandwidth > 0):
             raise MoePrefetchError(f"host bandwidth must be a positive number of bytes/s, got {self.host_bandwidth!r}")
         if self.link_bandwidth is not None and not (isinstance(self.link_bandwidth, (int, float)) and self.link_bandwidth > 0):

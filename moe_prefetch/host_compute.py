@@ -12,7 +12,9 @@ the device keeps computing the layer's resident experts meanwhile:
         reproduce a GPU machine's third speed, as link_bandwidth does for the link.
 Weights come from the pinned store's buffer when there is one, else the expert's pieces are gathered
 from the memory-mapped checkpoint into a reused host buffer (the same bytes the slot would hold, so
-the same arithmetic). Errors are raised by result() in the caller.
+the same arithmetic). With `packs` (host_kernels.HostPacks, quantized experts with host_kernel="fused")
+the quantized matrices are repacked once per expert for PyTorch's weight-only CPU kernels and multiplied
+without a dequantized copy. Errors are raised by result() in the caller.
 """
 from __future__ import annotations
 
@@ -41,12 +43,14 @@ class HostJob:
 
 
 class HostExecutor:
-    def __init__(self, store: ExpertStore, device: torch.device, host_bandwidth: float | None = None):
+    def __init__(self, store: ExpertStore, device: torch.device, host_bandwidth: float | None = None,
+                 packs=None):
         if host_bandwidth is not None and not host_bandwidth > 0:
             raise MoePrefetchError(f"host bandwidth must be a positive number of bytes/s, got {host_bandwidth!r}")
         self.store = store
         self.device = device
         self.host_bandwidth = host_bandwidth
+        self.packs = packs  # host_kernels.HostPacks, or None: the exact path (dequantize, then the device's mm)
         self._scratch = None  # [numel] host buffer for experts gathered from the checkpoint
         self._queue: queue.Queue = queue.Queue()
         self._stop = threading.Event()
@@ -78,7 +82,13 @@ class HostExecutor:
                                    f"{type(job.error).__name__}: {job.error}") from job.error
         return job.out.to(self.device, non_blocking=True) if self.device.type == "cuda" else job.out
 
-    def _views(self, layer: int, expert: int) -> dict[str, torch.Tensor]:
+    def _views(self, layer: int, expert: int) -> dict:
+        if self.packs is not None and (layer, expert) in self.packs:
+            return self.packs.get(layer, expert, None)
+        views = self._raw_views(layer, expert)
+        return views if self.packs is None else self.packs.get(layer, expert, views)
+
+    def _raw_views(self, layer: int, expert: int) -> dict[str, torch.Tensor]:
         pieces = self.store.pieces(layer, expert)
         if self.store.pinned:
             flat = pieces[0][1]  # the expert's own packed buffer, at the compute dtype

@@ -29,6 +29,7 @@ from torch import nn
 from .devsync import read_back
 from .errors import MoePrefetchError
 from .families import FamilyAdapter
+from .host_kernels import PackedMatrix, is_packed
 
 IMPLEMENTATION = "moe_prefetch"
 
@@ -142,6 +143,8 @@ class OffloadedExperts:
     def _linear(self, rows: torch.Tensor, weight: torch.Tensor, offs: torch.Tensor | None) -> torch.Tensor:
         """rows [n, in] @ weight -> [n, out] (weight [out, in], or [in, out] when transposed), with the
         reference's kernel for the device."""
+        if isinstance(weight, PackedMatrix):  # host compute through a weight-only CPU kernel
+            return weight(rows)
         w = weight if self.transposed else weight.t()  # [in, out]
         if offs is not None and self._native is None:  # asked once: a host-side check of device and dtypes
             self._native = _native_grouped_mm(rows, w.unsqueeze(0), offs)
@@ -155,7 +158,7 @@ class OffloadedExperts:
         """rows [n, H] -> [n, H] through one expert (no routing weight applied), as transformers'
         grouped implementation computes each group."""
         m = self.module
-        if self.dequant is not None:
+        if self.dequant is not None and not is_packed(views):
             views = self.dequant(views)  # the expert's weights in the compute dtype, just before use
         h = self._linear(rows, views[self.up], offs)  # [n, 2I] or [n, I]
         if self.has_bias:

@@ -395,7 +395,8 @@ def pack_for_kernel(parts: dict[str, torch.Tensor], spec: QuantSpec, device: tor
     return KernelWeights("int4_cuda", weight, sz, g, shape, dtype)
 
 
-def _fused(x: torch.Tensor, kw: KernelWeights) -> torch.Tensor:
+def fused_mm(x: torch.Tensor, kw: KernelWeights) -> torch.Tensor:
+    """x [n, in] @ W.T through the shipped kernel `kw` was packed for -> [n, out] in x.dtype."""
     if x.dtype != kw.dtype:
         raise ValueError(f"kernel weights were packed for {kw.dtype} activations, got {x.dtype}; "
                          "pack_for_kernel(..., dtype=x.dtype)")
@@ -438,4 +439,4 @@ def linear(x: torch.Tensor, parts: dict[str, torch.Tensor], spec: QuantSpec, ker
         return torch.mm(x, dequantize(parts, spec, x.dtype, inp).T)
     if packed is None:
         packed = pack_for_kernel(parts, spec, x.device, x.dtype, inp)
-    return _fused(x, packed)
+    return fused_mm(x, packed)

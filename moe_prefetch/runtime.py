@@ -17,18 +17,20 @@ import time
 import weakref
 from dataclasses import dataclass, field
 
+import psutil
 import torch
 from torch import nn
 
 from .budget import MemoryPlan, estimate_reserve, plan_memory
 from .checkpoint import Checkpoint
-from .config import OffloadConfig
+from .config import OffloadConfig, format_size
 from .errors import MoePrefetchError
 from .families import FamilyAdapter, adapter_for, build_skeleton
-from .hostmem import HostPlan, PinningError, plan_host
+from .hostmem import HostPlan, PinningError, host_margin, plan_host
 from .hub import resolve_model
 from .moe_block import install, offloaded
 from .host_compute import HostExecutor
+from .host_kernels import HostPacks
 from .offloader import ExpertOffloader
 from .planner import Costs, Planner
 from .prefetch import Prefetcher
@@ -73,7 +75,9 @@ class OffloadRuntime:
                  expert_dtype=self.config.expert_dtype if self.config.expert_dtype != "auto" else
                  str(self.dtype).removeprefix("torch."), expert_bytes=self.store.expert_nbytes,
                  bytes_per_token=d["bytes_to_device"] / max(1, d.get("generated_tokens", 0)),
-                 host_compute=self.offloader.host is not None, eviction=self.config.eviction,
+                 host_compute=self.offloader.host is not None,
+                 host_kernel=None if self.offloader.host is None else
+                 ("fused" if self.offloader.host.packs is not None else "exact"), eviction=self.config.eviction,
                  prefetch_gated=self.offloader.planner.counters.prefetch_gated,
                  prefetch_skipped_budget=self.offloader.planner.counters.prefetch_budget,
                  prediction_skipped=self.offloader.planner.counters.prediction_skipped,
@@ -243,6 +247,28 @@ def _install_timers(model: nn.Module, stats: RunStats, device: torch.device, run
     return timer
 
 
+def _host_packs(cfg: OffloadConfig, device: torch.device, dequant, dtype: torch.dtype, store: ExpertStore,
+                plan: MemoryPlan, device_side: int):
+    """host_kernels.HostPacks when the host computes int8/int4 experts with the fused CPU kernels, else None.
+    The packed copies grow to about the size of the quantized store: checked against available RAM now."""
+    if dequant is None or dequant.fmt.spec is None:
+        return None  # full-precision or down-cast experts: the host multiplies them as they are
+    kernel = cfg.host_kernel if cfg.host_kernel != "auto" else ("fused" if device.type == "cuda" else "exact")
+    if kernel == "exact":
+        return None
+    vm = psutil.virtual_memory()
+    free = vm.available - host_margin(vm.total) - (device_side + plan.cache_bytes if device.type == "cpu" else 0)
+    if store.store_bytes > free:
+        why = (f"the fused host kernels keep a repacked copy of the quantized experts ({format_size(store.store_bytes)}) "
+               f"but only {format_size(max(free, 0))} of RAM is free beyond the margin")
+        if cfg.host_kernel == "fused":
+            raise MoePrefetchError(f"{why}: use --host-kernel exact")
+        logging.getLogger("moe_prefetch").warning("%s; the host dequantizes experts instead", why)
+        return None
+    # bf16 activations for half-precision models: PyTorch's CPU kernels are fastest there (fp16 ones are slower)
+    return HostPacks(dequant, torch.float32 if dtype == torch.float32 else torch.bfloat16)
+
+
 def cache_kwargs(model: nn.Module, cache) -> dict:
     """{name: cache} for passing a KV cache to `model`'s forward: transformers 5.24 renamed
     `past_key_values` to `cache` (the old name still works there, with a deprecation warning)."""
@@ -290,6 +316,7 @@ def load_model(model: str, config: OffloadConfig | None = None, **overrides):
         # one expert's weights dequantized just before use, plus the float32 working copy of its largest matrix
         reserve += sum(math.prod(shape) for _, shape in adapter.params) * dtype.itemsize
         reserve += 2 * max(math.prod(shape) for _, shape in adapter.params) * 4
+    dequant = None
     if quantized is None:
         store = ExpertStore(ckpt, adapter, dtype, pinned=False)
         store_ckpt, store_src = ckpt, adapter
@@ -332,7 +359,8 @@ def load_model(model: str, config: OffloadConfig | None = None, **overrides):
     planner = Planner(plan.slots, adapter.moe_layers(), adapter.num_experts, adapter.top_k,
                       initial_costs(store.expert_nbytes, device, cfg), eviction=cfg.eviction,
                       host_compute=host_compute, gate=cfg.prefetch_gate)
-    executor = HostExecutor(store, device, cfg.host_bandwidth) if host_compute else None
+    packs = _host_packs(cfg, device, dequant, dtype, store, plan, dense_bytes + reserve) if host_compute else None
+    executor = HostExecutor(store, device, cfg.host_bandwidth, packs=packs) if host_compute else None
     offloader = ExpertOffloader(store, planner, device, engine, stats, host=executor)
     for layer in adapter.moe_layers():
         offloaded(skeleton, adapter, layer).offloader = offloader
