@@ -174,6 +174,14 @@ FAMILIES: dict[str, dict] = {
                         num_key_value_heads=2, head_dim=8, swa_num_attention_heads=4, swa_num_key_value_heads=2,
                         swa_head_dim=8, sliding_window_size=16, d_rel=4, rel_extent=32, unpadded_vocab_size=120,
                         moe_intermediate_size=16, n_routed_experts=6, num_experts_per_tok=2),
+    # looped middle layer (run twice per step, messages between passes); sliding/full attention mix
+    "inkling2_loop_text": _f("tie_word_embeddings", hidden_size=32, num_hidden_layers=3, num_attention_heads=4,
+                             num_key_value_heads=2, head_dim=8, swa_num_attention_heads=4,
+                             swa_num_key_value_heads=2, swa_head_dim=8, sliding_window_size=16, d_rel=4,
+                             rel_extent=32, unpadded_vocab_size=120, moe_intermediate_size=16, n_routed_experts=5,
+                             num_experts_per_tok=3, n_layers_per_attn_res_block=1, loop_layer_index_start=1,
+                             loop_layer_index_end=2, loop_num_passes=2, loop_gate_rank=8,
+                             layer_types=["hybrid_sliding", "hybrid", "hybrid_sliding"]),
     # mamba + attention; MoE on layers 1 and 3 (expert_layer_period=2); pure-torch mamba path
     "jamba": _f(hidden_size=32, num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2,
                 intermediate_size=16, num_experts=5, num_experts_per_tok=2, expert_layer_period=2,
@@ -194,6 +202,12 @@ FAMILIES: dict[str, dict] = {
     "laguna": _f(hidden_size=32, num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=2, head_dim=8,
                  intermediate_size=64, moe_intermediate_size=16, shared_expert_intermediate_size=16, num_experts=6,
                  num_experts_per_tok=2, sliding_window=16),
+    # gated delta-net + sliding + full attention layers; every layer MoE with an ungated shared expert
+    "lara_mini": _f(hidden_size=32, num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=2, head_dim=8,
+                    linear_key_head_dim=8, linear_value_head_dim=8, linear_num_key_heads=2, linear_num_value_heads=4,
+                    moe_intermediate_size=16, shared_expert_intermediate_size=24, num_experts=5,
+                    num_experts_per_tok=3, sliding_window=16,
+                    layer_types=["linear_attention", "sliding_attention", "full_attention"]),
     # conv + attention layers; dense layer 0 (num_dense_layers)
     "lfm2_moe": _f(hidden_size=32, num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=2,
                    intermediate_size=64, moe_intermediate_size=16, num_dense_layers=1, num_experts=5,

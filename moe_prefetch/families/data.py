@@ -30,15 +30,18 @@ TESTED: tuple[str, ...] = ("afmoe", "aria_text", "axk1", "axk2", "bailing_hybrid
     "deepseek_v2", "deepseek_v3", "deepseek_v32", "deepseek_v4", "dots1", "dots3_note", "dots3_note_text",
     "ernie4_5_moe", "exaone_moe", "flex_olmo", "flint", "gemma4", "gemma4_text", "glm4_moe", "glm4_moe_lite",
     "glm_moe_dsa", "gpt_oss", "granitemoe", "granitemoe_swa", "granitemoehybrid", "granitemoeshared",
-    "hunyuan_v1_moe", "hy_v3", "hy_v4", "inkling_text", "jamba", "kimi_linear", "kolibri1", "laguna", "lfm2_moe",
-    "mellum", "mimo_v2_flash", "minimax", "minimax_m2", "minimax_m3_vl_text", "mixtral", "nemotron_h", "olmoe",
-    "phimoe", "qwen2_moe", "qwen3_5_moe", "qwen3_5_moe_text", "qwen3_moe", "qwen3_next", "qwen4_exp",
+    "hunyuan_v1_moe", "hy_v3", "hy_v4", "inkling_text", "jamba", "kimi_linear", "kolibri1", "laguna", "lara_mini",
+    "lfm2_moe", "mellum", "mimo_v2_flash", "minimax", "minimax_m2", "minimax_m3_vl_text", "mixtral", "nemotron_h",
+    "olmoe", "phimoe", "qwen2_moe", "qwen3_5_moe", "qwen3_5_moe_text", "qwen3_moe", "qwen3_next", "qwen4_exp",
     "qwen4_exp_text", "solar_open", "zaya")
 
 #: families whose experts use the interface but that are not served, and why (refused at load with that reason)
 UNTESTED: dict[str, str] = {
     "inkling2_text": "its checkpoint keeps each expert's gate and up rows interleaved in one tensor for all experts "
                      "(an Interleave conversion), and the store reads experts as they are stored",
+    "inkling2_loop_text": "its checkpoint keeps each expert's gate and up rows interleaved in one tensor for all "
+                          "experts (an Interleave conversion, after dequantizing the original NVFP4/MXFP8 experts), "
+                          "and the store reads experts as they are stored",
 }
 
 #: families whose routers need more than the MoE block's input (DeepSeek-V4's hash router reads the token
