@@ -38,6 +38,9 @@ def add_loading_flags(p: argparse.ArgumentParser) -> None:
                    help="host compute of int8/int4 experts: exact (dequantize, then the device's matmul; token-identical "
                    "on the CPU backend), fused (PyTorch's weight-only CPU kernels, no dequantized copy, lossy by a few "
                    "ulp), or auto (default: fused on CUDA, exact on the CPU backend)")
+    p.add_argument("--always-predict", action="store_true",
+                   help="predict on every layer where a prefetch could be issued, even where predicting has not "
+                   "lately sped decoding up (default: measure, and predict only while it pays)")
     p.add_argument("--no-prefetch-gate", action="store_true",
                    help="issue every predicted prefetch that fits the budget, even when it is not expected to pay")
     p.add_argument("--pin-memory", default="auto", choices=PIN_MODES,
@@ -73,6 +76,7 @@ def offload_config(args, max_context: int) -> OffloadConfig:
                          prefetch_budget=args.prefetch_budget, pin_memory=args.pin_memory,
                          link_bandwidth=args.link_gbps * 1e9 if args.link_gbps else None,
                          host_compute=args.host_compute, prefetch_gate=not args.no_prefetch_gate,
+                         adaptive_prediction=not args.always_predict,
                          host_bandwidth=args.host_gbps * 1e9 if args.host_gbps else None,
                          host_kernel=args.host_kernel,
                          expert_dtype=args.expert_dtype, expert_group_size=args.expert_group_size,

@@ -86,6 +86,9 @@ class OffloadConfig:
                     experts repacked once: no dequantized copy, several times faster, lossy by a few units
                     in the last place), or "auto" (default: fused on CUDA, where host compute is opt-in and
                     not bit-identical anyway; exact on the CPU backend).
+    adaptive_prediction: predict only while predicting measurably speeds decode up (default): decode
+                    alternates short epochs with and without prediction and keeps the faster, re-testing
+                    the other now and then; False predicts wherever a prefetch could be issued.
     prefetch_gate:  issue a prefetch only when its expected saving beats its cost (default); False issues
                     every predicted expert that fits the budget (the ungated behaviour, for comparison).
     expert_dtype:   how experts are kept, moved and cached: "auto" (the compute dtype, lossless), "bf16" or
@@ -113,6 +116,7 @@ class OffloadConfig:
     host_bandwidth: float | None = None
     host_kernel: str = "auto"
     prefetch_gate: bool = True
+    adaptive_prediction: bool = True
     expert_dtype: str = "auto"
     expert_group_size: int = 128
 

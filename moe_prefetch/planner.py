@@ -211,6 +211,66 @@ class PredictivePolicy(LRUPolicy):
 EVICTIONS = ("lru", "lfu", "predictive")
 
 
+class PredictionSwitch:
+    """Whether predicting pays at all, decided by what it does to decode time, measured.
+
+    The gate prices each prefetch from a model of the link and the host; what it cannot see is the
+    whole effect of predicting on this machine: the predictor's own compute, the planning, copies that
+    land but save less than their transfer (a layer computes its landed experts while the rest copy).
+    So decode alternates epochs of EPOCH_TOKENS tokens with and without prediction, keeps a decaying
+    mean token time per arm, and runs the faster arm, re-testing the slower one every EXPLOIT epochs
+    (so a regime change is seen; the cost is one epoch in EXPLOIT + 1 on the worse arm), or every
+    4 x EXPLOIT when the two differ by more than WIDE (a re-test then costs more and is less likely
+    to change the answer). Prediction
+    must win by MARGIN to be chosen: within noise, not predicting is the simpler, never-worse choice.
+    Time is the caller's clock (wall time in the runtime, modelled time in the simulator)."""
+
+    EPOCH_TOKENS = 4
+    EXPLOIT = 7
+    WIDE = 0.15
+    MARGIN = 0.01
+    MAX_GAP_S = 1.0  # longer between two tokens: an idle pause between generate calls, not a token
+
+    def __init__(self):
+        self.mean = {True: None, False: None}  # arm -> decaying mean seconds per decode token
+        self.arm = True           # predict in the current epoch
+        self._schedule = [True, False]  # epochs still to run before the next decision
+        self._t0 = None           # when the current token started (its first MoE layer)
+        self._tokens, self._seconds = 0, 0.0
+        self.switches = 0
+        self.epochs = {True: 0, False: 0}
+
+    def best(self) -> bool:
+        on, off = self.mean[True], self.mean[False]
+        if on is None or off is None:
+            return True
+        return on < off * (1.0 - self.MARGIN)
+
+    def token(self, now: float, decode: bool) -> None:
+        """A token's first MoE layer starts at `now` (decode: one row)."""
+        if self._t0 is not None and decode and 0.0 < now - self._t0 < self.MAX_GAP_S:
+            self._tokens += 1
+            self._seconds += now - self._t0
+        self._t0 = now if decode else None
+        if self._tokens >= self.EPOCH_TOKENS:
+            self._end_epoch()
+
+    def _end_epoch(self) -> None:
+        t = self._seconds / self._tokens
+        m = self.mean[self.arm]
+        self.mean[self.arm] = t if m is None else 0.5 * m + 0.5 * t
+        self.epochs[self.arm] += 1
+        self._tokens, self._seconds = 0, 0.0
+        if not self._schedule:
+            best = self.best()
+            on, off = self.mean[True], self.mean[False]
+            wide = abs(on - off) > self.WIDE * min(on, off)
+            self._schedule = [best] * (self.EXPLOIT * (4 if wide else 1)) + [not best]
+        arm = self._schedule.pop(0)
+        self.switches += arm != self.arm
+        self.arm = arm
+
+
 @dataclass(frozen=True)
 class Action:
     kind: str            # hit | wait | copy | host | prefetch
@@ -240,11 +300,13 @@ class Planner:
 
     layers: MoE layer ids in execution order. budget_experts: prefetch copies allowed in flight
     (None: top_k). gate=False issues every predicted prefetch that fits the budget (the old
-    behaviour, for comparison)."""
+    behaviour, for comparison). adaptive=False predicts on every layer where a prefetch could be
+    issued, whether or not predicting has lately paid (PredictionSwitch)."""
 
     def __init__(self, n_slots: int, layers: list[int], num_experts: int, top_k: int, costs: Costs,
                  eviction: str = "predictive", host_compute: bool = False, budget_experts: int | None = None,
-                 gate: bool = True, policy: EvictionPolicy | None = None, link: Link | None = None):
+                 gate: bool = True, policy: EvictionPolicy | None = None, link: Link | None = None,
+                 adaptive: bool = True):
         self.layers = list(layers)
         self.positions = {layer: i for i, layer in enumerate(self.layers)}
         self.num_experts, self.top_k = num_experts, top_k
@@ -277,6 +339,10 @@ class Planner:
         self._skipped_in_a_row = 0
         self._expected = 0.0
         self._good = 0.0
+        # adaptive: predict only while it measurably speeds decode up (PredictionSwitch); ungated: the
+        # peers' behaviour, always predicting
+        self.switch = PredictionSwitch() if gate and adaptive else None
+        self._layer_seen = None
         self.counters = PlanCounters()
 
     # ---- the executing layer ----------------------------------------------------------------
@@ -294,6 +360,9 @@ class Planner:
             for e in range(self.num_experts):  # its predictions are consumed now
                 self.policy.predicted.pop((layer, e), None)
         rows = rows or {}
+        if self.switch is not None and layer != self._layer_seen and self.positions[layer] == 0:
+            self.switch.token(now, all(n <= 1 for n in rows.values()))
+        self._layer_seen = layer
         needed = {(layer, e) for e in experts}
         actions: list[Action] = []
         copies = 0
@@ -445,6 +514,8 @@ class Planner:
             return False
         if not self.gate:
             return True
+        if self.switch is not None and not self.switch.arm:
+            return False  # an epoch without prediction (measured, or the faster arm lately)
         if self.prediction_yield < self.MIN_YIELD:
             self._skipped_in_a_row += 1
             if self._skipped_in_a_row < self.PROBE_EVERY:

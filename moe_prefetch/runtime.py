@@ -358,7 +358,8 @@ def load_model(model: str, config: OffloadConfig | None = None, **overrides):
         host_compute = False
     planner = Planner(plan.slots, adapter.moe_layers(), adapter.num_experts, adapter.top_k,
                       initial_costs(store.expert_nbytes, device, cfg), eviction=cfg.eviction,
-                      host_compute=host_compute, gate=cfg.prefetch_gate)
+                      host_compute=host_compute, gate=cfg.prefetch_gate,
+                      adaptive=cfg.adaptive_prediction)
     packs = _host_packs(cfg, device, dequant, dtype, store, plan, dense_bytes + reserve) if host_compute else None
     executor = HostExecutor(store, device, cfg.host_bandwidth, packs=packs) if host_compute else None
     offloader = ExpertOffloader(store, planner, device, engine, stats, host=executor)

@@ -78,6 +78,7 @@ class Policy:
     budget_experts: int | None = None  # prefetch copies in flight (None: top-k, the runtime's default)
     host_compute: bool = False    # a miss may run on the host when that finishes first (needs CostModel.host_s)
     gate: bool = True             # False: every predicted prefetch under the budget (the behaviour before the planner)
+    adaptive: bool = True         # False: predict whether or not it has lately paid (bounds, mechanism tests)
 
 
 @dataclass
@@ -237,7 +238,7 @@ def make_planner(trace: Trace, cost: CostModel, slots: int, policy: Policy, prio
         raise ValueError(f"unknown eviction {eviction!r}: one of {', '.join(EVICTIONS + ('belady', 'none'))}")
     planner = Planner(max(slots, k), list(range(L)), E, k, cost.costs(), eviction=eviction,
                       host_compute=policy.host_compute, budget_experts=policy.budget_experts, gate=policy.gate,
-                      policy=custom, link=_CountingLink(cost.transfer_s, priority))  # + a copy count, the FIFO option
+                      adaptive=policy.adaptive, policy=custom, link=_CountingLink(cost.transfer_s, priority))  # + a copy count, the FIFO option
     return planner
 
 
@@ -396,8 +397,9 @@ def standard_policies(predictors: list[str], max_lookahead: int = 4, host_comput
             for K in range(1, max_lookahead + 1):
                 out.append(Policy(f"ours: {p} K={K}, predictive eviction, gated, host compute", p, K,
                                   eviction="predictive", host_compute=True))
-    out.append(Policy(f"oracle prediction + Belady, K={max_lookahead}", "oracle", max_lookahead, eviction="belady"))
+    out.append(Policy(f"oracle prediction + Belady, K={max_lookahead}", "oracle", max_lookahead, eviction="belady",
+                      adaptive=False))
     if host_compute:
         out.append(Policy(f"oracle prediction + Belady, K={max_lookahead}, host compute", "oracle", max_lookahead,
-                          eviction="belady", host_compute=True))
+                          eviction="belady", host_compute=True, adaptive=False))
     return out

@@ -77,7 +77,7 @@ def test_every_predictor_and_lookahead_is_lossless(ckpt, reference, trace, predi
 def test_oracle_removes_decode_misses(ckpt, trace):
     K, k = 2, 2
     model = load(ckpt, (K + 1) * k + k, predictor="oracle", predictor_path=str(trace), lookahead=K,
-                 prefetch_budget="1GiB")
+                 prefetch_budget="1GiB", adaptive_prediction=False)  # the mechanism: predicting on every layer
     from transformers import DynamicCache
 
     cache = DynamicCache(config=model.config)
