@@ -265,3 +265,55 @@ def test_a_predictor_that_yields_nothing_is_only_probed():
             pl.remove(key)
         pl.link = type(pl.link)(pl.link.transfer_s)
     assert pl.prediction_yield > pl.MIN_YIELD and pl.worth_predicting(0.0)
+
+
+def _drive_switch(switch, seconds_on: float, seconds_off: float, tokens: int) -> list[bool]:
+    """Feed `tokens` decode tokens whose duration depends on the arm the switch chose; returns the arms."""
+    now, arms = 0.0, []
+    for _ in range(tokens):
+        switch.token(now, decode=True)
+        arms.append(switch.arm)
+        now += seconds_on if switch.arm else seconds_off
+    return arms
+
+
+@pytest.mark.parametrize("on,off,expect", [(1.3e-3, 1.0e-3, False), (1.0e-3, 1.3e-3, True), (1.0e-3, 1.05e-3, True),
+                                           (1.0e-3, 1.0e-3, False)])
+def test_prediction_switch_keeps_the_faster_arm(on, off, expect):
+    """Prediction runs where it measurably shortens tokens (by more than MARGIN), and not otherwise; the
+    slower arm is only re-tested now and then."""
+    from moe_prefetch.planner import PredictionSwitch
+
+    sw = PredictionSwitch()
+    arms = _drive_switch(sw, on, off, 400)
+    late = arms[100:]
+    share = sum(a == expect for a in late) / len(late)
+    assert sw.best() == expect and share >= 0.85, (share, sw.mean)
+    assert sw.epochs[not expect] >= 2  # it kept re-testing the other arm
+
+
+def test_prediction_switch_follows_a_regime_change_and_ignores_prefill_and_pauses():
+    from moe_prefetch.planner import PredictionSwitch
+
+    sw = PredictionSwitch()
+    _drive_switch(sw, 1.0e-3, 2.0e-3, 200)  # prediction pays ...
+    assert sw.best()
+    arms = _drive_switch(sw, 2.0e-3, 1.0e-3, 400)  # ... then stops paying
+    assert not sw.best() and sum(not a for a in arms[-100:]) >= 85
+    before, counted = dict(sw.mean), sw._tokens
+    sw.token(100.0, decode=False)  # a prefill, then a long pause: neither counts as a token
+    sw.token(105.0, decode=True)
+    sw.token(105.001, decode=False)
+    assert sw.mean == before and sw._tokens == counted
+
+
+def test_planner_skips_prediction_in_off_epochs_and_never_switches_ungated():
+    layers = [0, 1]
+    costs = Costs(layer_s=1e-3, expert_s=1e-4, transfer_s=1e-3)
+    pl = Planner(4, layers, 4, 2, costs)
+    pl.switch.arm = False
+    assert not pl.worth_predicting(0.0)
+    ungated = Planner(4, layers, 4, 2, costs, gate=False)
+    assert ungated.switch is None and ungated.worth_predicting(0.0)
+    always = Planner(4, layers, 4, 2, costs, adaptive=False)
+    assert always.switch is None and always.worth_predicting(0.0)
