@@ -12,9 +12,7 @@ from __future__ import annotations
 
 import argparse
 import platform
-import statistics
 import sys
-import time
 from pathlib import Path
 
 import psutil
@@ -26,17 +24,10 @@ sys.path.insert(0, str(ROOT))
 from moe_prefetch import quant  # noqa: E402
 from moe_prefetch.host_kernels import PackedMatrix  # noqa: E402
 
+sys.path.insert(0, str(ROOT / "bench"))
+from quant_kernels import median_ms  # noqa: E402
+
 DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
-
-
-def median_ms(fn, repeats: int) -> float:
-    fn()
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times) * 1e3
 
 
 def expert(x, up, down, inter):

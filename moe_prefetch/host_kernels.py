@@ -32,6 +32,9 @@ class PackedMatrix:
 
     def __init__(self, parts: dict[str, torch.Tensor], spec: quant.QuantSpec, dtype: torch.dtype, in_features: int):
         out, inp = quant.shape_of(parts, spec, in_features)
+        # the parts may be views of a reused host buffer (experts gathered from the memory-mapped store),
+        # and packing can return tensors that share their storage: the packed copy must own its bytes
+        parts = {k: v.clone() for k, v in parts.items()}
         self.shape, self.dtype = (out, inp), dtype
         self.kind, self.parts, self.spec = "dequant", None, spec
         self.packed = None
@@ -44,7 +47,7 @@ class PackedMatrix:
             s = parts["scales"].t().to(dtype).contiguous()  # [G, N]
             self.kind, self.groups = "int8_groups", (q, s)
         else:
-            self.parts = {k: v.clone() for k, v in parts.items()}  # the exact path, per call
+            self.parts = parts  # the exact path, per call
         self.nbytes = sum(t.numel() * t.element_size() for t in self._tensors())
 
     def _per_group_ok(self, inp: int, dtype: torch.dtype) -> bool:

@@ -17,6 +17,8 @@ guess costs link time and a slot, never a different output.
 """
 from __future__ import annotations
 
+import time
+
 import torch
 from torch import nn
 
@@ -50,6 +52,7 @@ class Prefetcher:
         self.distances = list(range(1, lookahead + 1))
         self._position = {layer: i for i, layer in enumerate(view.layers)}
         self._residual: dict[int, torch.Tensor] = {}
+        self._predict_t = 0.0  # device_scores()' time for the layer plan() is about to finish
         self._pending: dict[tuple[int, int], dict[int, float]] = {}  # (target i, d) -> {expert: raw score}
         self._asked: dict[int, list[int]] = {}  # layer position -> distances summarised by device_scores
         self._handles = [] if predictor.on_host else \
@@ -93,9 +96,12 @@ class Prefetcher:
             if targets:
                 off.planner.counters.prediction_skipped += 1
             return None  # nothing could be prefetched: the predictor's compute is skipped
+        t0 = time.perf_counter()
         scores = self.predictor.predict(i, h.reshape(-1, h.shape[-1]), targets)
         self._asked[i] = [d for d in targets if d in scores]
-        return summarise(scores, self._asked[i], self.view.top_k) if self._asked[i] else None
+        out = summarise(scores, self._asked[i], self.view.top_k) if self._asked[i] else None
+        self._predict_t = time.perf_counter() - t0  # plan() adds its own share and counts the layer
+        return out
 
     def plan(self, layer: int, routing: list[list[int]], experts: list[int], summary: list | None) -> None:
         """Prefetch from the predictions made at `layer`, through the planner. routing: the layer's
@@ -113,6 +119,7 @@ class Prefetcher:
                     self.stats.record_prediction(d, len(chosen & actual), len(chosen), len(actual))
         distances = self._asked.pop(i, [])
         off = self.offloader
+        t0 = time.perf_counter()
         if self.predictor.on_host:
             self.predictor.observe_rows(i, routing)  # [T][k] host lists
             worth = planner.worth_predicting(off.clock(), off.copies_in_flight())
@@ -123,6 +130,7 @@ class Prefetcher:
                 summary = host_list(summarise(scores, distances, self.view.top_k)) if distances else None
         if not summary:
             planner.plan_prefetch(off.clock(), layer, [], set())  # the evidence still ages
+            self._predict_t = 0.0
             return
         n = len(self.view.layers)
         predictions = []
@@ -134,6 +142,9 @@ class Prefetcher:
         protected = {(layer, e) for e in experts}
         off.prefetch(planner.plan_prefetch(off.clock(), layer, predictions, protected, in_flight=off.copies_in_flight(),
                                            asked=True))  # worth_predicting() said yes before predicting
+        self.stats.predicted_layers += 1
+        self.stats.predict_seconds += self._predict_t + time.perf_counter() - t0
+        self._predict_t = 0.0
 
     def close(self) -> None:
         for h in self._handles:

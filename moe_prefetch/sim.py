@@ -49,6 +49,12 @@ class CostModel:
     tail_s: float = 0.0  # per token: embeddings, lm_head, dense layers
     layer_scale: float = 1.0  # real layers / trace layers when the trace stands in for a deeper model
     host_s: float | None = None  # one expert for one token on the host (None: no host profile)
+    # fixed costs the compute thread pays (the CPU backend's: Python, thread hand-offs; on a GPU a few
+    # microseconds): per copy started (demand or prefetch), per expert sent to the host, per layer on
+    # which the predictor runs (its compute and the planning of its prefetches)
+    copy_s: float = 0.0
+    host_job_s: float = 0.0
+    predict_s: float = 0.0
 
     @classmethod
     def for_gpu(cls, hw: dict, shape: dict, dtype: str, trace_layers: int, host: dict | None = None) -> "CostModel":
@@ -288,7 +294,11 @@ def simulate(trace: Trace, cost: CostModel, slots: int, policy: Policy, priority
                             if g + d < N * L:  # a layer past the trace's end never runs
                                 pending[g + d].append((d, sc))
                         if offered:
-                            planner.plan_prefetch(now, i, offered, {(i, e) for e in needed})
+                            skipped = planner.counters.prediction_skipped
+                            sent = planner.plan_prefetch(now, i, offered, {(i, e) for e in needed})
+                            if planner.counters.prediction_skipped == skipped:  # the predictor ran
+                                now += cost.predict_s
+                            now += cost.copy_s * len(sent)
                 # the device computes its experts as their bytes land (landed ones first, as the
                 # runtime does), while the host computes its own
                 device_end = now
@@ -297,8 +307,13 @@ def simulate(trace: Trace, cost: CostModel, slots: int, policy: Policy, priority
                     device_end = max(device_end, ready) + expert_s
                 work = sum(a.kind != "host" for a in actions) * expert_s
                 on_host = any(a.kind == "host" for a in actions)
+                # fixed costs of this round's copies and host jobs: paid on the compute thread after the
+                # work they hand off (the CPU backend's wake-ups and hand-offs), so they add, not overlap
+                overhead = cost.copy_s * (sum(a.kind == "copy" for a in actions) + len(planner.take_keeps())) \
+                    + cost.host_job_s * sum(a.kind == "host" for a in actions)
                 end = max(device_end, planner.host_free if on_host else now)
                 stall += end - now - work  # waiting for copies, or for the host's share
+                end += overhead
                 now = end
                 planner.release(actions)
                 if no_reuse:

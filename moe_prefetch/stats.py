@@ -23,6 +23,8 @@ class RunStats:
     prefetch_wasted: int = 0
     prefetch_cancelled: int = 0
     bytes_wasted: int = 0
+    predicted_layers: int = 0      # layers where the predictor ran
+    predict_seconds: float = 0.0   # host time spent predicting and planning prefetches on them
     # per distance d: [correct, predicted, actual] expert counts over decode steps
     prediction: dict = field(default_factory=dict)
 

@@ -222,3 +222,34 @@ def test_trace_cli_and_simulate_bench_end_to_end(tmp_path, capsys):
     assert "Simulated, not measured" in md.read_text()
     rows = json.loads(js.read_text())
     assert {r["host"] for r in rows} == {None, "ddr5-2ch"} and all(r["simulated"] for r in rows)
+
+
+def test_fixed_costs_per_copy_host_job_and_predicted_layer():
+    """The CPU backend's fixed costs are charged where they occur: each copy started, each host job, each
+    layer on which the predictor runs (and not on layers where the planner skipped predicting)."""
+    routing = np.array([[[0]], [[1]]] * 5)  # N=10, L=1, k=1: one slot, every token a copy
+    tr = Trace(routing, [10], {}, {"experts": 2})
+    base = CostModel(attn_s=1.0, expert_s=0.5, transfer_s=2.0, expert_bytes=100)
+    plain = simulate(tr, base, 1, Policy("lru"))
+    with_copy = simulate(tr, CostModel(1.0, 0.5, 2.0, 100, copy_s=0.25), 1, Policy("lru"))
+    assert with_copy.seconds == pytest.approx(plain.seconds + 10 * 0.25)
+    host = CostModel(1.0, 0.5, 20.0, 100, host_s=1.0)
+    on_host = simulate(tr, host, 1, Policy("h", host_compute=True, eviction="lru"))
+    assert on_host.host_computed > 0
+    charged = simulate(tr, CostModel(1.0, 0.5, 20.0, 100, host_s=1.0, host_job_s=0.125), 1,
+                       Policy("h", host_compute=True, eviction="lru"))
+    assert charged.host_computed == on_host.host_computed
+    assert charged.seconds >= on_host.seconds + 0.125 * on_host.host_computed - 1e-9
+    # prediction: the oracle predicts every layer when always on; each costs predict_s
+    tr2 = make_trace(N=40, L=4, sticky=0.0, seed=2)
+    cheap = CostModel(attn_s=1e-3, expert_s=1e-4, transfer_s=0.5e-3, expert_bytes=1000)  # an idle link: prefetches pass
+    pricey = CostModel(attn_s=1e-3, expert_s=1e-4, transfer_s=0.5e-3, expert_bytes=1000, predict_s=1e-3)
+    pol = Policy("o", "oracle", 2, eviction="lfu", adaptive=False)
+    a, b = simulate(tr2, cheap, 12, pol), simulate(tr2, pricey, 12, pol)
+    assert a.prefetch_issued > 0
+    assert b.seconds > a.seconds + 0.5 * 40 * 4 * 1e-3  # most layers predicted, each paying 1 ms
+    # adaptive: when predicting costs more than it saves, the switch turns it off most of the time
+    costly = CostModel(1e-3, 1e-4, 0.5e-3, 1000, predict_s=20e-3)
+    adaptive = simulate(tr2, costly, 12, Policy("o", "oracle", 2, eviction="lfu"))
+    always = simulate(tr2, costly, 12, pol)
+    assert adaptive.seconds < 0.6 * always.seconds
