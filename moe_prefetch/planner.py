@@ -343,6 +343,11 @@ class Planner:
         # peers' behaviour, always predicting
         self.switch = PredictionSwitch() if gate and adaptive else None
         self._layer_seen = None
+        # wall time per MoE layer as the caller's clock shows it (EMA over decode and prefill layers): with
+        # host compute or stalls a layer lasts far longer than its device work, and that is the time a
+        # prefetch for d layers ahead has to land in, and the time the link's utilisation is measured over
+        self.layer_wall: float | None = None
+        self._layer_start: float | None = None
         self.counters = PlanCounters()
 
     # ---- the executing layer ----------------------------------------------------------------
@@ -360,8 +365,13 @@ class Planner:
             for e in range(self.num_experts):  # its predictions are consumed now
                 self.policy.predicted.pop((layer, e), None)
         rows = rows or {}
-        if self.switch is not None and layer != self._layer_seen and self.positions[layer] == 0:
-            self.switch.token(now, all(n <= 1 for n in rows.values()))
+        if layer != self._layer_seen:  # a new layer (not another round of the same one)
+            if self._layer_start is not None and 0.0 < now - self._layer_start < PredictionSwitch.MAX_GAP_S:
+                gap = now - self._layer_start
+                self.layer_wall = gap if self.layer_wall is None else 0.9 * self.layer_wall + 0.1 * gap
+            self._layer_start = now
+            if self.switch is not None and self.positions[layer] == 0:
+                self.switch.token(now, all(n <= 1 for n in rows.values()))
         self._layer_seen = layer
         needed = {(layer, e) for e in experts}
         actions: list[Action] = []
@@ -443,6 +453,11 @@ class Planner:
         keeps, self.keeps = self.keeps, []
         return keeps
 
+    def layer_period(self) -> float:
+        """Seconds from one MoE layer to the next: measured wall time, at least the device's own work."""
+        device = self.costs.layer_time(self.top_k)
+        return device if self.layer_wall is None else max(device, self.layer_wall)
+
     def _host_done(self, now: float, rows: int) -> float:
         return max(now, self.host_free) + self.costs.host_time(rows)
 
@@ -500,7 +515,7 @@ class Planner:
         # How much of the link copies need: at 1 every byte a prefetch moves is taken from them.
         # A used prefetch replaces a demand copy of the same size (no net link time); a wasted one
         # costs its whole transfer, to the extent the link is saturated.
-        saturation = min(1.0, self.link_traffic * c.transfer_s / max(c.layer_time(self.top_k), 1e-12))
+        saturation = min(1.0, self.link_traffic * c.transfer_s / max(self.layer_period(), 1e-12))
         return miss_cost, saturation
 
     PROBE_EVERY = 16
@@ -535,7 +550,7 @@ class Planner:
         it is asked here, so the simulator drops the predictions the runtime would not have made."""
         in_flight = 0 if in_flight is None else in_flight
         c = self.costs
-        layer_time = c.layer_time(self.top_k)
+        layer_time = self.layer_period()
         protected = set(protected)
         miss_cost, saturation = self._miss_cost_and_saturation()
         actions = []
