@@ -304,8 +304,12 @@ def main(argv=None) -> int:
     fitted = dict(copy_s=0.0, host_job_s=0.0)
     calibrate_on = {"LRU, no prefetch": "copy_s", "predictive eviction, no prefetch, host compute": "host_job_s"}
 
+    measured_costs = {}  # per row: the fit and the check use the same compute timings
+
     def sim_row(name, pol, kw, overheads):
-        attn, expert, tail = measure_costs(args.model, seqs, k, expert_cache=L * E, **kw)
+        if name not in measured_costs:
+            measured_costs[name] = measure_costs(args.model, seqs, k, expert_cache=L * E, **kw)
+        attn, expert, tail = measured_costs[name]
         row = next(r for r in results if r["policy"] == name and abs(r["cache"] - slots / (L * E)) < 1e-9)
         # the link time per expert as the engine measured it in that run (throttle plus copy)
         cost = CostModel(attn, expert, row["link_s"] or expert_bytes / link_bw, expert_bytes, tail,
