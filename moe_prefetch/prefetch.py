@@ -52,7 +52,6 @@ class Prefetcher:
         self.distances = list(range(1, lookahead + 1))
         self._position = {layer: i for i, layer in enumerate(view.layers)}
         self._residual: dict[int, torch.Tensor] = {}
-        self._predict_t = 0.0  # device_scores()' time for the layer plan() is about to finish
         self._pending: dict[tuple[int, int], dict[int, float]] = {}  # (target i, d) -> {expert: raw score}
         self._asked: dict[int, list[int]] = {}  # layer position -> distances summarised by device_scores
         self._handles = [] if predictor.on_host else \
@@ -82,9 +81,28 @@ class Prefetcher:
                 out.append(d)
         return out
 
+    # Both entry points are timed whole (stats.predict_seconds): everything a configured predictor costs
+    # the compute thread, the layers it skips and the calibration of earlier predictions included, so
+    # the simulator can charge it per predicted layer (stats.predicted_layers) and add up to the same.
     def device_scores(self, layer: int) -> torch.Tensor | None:
         """Enqueue the predictor's device work for the residual entering `layer`'s MoE block; returns the
         [D, 2, E] summary to read back with the routing, or None (host-side predictor, nothing to predict)."""
+        t0 = time.perf_counter()
+        try:
+            return self._device_scores(layer)
+        finally:
+            self.stats.predict_seconds += time.perf_counter() - t0
+
+    def plan(self, layer: int, routing: list[list[int]], experts: list[int], summary: list | None) -> None:
+        """Prefetch from the predictions made at `layer`, through the planner. routing: the layer's
+        top-k rows [T][k] (host lists); summary: device_scores()'s result, read back."""
+        t0 = time.perf_counter()
+        try:
+            self._plan(layer, routing, experts, summary)
+        finally:
+            self.stats.predict_seconds += time.perf_counter() - t0
+
+    def _device_scores(self, layer: int) -> torch.Tensor | None:
         i = self._position[layer]
         h = self._residual.pop(i, None)
         self._asked[i] = []
@@ -96,16 +114,11 @@ class Prefetcher:
             if targets:
                 off.planner.counters.prediction_skipped += 1
             return None  # nothing could be prefetched: the predictor's compute is skipped
-        t0 = time.perf_counter()
         scores = self.predictor.predict(i, h.reshape(-1, h.shape[-1]), targets)
         self._asked[i] = [d for d in targets if d in scores]
-        out = summarise(scores, self._asked[i], self.view.top_k) if self._asked[i] else None
-        self._predict_t = time.perf_counter() - t0  # plan() adds its own share and counts the layer
-        return out
+        return summarise(scores, self._asked[i], self.view.top_k) if self._asked[i] else None
 
-    def plan(self, layer: int, routing: list[list[int]], experts: list[int], summary: list | None) -> None:
-        """Prefetch from the predictions made at `layer`, through the planner. routing: the layer's
-        top-k rows [T][k] (host lists); summary: device_scores()'s result, read back."""
+    def _plan(self, layer: int, routing: list[list[int]], experts: list[int], summary: list | None) -> None:
         i = self._position[layer]
         decode = len(routing) == 1
         actual = set(experts)
@@ -119,7 +132,6 @@ class Prefetcher:
                     self.stats.record_prediction(d, len(chosen & actual), len(chosen), len(actual))
         distances = self._asked.pop(i, [])
         off = self.offloader
-        t0 = time.perf_counter()
         if self.predictor.on_host:
             self.predictor.observe_rows(i, routing)  # [T][k] host lists
             worth = planner.worth_predicting(off.clock(), off.copies_in_flight())
@@ -130,7 +142,6 @@ class Prefetcher:
                 summary = host_list(summarise(scores, distances, self.view.top_k)) if distances else None
         if not summary:
             planner.plan_prefetch(off.clock(), layer, [], set())  # the evidence still ages
-            self._predict_t = 0.0
             return
         n = len(self.view.layers)
         predictions = []
@@ -143,8 +154,6 @@ class Prefetcher:
         off.prefetch(planner.plan_prefetch(off.clock(), layer, predictions, protected, in_flight=off.copies_in_flight(),
                                            asked=True))  # worth_predicting() said yes before predicting
         self.stats.predicted_layers += 1
-        self.stats.predict_seconds += self._predict_t + time.perf_counter() - t0
-        self._predict_t = 0.0
 
     def close(self) -> None:
         for h in self._handles:
