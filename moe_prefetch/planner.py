@@ -221,8 +221,8 @@ class PredictionSwitch:
     mean token time per arm, and runs the faster arm, re-testing the slower one every EXPLOIT epochs
     (so a regime change is seen; the cost is one epoch in EXPLOIT + 1 on the worse arm), or every
     4 x EXPLOIT when the two differ by more than WIDE (a re-test then costs more and is less likely
-    to change the answer). Prediction
-    must win by MARGIN to be chosen: within noise, not predicting is the simpler, never-worse choice.
+    to change the answer). Prediction must win by MARGIN to be chosen: within noise, not predicting is
+    the simpler, never-worse choice.
     Time is the caller's clock (wall time in the runtime, modelled time in the simulator)."""
 
     EPOCH_TOKENS = 4

@@ -212,3 +212,20 @@ def test_failed_copy_reaches_the_caller_as_transfer_error(ckpt):
     with pytest.raises(TransferError, match="closed"), torch.inference_mode():
         model(PROMPT)
     assert not any(model.moe_runtime.offloader.cache.is_pinned(k) for k in list(model.moe_runtime.offloader.cache.keys()))
+
+
+def test_prediction_switch_is_lossless_and_reported(ckpt, reference):
+    """The switch only decides whether the predictor runs: tokens are unchanged whichever arm runs, and
+    stats report its epochs (none with --always-predict)."""
+    model = load(ckpt, 6, predictor="next-gate", lookahead=2, link_bandwidth=2e6)
+    sw = model.moe_runtime.offloader.planner.switch
+    sw.EPOCH_TOKENS = 2  # short epochs, so a 16-token run visits both arms
+    out = generate(model)
+    st = mp.stats(model)
+    model.moe_runtime.close()
+    assert torch.equal(out, reference)
+    ep = st["prediction_epochs"]
+    assert ep["on"] >= 1 and ep["off"] >= 1 and isinstance(ep["predicting"], bool)
+    always = load(ckpt, 6, predictor="next-gate", lookahead=2, adaptive_prediction=False)
+    assert torch.equal(generate(always), reference) and mp.stats(always)["prediction_epochs"] is None
+    always.moe_runtime.close()
