@@ -83,10 +83,9 @@ class HostExecutor:
         return job.out.to(self.device, non_blocking=True) if self.device.type == "cuda" else job.out
 
     def _views(self, layer: int, expert: int) -> dict:
-        if self.packs is not None and (layer, expert) in self.packs:
-            return self.packs.get(layer, expert, None)
-        views = self._raw_views(layer, expert)
-        return views if self.packs is None else self.packs.get(layer, expert, views)
+        if self.packs is None:
+            return self._raw_views(layer, expert)
+        return self.packs.get(layer, expert, lambda: self._raw_views(layer, expert))
 
     def _raw_views(self, layer: int, expert: int) -> dict[str, torch.Tensor]:
         pieces = self.store.pieces(layer, expert)

@@ -20,7 +20,7 @@ and at most once each. runtime.load_model charges them to host RAM up front.
 """
 from __future__ import annotations
 
-import threading
+from collections.abc import Callable
 
 import torch
 
@@ -79,38 +79,37 @@ class PackedMatrix:
         return torch.mm(x, quant.dequantize(self.parts, self.spec, self.dtype, self.shape[1]).T)
 
 
+class PackedExpert(dict):
+    """One expert's weights by parameter name as the host computes them: quantized matrices as
+    PackedMatrix, the rest as tensors. Its type tells expert_mlp not to dequantize."""
+
+
 class HostPacks:
-    """Packed experts for the host executor, made on first use. get() returns what expert_mlp reads:
-    each quantized matrix as a PackedMatrix (it computes rows @ W.T itself, whatever the family's
-    layout), biases and other parameters in the compute dtype."""
+    """Packed experts for the host executor (used from its one worker thread), made on first use. get()
+    returns what expert_mlp reads: each quantized matrix as a PackedMatrix (it computes rows @ W.T
+    itself, whatever the family's layout), biases and other parameters in the compute dtype."""
 
     def __init__(self, dequantizer, dtype: torch.dtype):
         self.dequantizer = dequantizer  # quant_store.Dequantizer: which parameters are matrices, and how
         self.dtype = dtype
-        self._experts: dict[tuple[int, int], dict] = {}
-        self._lock = threading.Lock()
+        self._experts: dict[tuple[int, int], PackedExpert] = {}
         self.nbytes = 0
         self.fused_matrices = 0
         self.exact_matrices = 0
 
-    def __contains__(self, key) -> bool:
-        return key in self._experts
-
-    def get(self, layer: int, expert: int, views: dict[str, torch.Tensor] | None) -> dict:
-        """The packed expert; packs it from its store `views` on first use."""
+    def get(self, layer: int, expert: int, views: Callable[[], dict[str, torch.Tensor]]) -> PackedExpert:
+        """The packed expert; on first use packs it from the store views that `views()` returns."""
         key = (layer, expert)
         packed = self._experts.get(key)
         if packed is None:
-            packed = self._pack(views)
-            with self._lock:
-                self._experts[key] = packed
-                self.nbytes += sum(v.nbytes if isinstance(v, PackedMatrix) else v.numel() * v.element_size()
-                                   for v in packed.values())
+            packed = self._experts[key] = self._pack(views())
+            self.nbytes += sum(v.nbytes if isinstance(v, PackedMatrix) else v.numel() * v.element_size()
+                               for v in packed.values())
         return packed
 
-    def _pack(self, views: dict[str, torch.Tensor]) -> dict:
+    def _pack(self, views: dict[str, torch.Tensor]) -> PackedExpert:
         d = self.dequantizer
-        out = {}
+        out = PackedExpert()
         for name, mat, _shape in d.params:
             if mat is None:  # a bias or other small parameter, kept unquantized
                 out[name] = views[f"{name}.raw"].to(self.dtype).clone()
@@ -124,6 +123,3 @@ class HostPacks:
             out[name] = m
         return out
 
-
-def is_packed(views: dict) -> bool:
-    return any(isinstance(v, PackedMatrix) for v in views.values())

@@ -29,7 +29,7 @@ from torch import nn
 from .devsync import read_back
 from .errors import MoePrefetchError
 from .families import FamilyAdapter
-from .host_kernels import PackedMatrix, is_packed
+from .host_kernels import PackedExpert, PackedMatrix
 
 IMPLEMENTATION = "moe_prefetch"
 
@@ -158,7 +158,7 @@ class OffloadedExperts:
         """rows [n, H] -> [n, H] through one expert (no routing weight applied), as transformers'
         grouped implementation computes each group."""
         m = self.module
-        if self.dequant is not None and not is_packed(views):
+        if self.dequant is not None and not isinstance(views, PackedExpert):
             views = self.dequant(views)  # the expert's weights in the compute dtype, just before use
         h = self._linear(rows, views[self.up], offs)  # [n, 2I] or [n, I]
         if self.has_bias:

@@ -237,7 +237,6 @@ class PredictionSwitch:
         self._schedule = [True, False]  # epochs still to run before the next decision
         self._t0 = None           # when the current token started (its first MoE layer)
         self._tokens, self._seconds = 0, 0.0
-        self.switches = 0
         self.epochs = {True: 0, False: 0}
 
     def best(self) -> bool:
@@ -267,7 +266,6 @@ class PredictionSwitch:
             wide = abs(on - off) > self.WIDE * min(on, off)
             self._schedule = [best] * (self.EXPLOIT * (4 if wide else 1)) + [not best]
         arm = self._schedule.pop(0)
-        self.switches += arm != self.arm
         self.arm = arm
 
 

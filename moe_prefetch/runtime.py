@@ -10,7 +10,6 @@ store, cache and transfer engine; count prefill/decode time with forward hooks.
 from __future__ import annotations
 
 import inspect
-
 import logging
 import math
 import time
