@@ -142,18 +142,23 @@ class ExpertCache:
     def evictable(self, protected: Collection[Key] = ()) -> set[Key]:
         return {k for k in self._slot_of if k not in self._pins and k not in protected}
 
-    def insert(self, key: Key, protected: Collection[Key] = ()) -> tuple[int, Key | None]:
-        """Give `key` a slot: a free one, or the policy's victim among unpinned, unprotected experts.
-        Returns (slot, evicted key or None). Raises CacheFullError when nothing may be evicted."""
+    def insert(self, key: Key, protected: Collection[Key] = (), victim: Key | None = None) -> tuple[int, Key | None]:
+        """Give `key` a slot: a free one, or the policy's victim among unpinned, unprotected experts
+        (`victim`: one the caller already had the policy choose among those). Returns (slot, evicted key
+        or None). Raises CacheFullError when nothing may be evicted."""
         assert key not in self._slot_of, f"expert {key} is already cached"
         evicted = None
         if self._free:
             slot = self._free.pop()
         else:
-            candidates = self.evictable(protected)
-            if not candidates:
-                raise CacheFullError(f"all {self.n_slots} expert slots are pinned or protected")
-            evicted = self.policy.victim(candidates)
+            if victim is not None:
+                assert victim in self._slot_of and victim not in protected, f"victim {victim} may not be evicted"
+                evicted = victim
+            else:
+                candidates = self.evictable(protected)
+                if not candidates:
+                    raise CacheFullError(f"all {self.n_slots} expert slots are pinned or protected")
+                evicted = self.policy.victim(candidates)
             assert evicted not in self._pins, "policy chose a pinned expert"
             slot = self._slot_of.pop(evicted)
             self._per_layer[self._group(evicted)] -= 1

@@ -120,6 +120,11 @@ class Checkpoint:
         except KeyError:
             raise MoePrefetchError(f"checkpoint {self.directory} has no tensor {name!r}") from None
 
+    def mapped(self, name: str) -> bool:
+        """Whether tensor(name) is a view of the mapped file (False: an unaligned payload, copied)."""
+        info = self.info(name)
+        return info.start % torch.empty((), dtype=info.dtype).element_size() == 0
+
     def tensor(self, name: str) -> torch.Tensor:
         """A CPU view of tensor `name` backed by the memory-mapped file (no copy)."""
         info = self.info(name)

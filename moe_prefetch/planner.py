@@ -438,7 +438,7 @@ class Planner:
             victim = self._victim(needed)
             if victim is False or self._use_probability(key) <= self._use_probability(victim):
                 return
-        slot, evicted = self.cache.insert(key, protected=needed)
+        slot, evicted = self.cache.insert(key, protected=needed, victim=victim)
         self._forget(now, evicted)
         self.link.send(key, now, demand=False)
         self.prefetched.add(key)
@@ -562,6 +562,7 @@ class Planner:
             return []
         realised = self.realised()
         issued_before = self.counters.prefetch_issued
+        victim_memo = None
         for target, d, scores in predictions:
             # by calibrated probability, then raw score (bins tie), then expert id
             ranked = sorted(((self.calibration.p(d, s), s, e) for e, s in scores.items()), key=lambda r: (-r[0], -r[1], r[2]))
@@ -571,6 +572,8 @@ class Planner:
                     self.policy.predicted[key] = max(p, self.policy.predicted.get(key, 0.0))
                 if key in self.cache:
                     protected.add(key)
+                    if key == victim_memo:
+                        victim_memo = None
                     continue
                 if self.gate and p < 0.05:
                     self.counters.prefetch_gated += 1
@@ -578,7 +581,10 @@ class Planner:
                 if max(self.link.in_flight(now), in_flight) >= self.budget:
                     self.counters.prefetch_budget += 1
                     continue
-                victim = None if self.cache.has_free() else self._victim(protected)
+                if self.cache.has_free():
+                    victim = None
+                else:  # the same until a copy is issued or the victim becomes protected: found once
+                    victim = victim_memo = self._victim(protected) if victim_memo is None else victim_memo
                 if victim is False:
                     continue  # nothing may be evicted
                 if self.gate:
@@ -596,10 +602,11 @@ class Planner:
                     if saving <= (1.0 - q) * c.transfer_s * saturation + victim_value:
                         self.counters.prefetch_gated += 1
                         continue
-                slot, evicted = self.cache.insert(key, protected)
+                slot, evicted = self.cache.insert(key, protected, victim=victim)
                 self._forget(now, evicted)
                 self.link.send(key, now, demand=False)
                 self.prefetched.add(key)
+                victim_memo = None
                 self._issued_p[key] = p
                 self.counters.prefetch_issued += 1
                 self._sent += 1

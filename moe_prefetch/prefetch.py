@@ -1,7 +1,8 @@
 """Prefetcher: after each layer's routing, turn predictions for layers l+1 .. l+K into transfers.
 
 Split in two so the layer reads the device only once (devsync.py):
-  device_scores()  enqueued right after the router: the predictor's small matmuls and a [D, 2, E]
+  device_scores()  enqueued right after the router: the predictor's small matmuls (every distance in
+                   one batched computation where the model allows, predictors/stacked.py) and a [D, 2, E]
                    summary per distance (best score of each expert over the tokens, and whether it is in
                    some token's top-k); it travels to the host in the same read as the routing.
   plan()           host work only, after the layer's expert compute has been enqueued (on the CPU
@@ -28,16 +29,14 @@ from .predictors import ModelView, Predictor
 from .stats import RunStats
 
 
-def summarise(scores: dict[int, torch.Tensor], distances: list[int], top_k: int) -> torch.Tensor:
-    """[D, 2, E] float32: per distance, each expert's best score over the tokens and 1.0 where it is in
-    some token's top-k (the union the prefetcher considers). Device ops only, no synchronisation."""
-    rows = []
-    for d in distances:
-        s = scores[d].float()  # [T, E]
-        best = s.amax(dim=0)  # [E]
-        chosen = torch.zeros_like(best).scatter_(0, torch.topk(s, top_k, dim=-1).indices.flatten(), 1.0)  # [E]
-        rows.append(torch.stack([best, chosen]))
-    return torch.stack(rows)  # [D, 2, E]
+def summarise(scores: torch.Tensor, top_k: int) -> torch.Tensor:
+    """scores [D, T, E] float32 -> [D, 2, E] float32: per distance, each expert's best score over the
+    tokens and 1.0 where it is in some token's top-k (the union the prefetcher considers). Device ops
+    only, no synchronisation."""
+    best = scores.amax(dim=1)  # [D, E]
+    top = torch.topk(scores, top_k, dim=-1).indices.flatten(1)  # [D, T*k]
+    chosen = torch.zeros_like(best).scatter_(1, top, 1.0)  # [D, E]
+    return torch.stack([best, chosen], dim=1)  # [D, 2, E]
 
 
 class Prefetcher:
@@ -114,9 +113,8 @@ class Prefetcher:
             if targets:
                 off.planner.counters.prediction_skipped += 1
             return None  # nothing could be prefetched: the predictor's compute is skipped
-        scores = self.predictor.predict(i, h.reshape(-1, h.shape[-1]), targets)
-        self._asked[i] = [d for d in targets if d in scores]
-        return summarise(scores, self._asked[i], self.view.top_k) if self._asked[i] else None
+        self._asked[i], scores = self.predictor.predict_stacked(i, h.reshape(-1, h.shape[-1]), targets)  # [D, T, E]
+        return summarise(scores, self.view.top_k) if self._asked[i] else None
 
     def _plan(self, layer: int, routing: list[list[int]], experts: list[int], summary: list | None) -> None:
         i = self._position[layer]
@@ -137,9 +135,8 @@ class Prefetcher:
             worth = planner.worth_predicting(off.clock(), off.copies_in_flight())
             distances = self._targets(i) if worth else []
             if distances:
-                scores = self.predictor.predict(i, torch.empty(len(routing), 0), distances)
-                distances = [d for d in distances if d in scores]
-                summary = host_list(summarise(scores, distances, self.view.top_k)) if distances else None
+                distances, scores = self.predictor.predict_stacked(i, torch.empty(len(routing), 0), distances)
+                summary = host_list(summarise(scores, self.view.top_k)) if distances else None
         if not summary:
             planner.plan_prefetch(off.clock(), layer, [], set())  # the evidence still ages
             return

@@ -41,6 +41,8 @@ class ExpertStore:
         self.expert_nbytes = self.numel * torch.empty((), dtype=dtype).element_size()
         self.pinned = pinned
         self._host: dict[tuple[int, int], torch.Tensor] = {}
+        # memory-mapped pieces by expert, made once (views of the files: no RAM beyond the page cache)
+        self._mapped: dict[tuple[int, int], list[tuple[int, torch.Tensor]]] = {}
         self.blocks: PinnedBlocks | None = None
         if pinned:
             self.blocks = blocks or PinnedBlocks()
@@ -83,19 +85,26 @@ class ExpertStore:
                     f"config.json implies {part.shape[0]}")
 
     def _mapped_pieces(self, layer: int, expert: int) -> list[tuple[int, torch.Tensor]]:
-        pieces = []
+        pieces = self._mapped.get((layer, expert))
+        if pieces is not None:
+            return pieces
+        pieces, views = [], True
         for part in self._layouts[layer, expert].parts:
             offset = part.offset
             for s in part.sources:
                 t = self.checkpoint.tensor(s.key)
+                views = views and self.checkpoint.mapped(s.key)
                 if s.index is not None:
                     t = t[s.index]
                 if part.dtype is not None:  # byte layout: the stored bytes as they are
                     if t.dtype != part.dtype:
                         raise MoePrefetchError(f"checkpoint tensor {s.key} is {t.dtype}, expected {part.dtype}")
+                    views = views and t.is_contiguous()  # else a copy is made: not kept
                     t = t.contiguous().reshape(-1).view(torch.uint8)
                 pieces.append((offset, t))
                 offset += t.numel()
+        if views and not self.pinned:
+            self._mapped[layer, expert] = pieces
         return pieces
 
     def pieces(self, layer: int, expert: int) -> list[tuple[int, torch.Tensor]]:

@@ -34,6 +34,18 @@ def test_protected_keys_are_skipped():
     assert c.insert("c", protected={"a"})[1] == "b"
 
 
+def test_insert_evicts_the_victim_the_caller_chose():
+    c = ExpertCache(3, LRUPolicy())
+    for k in "abc":
+        c.insert(k)
+    slot_b = c.lookup("b")
+    assert c.insert("d", victim="b") == (slot_b, "b")  # not the LRU "a": the planner's own choice
+    assert "a" in c and "b" not in c
+    with pytest.raises(AssertionError):
+        c.insert("e", protected={"a"}, victim="a")  # a protected expert is never evicted, chosen or not
+    assert "a" in c and "e" not in c
+
+
 def test_pin_counts_nest():
     c = ExpertCache(1, LRUPolicy())
     c.insert("a")

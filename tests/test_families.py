@@ -17,6 +17,7 @@ from conftest import reference_generate, save_tokenizer
 from moe_families import FAMILIES, SHARDED, make_family
 from moe_prefetch.errors import MoePrefetchError
 from moe_prefetch.families import data
+from moe_prefetch.predictors import ModelView, make_predictor
 
 PROMPT = torch.tensor([[5, 17, 33, 8, 61, 42, 11, 90, 23, 7, 54, 3]])
 NEW = 8
@@ -36,9 +37,11 @@ def _checkpoint(tmp_path, model_type: str, eager: bool = False) -> Path:
     return path
 
 
-def _generate(path, **cfg):
+def _generate(path, check=None, **cfg):
     model, _ = mp.load_model(str(path), mp.OffloadConfig(device="cpu", show_progress=False, **cfg))
     try:
+        if check is not None:
+            check(model)
         with torch.inference_mode():
             out = model.generate(PROMPT, max_new_tokens=NEW, min_new_tokens=NEW, do_sample=False)
         return out, mp.stats(model), model.moe_runtime.adapter
@@ -46,11 +49,27 @@ def _generate(path, **cfg):
         model.moe_runtime.close()
 
 
+@torch.inference_mode()
+def _stacked_matches(model):
+    """The prefetcher's batched scoring of several later layers (fused where this family's norms and
+    routers allow, layer by layer otherwise) gives the scores the family's own modules give."""
+    view = ModelView.of(model, model.moe_runtime.adapter)
+    if not view.routers:
+        return  # routers that cannot run ahead of time: no residual predictor here
+    ng = make_predictor("next-gate", view)
+    h = 2 * torch.randn(3, view.hidden_size, generator=torch.Generator().manual_seed(0)).to(next(model.parameters()).dtype)
+    done, stacked = ng.predict_stacked(0, h, [1, 2])
+    ref = ng.predict(0, h, [1, 2])
+    assert done == sorted(ref) and done
+    for n, d in enumerate(done):
+        assert torch.allclose(stacked[n], ref[d].float(), atol=1e-5), f"distance {d}"
+
+
 @pytest.mark.parametrize("model_type", data.TESTED)
 def test_family_identical_across_cache_sizes(tmp_path, model_type):
     path = _checkpoint(tmp_path, model_type)
     ref = reference_generate(path, PROMPT, NEW, device="cpu")
-    out, st, adapter = _generate(path, predictor="none")
+    out, st, adapter = _generate(path, check=_stacked_matches, predictor="none")
     assert torch.equal(out, ref), f"{model_type}: all experts resident"
     total, k = st["total_experts"], adapter.top_k
     assert total == len(adapter.moe_layers()) * adapter.num_experts and len(adapter.moe_layers()) >= 2

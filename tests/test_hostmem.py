@@ -118,6 +118,9 @@ def test_store_failing_mid_load_unpins_what_it_pinned(tiny_mixtral):
     for key in [(0, 0), (1, 3)]:  # the packed copy holds the checkpoint's bytes
         flat = torch.cat([s.reshape(-1) for _, s in unpinned.pieces(*key)])
         assert torch.equal(store.pieces(*key)[0][1], flat)
+        again = unpinned.pieces(*key)
+        assert again is unpinned.pieces(*key) and all(t.data_ptr() == u.data_ptr() for (_, t), (_, u) in
+                                                      zip(again, unpinned._mapped_pieces(*key)))  # views, made once
 
 
 def test_pin_on_for_cpu_is_one_line_error(tiny_mixtral, capsys):

@@ -229,3 +229,79 @@ def test_prediction_switch_is_lossless_and_reported(ckpt, reference):
     always = load(ckpt, 6, predictor="next-gate", lookahead=2, adaptive_prediction=False)
     assert torch.equal(generate(always), reference) and mp.stats(always)["prediction_epochs"] is None
     always.moe_runtime.close()
+
+
+class _OnePlusNorm(torch.nn.Module):
+    """RMSNorm scaled by (1 + weight), as Gemma and Qwen3-Next write it."""
+
+    def __init__(self, norm):
+        super().__init__()
+        self.weight, self.variance_epsilon = norm.weight, norm.variance_epsilon
+
+    def forward(self, x):
+        x32 = x.float()
+        return (x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.variance_epsilon) * (1 + self.weight)).to(x.dtype)
+
+
+class _CentredNorm(_OnePlusNorm):
+    """Subtracts the mean first: a form the stacked path does not compute."""
+
+    def forward(self, x):
+        return super().forward(x - x.mean(-1, keepdim=True))
+
+
+@torch.inference_mode()
+def test_stacked_predictions_match_layer_by_layer(ckpt):
+    from moe_prefetch.predictors.stacked import StackedRouting
+    from moe_prefetch.prefetch import summarise
+
+    model = load(ckpt, 32, predictor="none")
+    view = ModelView.of(model, model.moe_runtime.adapter)
+    assert view.stacked.fused((1, 2, 3)), "Mixtral's RMSNorm + linear routers batch"
+    ng, m2 = make_predictor("next-gate", view), random_m2r2(model)
+    m2.view = view
+    torch.manual_seed(1)
+    for T in (1, 3):
+        h = 2 * torch.randn(T, view.hidden_size)
+        for p in (ng, m2):
+            for i, distances in ((0, [1, 2, 3]), (2, [1, 2]), (1, [2])):
+                done, stacked = p.predict_stacked(i, h, distances)
+                ref = p.predict(i, h, distances)
+                assert done == sorted(ref) and stacked.shape == (len(done), T, view.num_experts), (p.name, i)
+                for n, d in enumerate(done):
+                    assert torch.allclose(stacked[n], ref[d].float(), atol=1e-6), (p.name, T, i, d)
+        # the summary: per distance the best score over the rows, and the union of the rows' top-k
+        scores = torch.softmax(torch.randn(2, T, view.num_experts), -1)
+        s = summarise(scores, view.top_k)
+        for n in range(2):
+            assert torch.equal(s[n, 0], scores[n].amax(0))
+            union = set(torch.topk(scores[n], view.top_k, -1).indices.flatten().tolist())
+            assert set(s[n, 1].nonzero().flatten().tolist()) == union
+    # the (1 + weight) form and no norm at all stack too; a norm of any other form is found at load and
+    # served layer by layer; the scores are the family's own modules' either way
+    norms = list(view.norms)
+    for forms, fused in (((_OnePlusNorm, _OnePlusNorm), True), ((torch.nn.Identity, torch.nn.Identity), True),
+                         ((_OnePlusNorm, _CentredNorm), False), ((torch.nn.Identity, _OnePlusNorm), False)):
+        view.norms[1], view.norms[2] = (f(n) if f is not torch.nn.Identity else f() for f, n in zip(forms, norms[1:3]))
+        view.stacked = StackedRouting(view, "cpu", torch.float32)
+        assert view.stacked.fused((1, 2)) == fused and view.stacked.fused((3,)), forms
+        a = torch.randn(2, 3, view.hidden_size)
+        got = view.router_probs_many([1, 2], a)
+        for n, j in enumerate([1, 2]):
+            assert torch.allclose(got[n], view.router_probs(j, a[n]).float(), atol=1e-6), (forms, j)
+    model.moe_runtime.close()
+
+
+@torch.inference_mode()
+def test_stacked_predictions_in_bfloat16(tmp_path):
+    path = make_mixtral(tmp_path / "bf", layers=3, experts=4, top_k=2, dtype=torch.bfloat16)
+    model = load(path, 12, predictor="none", dtype="bfloat16")
+    view = ModelView.of(model, model.moe_runtime.adapter)
+    assert view.stacked.fused((1, 2))
+    h = torch.randn(2, view.hidden_size).to(torch.bfloat16)
+    ng = make_predictor("next-gate", view)
+    done, stacked = ng.predict_stacked(0, h, [1, 2])
+    ref = ng.predict(0, h, [1, 2])
+    for n, d in enumerate(done):
+        assert torch.allclose(stacked[n], ref[d].float(), atol=1e-2)
+    model.moe_runtime.close()

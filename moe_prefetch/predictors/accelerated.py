@@ -67,6 +67,26 @@ class AcceleratedResidual(nn.Module):
         x_n = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
         return x + (x_n @ self.V[i, d - 1]) @ self.U[i, d - 1].T  # [T, H]
 
+    def many(self, i: int, distances: tuple[int, ...], h: torch.Tensor) -> torch.Tensor:
+        """forward() for several distances at once: h [T, H] -> [D, T, H] (one norm, two matmuls)."""
+        V, U = self._stacked(i, distances)  # [H, D*r], [D, r, H]
+        x = h.float()  # [T, H]
+        x_n = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
+        low = (x_n @ V).view(x.shape[0], len(distances), self.rank).transpose(0, 1)  # [D, T, r]
+        return torch.baddbmm(x.unsqueeze(0), low, U)  # [D, T, H]: x + low @ U for each distance
+
+    def _stacked(self, i: int, distances: tuple[int, ...]):
+        # stale once the maps are trained further (inference tensors, made under inference_mode, keep no count)
+        key = (i, distances) + tuple(0 if t.is_inference() else t._version for t in (self.U, self.V))
+        cache = self.__dict__.setdefault("_stacks", {})
+        s = cache.get(key)
+        if s is None:
+            idx = [d - 1 for d in distances]
+            V = self.V[i, idx].detach().permute(1, 0, 2).reshape(self.V.shape[2], -1).contiguous()  # [H, D*r]
+            U = self.U[i, idx].detach().transpose(1, 2).contiguous()  # [D, r, H]
+            s = cache[key] = (V, U)
+        return s
+
 
 class AcceleratedPredictor(Predictor):
     name = "m2r2"
@@ -89,6 +109,14 @@ class AcceleratedPredictor(Predictor):
                 a = self.maps(i, d, h).to(h.dtype)
                 out[d] = self.view.router_probs(i + d, a)  # [T, E]
         return out
+
+    def predict_stacked(self, i, h, distances):
+        n = len(self.view.layers)
+        done = tuple(d for d in distances if i + d < n and d <= self.maps.lookahead)
+        if not done:
+            return [], None
+        a = self.maps.many(i, done, h).to(h.dtype)  # [D, T, H]
+        return list(done), self.view.router_probs_many([i + d for d in done], a)  # [D, T, E]
 
 
 def save(maps: AcceleratedResidual, view: ModelView, path: str | Path, extra: dict | None = None) -> None:

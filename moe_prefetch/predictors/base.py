@@ -29,6 +29,7 @@ class ModelView:
     fingerprint: str | None = None  # of the checkpoint's routers (predictor files are tied to it)
     routers_unavailable: str | None = None  # why routers cannot run ahead of time (then `routers` is empty)
     taps: list[nn.Module] | None = None  # taps[i]: the module whose input is the stream predictors read at layers[i]
+    stacked: object | None = None  # StackedRouting: several target layers' norms and routers as one computation
 
     @classmethod
     def of(cls, model: nn.Module, adapter) -> "ModelView":
@@ -47,8 +48,13 @@ class ModelView:
         norms = [n if n is not None else nn.Identity() for n in found]
         # the residual enters the pre-MoE norm; without one, the MoE block's own input is read
         taps = [n if n is not None else adapter.block(model, l) for n, l in zip(found, layers)]
-        return cls(adapter, layers, norms, routers, adapter.num_experts, adapter.top_k, adapter.hidden_size, fp, why,
+        view = cls(adapter, layers, norms, routers, adapter.num_experts, adapter.top_k, adapter.hidden_size, fp, why,
                    taps)
+        if routers:
+            from .stacked import StackedRouting
+
+            view.stacked = StackedRouting(view, param.device, param.dtype)  # probes the norms once, here
+        return view
 
     def need_routers(self, what: str) -> None:
         """Refuse, with the reason, a predictor that runs routers ahead of time on a model whose routers
@@ -59,6 +65,13 @@ class ModelView:
     def router_probs(self, i: int, h: torch.Tensor) -> torch.Tensor:
         """Routing distribution [T, E] of MoE layer index i applied to residual h [T, H]."""
         return self.routers[i].probs(self.norms[i](h))
+
+    def router_probs_many(self, targets: list[int], a: torch.Tensor) -> torch.Tensor:
+        """Routing distributions [D, T, E] float32 of MoE layer indices `targets` applied to a [D, T, H]
+        (one residual per target): batched where the layers' norms and routers allow (stacked.py)."""
+        if self.stacked is not None:
+            return self.stacked.probs(tuple(targets), a)
+        return torch.stack([self.router_probs(j, a[n]).float() for n, j in enumerate(targets)])
 
 
 class Predictor:
@@ -83,6 +96,13 @@ class Predictor:
     def predict(self, i: int, h: torch.Tensor, distances: list[int]) -> dict[int, torch.Tensor]:
         """Scores [T, E] for MoE layers i+d, d in distances (those it can predict; see `wraps`)."""
         raise NotImplementedError
+
+    def predict_stacked(self, i: int, h: torch.Tensor, distances: list[int]) -> tuple[list[int], torch.Tensor | None]:
+        """predict() for the prefetcher: (the distances predicted, their scores stacked [D, T, E] float32),
+        or ([], None). Residual predictors override it to score all distances in one batched computation."""
+        scores = self.predict(i, h, distances)
+        done = [d for d in distances if d in scores]
+        return done, (torch.stack([scores[d].float() for d in done]) if done else None)
 
     def observe(self, i: int, indices: torch.Tensor) -> None:
         """The router of MoE layer i chose `indices` [T, k]."""

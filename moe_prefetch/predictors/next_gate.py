@@ -15,3 +15,11 @@ class NextGatePredictor(Predictor):
     def predict(self, i, h, distances):
         n = len(self.view.layers)
         return {d: self.view.router_probs(i + d, h) for d in distances if i + d < n}  # [T, E] each
+
+    def predict_stacked(self, i, h, distances):
+        n = len(self.view.layers)
+        done = [d for d in distances if i + d < n]
+        if not done:
+            return [], None
+        a = h.unsqueeze(0).expand(len(done), *h.shape)  # [D, T, H]: the same residual for every target
+        return done, self.view.router_probs_many([i + d for d in done], a)  # [D, T, E]
