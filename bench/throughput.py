@@ -165,6 +165,8 @@ def main(argv=None) -> int:
     p.add_argument("--data", default=str(DEMO_DIR / "heldout.txt"), help="text to decode (default: demo held-out text)")
     p.add_argument("--predictor-path", help="trained m2r2 predictor for the model (rows skipped without it)")
     p.add_argument("--sequences", type=int, default=3, help="sequences to decode per run (default: 3)")
+    p.add_argument("--repeats", type=int, default=1, help="rounds of every row, interleaved; each row reports its "
+                   "median round, the lower middle one for an even count (default: 1)")
     p.add_argument("--seq-len", type=int, default=64, help="tokens per sequence (default: 64)")
     p.add_argument("--profile", default="rtx4090-pcie4:mixtral-8x7b:int4",
                    help="HARDWARE:SHAPE:DTYPE whose transfer/compute ratio the link reproduces (default: %(default)s)")
@@ -185,6 +187,8 @@ def main(argv=None) -> int:
     if args.replot:
         plot(json.loads(Path(args.replot).read_text()), Path(args.replot).with_suffix(".png"))
         return 0
+    if args.repeats < 1:
+        p.error(f"--repeats must be at least 1, got {args.repeats}")
     if not all(0 < c <= 1 for c in args.caches):
         p.error(f"--caches are fractions of all experts, in (0, 1]; got {args.caches}")
     out = Path(args.out)
@@ -255,19 +259,28 @@ def main(argv=None) -> int:
         rows.append(("oracle K=2, predictive, gated, host compute", oracle | host))
         return [(n, dict(kw, expert_cache=slots, link_bandwidth=link_bw)) for n, kw in rows]
 
-    results = []
     t_start = time.perf_counter()
-    base = run_policy(args.model, seqs, predictor="none", expert_cache=k, link_bandwidth=link_bw)
-    results.append(dict(policy="on-demand (top-k slots, no reuse)", cache=k / (L * E), predictor="none",
-                        eviction="lru", host_compute=False, **base))
+    plan = [("on-demand (top-k slots, no reuse)", k, dict(predictor="none", eviction="lru", expert_cache=k,
+                                                           link_bandwidth=link_bw))]
     for frac in args.caches:
         slots = max(k, round(frac * L * E))
-        for name, kw in policies(slots):
+        plan += [(name, slots, kw) for name, kw in policies(slots)]
+    # --repeats rounds, each running every row once in turn, so that a stretch of a slow machine (a noisy
+    # neighbour on a VM) hits one round of a few rows rather than all of one row; each row reports its
+    # median round (tokens/s and the counters of that same run) and every round's tokens/s
+    runs: list[list[dict]] = [[] for _ in plan]
+    for rep in range(args.repeats):
+        for i, (name, slots, kw) in enumerate(plan):
             r = run_policy(args.model, seqs, **kw)
-            results.append(dict(policy=name, cache=slots / (L * E), predictor=kw.get("predictor", "next-gate"),
-                                eviction=kw.get("eviction", "predictive"), host_compute=kw.get("host_compute") == "on",
-                                **r))
-            print(f"  cache {slots / (L * E):4.0%}  {name:<24} {r['tokens_per_s']:7.1f} tok/s  hit {r['hit_rate']:.1%}")
+            runs[i].append(r)
+            print(f"  {'' if args.repeats == 1 else f'round {rep + 1}  '}cache {slots / (L * E):4.0%}  {name:<24} "
+                  f"{r['tokens_per_s']:7.1f} tok/s  hit {r['hit_rate']:.1%}")
+    results = []
+    for (name, slots, kw), rs in zip(plan, runs):
+        median = sorted(rs, key=lambda r: r["tokens_per_s"])[(len(rs) - 1) // 2]
+        results.append(dict(policy=name, cache=slots / (L * E), predictor=kw.get("predictor", "next-gate"),
+                            eviction=kw.get("eviction", "predictive"), host_compute=kw.get("host_compute") == "on",
+                            **median, tokens_per_s_rounds=[r["tokens_per_s"] for r in rs]))
     from transformers import AutoModelForCausalLM
 
     resident = AutoModelForCausalLM.from_pretrained(resolve_model(args.model))
@@ -344,7 +357,7 @@ def main(argv=None) -> int:
     report = dict(sim_overheads=fitted, model=args.model, expert_dtype=args.expert_dtype, profile=args.profile, ratio=ratio, link_gbps=link_bw / 1e9, layer_ms=layer_s * 1e3,
                   host=args.host, host_gbps=host_bw / 1e9, threads=args.threads, targets=targets(results),
                   expert_mb=expert_bytes / 1e6, steps=results[0]["steps"], all_resident=upper,
-                  accelerate=peer, results=results, sim_check=checks, wall_seconds=wall)
+                  accelerate=peer, results=results, sim_check=checks, wall_seconds=wall, repeats=args.repeats)
     (out / f"throughput{args.tag}.json").write_text(json.dumps(report, indent=1))
     md = render(report, L, E)
     (out / f"throughput{args.tag}.md").write_text(md)
@@ -384,20 +397,25 @@ def render(r: dict, L: int, E: int) -> str:
              + (f"; experts kept as {r['expert_dtype']} ({r['expert_mb']:.3f} MB: one copy takes "
                 f"{r['expert_mb'] * 1e6 / (r['link_gbps'] * 1e9) / (r['layer_ms'] / 1e3):.1f} full-precision layer-computes; "
                 "every row also dequantizes on this CPU)" if r.get("expert_dtype", "auto") != "auto" else "")
-             + ". All rows measured in one run.\n",
-             "| policy | cache | tokens/s | x on-demand | x LRU same cache | hit rate | stall s | MB moved | prefetch used/late/wasted |",
-             "|---|---|---|---|---|---|---|---|---|"]
+             + ". All rows measured in one run"
+             + (f", each the median of {r['repeats']} interleaved rounds (tokens/s of every round in the last column)"
+                if r.get("repeats", 1) > 1 else "") + ".\n",
+             "| policy | cache | tokens/s | x on-demand | x LRU same cache | hit rate | stall s | MB moved | prefetch used/late/wasted |"
+             + (" rounds |" if r.get("repeats", 1) > 1 else ""),
+             "|---|---|---|---|---|---|---|---|---|" + ("---|" if r.get("repeats", 1) > 1 else "")]
     base = r["results"][0]["tokens_per_s"]
     lru = {x["cache"]: x["tokens_per_s"] for x in r["results"] if x["policy"] == "LRU, no prefetch"}
     for x in r["results"]:
         rel = f"{x['tokens_per_s'] / lru[x['cache']]:.2f}" if x["cache"] in lru else "-"
         lines.append(f"| {x['policy']} | {x['cache']:.0%} | {x['tokens_per_s']:.1f} | {x['tokens_per_s'] / base:.2f} | {rel} "
                      f"| {x['hit_rate']:.1%} | {x['stall_s']:.2f} | {x['mb_moved']:.1f} "
-                     f"| {x['prefetch_used']}/{x['prefetch_late']}/{x['prefetch_wasted']} |")
-    lines.append(f"| all experts resident (plain transformers) | 100% | {r['all_resident']:.1f} | {r['all_resident'] / base:.2f} | - | - | - | - | - |")
+                     f"| {x['prefetch_used']}/{x['prefetch_late']}/{x['prefetch_wasted']} |"
+                     + (f" {' '.join(f'{v:.1f}' for v in x['tokens_per_s_rounds'])} |" if r.get("repeats", 1) > 1 else ""))
+    lines.append(f"| all experts resident (plain transformers) | 100% | {r['all_resident']:.1f} | {r['all_resident'] / base:.2f} | - | - | - | - | - |"
+                 + (" - |" if r.get("repeats", 1) > 1 else ""))
     if r["accelerate"]:
         lines.append(f"| HF accelerate cpu_offload of the experts, same link | 0% | {r['accelerate']:.1f} | "
-                     f"{r['accelerate'] / base:.2f} | - | - | - | - | - |")
+                     f"{r['accelerate'] / base:.2f} | - | - | - | - | - |" + (" - |" if r.get("repeats", 1) > 1 else ""))
     if r.get("targets"):
         lines += ["", "Ratios per cache (best ours / LRU no prefetch; prediction = best predictor row / the same planner "
                   "with no predictor, host compute on and off; worst predictor row / its no-predictor twin; default "

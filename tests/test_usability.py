@@ -310,13 +310,18 @@ def test_throughput_bench_with_one_cache_and_its_model_named(tmp_path):
     small = make_mixtral(tmp_path / "small", layers=2, experts=4, top_k=2, seed=1)
     env = dict(os.environ, HF_HUB_OFFLINE="1", PYTHONPATH=str(ROOT))
     r = subprocess.run([sys.executable, str(ROOT / "bench" / "throughput.py"), "--model", str(small), "--sequences", "1",
-                        "--seq-len", "6", "--caches", "1", "--out", str(tmp_path / "out")],
+                        "--seq-len", "6", "--caches", "1", "--repeats", "2", "--out", str(tmp_path / "out")],
                        capture_output=True, text=True, env=env, timeout=600)
     assert r.returncode == 0, r.stderr[-2000:]
     report = json.loads((tmp_path / "out" / "throughput.json").read_text())
     assert report["sim_check"] and all(c["cache"] == 1.0 for c in report["sim_check"])
     title = (tmp_path / "out" / "throughput.md").read_text().splitlines()[0]
     assert str(small) in title and "demo" not in title
+    # two interleaved rounds of every row; each row reports its lower-middle round, counters from that run
+    assert "median of 2 interleaved rounds" in title
+    for row in report["results"]:
+        rounds = row["tokens_per_s_rounds"]
+        assert len(rounds) == 2 and row["tokens_per_s"] == min(rounds), row["policy"]
 
 
 # 10. the README's sample summary is what the CLI prints -------------------------------------------
