@@ -277,6 +277,14 @@ def test_stacked_predictions_match_layer_by_layer(ckpt):
             assert torch.equal(s[n, 0], scores[n].amax(0))
             union = set(torch.topk(scores[n], view.top_k, -1).indices.flatten().tolist())
             assert set(s[n, 1].nonzero().flatten().tolist()) == union
+    # past its byte budget the stacks are made per call, not kept: the same scores, no memory held
+    view.stacked.KEEP_BYTES, view.stacked._stacks, view.stacked._kept = 0, {}, 0
+    for p in (ng, m2):
+        done, stacked = p.predict_stacked(0, h, [1, 3])  # distances that are not consecutive, too
+        ref = p.predict(0, h, [1, 3])
+        for n, d in enumerate(done):
+            assert torch.allclose(stacked[n], ref[d].float(), atol=1e-6), (p.name, d)
+    assert not view.stacked._stacks
     # the (1 + weight) form and no norm at all stack too; a norm of any other form is found at load and
     # served layer by layer; the scores are the family's own modules' either way
     norms = list(view.norms)

@@ -68,24 +68,15 @@ class AcceleratedResidual(nn.Module):
         return x + (x_n @ self.V[i, d - 1]) @ self.U[i, d - 1].T  # [T, H]
 
     def many(self, i: int, distances: tuple[int, ...], h: torch.Tensor) -> torch.Tensor:
-        """forward() for several distances at once: h [T, H] -> [D, T, H] (one norm, two matmuls)."""
-        V, U = self._stacked(i, distances)  # [H, D*r], [D, r, H]
+        """forward() for several distances at once: h [T, H] -> [D, T, H] (one norm, two batched matmuls
+        on views of the maps: nothing is copied when the distances are consecutive)."""
+        lo, hi = distances[0] - 1, distances[-1]
+        sel = slice(lo, hi) if hi - lo == len(distances) else [d - 1 for d in distances]
+        V, U = self.V[i, sel], self.U[i, sel]  # [D, H, r] each
         x = h.float()  # [T, H]
         x_n = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
-        low = (x_n @ V).view(x.shape[0], len(distances), self.rank).transpose(0, 1)  # [D, T, r]
-        return torch.baddbmm(x.unsqueeze(0), low, U)  # [D, T, H]: x + low @ U for each distance
-
-    def _stacked(self, i: int, distances: tuple[int, ...]):
-        # stale once the maps are trained further (inference tensors, made under inference_mode, keep no count)
-        key = (i, distances) + tuple(0 if t.is_inference() else t._version for t in (self.U, self.V))
-        cache = self.__dict__.setdefault("_stacks", {})
-        s = cache.get(key)
-        if s is None:
-            idx = [d - 1 for d in distances]
-            V = self.V[i, idx].detach().permute(1, 0, 2).reshape(self.V.shape[2], -1).contiguous()  # [H, D*r]
-            U = self.U[i, idx].detach().transpose(1, 2).contiguous()  # [D, r, H]
-            s = cache[key] = (V, U)
-        return s
+        low = torch.matmul(x_n, V)  # [D, T, r]
+        return torch.baddbmm(x.unsqueeze(0), low, U.transpose(1, 2))  # [D, T, H]: x + low @ U^T per distance
 
 
 class AcceleratedPredictor(Predictor):

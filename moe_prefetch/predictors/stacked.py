@@ -5,8 +5,9 @@ its own norm (five or six small ops), router matmul and softmax; at decode (one 
 launch overhead, so on a GPU or a small CPU the predictor costs a sizeable share of a layer. When a
 layer's pre-MoE norm is a plain RMSNorm (x * rsqrt(mean(x^2) + eps) * w, w its weight or 1 + its
 weight) or no norm at all, and its router a plain bias-free linear map (Router._plain), the D target
-layers stack: their norm weights [D, 1, H], eps [D, 1, 1] and router weights [D, H, E] turn D
-distances into one batched norm, one bmm and one softmax.
+layers stack: their norm weights [D, 1, H], eps [D, 1, 1] and router weights [D, E, H] turn D
+distances into one batched norm, one bmm and one softmax (stacks are kept for reuse up to KEEP_BYTES
+in all, and made per call past that).
 Which layers qualify is found once, at load, by running each norm on random rows and comparing with
 the formula (no device read in the hot path); any other norm or router is served layer by layer
 through the family's own modules (ModelView.router_probs), with the same result up to float rounding.
@@ -54,6 +55,11 @@ def _rms(x: torch.Tensor, eps: torch.Tensor) -> torch.Tensor:
 class StackedRouting:
     """Routing distributions of several target layers for residuals [D, T, H] (one per target)."""
 
+    #: stacked copies of router and norm weights kept for reuse, in bytes in all; past it, a target set's
+    #: stack is made per call (one copy op): a model with many layers and wide routers gets no hidden
+    #: device memory outside the budget
+    KEEP_BYTES = 8 << 20
+
     def __init__(self, view, device, dtype):
         self.view = view
         self._norms: list = []  # per layer position: (eps, weight), "none", or None (not stackable)
@@ -61,6 +67,7 @@ class StackedRouting:
             plain = getattr(router, "_plain", False) and router.weight is not None
             self._norms.append(_plain_norm(norm, view.hidden_size, device, dtype) if plain else None)
         self._stacks: dict[tuple[int, ...], tuple] = {}
+        self._kept = 0
 
     def fused(self, targets: tuple[int, ...]) -> bool:
         """Whether every target layer's norm and router can run as one batched computation (all norms
@@ -70,16 +77,20 @@ class StackedRouting:
 
     def _stack(self, targets: tuple[int, ...]):
         s = self._stacks.get(targets)
-        if s is None:
-            v = self.view
-            r = torch.stack([v.routers[j].weight.detach().t() for j in targets]).contiguous()  # [D, H, E]
-            if self._norms[targets[0]] == "none":
-                s = (None, None, r)
-            else:
-                w = torch.stack([self._norms[j][1] for j in targets]).unsqueeze(1)  # [D, 1, H]
-                eps = torch.tensor([self._norms[j][0] for j in targets], device=r.device).view(-1, 1, 1)  # [D, 1, 1]
-                s = (w, eps, r)
+        if s is not None:
+            return s
+        v = self.view
+        r = torch.stack([v.routers[j].weight.detach() for j in targets])  # [D, E, H]
+        if self._norms[targets[0]] == "none":
+            s = (None, None, r)
+        else:
+            w = torch.stack([self._norms[j][1] for j in targets]).unsqueeze(1)  # [D, 1, H]
+            eps = torch.tensor([self._norms[j][0] for j in targets], device=r.device).view(-1, 1, 1)  # [D, 1, 1]
+            s = (w, eps, r)
+        nbytes = sum(t.numel() * t.element_size() for t in s if t is not None)
+        if self._kept + nbytes <= self.KEEP_BYTES:
             self._stacks[targets] = s
+            self._kept += nbytes
         return s
 
     def probs(self, targets: tuple[int, ...], a: torch.Tensor) -> torch.Tensor:
@@ -88,4 +99,4 @@ class StackedRouting:
             return torch.stack([self.view.router_probs(j, a[n]).float() for n, j in enumerate(targets)])
         w, eps, r = self._stack(targets)
         x = a if w is None else _rms(a.float(), eps).to(a.dtype) * w  # [D, T, H], cast as the norm does
-        return torch.softmax(torch.bmm(x.to(r.dtype), r).float(), dim=-1)  # [D, T, E], as the router casts
+        return torch.softmax(torch.bmm(x.to(r.dtype), r.transpose(1, 2)).float(), dim=-1)  # [D, T, E], as the router casts
