@@ -9,6 +9,8 @@ decoder layer's compute, R taken from a GPU profile (default: Mixtral-8x7B int4 
 RTX 4090 over PCIe 4.0), so the CPU reproduces that GPU's compute-to-transfer ratio.
 Also measured: the all-resident upper bound (plain transformers) and HF accelerate's offloading of the
 same experts over the same emulated link. Then the simulator is checked against these measurements.
+--repeats N runs every row N times in interleaved rounds and reports each row's median round, which
+keeps a slow stretch of a shared machine from deciding one row's figure.
 Writes throughput.md, throughput.json and throughput.png to --out.
 """
 from __future__ import annotations
