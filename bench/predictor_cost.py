@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import statistics
 import sys
 import time
@@ -28,16 +27,7 @@ sys.path.insert(0, str(ROOT))
 import moe_prefetch as mp  # noqa: E402
 from moe_prefetch.predictors import ModelView, Predictor, make_predictor  # noqa: E402
 from moe_prefetch.prefetch import summarise  # noqa: E402
-
-
-def cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
+from transfer import cpu_name  # noqa: E402  (bench/transfer.py: the CPU's model name)
 
 
 def per_call_us(fn, calls: int) -> float:
