@@ -12,7 +12,6 @@ what this measures; the absolute figures are for the machine named in the output
 """
 from __future__ import annotations
 
-import argparse
 import json
 import statistics
 import sys
@@ -25,6 +24,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 import moe_prefetch as mp  # noqa: E402
+from moe_prefetch.cli_common import ArgumentParser, run_main  # noqa: E402
 from moe_prefetch.predictors import ModelView, Predictor, make_predictor  # noqa: E402
 from moe_prefetch.prefetch import summarise  # noqa: E402
 from transfer import cpu_name  # noqa: E402  (bench/transfer.py: the CPU's model name)
@@ -40,13 +40,17 @@ def per_call_us(fn, calls: int) -> float:
 
 @torch.inference_mode()
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap = ArgumentParser(description=__doc__.splitlines()[0])  # a bad flag: one line
     ap.add_argument("--model", default="demo")
     ap.add_argument("--predictor-path", default=None, help="m2r2 file for --model (omit: next-gate only)")
     ap.add_argument("--repeats", type=int, default=7)
     ap.add_argument("--calls", type=int, default=500)
     ap.add_argument("--out", default=None, help="folder for predictor_cost.md and .json")
     args = ap.parse_args(argv)
+    if args.predictor_path and not Path(args.predictor_path).is_file():
+        ap.error(f"--predictor-path {args.predictor_path} does not exist (train one with python -m moe_prefetch.calibrate)")
+    if args.repeats < 1 or args.calls < 1:
+        ap.error("--repeats and --calls must be at least 1")
     torch.set_num_threads(1)
     model, _ = mp.load_model(args.model, mp.OffloadConfig(device="cpu", predictor="none", show_progress=False))
     view = ModelView.of(model, model.moe_runtime.adapter)
@@ -86,4 +90,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run_main(main))  # failures: one line on stderr, non-zero status

@@ -21,8 +21,7 @@ import os
 # threads' work does not stall the compute thread's matmuls on a small machine.
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
-import argparse  # noqa: E402
-import dataclasses
+import dataclasses  # noqa: E402
 import json
 import sys
 import time
@@ -34,6 +33,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 import moe_prefetch as mp  # noqa: E402
+from moe_prefetch.cli_common import ArgumentParser, run_main  # noqa: E402
 from moe_prefetch.hub import DEMO_DIR, resolve_model  # noqa: E402
 from moe_prefetch.sim import CostModel, Policy, load_profiles, simulate  # noqa: E402
 
@@ -162,7 +162,7 @@ def accelerate_peer(path, seqs, link_bw: float) -> float | None:
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p = ArgumentParser(description=__doc__.splitlines()[0])  # a bad flag: one line
     p.add_argument("--model", default="demo", help="model (default: demo)")
     p.add_argument("--data", default=str(DEMO_DIR / "heldout.txt"), help="text to decode (default: demo held-out text)")
     p.add_argument("--predictor-path", help="trained m2r2 predictor for the model (rows skipped without it)")
@@ -189,6 +189,8 @@ def main(argv=None) -> int:
     if args.replot:
         plot(json.loads(Path(args.replot).read_text()), Path(args.replot).with_suffix(".png"))
         return 0
+    if args.predictor_path and not Path(args.predictor_path).is_file():
+        p.error(f"--predictor-path {args.predictor_path} does not exist (train one with python -m moe_prefetch.calibrate)")
     if args.repeats < 1:
         p.error(f"--repeats must be at least 1, got {args.repeats}")
     if not all(0 < c <= 1 for c in args.caches):
@@ -475,4 +477,4 @@ def plot(r: dict, path: Path) -> None:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run_main(main))  # failures: one line on stderr, non-zero status

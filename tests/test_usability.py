@@ -324,6 +324,15 @@ def test_throughput_bench_with_one_cache_and_its_model_named(tmp_path):
         assert len(rounds) == 2 and row["tokens_per_s"] == min(rounds), row["policy"]
 
 
+def test_benches_refuse_a_missing_predictor_file_in_one_line(tmp_path):
+    env = dict(os.environ, HF_HUB_OFFLINE="1", PYTHONPATH=str(ROOT))
+    for bench in ("throughput.py", "predictor_cost.py"):
+        r = subprocess.run([sys.executable, str(ROOT / "bench" / bench), "--predictor-path", str(tmp_path / "none.m2r2")],
+                           capture_output=True, text=True, env=env, timeout=300)
+        assert r.returncode == 2 and not r.stdout, bench
+        assert r.stderr.startswith("error: --predictor-path") and len(r.stderr.strip().splitlines()) == 1, r.stderr
+
+
 # 10. the README's sample summary is what the CLI prints -------------------------------------------
 def test_readme_sample_summary_has_the_lines_the_cli_prints(ckpt, capsys):
     readme = (ROOT / "README.md").read_text()
