@@ -69,8 +69,9 @@ class ModelView:
     def router_probs_many(self, targets: list[int], a: torch.Tensor) -> torch.Tensor:
         """Routing distributions [D, T, E] float32 of MoE layer indices `targets` applied to a [D, T, H]
         (one residual per target): batched where the layers' norms and routers allow (stacked.py)."""
-        if self.stacked is not None:
-            return self.stacked.probs(tuple(targets), a)
+        targets = tuple(targets)
+        if self.stacked is not None and self.stacked.fused(targets):
+            return self.stacked.probs(targets, a)
         return torch.stack([self.router_probs(j, a[n]).float() for n, j in enumerate(targets)])
 
 

@@ -94,9 +94,8 @@ class StackedRouting:
         return s
 
     def probs(self, targets: tuple[int, ...], a: torch.Tensor) -> torch.Tensor:
-        """targets: D layer positions; a [D, T, H] the residual predicted for each -> scores [D, T, E] float32."""
-        if not self.fused(targets):
-            return torch.stack([self.view.router_probs(j, a[n]).float() for n, j in enumerate(targets)])
+        """targets: D layer positions that fused() accepts; a [D, T, H] the residual predicted for each ->
+        scores [D, T, E] float32 (ModelView.router_probs_many serves the others layer by layer)."""
         w, eps, r = self._stack(targets)
         x = a if w is None else _rms(a.float(), eps).to(a.dtype) * w  # [D, T, H], cast as the norm does
         return torch.softmax(torch.bmm(x.to(r.dtype), r.transpose(1, 2)).float(), dim=-1)  # [D, T, E], as the router casts
