@@ -34,6 +34,7 @@ sys.path.insert(0, str(ROOT))
 
 import moe_prefetch as mp  # noqa: E402
 from moe_prefetch.cli_common import ArgumentParser, run_main  # noqa: E402
+from moe_prefetch.families.adapter import is_experts_module  # noqa: E402
 from moe_prefetch.hub import DEMO_DIR, resolve_model  # noqa: E402
 from moe_prefetch.sim import CostModel, Policy, load_profiles, simulate  # noqa: E402
 
@@ -131,6 +132,11 @@ def measure_costs(model_name, seqs, top_k, **kw) -> tuple[float, float, float]:
     return attn, expert, tail
 
 
+def experts_modules(model) -> list[torch.nn.Module]:
+    """Every MoE layer's experts module, in any family (dense layers and shared experts are not experts)."""
+    return [m for m in model.modules() if is_experts_module(m)]
+
+
 def accelerate_peer(path, seqs, link_bw: float) -> float | None:
     """HF accelerate's cpu_offload on every layer's experts, each moved tensor throttled by the link."""
     try:
@@ -153,8 +159,8 @@ def accelerate_peer(path, seqs, link_bw: float) -> float | None:
 
     hooks.set_module_tensor_to_device = throttled
     try:
-        for layer in model.model.layers:
-            cpu_offload(layer.mlp.experts, execution_device=torch.device("cpu"))
+        for module in experts_modules(model):
+            cpu_offload(module, execution_device=torch.device("cpu"))
         seconds, steps = teacher_forced(model, seqs)
     finally:
         hooks.set_module_tensor_to_device = original

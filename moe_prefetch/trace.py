@@ -121,9 +121,12 @@ def record_trace(model, tokenizer, text: str, lookahead: int, seq_len: int, max_
             s = np.full((N, L, K, E), np.nan, dtype=np.float32)
             for i in range(L):
                 for d in range(1, K + 1):
-                    if i + d < L:
-                        p = view.router_probs(i + d, H[i].to(dtype)) if pred is None else pred.predict(i, H[i].to(dtype), [d])[d]
-                        s[:, i, d - 1] = p.float().numpy()
+                    if i + d >= L:
+                        continue
+                    if pred is None:
+                        s[:, i, d - 1] = view.router_probs(i + d, H[i].to(dtype)).float().numpy()
+                    elif d in (p := pred.predict(i, H[i].to(dtype), [d])):  # a predictor trained for fewer
+                        s[:, i, d - 1] = p[d].float().numpy()                # distances leaves these NaN
             scores[name] = s
         hist = HistoryPredictor(view)
         s = np.full((N, L, K, E), np.nan, dtype=np.float32)

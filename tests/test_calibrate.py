@@ -45,6 +45,16 @@ def test_calibrate_trains_saves_and_improves_on_next_gate(setup, capsys):
     assert st["predictor"] == "m2r2" and st["prefetch_issued"] > 0
     assert set(st["predictor_recall"]) == {"1", "2"}
 
+    # a trace asked for more distances than the predictor was trained for: those stay missing (NaN)
+    import numpy as np
+    from moe_prefetch.trace import record_trace
+    model, tok = mp.load_model(str(ckpt), mp.OffloadConfig(device="cpu", predictor="none", show_progress=False))
+    tr = record_trace(model, tok, text.read_text(), lookahead=3, seq_len=32, max_tokens=64, predictor_path=str(out),
+                      progress=False)
+    m2r2, gate = tr.scores["m2r2"], tr.scores["next-gate"]  # [N, L, K, E]
+    assert not np.isnan(m2r2[:, 0, :2]).any() and np.isnan(m2r2[:, 0, 2]).all()
+    assert not np.isnan(gate[:, 0, 2]).any(), "next-gate reaches every later layer"
+
 
 def test_predictor_refuses_another_model(setup, tmp_path, capsys):
     root, ckpt, text = setup

@@ -324,6 +324,35 @@ def test_throughput_bench_with_one_cache_and_its_model_named(tmp_path):
         assert len(rounds) == 2 and row["tokens_per_s"] == min(rounds), row["policy"]
 
 
+def test_throughput_bench_on_a_family_with_a_dense_layer_and_a_shared_expert(tmp_path):
+    """Held-out models are not all Mixtral: Qwen2-MoE has a dense layer 0 (no experts module) and a shared
+    expert beside the routed ones; every row runs, and the accelerate peer offloads the experts modules only."""
+    from moe_families import make_family
+    from conftest import save_tokenizer
+    sys.path.insert(0, str(ROOT / "bench"))
+    import throughput
+
+    ckpt = tmp_path / "qwen2_moe"
+    config = make_family("qwen2_moe", ckpt, seed=0)
+    save_tokenizer(ckpt)
+    data = tmp_path / "text.txt"
+    data.write_text(" ".join(f"w{(7 * i) % 120 + 3}" for i in range(64)))
+    from transformers import AutoModelForCausalLM
+    model = AutoModelForCausalLM.from_pretrained(ckpt)
+    found = throughput.experts_modules(model)
+    moe_layers = config.num_hidden_layers - len(config.mlp_only_layers)
+    assert len(found) == moe_layers == 2 and all(m.down_proj.shape[0] == config.num_experts for m in found)
+    env = dict(os.environ, HF_HUB_OFFLINE="1", PYTHONPATH=str(ROOT))
+    r = subprocess.run([sys.executable, str(ROOT / "bench" / "throughput.py"), "--model", str(ckpt), "--data", str(data),
+                        "--sequences", "1", "--seq-len", "6", "--caches", "0.5", "--out", str(tmp_path / "out")],
+                       capture_output=True, text=True, env=env, timeout=600)
+    assert r.returncode == 0, r.stderr[-2000:]
+    report = json.loads((tmp_path / "out" / "throughput.json").read_text())
+    rows = {row["policy"]: row for row in report["results"]}
+    assert "LRU, no prefetch" in rows and any(row["host_compute"] for row in rows.values())
+    assert all(row["tokens_per_s"] > 0 and row["steps"] == 5 for row in rows.values())
+
+
 def test_benches_refuse_a_missing_predictor_file_in_one_line(tmp_path):
     env = dict(os.environ, HF_HUB_OFFLINE="1", PYTHONPATH=str(ROOT))
     for bench in ("throughput.py", "predictor_cost.py"):
