@@ -6,6 +6,7 @@ callers may also protect keys for one insertion (e.g. experts fetched for a near
 """
 from __future__ import annotations
 
+import heapq
 from collections import Counter, OrderedDict
 from collections.abc import Collection, Hashable
 
@@ -36,42 +37,88 @@ class LRUPolicy(EvictionPolicy):
 
     def __init__(self):
         self._order: OrderedDict[Key, None] = OrderedDict()
+        self._stamp: dict[Key, int] = {}  # key -> when it was last inserted or accessed: its place in _order
+        self._clock = 0
+
+    def _restamp(self, key) -> None:
+        self._clock += 1
+        self._stamp[key] = self._clock
 
     def on_insert(self, key):
         self._order[key] = None
         self._order.move_to_end(key)
+        self._restamp(key)
 
     def on_access(self, key):
         self._order.move_to_end(key)
+        self._restamp(key)
 
     def on_remove(self, key):
         self._order.pop(key, None)
+        self._stamp.pop(key, None)
 
     def victim(self, candidates):
-        for key in self._order:  # oldest first
+        for key in self._order:  # oldest first: stops at the first evictable one
             if key in candidates:
                 return key
         raise CacheFullError("no evictable expert")
 
 
 class LFUPolicy(LRUPolicy):
-    """Least frequently used first (counts survive eviction, as in MoE-Infinity); ties go to LRU."""
+    """Least frequently used first (counts survive eviction, as in MoE-Infinity); ties go to LRU.
+
+    A heap of (count, stamp, key) finds the victim in O(log n) (entries made stale by a later use or a
+    removal are dropped as they surface); victim_ref() is the plain scan it must agree with."""
 
     name = "lfu"
 
     def __init__(self):
         super().__init__()
         self.counts: Counter[Key] = Counter()
+        self.group_counts: Counter = Counter()  # (layer, expert) keys: uses per layer
+        self._heap: list = []
+
+    def count_use(self, key) -> None:
+        """One more use of `key`, resident or not (a host-computed miss counts too)."""
+        self.counts[key] += 1
+        if isinstance(key, tuple):
+            self.group_counts[key[0]] += 1
+        if key in self._stamp:
+            heapq.heappush(self._heap, (self.counts[key], self._stamp[key], key))
 
     def on_access(self, key):
         super().on_access(key)
-        self.counts[key] += 1
+        self.count_use(key)
 
     def on_insert(self, key):
         super().on_insert(key)
-        self.counts[key] += 1
+        self.count_use(key)
+
+    def _live(self, entry) -> bool:
+        count, stamp, key = entry
+        return self._stamp.get(key) == stamp and self.counts[key] == count
 
     def victim(self, candidates):
+        heap, aside, found = self._heap, [], None
+        while heap:
+            if not self._live(heap[0]):
+                heapq.heappop(heap)
+            elif heap[0][2] in candidates:
+                found = heap[0][2]
+                break
+            else:
+                aside.append(heapq.heappop(heap))  # pinned or protected now: back in afterwards
+        for entry in aside:
+            heapq.heappush(heap, entry)
+        if len(heap) > 4 * len(self._stamp) + 64:  # mostly stale: rebuild from the resident keys
+            self._heap = [(self.counts[k], t, k) for k, t in self._stamp.items()]
+            heapq.heapify(self._heap)
+        if found is None:
+            raise CacheFullError("no evictable expert")
+        return found
+
+    def victim_ref(self, candidates):
+        """The definition: the fewest uses, ties to the least recently used."""
         best, best_count = None, None
         for key in self._order:  # oldest first, so ties resolve to LRU
             if key in candidates and (best_count is None or self.counts[key] < best_count):
@@ -139,8 +186,10 @@ class ExpertCache:
     def has_free(self) -> bool:
         return bool(self._free)
 
-    def evictable(self, protected: Collection[Key] = ()) -> set[Key]:
-        return {k for k in self._slot_of if k not in self._pins and k not in protected}
+    def evictable(self, protected: Collection[Key] = ()) -> "Evictable":
+        """The experts that may be evicted now (unpinned, unprotected), as a view: membership is O(1)
+        and nothing is copied, so finding a victim does not cost a pass over the whole cache."""
+        return Evictable(self, protected)
 
     def insert(self, key: Key, protected: Collection[Key] = (), victim: Key | None = None) -> tuple[int, Key | None]:
         """Give `key` a slot: a free one, or the policy's victim among unpinned, unprotected experts
@@ -177,3 +226,21 @@ class ExpertCache:
         self._free.append(slot)
         self.policy.on_remove(key)
         return slot
+
+
+class Evictable:
+    """cache.evictable()'s view: resident, unpinned and not protected. Iterating it is a full pass
+    (only the simulator's Belady bound does); `in` and truth are what the policies use."""
+
+    def __init__(self, cache: ExpertCache, protected: Collection[Key]):
+        self._cache, self._protected = cache, protected
+
+    def __contains__(self, key) -> bool:
+        c = self._cache
+        return key in c._slot_of and key not in c._pins and key not in self._protected
+
+    def __iter__(self):
+        return (k for k in self._cache._slot_of if k in self)
+
+    def __bool__(self) -> bool:
+        return any(True for _ in self)

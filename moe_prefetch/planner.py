@@ -20,11 +20,12 @@ Time is whatever clock the caller passes as `now` (the runtime's wall clock, the
 """
 from __future__ import annotations
 
+import heapq
 import math
 from collections import Counter, defaultdict
 from dataclasses import dataclass
 
-from .cache import CacheFullError, EvictionPolicy, ExpertCache, LRUPolicy, make_policy
+from .cache import CacheFullError, EvictionPolicy, ExpertCache, LFUPolicy, LRUPolicy, make_policy
 
 Key = tuple[int, int]
 
@@ -165,9 +166,15 @@ class PredictivePolicy(LRUPolicy):
     dist + L x (1 - p) / p layers away. p is the planner's latest calibrated prediction for the key
     when there is one, blended with its frequency share among its layer's routed uses (counted for
     every use, host-computed ones included, and kept across evictions); ties go to the least
-    recently used."""
+    recently used.
+
+    Within a layer, keys without a prediction rank by their use count alone, so each layer keeps a
+    heap of (uses, stamp, key): a victim costs one candidate per layer plus the predicted keys, not a
+    pass over the cache (thousands of slots on a 64- or 128-expert model). victim_ref() is the plain
+    scan it must agree with, ties included."""
 
     name = "predictive"
+    P_MIN, P_MAX = 1e-3, 1.0  # use_probability's clamp
 
     def __init__(self, positions: dict[int, int], top_k: int):
         super().__init__()
@@ -178,17 +185,44 @@ class PredictivePolicy(LRUPolicy):
         self.uses: Counter = Counter()
         self.layer_uses: Counter = Counter()
         self.predicted: dict = {}   # key -> calibrated P of use at its next run
+        self._heaps: dict = defaultdict(list)     # layer -> [(uses, stamp, key)], stale entries dropped lazily
+        self._resident: dict = defaultdict(set)   # layer -> its resident keys
+
+    def _push(self, key) -> None:
+        heap = self._heaps[key[0]]
+        heapq.heappush(heap, (self.uses[key], self._stamp[key], key))
+        if len(heap) > 4 * len(self._resident[key[0]]) + 16:  # mostly stale: rebuild
+            heap[:] = [(self.uses[k], self._stamp[k], k) for k in self._resident[key[0]]]
+            heapq.heapify(heap)
+
+    def on_insert(self, key):
+        super().on_insert(key)
+        self._resident[key[0]].add(key)
+        self._push(key)
+
+    def on_access(self, key):
+        super().on_access(key)
+        self._push(key)
+
+    def on_remove(self, key):
+        super().on_remove(key)
+        self._resident[key[0]].discard(key)
 
     def record_use(self, key) -> None:
         self.uses[key] += 1
         self.layer_uses[key[0]] += 1
+        if key in self._stamp:
+            self._push(key)
+
+    def _frequency(self, key) -> float:
+        tokens = self.layer_uses[key[0]] / self.top_k  # runs of its layer seen so far
+        return (self.uses[key] + 0.5) / (tokens + 1.0)  # smoothed: a new expert is not worthless
 
     def use_probability(self, key) -> float:
         """P(key is used at its layer's next run)."""
-        tokens = self.layer_uses[key[0]] / self.top_k  # runs of its layer seen so far
-        freq = (self.uses[key] + 0.5) / (tokens + 1.0)  # smoothed: a new expert is not worthless
+        freq = self._frequency(key)
         p = 0.5 * self.predicted[key] + 0.5 * freq if key in self.predicted else freq
-        return min(1.0, max(p, 1e-3))
+        return min(self.P_MAX, max(p, self.P_MIN))
 
     def next_use(self, key) -> float:
         """Expected layers until the key is used again."""
@@ -196,7 +230,50 @@ class PredictivePolicy(LRUPolicy):
         p = self.use_probability(key)
         return dist + self.n * (1.0 - p) / p
 
+    def _farthest(self, keys):
+        """The key of `keys` with the latest expected next use, ties to the least recently used."""
+        best, best_t, best_s = None, -1.0, math.inf
+        for key in keys:
+            t, s = self.next_use(key), self._stamp[key]
+            if t > best_t or (t == best_t and s < best_s):
+                best, best_t, best_s = key, t, s
+        return best
+
+    def _layer_best(self, layer, candidates):
+        """The layer's evictable key without a prediction that is expected to be needed last."""
+        heap, aside, found = self._heaps[layer], [], None
+        while heap:
+            uses, stamp, key = heap[0]
+            if self._stamp.get(key) != stamp or self.uses[key] != uses:
+                heapq.heappop(heap)  # stale: used, touched or evicted since
+            elif key in self.predicted or key not in candidates:
+                aside.append(heapq.heappop(heap))
+            else:
+                found = key
+                break
+        for entry in aside:
+            heapq.heappush(heap, entry)
+        if found is not None and not self.P_MIN < self._frequency(found) < self.P_MAX:
+            # clamped: keys with more uses clamp to the same P and tie with it; the oldest of them goes
+            found = self._farthest(k for k in self._resident[layer] if k not in self.predicted and k in candidates)
+        return found
+
     def victim(self, candidates):
+        picks = [k for k in self.predicted if k in self._stamp and k in candidates]
+        for layer in list(self._heaps):
+            if not self._resident[layer]:
+                del self._heaps[layer]
+                continue
+            key = self._layer_best(layer, candidates)
+            if key is not None:
+                picks.append(key)
+        best = self._farthest(picks)
+        if best is None:
+            raise CacheFullError("no evictable expert")
+        return best
+
+    def victim_ref(self, candidates):
+        """The definition: a pass over every resident key, oldest first."""
         best, best_t = None, -1.0
         for key in self._order:  # oldest first: ties go to LRU
             if key in candidates:
@@ -460,9 +537,8 @@ class Planner:
         return max(now, self.host_free) + self.costs.host_time(rows)
 
     def _host(self, now: float, key: Key, rows: int) -> Action:
-        counts = getattr(self.policy, "counts", None)
-        if counts is not None and not isinstance(self.policy, PredictivePolicy) and key not in self.cache:
-            counts[key] += 1  # LFU: a use, though the expert stays out of the cache
+        if isinstance(self.policy, LFUPolicy) and key not in self.cache:
+            self.policy.count_use(key)  # LFU: a use, though the expert stays out of the cache
         self.host_free = self._host_done(now, rows)
         self.counters.host += 1
         return Action("host", key, rows=rows)
@@ -627,8 +703,7 @@ class Planner:
         """How likely an evicted `key` is to be needed at its layer's next run."""
         if isinstance(self.policy, PredictivePolicy):
             return self.policy.use_probability(key)
-        counts = getattr(self.policy, "counts", None)
-        if counts:
-            layer_total = sum(v for k, v in counts.items() if k[0] == key[0])
-            return min(1.0, self.top_k * counts[key] / layer_total) if layer_total else 0.0
+        if isinstance(self.policy, LFUPolicy) and self.policy.counts:
+            layer_total = self.policy.group_counts[key[0]]
+            return min(1.0, self.top_k * self.policy.counts[key] / layer_total) if layer_total else 0.0
         return self.top_k / self.num_experts

@@ -82,3 +82,44 @@ def test_slot_count_never_exceeded_under_churn():
         assert len(c) <= 5
         slots = [c.lookup(x) for x in c.keys()]
         assert len(set(slots)) == len(slots), "two experts share a slot"
+
+
+def test_lfu_heap_agrees_with_the_plain_scan_under_churn():
+    """LFUPolicy.victim (a heap with stale entries) picks what victim_ref (the definition) picks, with
+    pins, protected keys and uses counted for experts that are not resident."""
+    import random
+
+    rng = random.Random(3)
+    pol = LFUPolicy()
+    c = ExpertCache(12, pol)
+    for step in range(3000):
+        key = (rng.randrange(4), rng.randrange(16))
+        if rng.random() < 0.1:
+            pol.count_use(key)  # a host-computed use
+        elif key in c:
+            c.touch(key)
+        else:
+            pins = rng.sample(sorted(c.keys()), min(len(c), rng.randrange(3)))
+            for p in pins:
+                c.pin(p)
+            protected = set(rng.sample(sorted(c.keys()), min(len(c), rng.randrange(3))))
+            candidates = c.evictable(protected)
+            if not c.has_free() and candidates:
+                assert pol.victim(candidates) == pol.victim_ref(set(candidates)), step
+            if c.has_free() or candidates:
+                c.insert(key, protected=protected)
+            for p in pins:
+                c.unpin(p)
+    assert len(pol._heap) <= 4 * len(c) + 64 + 1, "stale entries are compacted"
+
+
+def test_evictable_is_a_view_of_unpinned_unprotected_experts():
+    c = ExpertCache(3, LRUPolicy())
+    for k in "abc":
+        c.insert(k)
+    c.pin("a")
+    view = c.evictable({"b"})
+    assert "c" in view and "a" not in view and "b" not in view and "z" not in view
+    assert list(view) == ["c"] and view
+    c.pin("c")
+    assert not view, "the view follows the cache"

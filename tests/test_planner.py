@@ -317,3 +317,54 @@ def test_planner_skips_prediction_in_off_epochs_and_never_switches_ungated():
     assert ungated.switch is None and ungated.worth_predicting(0.0)
     always = Planner(4, layers, 4, 2, costs, adaptive=False)
     assert always.switch is None and always.worth_predicting(0.0)
+
+
+def test_predictive_policy_per_layer_heaps_agree_with_the_plain_scan():
+    """PredictivePolicy.victim (one heap per layer plus the predicted keys) picks what victim_ref (a pass
+    over every resident key) picks, ties and clamped probabilities included, as positions, uses,
+    predictions, pins and protected keys change."""
+    import random
+
+    rng = random.Random(7)
+    L, E, k = 5, 12, 2
+    pol = PredictivePolicy({j: j for j in range(L)}, top_k=k)
+    cache = ExpertCache(20, pol)
+    checked = 0
+    for step in range(4000):
+        pol.position = step % L
+        if rng.random() < 0.3:
+            for _ in range(rng.randrange(4)):
+                key = (rng.randrange(L), rng.randrange(E))
+                pol.predicted[key] = rng.choice([0.0, 0.5, 0.999, 1.0, rng.random()])
+        if rng.random() < 0.2:
+            pol.predicted.pop(rng.choice(list(pol.predicted)), None) if pol.predicted else None
+        key = (rng.randrange(L), rng.randrange(E) if rng.random() < 0.7 else rng.randrange(3))  # skewed uses
+        if rng.random() < 0.9:
+            pol.record_use(key)
+        if key in cache:
+            cache.touch(key)
+            continue
+        pins = rng.sample(sorted(cache.keys()), min(len(cache), rng.randrange(3)))
+        for p in pins:
+            cache.pin(p)
+        protected = set(rng.sample(sorted(cache.keys()), min(len(cache), rng.randrange(4))))
+        candidates = cache.evictable(protected)
+        if not cache.has_free() and candidates:
+            assert pol.victim(candidates) == pol.victim_ref(set(candidates)), step
+            checked += 1
+        if cache.has_free() or candidates:
+            cache.insert(key, protected=protected)
+        for p in pins:
+            cache.unpin(p)
+    assert checked > 1000
+    # a long run of one layer: rarely used resident experts reach the lower clamp and tie there
+    pol = PredictivePolicy({0: 0}, top_k=1)
+    cache = ExpertCache(4, pol)
+    for e in (3, 2, 1, 0):
+        cache.insert((0, e))
+    for _ in range(3000):
+        pol.record_use((0, 0))
+    pol.record_use((0, 1))
+    everything = set(cache.keys())
+    assert pol.use_probability((0, 1)) == pol.use_probability((0, 3)) == PredictivePolicy.P_MIN
+    assert pol.victim(everything) == pol.victim_ref(everything) == (0, 3), "clamped tie: the least recently used"
