@@ -36,6 +36,7 @@ import moe_prefetch as mp  # noqa: E402
 from moe_prefetch.cli_common import ArgumentParser, run_main  # noqa: E402
 from moe_prefetch.families.adapter import is_experts_module  # noqa: E402
 from moe_prefetch.hub import DEMO_DIR, resolve_model  # noqa: E402
+from moe_prefetch.predictors import ModelView  # noqa: E402
 from moe_prefetch.sim import CostModel, Policy, load_profiles, simulate  # noqa: E402
 
 
@@ -48,14 +49,14 @@ def sequences(tokenizer, path: Path, n: int, length: int) -> list[torch.Tensor]:
 def teacher_forced(model, seqs, device="cpu") -> tuple[float, int]:
     """Decode every token of every sequence one at a time; returns (decode seconds, decode steps),
     counting all steps but each sequence's first (its prefill)."""
-    from transformers import DynamicCache
-
     seconds, steps = 0.0, 0
     for seq in seqs:
-        cache = DynamicCache(config=model.config)
+        cache = None  # the model makes its own on the first step (some families need their own cache class)
         for t in range(seq.numel()):
             t0 = time.perf_counter()
-            model(seq[t:t + 1][None].to(device), use_cache=True, **mp.cache_kwargs(model, cache))
+            out = model(seq[t:t + 1][None].to(device), use_cache=True,
+                        **(mp.cache_kwargs(model, cache) if cache is not None else {}))
+            cache = out.get("past_key_values", out.get("cache"))  # renamed `cache` in newer transformers
             if t:
                 seconds += time.perf_counter() - t0
                 steps += 1
@@ -68,6 +69,9 @@ def gpu_ratio(hw_name: str, shape_name: str, dtype: str) -> float:
     c = CostModel.for_gpu(hw, shape, dtype, shape["moe_layers"])
     return c.transfer_s / (c.attn_s + shape["top_k"] * c.expert_s)
 
+
+#: the rows whose policy predicts (the default's predictor is next-gate, or history where routers cannot run ahead)
+PREDICTING = ("ours", "default", "next-gate", "history K=2")
 
 EXPERT: dict = {}  # loading options every row shares (--expert-dtype): set once the full-precision probe ran
 
@@ -209,6 +213,10 @@ def main(argv=None) -> int:
     probe, tok = load(args.model, predictor="none")
     rt = probe.moe_runtime
     L, E, k = len(rt.adapter.moe_layers()), rt.adapter.num_experts, rt.adapter.top_k
+    no_routers = ModelView.of(probe, rt.adapter).routers_unavailable  # next-gate and m2r2 cannot run then
+    auto = "next-gate" if no_routers is None else "history"           # what the default predictor runs
+    if no_routers:
+        print(f"next-gate and m2r2 rows skipped: {no_routers}")
     expert_bytes = rt.store.expert_nbytes
     probe.moe_runtime.close()
     seqs = sequences(tok, Path(args.data), args.sequences, args.seq_len)
@@ -242,6 +250,7 @@ def main(argv=None) -> int:
     trace_path = out / f"oracle_routing{args.tag}.npz"
     save_routing(trace, trace_path, meta=routing_meta(rec))
 
+    DEFAULT = f"default (no flags): {auto} K=2, predictive, gated"
     one = expert_bytes  # a prefetch budget of one expert in flight: prefetch only into an idle link
 
     def policies(slots):
@@ -250,21 +259,22 @@ def main(argv=None) -> int:
         host = dict(host_bandwidth=host_bw, host_compute="on")
         rows = [("LRU, no prefetch", none | dict(eviction="lru")),
                 ("LFU, no prefetch", none | dict(eviction="lfu")),
-                ("predictive eviction, no prefetch", none | dict(eviction="predictive")),
-                ("LRU + next-gate K=1, ungated (mixtral-offloading paper)",
-                 dict(predictor="next-gate", lookahead=1, eviction="lru", prefetch_gate=False)),
-                ("LFU + history K=1, ungated (MoE-Infinity-like)",
-                 dict(predictor="history", lookahead=1, eviction="lfu", prefetch_gate=False)),
-                ("default (no flags): next-gate K=2, predictive, gated", dict(predictor="next-gate", lookahead=2))]
-        if args.predictor_path:
+                ("predictive eviction, no prefetch", none | dict(eviction="predictive"))]
+        if not no_routers:
+            rows.append(("LRU + next-gate K=1, ungated (mixtral-offloading paper)",
+                         dict(predictor="next-gate", lookahead=1, eviction="lru", prefetch_gate=False)))
+        rows += [("LFU + history K=1, ungated (MoE-Infinity-like)",
+                  dict(predictor="history", lookahead=1, eviction="lfu", prefetch_gate=False)),
+                 (DEFAULT, {})]  # every option at its default
+        if args.predictor_path and not no_routers:
             m2r2 = dict(predictor="m2r2", predictor_path=args.predictor_path, eviction="predictive")
             rows += [(f"ours: m2r2 K={K}, predictive, gated", dict(m2r2, lookahead=K)) for K in (1, 2, 3)]
         oracle = dict(predictor="oracle", predictor_path=str(trace_path), lookahead=2, eviction="predictive")
         rows.append(("oracle K=2, predictive, gated", oracle))
         rows += [("LFU, no prefetch, host compute", none | dict(eviction="lfu") | host),
                  ("predictive eviction, no prefetch, host compute", none | dict(eviction="predictive") | host),
-                 ("next-gate K=2, predictive, gated, host compute", dict(predictor="next-gate", lookahead=2) | host)]
-        if args.predictor_path:
+                 (f"{auto} K=2, predictive, gated, host compute", dict(predictor=auto, lookahead=2) | host)]
+        if args.predictor_path and not no_routers:
             rows.append(("ours: m2r2 K=2, predictive, gated, host compute", dict(m2r2, lookahead=2) | host))
         rows.append(("oracle K=2, predictive, gated, host compute", oracle | host))
         return [(n, dict(kw, expert_cache=slots, link_bandwidth=link_bw)) for n, kw in rows]
@@ -288,7 +298,7 @@ def main(argv=None) -> int:
     results = []
     for (name, slots, kw), rs in zip(plan, runs):
         median = sorted(rs, key=lambda r: r["tokens_per_s"])[(len(rs) - 1) // 2]
-        results.append(dict(policy=name, cache=slots / (L * E), predictor=kw.get("predictor", "next-gate"),
+        results.append(dict(policy=name, cache=slots / (L * E), predictor=kw.get("predictor", auto),
                             eviction=kw.get("eviction", "predictive"), host_compute=kw.get("host_compute") == "on",
                             **median, tokens_per_s_rounds=[r["tokens_per_s"] for r in rs]))
     from transformers import AutoModelForCausalLM
@@ -301,66 +311,68 @@ def main(argv=None) -> int:
 
     # simulator check: same routing, cache and policy, costs measured on this CPU per predictor
     checks = []
-    from moe_prefetch.trace import record_trace
-
-    sim_trace = record_trace(rec_model := load(args.model, predictor="none", expert_cache=L * E)[0], tok,
-                             Path(args.data).read_text(encoding="utf-8"), 3, args.seq_len,
-                             args.sequences * args.seq_len, args.predictor_path, progress=False)
-    rec_model.moe_runtime.close()
-    check_set = [("LRU, no prefetch", Policy("lru", eviction="lru"), dict(predictor="none", eviction="lru")),
-                 ("default (no flags): next-gate K=2, predictive, gated",
-                  Policy("ng", "next-gate", 2, eviction="predictive"), dict(predictor="next-gate", lookahead=2)),
-                 ("predictive eviction, no prefetch, host compute",
-                  Policy("host", eviction="predictive", host_compute=True), dict(predictor="none"))]
-    if args.predictor_path:
-        m2r2 = dict(predictor="m2r2", predictor_path=args.predictor_path, lookahead=2)
-        check_set += [("ours: m2r2 K=2, predictive, gated", Policy("m2r2", "m2r2", 2, eviction="predictive"), m2r2),
-                      ("ours: m2r2 K=2, predictive, gated, host compute",
-                       Policy("m2r2h", "m2r2", 2, eviction="predictive", host_compute=True), m2r2)]
-    # at the 50% cache when it was measured, else at the first cache that was
-    check_frac = 0.5 if 0.5 in args.caches else args.caches[0]
-    # The CPU backend's fixed costs per copy and per host job (Python, thread hand-offs, two cores shared
-    # by three threads) are not in the resident-model timings: each is fitted once, on the row without
-    # prediction that exercises it (LRU: copies; predictive + host compute: host jobs), and then holds
-    # for every other row. The predictor's cost per predicted layer is what each row's run measured.
-    slots = max(k, round(check_frac * L * E))  # as the rows above were sized
     fitted = dict(copy_s=0.0, host_job_s=0.0)
-    calibrate_on = {"LRU, no prefetch": "copy_s", "predictive eviction, no prefetch, host compute": "host_job_s"}
+    if no_routers:  # its trace needs the routers run on recorded residuals
+        print("simulator check skipped: the model's routers cannot run ahead of time")
+    else:
+        from moe_prefetch.trace import record_trace
 
-    measured_costs = {}  # per row: the fit and the check use the same compute timings
+        sim_trace = record_trace(rec_model := load(args.model, predictor="none", expert_cache=L * E)[0], tok,
+                                 Path(args.data).read_text(encoding="utf-8"), 3, args.seq_len,
+                                 args.sequences * args.seq_len, args.predictor_path, progress=False)
+        rec_model.moe_runtime.close()
+        check_set = [("LRU, no prefetch", Policy("lru", eviction="lru"), dict(predictor="none", eviction="lru")),
+                     (DEFAULT, Policy("default", auto, 2, eviction="predictive"), {}),
+                     ("predictive eviction, no prefetch, host compute",
+                      Policy("host", eviction="predictive", host_compute=True), dict(predictor="none"))]
+        if args.predictor_path and not no_routers:
+            m2r2 = dict(predictor="m2r2", predictor_path=args.predictor_path, lookahead=2)
+            check_set += [("ours: m2r2 K=2, predictive, gated", Policy("m2r2", "m2r2", 2, eviction="predictive"), m2r2),
+                          ("ours: m2r2 K=2, predictive, gated, host compute",
+                           Policy("m2r2h", "m2r2", 2, eviction="predictive", host_compute=True), m2r2)]
+        # at the 50% cache when it was measured, else at the first cache that was
+        check_frac = 0.5 if 0.5 in args.caches else args.caches[0]
+        # The CPU backend's fixed costs per copy and per host job (Python, thread hand-offs, two cores shared
+        # by three threads) are not in the resident-model timings: each is fitted once, on the row without
+        # prediction that exercises it (LRU: copies; predictive + host compute: host jobs), and then holds
+        # for every other row. The predictor's cost per predicted layer is what each row's run measured.
+        slots = max(k, round(check_frac * L * E))  # as the rows above were sized
+        calibrate_on = {"LRU, no prefetch": "copy_s", "predictive eviction, no prefetch, host compute": "host_job_s"}
 
-    def sim_row(name, pol, kw, overheads):
-        if name not in measured_costs:
-            measured_costs[name] = measure_costs(args.model, seqs, k, expert_cache=L * E, **kw)
-        attn, expert, tail = measured_costs[name]
-        row = next(r for r in results if r["policy"] == name and abs(r["cache"] - slots / (L * E)) < 1e-9)
-        # the link time per expert as the engine measured it in that run (throttle plus copy)
-        cost = CostModel(attn, expert, row["link_s"] or expert_bytes / link_bw, expert_bytes, tail,
-                         host_s=(row.get("host_s") or expert_bytes / host_bw) if row["host_compute"] else None,
-                         predict_s=row.get("predict_s", 0.0), **overheads)
-        return row, cost, simulate(sim_trace, cost, slots, pol)
+        measured_costs = {}  # per row: the fit and the check use the same compute timings
 
-    for name, pol, kw in check_set:  # fit in check_set order: LRU's copy cost first, then the host's
-        param = calibrate_on.get(name)
-        if param is None:
-            continue
-        row, cost, res = sim_row(name, pol, kw, fitted)
-        measured_s = res.tokens / row["tokens_per_s"]
-        for _ in range(8):  # fixed point: overhead paid while a copy is in flight adds less than its length
-            ops = res.bytes_moved / expert_bytes if param == "copy_s" else res.host_computed
-            if not ops:
-                break
-            fitted[param] = max(0.0, fitted[param] + (measured_s - res.seconds) / ops)
-            cost = dataclasses.replace(cost, **{param: fitted[param]})
-            res = simulate(sim_trace, cost, slots, pol)
-    print(f"fitted CPU-backend overheads: {fitted['copy_s'] * 1e3:.3f} ms per copy, "
-          f"{fitted['host_job_s'] * 1e3:.3f} ms per host job")
-    for name, pol, kw in check_set:
-        row, cost, res = sim_row(name, pol, kw, fitted)
-        sim, meas = res.tokens_per_s, row["tokens_per_s"]
-        checks.append(dict(policy=name, cache=slots / (L * E), measured=meas, simulated=sim, error=sim / meas - 1,
-                           link_ms=cost.transfer_s * 1e3, nominal_link_ms=expert_bytes / link_bw * 1e3,
-                           predict_ms=cost.predict_s * 1e3, fitted=calibrate_on.get(name)))
+        def sim_row(name, pol, kw, overheads):
+            if name not in measured_costs:
+                measured_costs[name] = measure_costs(args.model, seqs, k, expert_cache=L * E, **kw)
+            attn, expert, tail = measured_costs[name]
+            row = next(r for r in results if r["policy"] == name and abs(r["cache"] - slots / (L * E)) < 1e-9)
+            # the link time per expert as the engine measured it in that run (throttle plus copy)
+            cost = CostModel(attn, expert, row["link_s"] or expert_bytes / link_bw, expert_bytes, tail,
+                             host_s=(row.get("host_s") or expert_bytes / host_bw) if row["host_compute"] else None,
+                             predict_s=row.get("predict_s", 0.0), **overheads)
+            return row, cost, simulate(sim_trace, cost, slots, pol)
+
+        for name, pol, kw in check_set:  # fit in check_set order: LRU's copy cost first, then the host's
+            param = calibrate_on.get(name)
+            if param is None:
+                continue
+            row, cost, res = sim_row(name, pol, kw, fitted)
+            measured_s = res.tokens / row["tokens_per_s"]
+            for _ in range(8):  # fixed point: overhead paid while a copy is in flight adds less than its length
+                ops = res.bytes_moved / expert_bytes if param == "copy_s" else res.host_computed
+                if not ops:
+                    break
+                fitted[param] = max(0.0, fitted[param] + (measured_s - res.seconds) / ops)
+                cost = dataclasses.replace(cost, **{param: fitted[param]})
+                res = simulate(sim_trace, cost, slots, pol)
+        print(f"fitted CPU-backend overheads: {fitted['copy_s'] * 1e3:.3f} ms per copy, "
+              f"{fitted['host_job_s'] * 1e3:.3f} ms per host job")
+        for name, pol, kw in check_set:
+            row, cost, res = sim_row(name, pol, kw, fitted)
+            sim, meas = res.tokens_per_s, row["tokens_per_s"]
+            checks.append(dict(policy=name, cache=slots / (L * E), measured=meas, simulated=sim, error=sim / meas - 1,
+                               link_ms=cost.transfer_s * 1e3, nominal_link_ms=expert_bytes / link_bw * 1e3,
+                               predict_ms=cost.predict_s * 1e3, fitted=calibrate_on.get(name)))
 
     for r in results:
         r["cache_fraction"] = r["cache"]
@@ -385,17 +397,17 @@ def targets(results: list[dict]) -> list[dict]:
         rows = {r["policy"]: r["tokens_per_s"] for r in results[1:] if r["cache"] == cache}
 
         def best(host):
-            return max((v for n, v in rows.items() if (n.startswith(("ours", "default", "next-gate")) and
+            return max((v for n, v in rows.items() if (n.startswith(PREDICTING) and
                                                         ("host compute" in n) == host)), default=None)
 
         twin_off, twin_on = rows.get("predictive eviction, no prefetch"), rows.get("predictive eviction, no prefetch, host compute")
         worst = min((v / (twin_on if "host compute" in n else twin_off), n) for n, v in rows.items()
-                    if n.startswith(("ours", "default", "next-gate")))
-        ours = max(v for n, v in rows.items() if n.startswith(("ours", "default", "next-gate")))
+                    if n.startswith(PREDICTING))
+        ours = max(v for n, v in rows.items() if n.startswith(PREDICTING))
         out.append(dict(cache=cache, best_over_lru=ours / rows["LRU, no prefetch"],
                         prediction_host_on=best(True) / twin_on, prediction_host_off=best(False) / twin_off,
                         worst_predictor_vs_twin=worst[0], worst_row=worst[1],
-                        default_vs_best_no_prediction=rows["default (no flags): next-gate K=2, predictive, gated"] /
+                        default_vs_best_no_prediction=next(v for n, v in rows.items() if n.startswith("default")) /
                         max(v for n, v in rows.items() if "no prefetch" in n and "host compute" not in n)))
     return out
 

@@ -20,9 +20,10 @@ def add_loading_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--eviction", default="predictive", choices=EVICTION_POLICIES,
                    help="expert cache eviction: predictive (default: evict the expert expected to be needed last, from "
                    "predictions and frequency), lru or lfu")
-    p.add_argument("--predictor", default="next-gate", choices=PREDICTORS,
+    p.add_argument("--predictor", default="auto", choices=PREDICTORS,
                    help="what drives prefetching: none (demand only), next-gate, history, m2r2 (trained, needs "
-                   "--predictor-path), oracle (replays a routing trace given by --predictor-path); default next-gate")
+                   "--predictor-path), oracle (replays a routing trace given by --predictor-path); default auto: "
+                   "next-gate, or history where the model's routers cannot run ahead of time")
     p.add_argument("--predictor-path", help="m2r2 predictor file from moe_prefetch.calibrate, or a routing trace for oracle")
     p.add_argument("--lookahead", type=int, help="prefetch the experts of layers l+1..l+K (default: 2; 0 = off; more than "
                    "the predictor can use on the model runs at its limit, with a note)")

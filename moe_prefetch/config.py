@@ -72,7 +72,8 @@ class OffloadConfig:
     device_slack:   device memory left unplanned when the budget comes from free GPU memory (cuBLAS
                     workspaces, kernels loaded on first use, allocator fragmentation); default 1GiB.
     show_progress:  show a progress bar while loading.
-    predictor:      "none", "next-gate", "history", "m2r2" (needs predictor_path) or "oracle" (a trace).
+    predictor:      "auto" (default: next-gate, or history on a model whose routers cannot run ahead of
+                    time), "none", "next-gate", "history", "m2r2" (needs predictor_path) or "oracle" (a trace).
     predictor_path: m2r2 predictor file (calibrate.py) or routing trace (trace.py) for the oracle.
     lookahead:      K: predict and prefetch the experts of layers l+1 .. l+K.
     prefetch_budget: cap on bytes in flight for prefetches; None = top_k experts (one layer's worth).
@@ -107,7 +108,7 @@ class OffloadConfig:
     pin_memory: str | bool | None = "auto"
     device_slack: int | str = "1GiB"
     show_progress: bool = True
-    predictor: str = "next-gate"
+    predictor: str = "auto"
     predictor_path: str | None = None
     lookahead: int = 2
     prefetch_budget: int | str | None = None

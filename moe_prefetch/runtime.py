@@ -382,7 +382,7 @@ def set_predictor(model: nn.Module, predictor: Predictor | str | None, lookahead
                   prefetch_budget: int | None = None, path: str | None = None) -> int:
     """Install (or, with None or "none", remove) the predictor that drives prefetching of an offloaded model.
 
-    predictor: a Predictor, or a name as --predictor takes it: "next-gate", "history", "m2r2" (path: a
+    predictor: a Predictor, or a name as --predictor takes it: "auto", "next-gate", "history", "m2r2" (path: a
     predictor file from moe_prefetch.calibrate) or "oracle" (path: a routing trace from moe_prefetch.trace);
     a file made for another model is refused. lookahead: K (default: the config's). A K beyond what the
     predictor can use on this model (see Predictor.max_lookahead) runs at that limit: stats() reports the

@@ -112,7 +112,7 @@ def record_trace(model, tokenizer, text: str, lookahead: int, seq_len: int, max_
     truth = true_topk(view, H)
     N, L, E, K = H[0].shape[0], len(H), view.num_experts, lookahead
     dtype = view.routers[0].dtype
-    predictors = {"next-gate": None}
+    predictors = {"next-gate": None} if view.routers_unavailable is None else {}  # routers run ahead, or not at all
     if predictor_path:
         predictors["m2r2"] = AcceleratedPredictor(view, load(view, predictor_path))
     scores = {}

@@ -77,6 +77,8 @@ def test_family_identical_across_cache_sizes(tmp_path, model_type):
     if ahead == "history":
         with pytest.raises(MoePrefetchError, match="ahead of time"):
             _generate(path, expert_cache=k, predictor="next-gate")
+    out, st, _ = _generate(path, expert_cache=k)  # no predictor named: auto runs what this family allows
+    assert torch.equal(out, ref) and st["predictor"] == ahead, f"{model_type}: default predictor"
     scored = 0
     for slots, predictor in ((k, "none"), (k, ahead), ((k + total) // 2, ahead), (total - 1, ahead)):
         # the benefit gate off: every prediction the planner can act on is prefetched (the path under test)

@@ -353,6 +353,21 @@ def test_throughput_bench_on_a_family_with_a_dense_layer_and_a_shared_expert(tmp
     assert all(row["tokens_per_s"] > 0 and row["steps"] == 5 for row in rows.values())
 
 
+def test_bench_decode_loop_lets_the_model_make_its_own_cache(tmp_path):
+    """MiniMax refuses a DynamicCache (it keeps linear-attention state in a cache class of its own): the
+    benches' teacher-forced loop takes whatever cache the model returns, and decodes what a full pass does."""
+    from moe_families import make_family
+    sys.path.insert(0, str(ROOT / "bench"))
+    import throughput
+    from transformers import AutoModelForCausalLM
+
+    make_family("minimax", tmp_path / "minimax", seed=0)
+    model = AutoModelForCausalLM.from_pretrained(tmp_path / "minimax")
+    seq = torch.arange(3, 13)
+    seconds, steps = throughput.teacher_forced(model, [seq, seq[:4]])
+    assert steps == 9 + 3 and seconds > 0
+
+
 def test_benches_refuse_a_missing_predictor_file_in_one_line(tmp_path):
     env = dict(os.environ, HF_HUB_OFFLINE="1", PYTHONPATH=str(ROOT))
     for bench in ("throughput.py", "predictor_cost.py"):

@@ -7,10 +7,19 @@ from .history import HistoryPredictor
 from .next_gate import NextGatePredictor
 from .oracle import OraclePredictor
 
-PREDICTORS = ("none", "next-gate", "history", "m2r2", "oracle")
+PREDICTORS = ("auto", "none", "next-gate", "history", "m2r2", "oracle")
+
+
+def resolve_auto(view: ModelView) -> str:
+    """What --predictor auto (the default) runs on this model: next-gate, which scores later layers with
+    their own routers, where those routers can run ahead of time; history where they cannot (a router
+    that reads token ids, as DeepSeek-V4's hash-routed layers do)."""
+    return "next-gate" if view.routers_unavailable is None else "history"
 
 
 def make_predictor(name: str, view: ModelView, path=None, device="cpu", trace=None) -> Predictor:
+    if name == "auto":
+        name = resolve_auto(view)
     if name == "none":
         return NoPredictor(view)
     if name == "next-gate":
@@ -41,4 +50,4 @@ def make_predictor(name: str, view: ModelView, path=None, device="cpu", trace=No
     raise MoePrefetchError(f"unknown predictor {name!r}: use one of {', '.join(PREDICTORS)}")
 
 
-__all__ = ["PREDICTORS", "HistoryPredictor", "ModelView", "NextGatePredictor", "NoPredictor", "OraclePredictor", "Predictor", "make_predictor"]
+__all__ = ["PREDICTORS", "HistoryPredictor", "ModelView", "NextGatePredictor", "NoPredictor", "OraclePredictor", "Predictor", "make_predictor", "resolve_auto"]

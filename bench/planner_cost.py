@@ -1,0 +1,141 @@
+"""What the planner costs the host per token on real model shapes, with the eviction policies' fast victim
+search against their plain scans (victim_ref), side by side in one run.
+
+    python bench/planner_cost.py --out bench/results
+
+The planner is pure Python and runs on the compute thread once per MoE layer, so its cost per token
+grows with the layers, the experts routed per token and, for a scan, the cache's size: thousands of
+slots on a 64- or 128-expert model. Each row replays one synthetic routing trace of the model's shape
+(per layer a Zipf-skewed expert popularity, a share of each token's experts repeated from the previous
+token, next-gate-like scores) through the simulator at 50% cache, the simulator driving the same
+planner as the runtime, and times the whole replay per token; `scan` swaps every policy's victim() for
+its victim_ref(). Both variants must make the same decisions (checked: the simulated results are
+equal). The absolute figures are for the machine named in the output only.
+"""
+from __future__ import annotations
+
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from moe_prefetch.cli_common import ArgumentParser, run_main  # noqa: E402
+from moe_prefetch.sim import CostModel, Policy, Trace, load_profiles, simulate  # noqa: E402
+import moe_prefetch.sim as sim  # noqa: E402
+from transfer import cpu_name  # noqa: E402  (bench/transfer.py: the CPU's model name)
+
+EXTRA = {"qwen3-30b-a3b": dict(name="Qwen3-30B-A3B", moe_layers=48, experts=128, top_k=8,
+                               source="Qwen/Qwen3-30B-A3B config.json: 48 layers, 128 experts, 8 per token")}
+
+
+def synthetic_trace(L: int, E: int, k: int, tokens: int, seed: int = 0, repeat: float = 0.3) -> Trace:
+    """Routing [tokens, L, k] with per-layer Zipf popularity and `repeat` of each token's experts kept from
+    the previous token; next-gate-like scores for distances 1, 2 (the truth's experts scored higher)."""
+    rng = np.random.default_rng(seed)
+    ranks = np.arange(1, E + 1)
+    pop = np.stack([rng.permutation(1.0 / ranks) for _ in range(L)])
+    pop /= pop.sum(1, keepdims=True)  # [L, E]
+    routing = np.zeros((tokens, L, k), dtype=np.int64)
+    for t in range(tokens):
+        for i in range(L):
+            keep = [e for e in routing[t - 1, i] if rng.random() < repeat] if t else []
+            p = pop[i].copy()
+            p[keep] = 0.0
+            fresh = rng.choice(E, k - len(keep), replace=False, p=p / p.sum())
+            routing[t, i] = np.array(keep + list(fresh))
+    scores = rng.random((tokens, L, 2, E)).astype(np.float32) * 0.5
+    for t in range(tokens):
+        for i in range(L):
+            for d in (1, 2):
+                if i + d < L:
+                    scores[t, i, d - 1, routing[t, i + d]] += 0.5
+                else:
+                    scores[t, i, d - 1] = np.nan
+    scores /= np.nansum(scores, -1, keepdims=True)
+    return Trace(routing, [tokens], {"next-gate": scores}, {"experts": E, "top_k": k, "layers": L, "lookahead": 2})
+
+
+def timed(trace, cost, slots, policy, scan: bool):
+    """Seconds to replay `trace`, and the result; scan: every victim() is the policy's victim_ref()."""
+    original = sim.make_planner
+
+    def with_scan(*a, **kw):
+        planner = original(*a, **kw)
+        ref = getattr(planner.policy, "victim_ref", None)
+        if ref is not None:
+            planner.policy.victim = ref
+        return planner
+
+    sim.make_planner = with_scan if scan else original
+    try:
+        t0 = time.perf_counter()
+        result = simulate(trace, cost, slots, policy)
+        return time.perf_counter() - t0, result
+    finally:
+        sim.make_planner = original
+
+
+def main(argv=None) -> int:
+    ap = ArgumentParser(description=__doc__.splitlines()[0])  # a bad flag: one line
+    ap.add_argument("--shapes", nargs="+", default=["mixtral-8x7b", "deepseek-v2-lite", "qwen3-30b-a3b"],
+                    help="model shapes (moe_prefetch/profiles/models.json, or qwen3-30b-a3b)")
+    ap.add_argument("--tokens", type=int, default=24, help="tokens per replay (default: 24)")
+    ap.add_argument("--repeats", type=int, default=3, help="interleaved repeats; the median is reported")
+    ap.add_argument("--out", default=None, help="folder for planner_cost.md and .json")
+    args = ap.parse_args(argv)
+    shapes = {**load_profiles("models"), **EXTRA}
+    unknown = [s for s in args.shapes if s not in shapes]
+    if unknown:
+        ap.error(f"unknown shape {unknown[0]!r}: use one of {', '.join(sorted(shapes))}")
+    if args.tokens < 2 or args.repeats < 1:
+        ap.error("--tokens must be at least 2 and --repeats at least 1")
+    # costs only decide what the planner does (a link 11x a layer, as on a 24 GB GPU), not how long it takes
+    cost = CostModel(attn_s=1e-3, expert_s=1e-4, transfer_s=12e-3, expert_bytes=1)
+    policies = [Policy("LRU, no prefetch", eviction="lru"), Policy("LFU, no prefetch", eviction="lfu"),
+                Policy("default: next-gate K=2, predictive, gated", "next-gate", 2, eviction="predictive")]
+    rows = []
+    for name in args.shapes:
+        shape = shapes[name]
+        L, E, k = shape["moe_layers"], shape["experts"], shape["top_k"]
+        trace = synthetic_trace(L, E, k, args.tokens)
+        slots = L * E // 2
+        for policy in policies:
+            times = {False: [], True: []}
+            results = {}
+            for _ in range(args.repeats):
+                for scan in (False, True):
+                    seconds, results[scan] = timed(trace, cost, slots, policy, scan)
+                    times[scan].append(seconds / args.tokens)
+            if results[False] != results[True]:
+                raise RuntimeError(f"{name}, {policy.name}: the fast victim search decided differently from the scan")
+            fast, scan = statistics.median(times[False]), statistics.median(times[True])
+            rows.append(dict(shape=shape["name"], layers=L, experts=E, top_k=k, slots=slots, policy=policy.name,
+                             fast_ms=fast * 1e3, scan_ms=scan * 1e3, ratio=scan / fast))
+            print(f"{shape['name']:18s} {policy.name:44s} {fast * 1e3:8.2f} ms/token (scan {scan * 1e3:8.2f}, "
+                  f"{scan / fast:.1f}x)", flush=True)
+    where = f"{cpu_name()}, Python {sys.version.split()[0]}"
+    lines = [f"Planner + replay time per token at 50% cache, synthetic routing of each model's shape, {args.tokens} "
+             f"tokens, median of {args.repeats} interleaved repeats; {where}. `scan`: every victim found by a pass "
+             "over the cache (victim_ref); both made the same decisions.", "",
+             "| model shape | layers x experts (top-k) | slots | policy | ms/token | scan ms/token | scan / fast |",
+             "|---|---|---|---|---|---|---|"]
+    lines += [f"| {r['shape']} | {r['layers']} x {r['experts']} ({r['top_k']}) | {r['slots']} | {r['policy']} | "
+              f"{r['fast_ms']:.2f} | {r['scan_ms']:.2f} | {r['ratio']:.1f}x |" for r in rows]
+    print("\n".join(lines))
+    if args.out:
+        out = Path(args.out)
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "planner_cost.md").write_text("\n".join(lines) + "\n", encoding="utf-8")
+        (out / "planner_cost.json").write_text(json.dumps(dict(machine=where, tokens=args.tokens, rows=rows), indent=1),
+                                               encoding="utf-8")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(run_main(main))  # failures: one line on stderr, non-zero status
