@@ -9,7 +9,7 @@ slots on a 64- or 128-expert model. Each row replays one synthetic routing trace
 (per layer a Zipf-skewed expert popularity, a share of each token's experts repeated from the previous
 token, next-gate-like scores) through the simulator at 50% cache, the simulator driving the same
 planner as the runtime, and times the whole replay per token; `scan` swaps every policy's victim() for
-its victim_ref(). Both variants must make the same decisions (checked: the simulated results are
+its victim_ref() over a copied set of the evictable experts (the code before the heaps). Both variants must make the same decisions (checked: the simulated results are
 equal). The absolute figures are for the machine named in the output only.
 """
 from __future__ import annotations
@@ -62,14 +62,16 @@ def synthetic_trace(L: int, E: int, k: int, tokens: int, seed: int = 0, repeat: 
 
 
 def timed(trace, cost, slots, policy, scan: bool):
-    """Seconds to replay `trace`, and the result; scan: every victim() is the policy's victim_ref()."""
+    """Seconds to replay `trace`, and the result; scan: every victim is found as before the heaps, by the
+    policy's victim_ref() over a copied set of the evictable experts."""
     original = sim.make_planner
 
     def with_scan(*a, **kw):
         planner = original(*a, **kw)
-        ref = getattr(planner.policy, "victim_ref", None)
-        if ref is not None:
-            planner.policy.victim = ref
+        policy, cache = planner.policy, planner.cache
+        policy.victim = getattr(policy, "victim_ref", policy.victim)
+        view = cache.evictable
+        cache.evictable = lambda protected=(): set(view(protected))
         return planner
 
     sim.make_planner = with_scan if scan else original
@@ -85,7 +87,7 @@ def main(argv=None) -> int:
     ap = ArgumentParser(description=__doc__.splitlines()[0])  # a bad flag: one line
     ap.add_argument("--shapes", nargs="+", default=["mixtral-8x7b", "deepseek-v2-lite", "qwen3-30b-a3b"],
                     help="model shapes (moe_prefetch/profiles/models.json, or qwen3-30b-a3b)")
-    ap.add_argument("--tokens", type=int, default=24, help="tokens per replay (default: 24)")
+    ap.add_argument("--tokens", type=int, default=64, help="tokens per replay (default: 64)")
     ap.add_argument("--repeats", type=int, default=3, help="interleaved repeats; the median is reported")
     ap.add_argument("--out", default=None, help="folder for planner_cost.md and .json")
     args = ap.parse_args(argv)
@@ -122,7 +124,7 @@ def main(argv=None) -> int:
     where = f"{cpu_name()}, Python {sys.version.split()[0]}"
     lines = [f"Planner + replay time per token at 50% cache, synthetic routing of each model's shape, {args.tokens} "
              f"tokens, median of {args.repeats} interleaved repeats; {where}. `scan`: every victim found by a pass "
-             "over the cache (victim_ref); both made the same decisions.", "",
+             "over a copied set of the evictable experts (victim_ref); both made the same decisions.", "",
              "| model shape | layers x experts (top-k) | slots | policy | ms/token | scan ms/token | scan / fast |",
              "|---|---|---|---|---|---|---|"]
     lines += [f"| {r['shape']} | {r['layers']} x {r['experts']} ({r['top_k']}) | {r['slots']} | {r['policy']} | "

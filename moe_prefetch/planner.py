@@ -437,8 +437,9 @@ class Planner:
         every slot this layer holds stays pinned until release(). in_order: grant a prefix only."""
         if isinstance(self.policy, PredictivePolicy):
             self.policy.position = self.positions[layer]
-            for e in range(self.num_experts):  # its predictions are consumed now
-                self.policy.predicted.pop((layer, e), None)
+            predicted = self.policy.predicted  # its predictions are consumed now (a few keys: no pass over E)
+            for key in [key for key in predicted if key[0] == layer]:
+                del predicted[key]
         rows = rows or {}
         if layer != self._layer_seen:  # a new layer (not another round of the same one)
             if self._layer_start is not None and 0.0 < now - self._layer_start < PredictionSwitch.MAX_GAP_S:
