@@ -368,6 +368,19 @@ def test_bench_decode_loop_lets_the_model_make_its_own_cache(tmp_path):
     assert steps == 9 + 3 and seconds > 0
 
 
+def test_planner_cost_bench_runs_and_refuses_an_unknown_shape(tmp_path):
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    bench = str(ROOT / "bench" / "planner_cost.py")
+    r = subprocess.run([sys.executable, bench, "--shapes", "nope"], capture_output=True, text=True, env=env, timeout=120)
+    assert r.returncode == 2 and r.stderr.startswith("error: unknown shape 'nope'") and len(r.stderr.splitlines()) == 1
+    r = subprocess.run([sys.executable, bench, "--shapes", "olmoe-1b-7b", "--tokens", "6", "--repeats", "1",
+                        "--out", str(tmp_path)], capture_output=True, text=True, env=env, timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    rows = json.loads((tmp_path / "planner_cost.json").read_text())["rows"]
+    assert [row["policy"].split(",")[0] for row in rows] == ["LRU", "LFU", "default: next-gate K=2"]
+    assert all(row["slots"] == 16 * 64 // 2 and row["fast_ms"] > 0 and row["scan_ms"] > 0 for row in rows)
+
+
 def test_benches_refuse_a_missing_predictor_file_in_one_line(tmp_path):
     env = dict(os.environ, HF_HUB_OFFLINE="1", PYTHONPATH=str(ROOT))
     for bench in ("throughput.py", "predictor_cost.py"):
