@@ -11,18 +11,18 @@ are what each prediction could give at best on this routing.
 """
 from __future__ import annotations
 
-import argparse
 import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from moe_prefetch.cli_common import ArgumentParser, run_main  # noqa: E402
 from moe_prefetch.sim import CostModel, Policy, Trace, simulate  # noqa: E402
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap = ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--trace", default=str(ROOT / "bench/results/demo.trace.npz"), help="trace from moe_prefetch.trace --data")
     ap.add_argument("--ratio", type=float, default=11.2, help="expert transfer time / layer compute time (default 11.2)")
     ap.add_argument("--host-over-link", type=float, default=2.4, help="host expert rate / link rate (default 2.4: DDR5-2ch / PCIe 4)")
@@ -63,4 +63,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run_main(main))  # failures: one line on stderr, non-zero status

@@ -10,7 +10,6 @@ next to the machine they name (printed).
 """
 from __future__ import annotations
 
-import argparse
 import platform
 import sys
 from pathlib import Path
@@ -21,6 +20,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from moe_prefetch.cli_common import ArgumentParser, run_main  # noqa: E402
 from moe_prefetch import quant  # noqa: E402
 from moe_prefetch.host_kernels import PackedMatrix  # noqa: E402
 
@@ -37,7 +37,7 @@ def expert(x, up, down, inter):
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap = ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--hidden", type=int, default=4096, help="H (default: Mixtral-8x7B's 4096)")
     ap.add_argument("--inter", type=int, default=14336, help="I (default: Mixtral-8x7B's 14336)")
     ap.add_argument("--dtype", default="bf16", choices=DTYPES, help="activation dtype (default bf16)")
@@ -76,4 +76,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run_main(main))  # failures: one line on stderr, non-zero status

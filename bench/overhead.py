@@ -18,7 +18,6 @@ import os
 # threads' work does not stall the compute thread's matmuls on a small machine.
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
-import argparse  # noqa: E402
 import json
 import statistics
 import sys
@@ -29,6 +28,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from moe_prefetch.cli_common import ArgumentParser, run_main  # noqa: E402
 import moe_prefetch as mp  # noqa: E402
 from moe_prefetch.hub import DEMO_DIR, resolve_model  # noqa: E402
 
@@ -37,7 +37,7 @@ from throughput import sequences, teacher_forced  # noqa: E402
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p = ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--model", default="demo", help="alias or checkpoint directory (default: demo)")
     p.add_argument("--data", default=str(DEMO_DIR / "heldout.txt"), help="text to decode (default: the demo's held-out text)")
     p.add_argument("--seqs", type=int, default=2, help="sequences per timed run (default 2)")
@@ -90,4 +90,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run_main(main))  # failures: one line on stderr, non-zero status

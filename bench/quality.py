@@ -9,7 +9,6 @@ every expert resident (the cache size does not change the arithmetic; see tests/
 """
 from __future__ import annotations
 
-import argparse
 import json
 import math
 import os
@@ -23,6 +22,7 @@ import torch
 ROOT = Path(__file__).resolve().parent
 sys.path.insert(0, str(ROOT.parent))
 
+from moe_prefetch.cli_common import ArgumentParser, run_main  # noqa: E402
 import moe_prefetch as mp  # noqa: E402
 from moe_prefetch.calibrate import read_text  # noqa: E402
 
@@ -47,7 +47,7 @@ def evaluate(model_name: str, ids: torch.Tensor, seq_len: int, **cfg) -> dict:
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p = ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--model", default="demo")
     p.add_argument("--data", default=str(ROOT.parent / "moe_prefetch" / "demo_model" / "heldout.txt"))
     p.add_argument("--tokens", type=int, default=32768, help="held-out tokens scored (default 32768)")
@@ -91,4 +91,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    sys.exit(run_main(main))  # failures: one line on stderr, non-zero status

@@ -29,6 +29,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from moe_prefetch.cli_common import ArgumentParser, run_main  # noqa: E402
 from moe_prefetch import quant  # noqa: E402
 
 SMALL = [(2 * 1024, 512), (512, 1024)]  # Mixtral's gate_up [2I, H] and down [H, I], scaled down
@@ -94,7 +95,7 @@ def fmt(ms: float | None, dense: float) -> str:
 
 
 def main(argv: list[str] | None = None) -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--threads", type=int, default=1, help="torch.set_num_threads (default 1)")
     ap.add_argument("--rows", default="1,8", help="comma-separated row counts n of x [n, in]")
     ap.add_argument("--dtypes", default="bf16,fp32", help=f"activation dtypes among {','.join(DTYPES)}")
@@ -141,4 +142,4 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(run_main(main))  # failures: one line on stderr, non-zero status

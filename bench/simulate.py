@@ -14,7 +14,6 @@ Mixtral), every table says so. Nothing here is a measurement.
 """
 from __future__ import annotations
 
-import argparse
 import hashlib
 import json
 import sys
@@ -22,6 +21,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from moe_prefetch.cli_common import ArgumentParser, run_main  # noqa: E402
 from moe_prefetch.sim import (BYTES_PER_PARAM, CostModel, Trace, load_profiles, physical_bound,  # noqa: E402
                               simulate, standard_policies)
 
@@ -58,7 +58,7 @@ def planner_blob() -> str:
 
 def main(argv=None) -> int:
     hw_all, shapes, hosts = load_profiles("hardware"), load_profiles("models"), load_profiles("hosts")
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p = ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--trace", required=True, help="trace file from python -m moe_prefetch.trace")
     p.add_argument("--shape", default="mixtral-8x7b", choices=sorted(shapes), help="model shape for the costs (default: mixtral-8x7b)")
     p.add_argument("--hardware", nargs="+", default=sorted(hw_all), choices=sorted(hw_all), help="GPU profiles (default: all)")
@@ -144,4 +144,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run_main(main))  # failures: one line on stderr, non-zero status

@@ -251,8 +251,6 @@ def main(argv=None) -> int:
     save_routing(trace, trace_path, meta=routing_meta(rec))
 
     DEFAULT = f"default (no flags): {auto} K=2, predictive, gated"
-    one = expert_bytes  # a prefetch budget of one expert in flight: prefetch only into an idle link
-
     def policies(slots):
         """(name, predictor, eviction, host compute, loading kwargs); default-config row flagged by name."""
         none = dict(predictor="none")

@@ -18,7 +18,6 @@ so both see the same machine state. Numbers mean something only next to the mach
 """
 from __future__ import annotations
 
-import argparse
 import mmap
 import os
 import platform
@@ -33,6 +32,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from moe_prefetch.cli_common import ArgumentParser, run_main  # noqa: E402
 from moe_prefetch import _native  # noqa: E402
 from moe_prefetch.errors import MoePrefetchError  # noqa: E402
 
@@ -151,7 +151,7 @@ def bench_cuda(size: int, path: Path, args, ext) -> list[tuple[str, float, float
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description="Copy throughput: native (csrc/) vs PyTorch twins, CPU and CUDA.")
+    p = ArgumentParser(description="Copy throughput: native (csrc/) vs PyTorch twins, CPU and CUDA.")
     p.add_argument("--sizes", default="1,16,64,352", help="expert sizes in MB (10^6 bytes), comma-separated (default: %(default)s)")
     p.add_argument("--pieces", type=int, default=3, help="pieces per expert, like w1/w2/w3 (default: %(default)s)")
     p.add_argument("--repeats", type=int, default=5, help="timed runs per case after one warm-up; the median is reported (default: %(default)s)")
@@ -210,4 +210,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run_main(main))  # failures: one line on stderr, non-zero status

@@ -381,6 +381,27 @@ def test_planner_cost_bench_runs_and_refuses_an_unknown_shape(tmp_path):
     assert all(row["slots"] == 16 * 64 // 2 and row["fast_ms"] > 0 and row["scan_ms"] > 0 for row in rows)
 
 
+def test_every_bench_refuses_a_bad_flag_in_one_line():
+    env = dict(os.environ, HF_HUB_OFFLINE="1", PYTHONPATH=str(ROOT))
+    benches = sorted(p.name for p in (ROOT / "bench").glob("*.py"))
+    assert len(benches) >= 11
+    for bench in benches:
+        r = subprocess.run([sys.executable, str(ROOT / "bench" / bench), "--no-such-flag"], capture_output=True,
+                           text=True, env=env, timeout=120)
+        assert r.returncode == 2 and not r.stdout, bench
+        assert r.stderr.startswith("error: ") and len(r.stderr.strip().splitlines()) == 1, (bench, r.stderr)
+
+
+def test_predictors_bench_says_what_the_skip_left(tmp_path):
+    text = tmp_path / "short.txt"
+    text.write_text("a short text")
+    env = dict(os.environ, HF_HUB_OFFLINE="1", PYTHONPATH=str(ROOT))
+    r = subprocess.run([sys.executable, str(ROOT / "bench" / "predictors.py"), "--data", str(text), "--skip-tokens", "5"],
+                       capture_output=True, text=True, env=env, timeout=300)
+    assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1, r.stderr
+    assert f"{text} past --skip-tokens 5 has 0 tokens" in r.stderr
+
+
 def test_benches_refuse_a_missing_predictor_file_in_one_line(tmp_path):
     env = dict(os.environ, HF_HUB_OFFLINE="1", PYTHONPATH=str(ROOT))
     for bench in ("throughput.py", "predictor_cost.py"):
