@@ -304,17 +304,8 @@ class PredictivePolicy(LRUPolicy):
         p = self.use_probability(key)
         return dist + self.n * (1.0 - p) / p
 
-    def _farthest(self, keys):
-        """The key of `keys` with the latest expected next use, ties to the least recently used."""
-        best, best_t, best_s = None, -1.0, math.inf
-        for key in keys:
-            t, s = self.next_use(key), self._stamp[key]
-            if t > best_t or (t == best_t and s < best_s):
-                best, best_t, best_s = key, t, s
-        return best
-
-    def _group_best(self, layer, group, heap, candidates):
-        """The group's evictable key without a prediction that is expected to be needed last."""
+    def _group_best(self, group, heap, candidates):
+        """The group's evictable key without a prediction and with the fewest uses (the oldest of those)."""
         aside, found = [], None
         while heap:
             uses, stamp, key = heap[0]
@@ -327,25 +318,42 @@ class PredictivePolicy(LRUPolicy):
                 break
         for entry in aside:
             heapq.heappush(heap, entry)
-        if found is not None and not self.P_MIN < self._history(found) < self.P_MAX:
-            # clamped: keys with more uses clamp to the same P and tie with it; the oldest of them goes
-            found = self._farthest(k for k in self._resident[layer]
-                                   if self._group(k) == group and k not in self.predicted and k in candidates)
         return found
 
     def victim(self, candidates):
-        picks = [k for k in self.predicted if k in self._stamp and k in candidates]
-        for layer in list(self._heaps):
-            if not self._resident[layer]:
+        best, best_t, best_s = None, -1.0, math.inf
+
+        def consider(key, t):
+            nonlocal best, best_t, best_s
+            s = self._stamp[key]
+            if t > best_t or (t == best_t and s < best_s):  # ties: the least recently used
+                best, best_t, best_s = key, t, s
+
+        for key in self.predicted:
+            if key in self._stamp and key in candidates:
+                consider(key, self.next_use(key))
+        for layer, heaps in list(self._heaps.items()):
+            resident = self._resident[layer]
+            if not resident:
                 del self._heaps[layer]
                 continue
-            for group, heap in list(self._heaps[layer].items()):
-                key = self._group_best(layer, group, heap, candidates)
-                if key is not None:
-                    picks.append(key)
-                elif not heap:
-                    del self._heaps[layer][group]
-        best = self._farthest(picks)
+            # next_use() of a key without a prediction, with what its layer and group share computed once
+            dist = (self.positions[layer] - self.position) % self.n or self.n
+            tokens = self.layer_uses[layer] / self.top_k
+            for group, heap in list(heaps.items()):
+                key = self._group_best(group, heap, candidates)
+                if key is None:
+                    if not heap:
+                        del heaps[group]
+                    continue
+                b = (layer, self._bucket(layer, group))
+                p = (self.uses[key] + 0.5) / (tokens + 1.0) * ((self._seen[b] + 1.0) / (self._expected[b] + 1.0))
+                if self.P_MIN < p < self.P_MAX:
+                    consider(key, dist + self.n * (1.0 - p) / p)
+                else:  # clamped: keys with more uses clamp to the same P and tie with it; the oldest of them goes
+                    for k in resident:
+                        if self._group(k) == group and k not in self.predicted and k in candidates:
+                            consider(k, self.next_use(k))
         if best is None:
             raise CacheFullError("no evictable expert")
         return best
