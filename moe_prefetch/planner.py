@@ -164,107 +164,36 @@ class PredictivePolicy(LRUPolicy):
     A key of layer j comes up again in dist(j) layers and then every L layers (one token); if it is
     used at each of its layer's runs with probability p, its expected next use is
     dist + L x (1 - p) / p layers away. p is the planner's latest calibrated prediction for the key
-    when there is one, blended with what its layer's history says: its frequency share among the
-    layer's routed uses (counted for every use, host-computed ones included, and kept across
-    evictions), recalibrated by how recently it was used. That recalibration is learnt online per
-    layer: for the experts used at its last run, at an earlier one, or never, the uses
-    observed at the next run against the uses their frequencies predicted. Where routing sticks from
-    one token to the next, a just-used expert's factor rises above 1 and the rule leans towards LRU;
-    where it does not, every factor tends to 1 and the rule is frequency's (LFU's). Ties go to the
-    least recently used.
+    when there is one, blended with its frequency share among its layer's routed uses (counted for
+    every use, host-computed ones included, and kept across evictions); ties go to the least
+    recently used.
 
-    Within a layer, experts last used at the same run share that factor, so those without a
-    prediction rank by their use count alone: each layer keeps a heap of (uses, stamp, key) per such
-    group (GAPS + 1 of them at most), and a victim costs a few candidates per layer plus the predicted
-    keys, not a pass over the cache (thousands of slots on a 64- or 128-expert model). victim_ref()
-    is the plain scan it must agree with, ties included."""
+    Within a layer, keys without a prediction rank by their use count alone, so each layer keeps a
+    heap of (uses, stamp, key): a victim costs one candidate per layer plus the predicted keys, not a
+    pass over the cache (thousands of slots on a 64- or 128-expert model). victim_ref() is the plain
+    scan it must agree with, ties included."""
 
     name = "predictive"
     P_MIN, P_MAX = 1e-3, 1.0  # use_probability's clamp
-    GAPS = 2                  # recency buckets: used at the last run, 2 or more runs ago (OLD), never
-    OLD, NEVER = "old", "never"
 
-    def __init__(self, positions: dict[int, int], top_k: int, num_experts: int | None = None):
+    def __init__(self, positions: dict[int, int], top_k: int):
         super().__init__()
         self.positions = positions  # layer id -> position in execution order
         self.n = len(positions)
         self.top_k = top_k
-        self.num_experts = num_experts  # per layer (None: unknown, the never-used bucket keeps factor 1)
         self.position = 0           # the executing layer's position
         self.uses: Counter = Counter()
         self.layer_uses: Counter = Counter()
         self.predicted: dict = {}   # key -> calibrated P of use at its next run
-        self._runs: Counter = Counter()            # layer -> runs started
-        self._last: dict = {}                      # key -> the run of its layer it was last used at
-        self._recent: dict = defaultdict(dict)     # layer -> {run: keys last used then}, the last GAPS - 1 runs
-        self._ever: Counter = Counter()            # layer -> experts used at least once
-        self._seen: Counter = Counter()            # (layer, bucket) -> uses observed at the next run
-        self._expected: Counter = Counter()        # (layer, bucket) -> uses their frequencies predicted
-        self._heaps: dict = defaultdict(dict)      # layer -> {group: [(uses, stamp, key)]}, stale entries lazily dropped
-        self._resident: dict = defaultdict(set)    # layer -> its resident keys
+        self._heaps: dict = defaultdict(list)     # layer -> [(uses, stamp, key)], stale entries dropped lazily
+        self._resident: dict = defaultdict(set)   # layer -> its resident keys
 
-    # ---- recency groups ----------------------------------------------------------------------
-    def _group(self, key):
-        """A recent run id, OLD or NEVER: the experts of one group share their recency factor."""
-        last = self._last.get(key)
-        if last is None:
-            return self.NEVER
-        return self.OLD if self._runs[key[0]] - last >= self.GAPS else last
-
-    def _bucket(self, layer, group):
-        return group if group in (self.OLD, self.NEVER) else self._runs[layer] - group
-
-    def recency_factor(self, key) -> float:
-        """Uses observed / uses predicted by frequency, for experts last used as long ago as `key`."""
-        b = (key[0], self._bucket(key[0], self._group(key)))
-        return (self._seen[b] + 1.0) / (self._expected[b] + 1.0)
-
-    def start_run(self, layer, experts) -> None:
-        """A run of `layer` starts and will use `experts` (ids): score the recency buckets' predictions
-        against it, then move those experts to the newest group."""
-        r = self._runs[layer]
-        tokens = self.layer_uses[layer] / self.top_k
-        recent = self._recent[layer]
-        n_recent = u_recent = 0
-        for run, keys in recent.items():  # each bucket's expected uses: the sum of its experts' frequencies
-            u = sum(self.uses[k] for k in keys)
-            self._expected[layer, r - run] += (u + 0.5 * len(keys)) / (tokens + 1.0)
-            n_recent += len(keys)
-            u_recent += u
-        n_old = self._ever[layer] - n_recent
-        self._expected[layer, self.OLD] += (self.layer_uses[layer] - u_recent + 0.5 * n_old) / (tokens + 1.0)
-        if self.num_experts is not None:
-            self._expected[layer, self.NEVER] += 0.5 * (self.num_experts - self._ever[layer]) / (tokens + 1.0)
-        keys = {(layer, e) for e in experts}
-        for key in keys:
-            self._seen[layer, self._bucket(layer, self._group(key))] += 1
-            last = self._last.get(key)
-            if last is None:
-                self._ever[layer] += 1
-            elif last in recent:
-                recent[last].discard(key)
-            self._last[key] = r
-        recent[r] = keys
-        self._runs[layer] = r + 1
-        aged = recent.pop(r + 1 - self.GAPS, None)  # now GAPS runs ago: that group joins OLD
-        heaps = self._heaps[layer]
-        if aged is not None:
-            heaps.pop(r + 1 - self.GAPS, None)
-        for key in (aged or set()) | keys:
-            if key in self._stamp:
-                self._push(key)
-
-    # ---- eviction state ----------------------------------------------------------------------
     def _push(self, key) -> None:
-        layer = key[0]
-        heaps = self._heaps[layer]
-        heapq.heappush(heaps.setdefault(self._group(key), []), (self.uses[key], self._stamp[key], key))
-        if sum(len(h) for h in heaps.values()) > 4 * len(self._resident[layer]) + 16:  # mostly stale: rebuild
-            heaps.clear()
-            for k in self._resident[layer]:
-                heaps.setdefault(self._group(k), []).append((self.uses[k], self._stamp[k], k))
-            for h in heaps.values():
-                heapq.heapify(h)
+        heap = self._heaps[key[0]]
+        heapq.heappush(heap, (self.uses[key], self._stamp[key], key))
+        if len(heap) > 4 * len(self._resident[key[0]]) + 16:  # mostly stale: rebuild
+            heap[:] = [(self.uses[k], self._stamp[k], k) for k in self._resident[key[0]]]
+            heapq.heapify(heap)
 
     def on_insert(self, key):
         super().on_insert(key)
@@ -289,13 +218,10 @@ class PredictivePolicy(LRUPolicy):
         tokens = self.layer_uses[key[0]] / self.top_k  # runs of its layer seen so far
         return (self.uses[key] + 0.5) / (tokens + 1.0)  # smoothed: a new expert is not worthless
 
-    def _history(self, key) -> float:
-        return self._frequency(key) * self.recency_factor(key)
-
     def use_probability(self, key) -> float:
         """P(key is used at its layer's next run)."""
-        history = self._history(key)
-        p = 0.5 * self.predicted[key] + 0.5 * history if key in self.predicted else history
+        freq = self._frequency(key)
+        p = 0.5 * self.predicted[key] + 0.5 * freq if key in self.predicted else freq
         return min(self.P_MAX, max(p, self.P_MIN))
 
     def next_use(self, key) -> float:
@@ -304,13 +230,22 @@ class PredictivePolicy(LRUPolicy):
         p = self.use_probability(key)
         return dist + self.n * (1.0 - p) / p
 
-    def _group_best(self, group, heap, candidates):
-        """The group's evictable key without a prediction and with the fewest uses (the oldest of those)."""
-        aside, found = [], None
+    def _farthest(self, keys):
+        """The key of `keys` with the latest expected next use, ties to the least recently used."""
+        best, best_t, best_s = None, -1.0, math.inf
+        for key in keys:
+            t, s = self.next_use(key), self._stamp[key]
+            if t > best_t or (t == best_t and s < best_s):
+                best, best_t, best_s = key, t, s
+        return best
+
+    def _layer_best(self, layer, candidates):
+        """The layer's evictable key without a prediction that is expected to be needed last."""
+        heap, aside, found = self._heaps[layer], [], None
         while heap:
             uses, stamp, key = heap[0]
-            if self._stamp.get(key) != stamp or self.uses[key] != uses or self._group(key) != group:
-                heapq.heappop(heap)  # stale: used, touched, moved or evicted since
+            if self._stamp.get(key) != stamp or self.uses[key] != uses:
+                heapq.heappop(heap)  # stale: used, touched or evicted since
             elif key in self.predicted or key not in candidates:
                 aside.append(heapq.heappop(heap))
             else:
@@ -318,42 +253,21 @@ class PredictivePolicy(LRUPolicy):
                 break
         for entry in aside:
             heapq.heappush(heap, entry)
+        if found is not None and not self.P_MIN < self._frequency(found) < self.P_MAX:
+            # clamped: keys with more uses clamp to the same P and tie with it; the oldest of them goes
+            found = self._farthest(k for k in self._resident[layer] if k not in self.predicted and k in candidates)
         return found
 
     def victim(self, candidates):
-        best, best_t, best_s = None, -1.0, math.inf
-
-        def consider(key, t):
-            nonlocal best, best_t, best_s
-            s = self._stamp[key]
-            if t > best_t or (t == best_t and s < best_s):  # ties: the least recently used
-                best, best_t, best_s = key, t, s
-
-        for key in self.predicted:
-            if key in self._stamp and key in candidates:
-                consider(key, self.next_use(key))
-        for layer, heaps in list(self._heaps.items()):
-            resident = self._resident[layer]
-            if not resident:
+        picks = [k for k in self.predicted if k in self._stamp and k in candidates]
+        for layer in list(self._heaps):
+            if not self._resident[layer]:
                 del self._heaps[layer]
                 continue
-            # next_use() of a key without a prediction, with what its layer and group share computed once
-            dist = (self.positions[layer] - self.position) % self.n or self.n
-            tokens = self.layer_uses[layer] / self.top_k
-            for group, heap in list(heaps.items()):
-                key = self._group_best(group, heap, candidates)
-                if key is None:
-                    if not heap:
-                        del heaps[group]
-                    continue
-                b = (layer, self._bucket(layer, group))
-                p = (self.uses[key] + 0.5) / (tokens + 1.0) * ((self._seen[b] + 1.0) / (self._expected[b] + 1.0))
-                if self.P_MIN < p < self.P_MAX:
-                    consider(key, dist + self.n * (1.0 - p) / p)
-                else:  # clamped: keys with more uses clamp to the same P and tie with it; the oldest of them goes
-                    for k in resident:
-                        if self._group(k) == group and k not in self.predicted and k in candidates:
-                            consider(k, self.next_use(k))
+            key = self._layer_best(layer, candidates)
+            if key is not None:
+                picks.append(key)
+        best = self._farthest(picks)
         if best is None:
             raise CacheFullError("no evictable expert")
         return best
@@ -477,7 +391,7 @@ class Planner:
         self.budget = budget_experts or top_k
         self.gate = gate
         if policy is None:
-            policy = PredictivePolicy(self.positions, top_k, num_experts) if eviction == "predictive" else make_policy(eviction)
+            policy = PredictivePolicy(self.positions, top_k) if eviction == "predictive" else make_policy(eviction)
         self.policy = policy
         self.cache = ExpertCache(n_slots, policy)
         self.link = link or Link(costs.transfer_s)  # the simulator passes one that also counts copies
@@ -528,8 +442,6 @@ class Planner:
                 del predicted[key]
         rows = rows or {}
         if layer != self._layer_seen:  # a new layer (not another round of the same one)
-            if isinstance(self.policy, PredictivePolicy):
-                self.policy.start_run(layer, experts)  # the first round holds all the layer's routed experts
             if self._layer_start is not None and 0.0 < now - self._layer_start < PredictionSwitch.MAX_GAP_S:
                 gap = now - self._layer_start
                 self.layer_wall = gap if self.layer_wall is None else 0.9 * self.layer_wall + 0.1 * gap

@@ -327,13 +327,11 @@ def test_predictive_policy_per_layer_heaps_agree_with_the_plain_scan():
 
     rng = random.Random(7)
     L, E, k = 5, 12, 2
-    pol = PredictivePolicy({j: j for j in range(L)}, top_k=k, num_experts=E)
+    pol = PredictivePolicy({j: j for j in range(L)}, top_k=k)
     cache = ExpertCache(20, pol)
     checked = 0
     for step in range(4000):
         pol.position = step % L
-        if rng.random() < 0.4:  # a run of the layer starts: recency groups move and age
-            pol.start_run(pol.position, rng.sample(range(E), rng.choice([k, k, 4])))
         if rng.random() < 0.3:
             for _ in range(rng.randrange(4)):
                 key = (rng.randrange(L), rng.randrange(E))
@@ -370,29 +368,3 @@ def test_predictive_policy_per_layer_heaps_agree_with_the_plain_scan():
     everything = set(cache.keys())
     assert pol.use_probability((0, 1)) == pol.use_probability((0, 3)) == PredictivePolicy.P_MIN
     assert pol.victim(everything) == pol.victim_ref(everything) == (0, 3), "clamped tie: the least recently used"
-
-
-def test_predictive_policy_learns_how_recency_predicts_use():
-    """The recency factor per bucket is what the routing shows: above 1 for experts used at the last run
-    where routing sticks across tokens, about 1 everywhere where it does not."""
-    import random
-
-    def factors(sticky: float):
-        rng = random.Random(1)
-        E, k = 8, 2
-        pol = PredictivePolicy({0: 0}, top_k=k, num_experts=E)
-        used = rng.sample(range(E), k)
-        for _ in range(3000):
-            keep = [e for e in used if rng.random() < sticky]
-            used = keep + rng.sample([e for e in range(E) if e not in keep], k - len(keep))
-            pol.start_run(0, used)
-            for e in used:
-                pol.record_use((0, e))
-        last = (0, used[0])            # used at the last run
-        earlier = next((0, e) for e in range(E) if e not in used)
-        return pol.recency_factor(last), pol.recency_factor(earlier)
-
-    last, earlier = factors(0.7)
-    assert last > 2.5 and earlier < 0.7, (last, earlier)
-    last, earlier = factors(0.0)
-    assert last == pytest.approx(1.0, abs=0.1) and earlier == pytest.approx(1.0, abs=0.1), (last, earlier)
