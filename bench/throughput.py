@@ -36,7 +36,7 @@ import moe_prefetch as mp  # noqa: E402
 from moe_prefetch.cli_common import ArgumentParser, run_main  # noqa: E402
 from moe_prefetch.families.adapter import is_experts_module  # noqa: E402
 from moe_prefetch.hub import DEMO_DIR, resolve_model  # noqa: E402
-from moe_prefetch.predictors import ModelView  # noqa: E402
+from moe_prefetch.predictors import ModelView, resolve_auto  # noqa: E402
 from moe_prefetch.sim import CostModel, Policy, load_profiles, simulate  # noqa: E402
 
 
@@ -213,8 +213,9 @@ def main(argv=None) -> int:
     probe, tok = load(args.model, predictor="none")
     rt = probe.moe_runtime
     L, E, k = len(rt.adapter.moe_layers()), rt.adapter.num_experts, rt.adapter.top_k
-    no_routers = ModelView.of(probe, rt.adapter).routers_unavailable  # next-gate and m2r2 cannot run then
-    auto = "next-gate" if no_routers is None else "history"           # what the default predictor runs
+    view = ModelView.of(probe, rt.adapter)
+    no_routers = view.routers_unavailable  # next-gate and m2r2 cannot run then
+    auto = resolve_auto(view)              # what the default predictor runs
     if no_routers:
         print(f"next-gate and m2r2 rows skipped: {no_routers}")
     expert_bytes = rt.store.expert_nbytes
