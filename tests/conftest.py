@@ -17,6 +17,24 @@ VOCAB = 96
 TEST_DEVICE = os.environ.get("MOE_PREFETCH_TEST_DEVICE") or ("cuda" if torch.cuda.is_available() else "cpu")
 
 
+def insert_checking_victim(cache, key, rng, step, max_protected: int = 3) -> bool:
+    """Insert `key` with up to two random experts pinned and some protected; when an eviction is due, assert
+    that the policy's fast victim() picks what its plain scan victim_ref() picks. Returns whether it checked."""
+    pins = rng.sample(sorted(cache.keys()), min(len(cache), rng.randrange(3)))
+    for p in pins:
+        cache.pin(p)
+    protected = set(rng.sample(sorted(cache.keys()), min(len(cache), rng.randrange(max_protected))))
+    candidates = cache.evictable(protected)
+    checked = not cache.has_free() and bool(candidates)
+    if checked:
+        assert cache.policy.victim(candidates) == cache.policy.victim_ref(set(candidates)), step
+    if cache.has_free() or candidates:
+        cache.insert(key, protected=protected)
+    for p in pins:
+        cache.unpin(p)
+    return checked
+
+
 def save_tokenizer(path: Path, vocab: int = VOCAB) -> None:
     from tokenizers import Tokenizer, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast

@@ -89,6 +89,8 @@ def test_lfu_heap_agrees_with_the_plain_scan_under_churn():
     pins, protected keys and uses counted for experts that are not resident."""
     import random
 
+    from conftest import insert_checking_victim
+
     rng = random.Random(3)
     pol = LFUPolicy()
     c = ExpertCache(12, pol)
@@ -99,17 +101,7 @@ def test_lfu_heap_agrees_with_the_plain_scan_under_churn():
         elif key in c:
             c.touch(key)
         else:
-            pins = rng.sample(sorted(c.keys()), min(len(c), rng.randrange(3)))
-            for p in pins:
-                c.pin(p)
-            protected = set(rng.sample(sorted(c.keys()), min(len(c), rng.randrange(3))))
-            candidates = c.evictable(protected)
-            if not c.has_free() and candidates:
-                assert pol.victim(candidates) == pol.victim_ref(set(candidates)), step
-            if c.has_free() or candidates:
-                c.insert(key, protected=protected)
-            for p in pins:
-                c.unpin(p)
+            insert_checking_victim(c, key, rng, step)
     assert len(pol._heap) <= 4 * len(c) + 64 + 1, "stale entries are compacted"
 
 

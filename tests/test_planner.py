@@ -325,6 +325,8 @@ def test_predictive_policy_per_layer_heaps_agree_with_the_plain_scan():
     predictions, pins and protected keys change."""
     import random
 
+    from conftest import insert_checking_victim
+
     rng = random.Random(7)
     L, E, k = 5, 12, 2
     pol = PredictivePolicy({j: j for j in range(L)}, top_k=k)
@@ -336,26 +338,15 @@ def test_predictive_policy_per_layer_heaps_agree_with_the_plain_scan():
             for _ in range(rng.randrange(4)):
                 key = (rng.randrange(L), rng.randrange(E))
                 pol.predicted[key] = rng.choice([0.0, 0.5, 0.999, 1.0, rng.random()])
-        if rng.random() < 0.2:
-            pol.predicted.pop(rng.choice(list(pol.predicted)), None) if pol.predicted else None
+        if rng.random() < 0.2 and pol.predicted:
+            del pol.predicted[rng.choice(list(pol.predicted))]
         key = (rng.randrange(L), rng.randrange(E) if rng.random() < 0.7 else rng.randrange(3))  # skewed uses
         if rng.random() < 0.9:
             pol.record_use(key)
         if key in cache:
             cache.touch(key)
             continue
-        pins = rng.sample(sorted(cache.keys()), min(len(cache), rng.randrange(3)))
-        for p in pins:
-            cache.pin(p)
-        protected = set(rng.sample(sorted(cache.keys()), min(len(cache), rng.randrange(4))))
-        candidates = cache.evictable(protected)
-        if not cache.has_free() and candidates:
-            assert pol.victim(candidates) == pol.victim_ref(set(candidates)), step
-            checked += 1
-        if cache.has_free() or candidates:
-            cache.insert(key, protected=protected)
-        for p in pins:
-            cache.unpin(p)
+        checked += insert_checking_victim(cache, key, rng, step, max_protected=4)
     assert checked > 1000
     # a long run of one layer: rarely used resident experts reach the lower clamp and tie there
     pol = PredictivePolicy({0: 0}, top_k=1)
