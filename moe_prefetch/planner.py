@@ -158,42 +158,160 @@ class Calibration:
         return out
 
 
+class _Predictions(dict):
+    """key -> calibrated P, telling its owner which key's entry changed (the planner writes it directly)."""
+
+    def __init__(self, changed):
+        super().__init__()
+        self._changed = changed
+
+    def __setitem__(self, key, value):
+        super().__setitem__(key, value)
+        self._changed(key)
+
+    def __delitem__(self, key):
+        super().__delitem__(key)
+        self._changed(key)
+
+    def pop(self, key, *default):
+        had = key in self
+        value = super().pop(key, *default)
+        if had:
+            self._changed(key)
+        return value
+
+    def update(self, *args, **kw):
+        for key, value in dict(*args, **kw).items():
+            self[key] = value
+
+    def clear(self):
+        keys = list(self)
+        super().clear()
+        for key in keys:
+            self._changed(key)
+
+
 class PredictivePolicy(LRUPolicy):
     """Belady's rule with estimated next uses: evict the expert expected to be needed last.
 
     A key of layer j comes up again in dist(j) layers and then every L layers (one token); if it is
     used at each of its layer's runs with probability p, its expected next use is
     dist + L x (1 - p) / p layers away. p is the planner's latest calibrated prediction for the key
-    when there is one, blended with its frequency share among its layer's routed uses (counted for
-    every use, host-computed ones included, and kept across evictions); ties go to the least
-    recently used.
+    when there is one, blended with what its layer's history says: its frequency share among the
+    layer's routed uses (counted for every use, host-computed ones included, and kept across
+    evictions), recalibrated by how recently it was used. That recalibration is learnt online per
+    layer: for the experts used at its last run, at an earlier one, or never, the uses
+    observed at the next run against the uses their frequencies predicted. Where routing sticks from
+    one token to the next, a just-used expert's factor rises above 1 and the rule leans towards LRU;
+    where it does not, every factor tends to 1 and the rule is frequency's (LFU's). Ties go to the
+    least recently used.
 
-    Within a layer, keys without a prediction rank by their use count alone, so each layer keeps a
-    heap of (uses, stamp, key): a victim costs one candidate per layer plus the predicted keys, not a
-    pass over the cache (thousands of slots on a 64- or 128-expert model). victim_ref() is the plain
-    scan it must agree with, ties included."""
+    Within a layer, experts last used at the same run share that factor, so those without a
+    prediction rank by their use count alone: each layer keeps a heap of (uses, stamp, key) per such
+    group (GAPS + 1 of them at most), and a victim costs a few candidates per layer plus the predicted
+    keys, not a pass over the cache (thousands of slots on a 64- or 128-expert model). A layer's
+    candidates are kept from one victim to the next until something of that layer changes (a use, an
+    insert, a touch, an eviction, a run starting, a prediction), so a victim usually re-examines only
+    the layers the last plan touched. victim_ref() is the plain scan it must agree with, ties included."""
 
     name = "predictive"
     P_MIN, P_MAX = 1e-3, 1.0  # use_probability's clamp
+    GAPS = 2                  # recency buckets: used at the last run, 2 or more runs ago (OLD), never
+    OLD, NEVER = "old", "never"
 
-    def __init__(self, positions: dict[int, int], top_k: int):
+    def __init__(self, positions: dict[int, int], top_k: int, num_experts: int | None = None, recency: bool = True):
         super().__init__()
+        self.recency = recency      # False: every factor stays 1 (frequency alone, the rule before recency)
         self.positions = positions  # layer id -> position in execution order
         self.n = len(positions)
         self.top_k = top_k
+        self.num_experts = num_experts  # per layer (None: unknown, the never-used bucket keeps factor 1)
         self.position = 0           # the executing layer's position
         self.uses: Counter = Counter()
         self.layer_uses: Counter = Counter()
-        self.predicted: dict = {}   # key -> calibrated P of use at its next run
-        self._heaps: dict = defaultdict(list)     # layer -> [(uses, stamp, key)], stale entries dropped lazily
-        self._resident: dict = defaultdict(set)   # layer -> its resident keys
+        self.predicted: dict = _Predictions(self._changed)  # key -> calibrated P of use at its next run
+        self._picks: dict = {}                     # layer -> [(key, P)]: its groups' best, while nothing of it changed
+        self._runs: Counter = Counter()            # layer -> runs started
+        self._last: dict = {}                      # key -> the run of its layer it was last used at
+        self._recent: dict = defaultdict(dict)     # layer -> {run: keys last used then}, the last GAPS - 1 runs
+        self._ever: Counter = Counter()            # layer -> experts used at least once
+        self._seen: Counter = Counter()            # (layer, bucket) -> uses observed at the next run
+        self._expected: Counter = Counter()        # (layer, bucket) -> uses their frequencies predicted
+        self._heaps: dict = defaultdict(dict)      # layer -> {group: [(uses, stamp, key)]}, stale entries lazily dropped
+        self._resident: dict = defaultdict(set)    # layer -> its resident keys
+        self._pushed: Counter = Counter()          # layer -> entries pushed since its heaps were rebuilt
+
+    # ---- recency groups ----------------------------------------------------------------------
+    def _group(self, key):
+        """A recent run id, OLD or NEVER: the experts of one group share their recency factor."""
+        last = self._last.get(key)
+        if last is None:
+            return self.NEVER
+        return self.OLD if self._runs[key[0]] - last >= self.GAPS else last
+
+    def _bucket(self, layer, group):
+        return group if group in (self.OLD, self.NEVER) else self._runs[layer] - group
+
+    def recency_factor(self, key) -> float:
+        """Uses observed / uses predicted by frequency, for experts last used as long ago as `key`."""
+        return self._factor((key[0], self._bucket(key[0], self._group(key))))
+
+    def _factor(self, bucket) -> float:
+        return (self._seen[bucket] + 1.0) / (self._expected[bucket] + 1.0) if self.recency else 1.0
+
+    def start_run(self, layer, experts) -> None:
+        """A run of `layer` starts and will use `experts` (ids): score the recency buckets' predictions
+        against it, then move those experts to the newest group."""
+        self._picks.pop(layer, None)
+        r = self._runs[layer]
+        tokens = self.layer_uses[layer] / self.top_k
+        recent = self._recent[layer]
+        n_recent = u_recent = 0
+        for run, keys in recent.items():  # each bucket's expected uses: the sum of its experts' frequencies
+            u = sum(self.uses[k] for k in keys)
+            self._expected[layer, r - run] += (u + 0.5 * len(keys)) / (tokens + 1.0)
+            n_recent += len(keys)
+            u_recent += u
+        n_old = self._ever[layer] - n_recent
+        self._expected[layer, self.OLD] += (self.layer_uses[layer] - u_recent + 0.5 * n_old) / (tokens + 1.0)
+        if self.num_experts is not None:
+            self._expected[layer, self.NEVER] += 0.5 * (self.num_experts - self._ever[layer]) / (tokens + 1.0)
+        keys = {(layer, e) for e in experts}
+        for key in keys:
+            self._seen[layer, self._bucket(layer, self._group(key))] += 1
+            last = self._last.get(key)
+            if last is None:
+                self._ever[layer] += 1
+            elif last in recent:
+                recent[last].discard(key)
+            self._last[key] = r
+        recent[r] = keys
+        self._runs[layer] = r + 1
+        aged = recent.pop(r + 1 - self.GAPS, None)  # now GAPS runs ago: that group joins OLD
+        heaps = self._heaps[layer]
+        if aged is not None:
+            heaps.pop(r + 1 - self.GAPS, None)
+        for key in (aged or set()) | keys:
+            if key in self._stamp:
+                self._push(key)
+
+    # ---- eviction state ----------------------------------------------------------------------
+    def _changed(self, key) -> None:
+        self._picks.pop(key[0], None)
 
     def _push(self, key) -> None:
-        heap = self._heaps[key[0]]
-        heapq.heappush(heap, (self.uses[key], self._stamp[key], key))
-        if len(heap) > 4 * len(self._resident[key[0]]) + 16:  # mostly stale: rebuild
-            heap[:] = [(self.uses[k], self._stamp[k], k) for k in self._resident[key[0]]]
-            heapq.heapify(heap)
+        layer = key[0]
+        self._picks.pop(layer, None)
+        heaps = self._heaps[layer]
+        heapq.heappush(heaps.setdefault(self._group(key), []), (self.uses[key], self._stamp[key], key))
+        self._pushed[layer] += 1
+        if self._pushed[layer] > 4 * len(self._resident[layer]) + 16:  # mostly stale: rebuild
+            self._pushed[layer] = len(self._resident[layer])
+            heaps.clear()
+            for k in self._resident[layer]:
+                heaps.setdefault(self._group(k), []).append((self.uses[k], self._stamp[k], k))
+            for h in heaps.values():
+                heapq.heapify(h)
 
     def on_insert(self, key):
         super().on_insert(key)
@@ -207,10 +325,12 @@ class PredictivePolicy(LRUPolicy):
     def on_remove(self, key):
         super().on_remove(key)
         self._resident[key[0]].discard(key)
+        self._picks.pop(key[0], None)
 
     def record_use(self, key) -> None:
         self.uses[key] += 1
         self.layer_uses[key[0]] += 1
+        self._picks.pop(key[0], None)  # its layer's frequencies all moved
         if key in self._stamp:
             self._push(key)
 
@@ -218,10 +338,13 @@ class PredictivePolicy(LRUPolicy):
         tokens = self.layer_uses[key[0]] / self.top_k  # runs of its layer seen so far
         return (self.uses[key] + 0.5) / (tokens + 1.0)  # smoothed: a new expert is not worthless
 
-    def use_probability(self, key) -> float:
-        """P(key is used at its layer's next run)."""
-        freq = self._frequency(key)
-        p = 0.5 * self.predicted[key] + 0.5 * freq if key in self.predicted else freq
+    def _history(self, key) -> float:
+        return self._frequency(key) * self.recency_factor(key)
+
+    def use_probability(self, key, recency: bool = True) -> float:
+        """P(key is used at its layer's next run); recency False: from its frequency alone."""
+        history = self._history(key) if recency else self._frequency(key)
+        p = 0.5 * self.predicted[key] + 0.5 * history if key in self.predicted else history
         return min(self.P_MAX, max(p, self.P_MIN))
 
     def next_use(self, key) -> float:
@@ -230,44 +353,84 @@ class PredictivePolicy(LRUPolicy):
         p = self.use_probability(key)
         return dist + self.n * (1.0 - p) / p
 
-    def _farthest(self, keys):
-        """The key of `keys` with the latest expected next use, ties to the least recently used."""
-        best, best_t, best_s = None, -1.0, math.inf
-        for key in keys:
-            t, s = self.next_use(key), self._stamp[key]
-            if t > best_t or (t == best_t and s < best_s):
-                best, best_t, best_s = key, t, s
-        return best
-
-    def _layer_best(self, layer, candidates):
-        """The layer's evictable key without a prediction that is expected to be needed last."""
-        heap, aside, found = self._heaps[layer], [], None
+    def _group_best(self, group, heap, candidates):
+        """The group's evictable key without a prediction and with the fewest uses (the oldest of those),
+        and whether a key that is not a candidate was passed over on the way."""
+        aside, found, partial = [], None, False
         while heap:
             uses, stamp, key = heap[0]
-            if self._stamp.get(key) != stamp or self.uses[key] != uses:
-                heapq.heappop(heap)  # stale: used, touched or evicted since
+            if self._stamp.get(key) != stamp or self.uses[key] != uses or self._group(key) != group:
+                heapq.heappop(heap)  # stale: used, touched, moved or evicted since
             elif key in self.predicted or key not in candidates:
+                partial = partial or key not in candidates
                 aside.append(heapq.heappop(heap))
             else:
                 found = key
                 break
         for entry in aside:
             heapq.heappush(heap, entry)
-        if found is not None and not self.P_MIN < self._frequency(found) < self.P_MAX:
-            # clamped: keys with more uses clamp to the same P and tie with it; the oldest of them goes
-            found = self._farthest(k for k in self._resident[layer] if k not in self.predicted and k in candidates)
-        return found
+        return found, partial
+
+    def _layer_picks(self, layer, candidates):
+        """[(key, P)]: per recency group of the layer, its key without a prediction that is expected to be
+        needed last (all of them where P clamps, since those tie), and whether the list holds only for
+        these candidates (a non-candidate was passed over) rather than for any."""
+        picks, partial = [], False
+        heaps = self._heaps[layer]
+        tokens = self.layer_uses[layer] / self.top_k
+        for group, heap in list(heaps.items()):
+            key, skipped = self._group_best(group, heap, candidates)
+            partial = partial or skipped
+            if key is None:
+                if not heap:
+                    del heaps[group]
+                continue
+            b = (layer, self._bucket(layer, group))
+            p = (self.uses[key] + 0.5) / (tokens + 1.0) * self._factor(b)
+            if self.P_MIN < p < self.P_MAX:
+                picks.append((key, p))
+            else:  # clamped: keys with more uses clamp to the same P and tie with it; the oldest of them goes
+                for k in self._resident[layer]:
+                    if self._group(k) == group and k not in self.predicted:
+                        if k in candidates:
+                            picks.append((k, self.use_probability(k)))
+                        else:
+                            partial = True
+        return picks, partial
 
     def victim(self, candidates):
-        picks = [k for k in self.predicted if k in self._stamp and k in candidates]
+        best, best_t, best_s = None, -1.0, math.inf
+
+        def consider(key, t):
+            nonlocal best, best_t, best_s
+            s = self._stamp[key]
+            if t > best_t or (t == best_t and s < best_s):  # ties: the least recently used
+                best, best_t, best_s = key, t, s
+
+        for key in self.predicted:
+            if key in self._stamp and key in candidates:
+                consider(key, self.next_use(key))
         for layer in list(self._heaps):
             if not self._resident[layer]:
                 del self._heaps[layer]
+                self._picks.pop(layer, None)
                 continue
-            key = self._layer_best(layer, candidates)
-            if key is not None:
-                picks.append(key)
-        best = self._farthest(picks)
+            picks = self._picks.get(layer)
+            if picks is not None:
+                for key, _ in picks:
+                    if key not in candidates:
+                        picks = None
+                        break
+            if picks is None:
+                picks, partial = self._layer_picks(layer, candidates)
+                if partial:
+                    self._picks.pop(layer, None)
+                else:
+                    self._picks[layer] = picks
+            # next_use() of a key without a prediction, the layer's distance computed once
+            dist = (self.positions[layer] - self.position) % self.n or self.n
+            for key, p in picks:
+                consider(key, dist + self.n * (1.0 - p) / p)
         if best is None:
             raise CacheFullError("no evictable expert")
         return best
@@ -391,7 +554,7 @@ class Planner:
         self.budget = budget_experts or top_k
         self.gate = gate
         if policy is None:
-            policy = PredictivePolicy(self.positions, top_k) if eviction == "predictive" else make_policy(eviction)
+            policy = PredictivePolicy(self.positions, top_k, num_experts) if eviction == "predictive" else make_policy(eviction)
         self.policy = policy
         self.cache = ExpertCache(n_slots, policy)
         self.link = link or Link(costs.transfer_s)  # the simulator passes one that also counts copies
@@ -442,6 +605,8 @@ class Planner:
                 del predicted[key]
         rows = rows or {}
         if layer != self._layer_seen:  # a new layer (not another round of the same one)
+            if isinstance(self.policy, PredictivePolicy):
+                self.policy.start_run(layer, experts)  # the first round holds all the layer's routed experts
             if self._layer_start is not None and 0.0 < now - self._layer_start < PredictionSwitch.MAX_GAP_S:
                 gap = now - self._layer_start
                 self.layer_wall = gap if self.layer_wall is None else 0.9 * self.layer_wall + 0.1 * gap
@@ -508,13 +673,17 @@ class Planner:
     def _keep(self, now: float, key: Key, needed: set[Key]) -> None:
         """A host-computed miss is also copied in, in the background, when the link is idle and it is
         more likely to be used again than the expert it would evict: host compute must not leave the
-        cache cold (otherwise every later use of a popular expert goes to the host as well)."""
+        cache cold (otherwise every later use of a popular expert goes to the host as well).
+        "More likely" is judged on frequency, without the recency factor eviction uses: a just-used
+        expert's factor would make nearly every host-computed miss beat its victim by a little, and a
+        copy that gains little costs its full transfer plus, on the CPU backend, the compute thread's
+        time (measured on the demo: 8x the keeps, most of them evicted unused, 2-9% slower)."""
         if key in self.cache or self.link.in_flight(now) >= self.budget:
             return
         victim = None
         if not self.cache.has_free():
             victim = self._victim(needed)
-            if victim is False or self._use_probability(key) <= self._use_probability(victim):
+            if victim is False or self._use_probability(key, keep=True) <= self._use_probability(victim, keep=True):
                 return
         slot, evicted = self.cache.insert(key, protected=needed, victim=victim)
         self._forget(now, evicted)
@@ -700,10 +869,10 @@ class Planner:
             return False
         return self.policy.victim(candidates)
 
-    def _use_probability(self, key: Key) -> float:
+    def _use_probability(self, key: Key, keep: bool = False) -> float:
         """How likely an evicted `key` is to be needed at its layer's next run."""
         if isinstance(self.policy, PredictivePolicy):
-            return self.policy.use_probability(key)
+            return self.policy.use_probability(key, recency=not keep)
         if isinstance(self.policy, LFUPolicy) and self.policy.counts:
             layer_total = self.policy.group_counts[key[0]]
             return min(1.0, self.top_k * self.policy.counts[key] / layer_total) if layer_total else 0.0

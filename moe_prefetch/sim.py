@@ -22,7 +22,7 @@ from pathlib import Path
 import numpy as np
 
 from .cache import CacheFullError, EvictionPolicy
-from .planner import EVICTIONS, Costs, Link, Planner
+from .planner import EVICTIONS, Costs, Link, Planner, PredictivePolicy
 
 __all__ = ["BYTES_PER_PARAM", "BeladyPolicy", "CostModel", "Link", "Policy", "SimResult", "Trace",
            "load_profiles", "min_transfers", "physical_bound", "simulate", "standard_policies"]
@@ -80,7 +80,7 @@ class Policy:
     name: str
     predictor: str | None = None  # a score array in the trace, "oracle", or None
     lookahead: int = 0
-    eviction: str = "lru"         # lru | lfu | predictive | belady | none (no reuse: every use is a copy)
+    eviction: str = "lru"         # lru | lfu | predictive | predictive-frequency (no recency) | belady | none (no reuse: every use is a copy)
     budget_experts: int | None = None  # prefetch copies in flight (None: top-k, the runtime's default)
     host_compute: bool = False    # a miss may run on the host when that finishes first (needs CostModel.host_s)
     gate: bool = True             # False: every predicted prefetch under the budget (the behaviour before the planner)
@@ -238,10 +238,12 @@ def make_planner(trace: Trace, cost: CostModel, slots: int, policy: Policy, prio
     eviction = policy.eviction
     if eviction == "belady":
         custom = BeladyPolicy(trace.routing)
+    elif eviction == "predictive-frequency":  # predictive without recency (for comparison)
+        custom = PredictivePolicy({j: j for j in range(L)}, k, E, recency=False)
     elif eviction == "none":
         eviction = "lru"  # the slots only hold a layer's experts while it runs: simulate() drops them after
     elif eviction not in EVICTIONS:
-        raise ValueError(f"unknown eviction {eviction!r}: one of {', '.join(EVICTIONS + ('belady', 'none'))}")
+        raise ValueError(f"unknown eviction {eviction!r}: one of {', '.join(EVICTIONS + ('predictive-frequency', 'belady', 'none'))}")
     planner = Planner(max(slots, k), list(range(L)), E, k, cost.costs(), eviction=eviction,
                       host_compute=policy.host_compute, budget_experts=policy.budget_experts, gate=policy.gate,
                       adaptive=policy.adaptive, policy=custom, link=_CountingLink(cost.transfer_s, priority))  # + a copy count, the FIFO option

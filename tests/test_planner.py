@@ -240,6 +240,24 @@ def test_host_computed_miss_is_kept_only_when_the_link_is_idle_and_it_beats_the_
     assert second[0].kind == "host" and pl.counters.keeps == 1, "the link is busy with the first keep"
 
 
+def test_host_computed_miss_is_kept_on_frequency_not_recency():
+    """Eviction's recency factor does not decide a keep: a rarely used expert that was just used does
+    not displace a popular one, however strongly its layer's routing sticks."""
+    costs = Costs(layer_s=1.0, expert_s=0.1, transfer_s=10.0, host_s=1.0)
+    pl = make_planner(slots=1, layers=1, top_k=1, costs=costs, host_compute=True, eviction="predictive")
+    now = 0.0
+    for _ in range(6):  # expert 5: host-computed and kept at first, then a hit at every run
+        acts = pl.plan_layer(now, 0, [5])
+        pl.release(acts)
+        now += 20.0
+    assert (0, 5) in pl.cache and pl.counters.keeps == 1
+    pl.policy.recency_factor = lambda key: 100.0 if key == (0, 3) else 1.0  # as if expert 3 will surely return
+    assert pl.policy.use_probability((0, 3)) > pl.policy.use_probability((0, 5))
+    acts = pl.plan_layer(now, 0, [3])
+    assert [a.kind for a in acts] == ["host"]
+    assert pl.counters.keeps == 1 and (0, 5) in pl.cache and (0, 3) not in pl.cache
+
+
 def test_prefetches_that_do_not_deliver_close_the_gate_and_it_reopens():
     pl = make_planner(costs=Costs(layer_s=1.0, expert_s=0.1, transfer_s=0.5), slots=8)
     assert pl.realised() == 1.0
@@ -329,11 +347,13 @@ def test_predictive_policy_per_layer_heaps_agree_with_the_plain_scan():
 
     rng = random.Random(7)
     L, E, k = 5, 12, 2
-    pol = PredictivePolicy({j: j for j in range(L)}, top_k=k)
+    pol = PredictivePolicy({j: j for j in range(L)}, top_k=k, num_experts=E)
     cache = ExpertCache(20, pol)
     checked = 0
     for step in range(4000):
         pol.position = step % L
+        if rng.random() < 0.4:  # a run of the layer starts: recency groups move and age
+            pol.start_run(pol.position, rng.sample(range(E), rng.choice([k, k, 4])))
         if rng.random() < 0.3:
             for _ in range(rng.randrange(4)):
                 key = (rng.randrange(L), rng.randrange(E))
@@ -359,3 +379,29 @@ def test_predictive_policy_per_layer_heaps_agree_with_the_plain_scan():
     everything = set(cache.keys())
     assert pol.use_probability((0, 1)) == pol.use_probability((0, 3)) == PredictivePolicy.P_MIN
     assert pol.victim(everything) == pol.victim_ref(everything) == (0, 3), "clamped tie: the least recently used"
+
+
+def test_predictive_policy_learns_how_recency_predicts_use():
+    """The recency factor per bucket is what the routing shows: above 1 for experts used at the last run
+    where routing sticks across tokens, about 1 everywhere where it does not."""
+    import random
+
+    def factors(sticky: float):
+        rng = random.Random(1)
+        E, k = 8, 2
+        pol = PredictivePolicy({0: 0}, top_k=k, num_experts=E)
+        used = rng.sample(range(E), k)
+        for _ in range(3000):
+            keep = [e for e in used if rng.random() < sticky]
+            used = keep + rng.sample([e for e in range(E) if e not in keep], k - len(keep))
+            pol.start_run(0, used)
+            for e in used:
+                pol.record_use((0, e))
+        last = (0, used[0])            # used at the last run
+        earlier = next((0, e) for e in range(E) if e not in used)
+        return pol.recency_factor(last), pol.recency_factor(earlier)
+
+    last, earlier = factors(0.7)
+    assert last > 2.5 and earlier < 0.7, (last, earlier)
+    last, earlier = factors(0.0)
+    assert last == pytest.approx(1.0, abs=0.1) and earlier == pytest.approx(1.0, abs=0.1), (last, earlier)

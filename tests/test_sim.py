@@ -253,3 +253,38 @@ def test_fixed_costs_per_copy_host_job_and_predicted_layer():
     adaptive = simulate(tr2, costly, 12, Policy("o", "oracle", 2, eviction="lfu"))
     always = simulate(tr2, costly, 12, pol)
     assert adaptive.seconds < 0.6 * always.seconds
+
+
+def _zipf_sticky_trace(sticky: float, N=400, L=8, E=8, k=2, seed=0) -> Trace:
+    """Per layer a Zipf popularity; each of a token's experts kept from the previous token with P `sticky`."""
+    rng = np.random.default_rng(seed)
+    pop = np.stack([rng.permutation(1.0 / np.arange(1, E + 1)) for _ in range(L)])
+    pop /= pop.sum(1, keepdims=True)
+    routing = np.zeros((N, L, k), dtype=np.int64)
+    for t in range(N):
+        for i in range(L):
+            keep = [e for e in routing[t - 1, i] if rng.random() < sticky] if t else []
+            p = pop[i].copy()
+            p[keep] = 0.0
+            routing[t, i] = keep + list(rng.choice(E, k - len(keep), replace=False, p=p / p.sum()))
+    return Trace(routing, [N], {}, {"experts": E, "top_k": k, "layers": L})
+
+
+@pytest.mark.parametrize("host", [False, True])
+def test_predictive_eviction_follows_popularity_and_stickiness(host):
+    """Where routing does not stick across tokens predictive eviction is as good as LFU; where it does it
+    learns so and beats LFU by far (and, with a cache of half the experts, LRU too). With host compute
+    the misses that stickiness brings back run on the host, and the background copies that keep the
+    cache warm are judged on frequency: there it is LFU's equal, and above LRU."""
+    cost = CostModel(attn_s=1e-3, expert_s=1e-4, transfer_s=13.4e-3, expert_bytes=1, host_s=5.6e-3 if host else None)
+    tps = {}
+    for sticky in (0.0, 0.6):
+        tr = _zipf_sticky_trace(sticky)
+        for ev in ("lru", "lfu", "predictive"):
+            tps[sticky, ev] = simulate(tr, cost, 32, Policy(ev, eviction=ev, host_compute=host)).tokens_per_s
+    assert tps[0.0, "predictive"] >= 0.97 * tps[0.0, "lfu"] and tps[0.0, "lfu"] > tps[0.0, "lru"], tps
+    if host:
+        assert tps[0.6, "predictive"] >= 0.97 * tps[0.6, "lfu"] and tps[0.6, "predictive"] > 1.1 * tps[0.6, "lru"], tps
+    else:
+        assert tps[0.6, "predictive"] > 1.3 * tps[0.6, "lfu"], tps
+        assert tps[0.6, "predictive"] > 1.1 * tps[0.6, "lru"], tps

@@ -381,10 +381,35 @@ def test_planner_cost_bench_runs_and_refuses_an_unknown_shape(tmp_path):
     assert all(row["slots"] == 16 * 64 // 2 and row["fast_ms"] > 0 and row["scan_ms"] > 0 for row in rows)
 
 
+def test_eviction_bench_on_a_recorded_trace_and_sticky_routing(tmp_path):
+    """bench/eviction.py on a trace file and a synthetic trace whose routing sticks: predictive eviction's
+    recency factor must pay there (without host compute), and a missing trace is one line."""
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    bench = str(ROOT / "bench" / "eviction.py")
+    r = subprocess.run([sys.executable, bench, "--trace", str(tmp_path / "none.npz")], capture_output=True, text=True,
+                       env=env, timeout=120)
+    assert r.returncode == 2 and r.stderr.startswith("error: no trace at") and len(r.stderr.splitlines()) == 1
+    from test_sim import make_trace
+
+    make_trace(N=60, L=4, E=8, k=2, seed=0).save(tmp_path / "t.npz")
+    r = subprocess.run([sys.executable, bench, "--trace", str(tmp_path / "t.npz"), "--sticky", "0.6", "--tokens", "300",
+                        "--caches", "0.5", "--out", str(tmp_path)], capture_output=True, text=True, env=env, timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    rows = json.loads((tmp_path / "eviction.json").read_text())["rows"]
+    assert [(row["trace"], row["host_compute"]) for row in rows] == [
+        ("t.npz", False), ("t.npz", True), ("synthetic, sticky 0.6", False), ("synthetic, sticky 0.6", True)]
+    sticky = rows[2]
+    assert sticky["stickiness"] > 0.6 and sticky["slots"] == 32
+    assert sticky["predictive_over_frequency_only"] > 1.3, sticky
+    assert "Belady (bound)" in sticky["tokens_per_s"] and "Belady (bound)" not in rows[3]["tokens_per_s"]
+    assert sticky["tokens_per_s"]["Belady (bound)"] >= max(v for k, v in sticky["tokens_per_s"].items() if k != "Belady (bound)")
+    assert "| synthetic, sticky 0.6 |" in (tmp_path / "eviction.md").read_text()
+
+
 def test_every_bench_refuses_a_bad_flag_in_one_line():
     env = dict(os.environ, HF_HUB_OFFLINE="1", PYTHONPATH=str(ROOT))
     benches = sorted(p.name for p in (ROOT / "bench").glob("*.py"))
-    assert len(benches) >= 11
+    assert len(benches) >= 12
     for bench in benches:
         r = subprocess.run([sys.executable, str(ROOT / "bench" / bench), "--no-such-flag"], capture_output=True,
                            text=True, env=env, timeout=120)
