@@ -197,18 +197,20 @@ class PredictivePolicy(LRUPolicy):
     A key of layer j comes up again in dist(j) layers and then every L layers (one token); if it is
     used at each of its layer's runs with probability p, its expected next use is
     dist + L x (1 - p) / p layers away. p is the planner's latest calibrated prediction for the key
-    when there is one, blended with what its layer's history says: its frequency share among the
+    when there is one, blended with what its layer's history says: its frequency share f among the
     layer's routed uses (counted for every use, host-computed ones included, and kept across
     evictions), recalibrated by how recently it was used. That recalibration is learnt online per
-    layer: for the experts used at its last run, at an earlier one, or never, the uses
-    observed at the next run against the uses their frequencies predicted. Where routing sticks from
-    one token to the next, a just-used expert's factor rises above 1 and the rule leans towards LRU;
-    where it does not, every factor tends to 1 and the rule is frequency's (LFU's). Ties go to the
-    least recently used.
+    layer and recency bucket (experts used at the layer's last run, at an earlier one, or never): a
+    least-squares line P = a + b f fitted to what each run then used, pulled towards P = f by PRIOR
+    pseudo-observations. Stickiness adds to frequency (a just-used rare expert returns about as often
+    as a just-used popular one), so a line fits where a factor on f would not: where routing sticks
+    from one token to the next, the last run's bucket gets a > 0 and the rule leans towards LRU; where
+    it does not, every line tends to P = f and the rule is frequency's (LFU's). Ties go to the least
+    recently used.
 
-    Within a layer, experts last used at the same run share that factor, so those without a
-    prediction rank by their use count alone: each layer keeps a heap of (uses, stamp, key) per such
-    group (GAPS + 1 of them at most), and a victim costs a few candidates per layer plus the predicted
+    Within a layer, experts last used at the same run share a line whose slope is kept positive, so
+    those without a prediction rank by their use count alone: each layer keeps a heap of
+    (uses, stamp, key) per such group (GAPS + 1 of them at most), and a victim costs a few candidates per layer plus the predicted
     keys, not a pass over the cache (thousands of slots on a 64- or 128-expert model). A layer's
     candidates are kept from one victim to the next until something of that layer changes (a use, an
     insert, a touch, an eviction, a run starting, a prediction), so a victim usually re-examines only
@@ -221,11 +223,11 @@ class PredictivePolicy(LRUPolicy):
 
     def __init__(self, positions: dict[int, int], top_k: int, num_experts: int | None = None, recency: bool = True):
         super().__init__()
-        self.recency = recency      # False: every factor stays 1 (frequency alone, the rule before recency)
+        self.recency = recency      # False: P = f in every bucket (frequency alone, the rule before recency)
         self.positions = positions  # layer id -> position in execution order
         self.n = len(positions)
         self.top_k = top_k
-        self.num_experts = num_experts  # per layer (None: unknown, the never-used bucket keeps factor 1)
+        self.num_experts = num_experts  # per layer (None: unknown, the never-used bucket keeps P = f)
         self.position = 0           # the executing layer's position
         self.uses: Counter = Counter()
         self.layer_uses: Counter = Counter()
@@ -235,15 +237,17 @@ class PredictivePolicy(LRUPolicy):
         self._last: dict = {}                      # key -> the run of its layer it was last used at
         self._recent: dict = defaultdict(dict)     # layer -> {run: keys last used then}, the last GAPS - 1 runs
         self._ever: Counter = Counter()            # layer -> experts used at least once
-        self._seen: Counter = Counter()            # (layer, bucket) -> uses observed at the next run
-        self._expected: Counter = Counter()        # (layer, bucket) -> uses their frequencies predicted
+        # (layer, bucket) -> [n, sum f, sum f^2, sum y, sum f y] over the bucket's experts at each run start:
+        # f its frequency then, y whether that run used it (the least-squares fit of y = a + b f)
+        self._fit: dict = defaultdict(lambda: [0, 0.0, 0.0, 0, 0.0])
+        self._sq: Counter = Counter()              # layer -> sum of (uses + 0.5)^2 over its experts ever used
         self._heaps: dict = defaultdict(dict)      # layer -> {group: [(uses, stamp, key)]}, stale entries lazily dropped
         self._resident: dict = defaultdict(set)    # layer -> its resident keys
         self._pushed: Counter = Counter()          # layer -> entries pushed since its heaps were rebuilt
 
     # ---- recency groups ----------------------------------------------------------------------
     def _group(self, key):
-        """A recent run id, OLD or NEVER: the experts of one group share their recency factor."""
+        """A recent run id, OLD or NEVER: the experts of one group share their recency line."""
         last = self._last.get(key)
         if last is None:
             return self.NEVER
@@ -252,36 +256,71 @@ class PredictivePolicy(LRUPolicy):
     def _bucket(self, layer, group):
         return group if group in (self.OLD, self.NEVER) else self._runs[layer] - group
 
-    def recency_factor(self, key) -> float:
-        """Uses observed / uses predicted by frequency, for experts last used as long ago as `key`."""
-        return self._factor((key[0], self._bucket(key[0], self._group(key))))
+    PRIOR = 4.0      # pseudo-observations pulling each bucket's line towards P = frequency
+    SLOPE_MIN = 0.05  # keeps P rising with uses within a bucket, so a heap by uses orders it
 
-    def _factor(self, bucket) -> float:
-        return (self._seen[bucket] + 1.0) / (self._expected[bucket] + 1.0) if self.recency else 1.0
+    def recency_line(self, key) -> tuple[float, float]:
+        """(a, b): P(used at the next run) = a + b x frequency, for experts last used as long ago as `key`."""
+        return self._line((key[0], self._bucket(key[0], self._group(key))))
+
+    def _line(self, bucket) -> tuple[float, float]:
+        if not self.recency:
+            return 0.0, 1.0
+        n, sf, sff, sy, sfy = self._fit[bucket] if bucket in self._fit else (0, 0.0, 0.0, 0, 0.0)
+        a11, a12, a22 = n + self.PRIOR, sf, sff + self.PRIOR  # ridge towards a = 0, b = 1
+        b1, b2 = sy, sfy + self.PRIOR
+        slope = max(self.SLOPE_MIN, (a11 * b2 - a12 * b1) / (a11 * a22 - a12 * a12))
+        a = (b1 - a12 * slope) / a11
+        if a < 0.0:  # through the origin instead: a negative intercept would clamp the rarest experts' P
+            a, slope = 0.0, max(self.SLOPE_MIN, b2 / a22)  # to P_MIN, where only a scan can tell them apart
+        return a, slope
 
     def start_run(self, layer, experts) -> None:
-        """A run of `layer` starts and will use `experts` (ids): score the recency buckets' predictions
-        against it, then move those experts to the newest group."""
+        """A run of `layer` starts and will use `experts` (ids): add what it uses to each recency bucket's
+        fit, then move those experts to the newest group."""
         self._picks.pop(layer, None)
         r = self._runs[layer]
-        tokens = self.layer_uses[layer] / self.top_k
+        t1 = self.layer_uses[layer] / self.top_k + 1.0
         recent = self._recent[layer]
-        n_recent = u_recent = 0
-        for run, keys in recent.items():  # each bucket's expected uses: the sum of its experts' frequencies
-            u = sum(self.uses[k] for k in keys)
-            self._expected[layer, r - run] += (u + 0.5 * len(keys)) / (tokens + 1.0)
-            n_recent += len(keys)
-            u_recent += u
-        n_old = self._ever[layer] - n_recent
-        self._expected[layer, self.OLD] += (self.layer_uses[layer] - u_recent + 0.5 * n_old) / (tokens + 1.0)
-        if self.num_experts is not None:
-            self._expected[layer, self.NEVER] += 0.5 * (self.num_experts - self._ever[layer]) / (tokens + 1.0)
         keys = {(layer, e) for e in experts}
+        n_recent = u_recent = 0
+        q_recent = 0.0
+        for run, members in recent.items():  # the recent buckets, expert by expert (a few)
+            fit = self._fit[layer, r - run]
+            for key in members:
+                u = self.uses[key] + 0.5
+                f, y = u / t1, key in keys
+                fit[0] += 1
+                fit[1] += f
+                fit[2] += f * f
+                fit[3] += y
+                fit[4] += f * y
+                u_recent += u
+                q_recent += u * u
+            n_recent += len(members)
+        # the older experts and the never used, from their layer's totals (no pass over the experts)
+        n_old = self._ever[layer] - n_recent
+        fit = self._fit[layer, self.OLD]
+        fit[0] += n_old
+        fit[1] += (self.layer_uses[layer] + 0.5 * self._ever[layer] - u_recent) / t1
+        fit[2] += (self._sq[layer] - q_recent) / (t1 * t1)
+        never = self._fit[layer, self.NEVER]
+        if self.num_experts is not None:
+            n_never = self.num_experts - self._ever[layer]
+            never[0] += n_never
+            never[1] += 0.5 * n_never / t1
+            never[2] += 0.25 * n_never / (t1 * t1)
         for key in keys:
-            self._seen[layer, self._bucket(layer, self._group(key))] += 1
+            group = self._group(key)
+            if group == self.OLD or (group == self.NEVER and self.num_experts is not None):
+                f = (self.uses[key] + 0.5) / t1
+                target = fit if group == self.OLD else never
+                target[3] += 1
+                target[4] += f
             last = self._last.get(key)
             if last is None:
                 self._ever[layer] += 1
+                self._sq[layer] += (self.uses[key] + 0.5) ** 2
             elif last in recent:
                 recent[last].discard(key)
             self._last[key] = r
@@ -328,6 +367,8 @@ class PredictivePolicy(LRUPolicy):
         self._picks.pop(key[0], None)
 
     def record_use(self, key) -> None:
+        if key in self._last:
+            self._sq[key[0]] += 2.0 * self.uses[key] + 2.0  # (u + 1.5)^2 - (u + 0.5)^2
         self.uses[key] += 1
         self.layer_uses[key[0]] += 1
         self._picks.pop(key[0], None)  # its layer's frequencies all moved
@@ -339,7 +380,8 @@ class PredictivePolicy(LRUPolicy):
         return (self.uses[key] + 0.5) / (tokens + 1.0)  # smoothed: a new expert is not worthless
 
     def _history(self, key) -> float:
-        return self._frequency(key) * self.recency_factor(key)
+        a, b = self.recency_line(key)
+        return a + b * self._frequency(key)
 
     def use_probability(self, key, recency: bool = True) -> float:
         """P(key is used at its layer's next run); recency False: from its frequency alone."""
@@ -386,7 +428,8 @@ class PredictivePolicy(LRUPolicy):
                     del heaps[group]
                 continue
             b = (layer, self._bucket(layer, group))
-            p = (self.uses[key] + 0.5) / (tokens + 1.0) * self._factor(b)
+            a, slope = self._line(b)
+            p = a + slope * ((self.uses[key] + 0.5) / (tokens + 1.0))
             if self.P_MIN < p < self.P_MAX:
                 picks.append((key, p))
             else:  # clamped: keys with more uses clamp to the same P and tie with it; the oldest of them goes
@@ -674,8 +717,8 @@ class Planner:
         """A host-computed miss is also copied in, in the background, when the link is idle and it is
         more likely to be used again than the expert it would evict: host compute must not leave the
         cache cold (otherwise every later use of a popular expert goes to the host as well).
-        "More likely" is judged on frequency, without the recency factor eviction uses: a just-used
-        expert's factor would make nearly every host-computed miss beat its victim by a little, and a
+        "More likely" is judged on frequency, without the recency line eviction uses: a just-used
+        expert's recency would make nearly every host-computed miss beat its victim by a little, and a
         copy that gains little costs its full transfer plus, on the CPU backend, the compute thread's
         time (measured on the demo: 8x the keeps, most of them evicted unused, 2-9% slower)."""
         if key in self.cache or self.link.in_flight(now) >= self.budget:

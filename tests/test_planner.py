@@ -251,7 +251,7 @@ def test_host_computed_miss_is_kept_on_frequency_not_recency():
         pl.release(acts)
         now += 20.0
     assert (0, 5) in pl.cache and pl.counters.keeps == 1
-    pl.policy.recency_factor = lambda key: 100.0 if key == (0, 3) else 1.0  # as if expert 3 will surely return
+    pl.policy.recency_line = lambda key: (1.0, 1.0) if key == (0, 3) else (0.0, 1.0)  # as if expert 3 will surely return
     assert pl.policy.use_probability((0, 3)) > pl.policy.use_probability((0, 5))
     acts = pl.plan_layer(now, 0, [3])
     assert [a.kind for a in acts] == ["host"]
@@ -382,26 +382,39 @@ def test_predictive_policy_per_layer_heaps_agree_with_the_plain_scan():
 
 
 def test_predictive_policy_learns_how_recency_predicts_use():
-    """The recency factor per bucket is what the routing shows: above 1 for experts used at the last run
-    where routing sticks across tokens, about 1 everywhere where it does not."""
+    """The history P of an expert used at the last run, and of one used earlier, is what the routing
+    shows: a just-used expert is likely to return where routing sticks across tokens, whatever its
+    frequency, and recency says nothing where it does not stick."""
     import random
 
-    def factors(sticky: float):
+    def rates(sticky: float):
         rng = random.Random(1)
         E, k = 8, 2
+        weights = [1.0 / (r + 1) for r in range(E)]  # Zipf popularity: frequency matters too
         pol = PredictivePolicy({0: 0}, top_k=k, num_experts=E)
-        used = rng.sample(range(E), k)
-        for _ in range(3000):
+        used, seen = [], {True: [0, 0], False: [0, 0]}  # used at the last run? -> [P sum, uses]
+        n = {True: 0, False: 0}
+        for step in range(4000):
             keep = [e for e in used if rng.random() < sticky]
-            used = keep + rng.sample([e for e in range(E) if e not in keep], k - len(keep))
+            fresh = []
+            while len(keep) + len(fresh) < k:
+                e = rng.choices(range(E), weights)[0]
+                if e not in keep and e not in fresh:
+                    fresh.append(e)
+            if step >= 2000:  # the learnt P against what this run then does, per group
+                for e in range(E):
+                    last = e in used
+                    seen[last][0] += pol.use_probability((0, e))
+                    seen[last][1] += e in keep + fresh
+                    n[last] += 1
+            used = keep + fresh
             pol.start_run(0, used)
             for e in used:
                 pol.record_use((0, e))
-        last = (0, used[0])            # used at the last run
-        earlier = next((0, e) for e in range(E) if e not in used)
-        return pol.recency_factor(last), pol.recency_factor(earlier)
+        return {g: (seen[g][0] / n[g], seen[g][1] / n[g]) for g in (True, False)}
 
-    last, earlier = factors(0.7)
-    assert last > 2.5 and earlier < 0.7, (last, earlier)
-    last, earlier = factors(0.0)
-    assert last == pytest.approx(1.0, abs=0.1) and earlier == pytest.approx(1.0, abs=0.1), (last, earlier)
+    for sticky in (0.7, 0.0):
+        r = rates(sticky)
+        for group, (predicted, observed) in r.items():
+            assert predicted == pytest.approx(observed, abs=0.04), (sticky, group, r)
+    assert rates(0.7)[True][1] > 0.75 and rates(0.0)[True][1] < 0.45
