@@ -210,8 +210,9 @@ class PredictivePolicy(LRUPolicy):
 
     Within a layer, experts last used at the same run share a line whose slope is kept positive, so
     those without a prediction rank by their use count alone: each layer keeps a heap of
-    (uses, stamp, key) per such group (GAPS + 1 of them at most), and a victim costs a few candidates per layer plus the predicted
-    keys, not a pass over the cache (thousands of slots on a 64- or 128-expert model). A layer's
+    (uses, stamp, key) per such group (GAPS + 1 of them at most), and a victim costs a few candidates
+    per layer plus the predicted keys, not a pass over the cache (thousands of slots on a 64- or
+    128-expert model). A layer's
     candidates are kept from one victim to the next until something of that layer changes (a use, an
     insert, a touch, an eviction, a run starting, a prediction), so a victim usually re-examines only
     the layers the last plan touched. victim_ref() is the plain scan it must agree with, ties included."""
