@@ -30,8 +30,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from moe_prefetch.cli_common import ArgumentParser, run_main  # noqa: E402
-from moe_prefetch.sim import CostModel, Policy, Trace, load_profiles, simulate  # noqa: E402
-from planner_cost import synthetic_trace  # noqa: E402  (bench/planner_cost.py: Zipf popularity + repeats)
+from moe_prefetch.sim import CostModel, Policy, Trace, load_profiles, simulate, synthetic_trace  # noqa: E402
 
 DEMO_TRACE = ROOT / "bench" / "results" / "demo.trace.npz"
 EVICTIONS = [("LRU", "lru"), ("LFU", "lfu"), ("predictive (frequency only)", "predictive-frequency"),

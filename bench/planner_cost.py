@@ -20,45 +20,16 @@ import sys
 import time
 from pathlib import Path
 
-import numpy as np
-
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from moe_prefetch.cli_common import ArgumentParser, run_main  # noqa: E402
-from moe_prefetch.sim import CostModel, Policy, Trace, load_profiles, simulate  # noqa: E402
+from moe_prefetch.sim import CostModel, Policy, load_profiles, simulate, synthetic_trace  # noqa: E402
 import moe_prefetch.sim as sim  # noqa: E402
 from transfer import cpu_name  # noqa: E402  (bench/transfer.py: the CPU's model name)
 
 EXTRA = {"qwen3-30b-a3b": dict(name="Qwen3-30B-A3B", moe_layers=48, experts=128, top_k=8,
                                source="Qwen/Qwen3-30B-A3B config.json: 48 layers, 128 experts, 8 per token")}
-
-
-def synthetic_trace(L: int, E: int, k: int, tokens: int, seed: int = 0, repeat: float = 0.3) -> Trace:
-    """Routing [tokens, L, k] with per-layer Zipf popularity and `repeat` of each token's experts kept from
-    the previous token; next-gate-like scores for distances 1, 2 (the truth's experts scored higher)."""
-    rng = np.random.default_rng(seed)
-    ranks = np.arange(1, E + 1)
-    pop = np.stack([rng.permutation(1.0 / ranks) for _ in range(L)])
-    pop /= pop.sum(1, keepdims=True)  # [L, E]
-    routing = np.zeros((tokens, L, k), dtype=np.int64)
-    for t in range(tokens):
-        for i in range(L):
-            keep = [e for e in routing[t - 1, i] if rng.random() < repeat] if t else []
-            p = pop[i].copy()
-            p[keep] = 0.0
-            fresh = rng.choice(E, k - len(keep), replace=False, p=p / p.sum())
-            routing[t, i] = np.array(keep + list(fresh))
-    scores = rng.random((tokens, L, 2, E)).astype(np.float32) * 0.5
-    for t in range(tokens):
-        for i in range(L):
-            for d in (1, 2):
-                if i + d < L:
-                    scores[t, i, d - 1, routing[t, i + d]] += 0.5
-                else:
-                    scores[t, i, d - 1] = np.nan
-    scores /= np.nansum(scores, -1, keepdims=True)
-    return Trace(routing, [tokens], {"next-gate": scores}, {"experts": E, "top_k": k, "layers": L, "lookahead": 2})
 
 
 def timed(trace, cost, slots, policy, scan: bool):

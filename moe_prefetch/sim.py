@@ -361,6 +361,33 @@ def min_transfers(routing: np.ndarray, slots: int, bypass: bool = False) -> int:
     return faults
 
 
+def synthetic_trace(L: int, E: int, k: int, tokens: int, seed: int = 0, repeat: float = 0.3) -> Trace:
+    """A synthetic trace: routing [tokens, L, k] with per-layer Zipf popularity and `repeat` of each
+    token's experts kept from the previous token (routing that sticks across tokens); next-gate-like scores for distances 1, 2 (the truth's experts scored higher)."""
+    rng = np.random.default_rng(seed)
+    ranks = np.arange(1, E + 1)
+    pop = np.stack([rng.permutation(1.0 / ranks) for _ in range(L)])
+    pop /= pop.sum(1, keepdims=True)  # [L, E]
+    routing = np.zeros((tokens, L, k), dtype=np.int64)
+    for t in range(tokens):
+        for i in range(L):
+            keep = [e for e in routing[t - 1, i] if rng.random() < repeat] if t else []
+            p = pop[i].copy()
+            p[keep] = 0.0
+            fresh = rng.choice(E, k - len(keep), replace=False, p=p / p.sum())
+            routing[t, i] = np.array(keep + list(fresh))
+    scores = rng.random((tokens, L, 2, E)).astype(np.float32) * 0.5
+    for t in range(tokens):
+        for i in range(L):
+            for d in (1, 2):
+                if i + d < L:
+                    scores[t, i, d - 1, routing[t, i + d]] += 0.5
+                else:
+                    scores[t, i, d - 1] = np.nan
+    scores /= np.nansum(scores, -1, keepdims=True)
+    return Trace(routing, [tokens], {"next-gate": scores}, {"experts": E, "top_k": k, "layers": L, "lookahead": 2})
+
+
 def physical_bound(trace: Trace, cost: CostModel, slots: int, host_compute: bool = False) -> SimResult:
     """A lower bound on time for any policy: the device's own work, the link's and the host's are each
     serial, and the fewest fetches come from Belady's MIN (min_transfers).

@@ -5,7 +5,7 @@ import pytest
 
 from moe_prefetch import planner as planner_mod
 from moe_prefetch.sim import (CostModel, Policy, Trace, load_profiles, min_transfers, physical_bound, simulate,
-                              standard_policies)
+                              standard_policies, synthetic_trace)
 
 
 def make_trace(N=200, L=4, E=8, k=2, seed=0, sticky=0.7):
@@ -255,21 +255,6 @@ def test_fixed_costs_per_copy_host_job_and_predicted_layer():
     assert adaptive.seconds < 0.6 * always.seconds
 
 
-def _zipf_sticky_trace(sticky: float, N=400, L=8, E=8, k=2, seed=0) -> Trace:
-    """Per layer a Zipf popularity; each of a token's experts kept from the previous token with P `sticky`."""
-    rng = np.random.default_rng(seed)
-    pop = np.stack([rng.permutation(1.0 / np.arange(1, E + 1)) for _ in range(L)])
-    pop /= pop.sum(1, keepdims=True)
-    routing = np.zeros((N, L, k), dtype=np.int64)
-    for t in range(N):
-        for i in range(L):
-            keep = [e for e in routing[t - 1, i] if rng.random() < sticky] if t else []
-            p = pop[i].copy()
-            p[keep] = 0.0
-            routing[t, i] = keep + list(rng.choice(E, k - len(keep), replace=False, p=p / p.sum()))
-    return Trace(routing, [N], {}, {"experts": E, "top_k": k, "layers": L})
-
-
 @pytest.mark.parametrize("host", [False, True])
 def test_predictive_eviction_follows_popularity_and_stickiness(host):
     """Where routing does not stick across tokens predictive eviction is as good as LFU; where it does it
@@ -279,7 +264,7 @@ def test_predictive_eviction_follows_popularity_and_stickiness(host):
     cost = CostModel(attn_s=1e-3, expert_s=1e-4, transfer_s=13.4e-3, expert_bytes=1, host_s=5.6e-3 if host else None)
     tps = {}
     for sticky in (0.0, 0.6):
-        tr = _zipf_sticky_trace(sticky)
+        tr = synthetic_trace(8, 8, 2, 400, repeat=sticky)
         for ev in ("lru", "lfu", "predictive"):
             tps[sticky, ev] = simulate(tr, cost, 32, Policy(ev, eviction=ev, host_compute=host)).tokens_per_s
     assert tps[0.0, "predictive"] >= 0.97 * tps[0.0, "lfu"] and tps[0.0, "lfu"] > tps[0.0, "lru"], tps
