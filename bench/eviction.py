@@ -8,8 +8,9 @@ eviction on a recorded routing trace and on synthetic traces whose routing stick
 Eviction alone, no predictor (the default planner's prefetches ride on top of it), host compute off
 and on, at each cache fraction, through the runtime's own planner. Besides the three shipped policies:
 `predictive (frequency only)`, the predictive rule without its learnt recency factor (what it was
-before it had one), and Belady's farthest-next-use with the future known, the bound (host compute off
-only: Belady's rule orders evictions, it does not decide which host-computed misses to copy in).
+before it had one), and Belady's farthest-next-use with the future known, the bound (with host
+compute it also knows which host-computed misses its layer's next run will use again, and copies in
+just those).
 Each trace's stickiness is reported as the share of a token's experts that the previous token used in
 the same layer, against k/E for routing with no memory.
 Costs are a GPU's, in units of one layer's compute (attention and norms 0.8, each routed expert 0.1
@@ -59,8 +60,6 @@ def run(traces: dict[str, Trace], caches: list[float], ratio: float, host_over_l
                 slots = max(k, round(frac * L * E))
                 tps = {}
                 for label, ev in EVICTIONS:
-                    if ev == "belady" and host:
-                        continue
                     tps[label] = simulate(trace, cost, slots, Policy(label, eviction=ev, host_compute=host)).tokens_per_s
                 best = max(tps["LRU"], tps["LFU"])
                 rows.append(dict(trace=name, layers=L, experts=E, top_k=k, tokens=N, stickiness=sticky, chance=k / E,

@@ -917,6 +917,8 @@ class Planner:
         """How likely an evicted `key` is to be needed at its layer's next run."""
         if isinstance(self.policy, PredictivePolicy):
             return self.policy.use_probability(key, recency=not keep)
+        if hasattr(self.policy, "use_probability"):  # a policy that knows (the simulator's Belady)
+            return self.policy.use_probability(key)
         if isinstance(self.policy, LFUPolicy) and self.policy.counts:
             layer_total = self.policy.group_counts[key[0]]
             return min(1.0, self.top_k * self.policy.counts[key] / layer_total) if layer_total else 0.0

@@ -160,6 +160,7 @@ class BeladyPolicy(EvictionPolicy):
 
     def __init__(self, routing: np.ndarray):
         N, L, _ = routing.shape
+        self.layers = L
         self.uses: dict[tuple[int, int], list[int]] = defaultdict(list)
         for t in range(N):
             for i in range(L):
@@ -171,6 +172,11 @@ class BeladyPolicy(EvictionPolicy):
         u = self.uses.get(key, [])
         j = bisect.bisect_right(u, self.position)
         return u[j] if j < len(u) else math.inf
+
+    def use_probability(self, key, recency: bool = True) -> float:
+        """Whether the key is used at its layer's next run, known: 1 or 0 (the planner's keep rule and
+        prefetch gate ask this of the policy that can say)."""
+        return 1.0 if self.next_use(key) - self.position <= self.layers else 0.0
 
     def victim(self, candidates):
         if not candidates:

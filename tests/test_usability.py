@@ -401,8 +401,9 @@ def test_eviction_bench_on_a_recorded_trace_and_sticky_routing(tmp_path):
     sticky = rows[2]
     assert sticky["stickiness"] > 0.6 and sticky["slots"] == 32
     assert sticky["predictive_over_frequency_only"] > 1.3, sticky
-    assert "Belady (bound)" in sticky["tokens_per_s"] and "Belady (bound)" not in rows[3]["tokens_per_s"]
-    assert sticky["tokens_per_s"]["Belady (bound)"] >= max(v for k, v in sticky["tokens_per_s"].items() if k != "Belady (bound)")
+    for row in rows:  # Belady's eviction, with host compute too, is the bound of every row
+        tps = row["tokens_per_s"]
+        assert tps["Belady (bound)"] >= max(v for k, v in tps.items() if k != "Belady (bound)"), row
     assert "| synthetic, sticky 0.6 |" in (tmp_path / "eviction.md").read_text()
 
 
