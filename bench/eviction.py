@@ -21,7 +21,6 @@ are microseconds). Nothing here is a measurement: the runtime's figures are benc
 """
 from __future__ import annotations
 
-import json
 import sys
 from pathlib import Path
 
@@ -30,7 +29,7 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from moe_prefetch.cli_common import ArgumentParser, run_main  # noqa: E402
+from moe_prefetch.cli_common import ArgumentParser, run_main, write_report  # noqa: E402
 from moe_prefetch.sim import CostModel, Policy, Trace, load_profiles, simulate, synthetic_trace  # noqa: E402
 
 DEMO_TRACE = ROOT / "bench" / "results" / "demo.trace.npz"
@@ -124,11 +123,7 @@ def main(argv=None) -> int:
     lines = markdown(rows, args.ratio, host_over_link)
     print("\n".join(lines))
     if args.out:
-        out = Path(args.out)
-        out.mkdir(parents=True, exist_ok=True)
-        (out / "eviction.md").write_text("\n".join(lines) + "\n", encoding="utf-8")
-        (out / "eviction.json").write_text(json.dumps(dict(ratio=args.ratio, host_over_link=host_over_link, rows=rows),
-                                                      indent=1), encoding="utf-8")
+        write_report(args.out, "eviction", lines, dict(ratio=args.ratio, host_over_link=host_over_link, rows=rows))
     return 0
 
 

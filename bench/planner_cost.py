@@ -14,7 +14,6 @@ equal). The absolute figures are for the machine named in the output only.
 """
 from __future__ import annotations
 
-import json
 import statistics
 import sys
 import time
@@ -23,7 +22,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from moe_prefetch.cli_common import ArgumentParser, run_main  # noqa: E402
+from moe_prefetch.cli_common import ArgumentParser, run_main, write_report  # noqa: E402
 from moe_prefetch.sim import CostModel, Policy, load_profiles, simulate, synthetic_trace  # noqa: E402
 import moe_prefetch.sim as sim  # noqa: E402
 from transfer import cpu_name  # noqa: E402  (bench/transfer.py: the CPU's model name)
@@ -102,11 +101,7 @@ def main(argv=None) -> int:
               f"{r['fast_ms']:.2f} | {r['scan_ms']:.2f} | {r['ratio']:.1f}x |" for r in rows]
     print("\n".join(lines))
     if args.out:
-        out = Path(args.out)
-        out.mkdir(parents=True, exist_ok=True)
-        (out / "planner_cost.md").write_text("\n".join(lines) + "\n", encoding="utf-8")
-        (out / "planner_cost.json").write_text(json.dumps(dict(machine=where, tokens=args.tokens, rows=rows), indent=1),
-                                               encoding="utf-8")
+        write_report(args.out, "planner_cost", lines, dict(machine=where, tokens=args.tokens, rows=rows))
     return 0
 
 

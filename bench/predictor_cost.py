@@ -12,7 +12,6 @@ what this measures; the absolute figures are for the machine named in the output
 """
 from __future__ import annotations
 
-import json
 import statistics
 import sys
 import time
@@ -24,7 +23,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 import moe_prefetch as mp  # noqa: E402
-from moe_prefetch.cli_common import ArgumentParser, run_main  # noqa: E402
+from moe_prefetch.cli_common import ArgumentParser, run_main, write_report  # noqa: E402
 from moe_prefetch.predictors import ModelView, Predictor, make_predictor  # noqa: E402
 from moe_prefetch.prefetch import summarise  # noqa: E402
 from transfer import cpu_name  # noqa: E402  (bench/transfer.py: the CPU's model name)
@@ -82,10 +81,7 @@ def main(argv=None) -> int:
               f"{r['ratio']:.2f}x |" for r in rows]
     print("\n".join(lines))
     if args.out:
-        out = Path(args.out)
-        out.mkdir(parents=True, exist_ok=True)
-        (out / "predictor_cost.md").write_text("\n".join(lines) + "\n", encoding="utf-8")
-        (out / "predictor_cost.json").write_text(json.dumps(dict(machine=where, rows=rows), indent=1), encoding="utf-8")
+        write_report(args.out, "predictor_cost", lines, dict(machine=where, rows=rows))
     return 0
 
 

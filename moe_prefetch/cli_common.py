@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sys
 import traceback
@@ -67,6 +68,15 @@ def check_output_path(path: str, flag: str = "--out") -> None:
         raise MoePrefetchError(f"{flag} {path}: the directory {parent} is not writable")
     if target.exists() and not os.access(target, os.W_OK):
         raise MoePrefetchError(f"{flag} {path} exists and is not writable")
+
+
+def write_report(out, stem: str, lines: list[str], data: dict) -> None:
+    """A bench's results into folder `out` (created): its markdown table as <stem>.md, its figures as
+    <stem>.json."""
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / f"{stem}.md").write_text("\n".join(lines) + "\n", encoding="utf-8")
+    (out / f"{stem}.json").write_text(json.dumps(data, indent=1), encoding="utf-8")
 
 
 def run_main(body, argv=None) -> int:
