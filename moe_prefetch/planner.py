@@ -233,7 +233,7 @@ class PredictivePolicy(LRUPolicy):
         self.uses: Counter = Counter()
         self.layer_uses: Counter = Counter()
         self.predicted: dict = _Predictions(self._changed)  # key -> calibrated P of use at its next run
-        self._picks: dict = {}                     # layer -> [(key, P)]: its groups' best, while nothing of it changed
+        self._picks: dict = {}                     # layer -> (h, stamp, key) of its groups' best (or None), while nothing of it changed
         self._runs: Counter = Counter()            # layer -> runs started
         self._last: dict = {}                      # key -> the run of its layer it was last used at
         self._recent: dict = defaultdict(dict)     # layer -> {run: keys last used then}, the last GAPS - 1 runs
@@ -241,10 +241,12 @@ class PredictivePolicy(LRUPolicy):
         # (layer, bucket) -> [n, sum f, sum f^2, sum y, sum f y] over the bucket's experts at each run start:
         # f its frequency then, y whether that run used it (the least-squares fit of y = a + b f)
         self._fit: dict = defaultdict(lambda: [0, 0.0, 0.0, 0, 0.0])
+        self._lines: dict = defaultdict(dict)      # layer -> {(layer, bucket): its fitted (a, b)}, until the fit changes
         self._sq: Counter = Counter()              # layer -> sum of (uses + 0.5)^2 over its experts ever used
         self._heaps: dict = defaultdict(dict)      # layer -> {group: [(uses, stamp, key)]}, stale entries lazily dropped
         self._resident: dict = defaultdict(set)    # layer -> its resident keys
         self._pushed: Counter = Counter()          # layer -> entries pushed since its heaps were rebuilt
+        self._dirty: dict = defaultdict(set)       # layer -> resident keys whose heap entry is out of date
 
     # ---- recency groups ----------------------------------------------------------------------
     def _group(self, key):
@@ -267,6 +269,13 @@ class PredictivePolicy(LRUPolicy):
     def _line(self, bucket) -> tuple[float, float]:
         if not self.recency:
             return 0.0, 1.0
+        lines = self._lines[bucket[0]]
+        line = lines.get(bucket)
+        if line is None:
+            line = lines[bucket] = self._solve(bucket)
+        return line
+
+    def _solve(self, bucket) -> tuple[float, float]:
         n, sf, sff, sy, sfy = self._fit[bucket] if bucket in self._fit else (0, 0.0, 0.0, 0, 0.0)
         a11, a12, a22 = n + self.PRIOR, sf, sff + self.PRIOR  # ridge towards a = 0, b = 1
         b1, b2 = sy, sfy + self.PRIOR
@@ -281,6 +290,7 @@ class PredictivePolicy(LRUPolicy):
         fit, then move those experts to the newest group."""
         self._picks.pop(layer, None)
         r = self._runs[layer]
+        self._lines.pop(layer, None)  # every bucket of the layer gets new observations: re-solved when asked
         t1 = self.layer_uses[layer] / self.top_k + 1.0
         recent = self._recent[layer]
         keys = {(layer, e) for e in experts}
@@ -340,18 +350,33 @@ class PredictivePolicy(LRUPolicy):
         self._picks.pop(key[0], None)
 
     def _push(self, key) -> None:
+        """`key`'s uses, stamp or group changed: its heap entry is renewed when its layer's heaps are next
+        read (a hit changes all three in one plan, so this pushes once, not three times)."""
         layer = key[0]
         self._picks.pop(layer, None)
-        heaps = self._heaps[layer]
-        heapq.heappush(heaps.setdefault(self._group(key), []), (self.uses[key], self._stamp[key], key))
-        self._pushed[layer] += 1
-        if self._pushed[layer] > 4 * len(self._resident[layer]) + 16:  # mostly stale: rebuild
-            self._pushed[layer] = len(self._resident[layer])
+        self._dirty[layer].add(key)
+        if layer not in self._heaps:
+            self._heaps[layer] = {}  # victim() visits the layers that have heaps
+
+    def _flush(self, layer) -> None:
+        """Push the layer's changed resident keys' current entries (older ones are stale and dropped as
+        they surface), or rebuild its heaps when they are mostly stale."""
+        dirty = self._dirty.pop(layer, None)
+        if not dirty:
+            return
+        heaps, resident = self._heaps[layer], self._resident[layer]
+        self._pushed[layer] += len(dirty)
+        if self._pushed[layer] > 4 * len(resident) + 16:  # mostly stale: rebuild
+            self._pushed[layer] = len(resident)
             heaps.clear()
-            for k in self._resident[layer]:
+            for k in resident:
                 heaps.setdefault(self._group(k), []).append((self.uses[k], self._stamp[k], k))
             for h in heaps.values():
                 heapq.heapify(h)
+            return
+        for key in dirty:
+            if key in resident:
+                heapq.heappush(heaps.setdefault(self._group(key), []), (self.uses[key], self._stamp[key], key))
 
     def on_insert(self, key):
         super().on_insert(key)
@@ -397,84 +422,80 @@ class PredictivePolicy(LRUPolicy):
         return dist + self.n * (1.0 - p) / p
 
     def _group_best(self, group, heap, candidates):
-        """The group's evictable key without a prediction and with the fewest uses (the oldest of those),
-        and whether a key that is not a candidate was passed over on the way."""
-        aside, found, partial = [], None, False
+        """The group's key without a prediction and with the fewest uses (the oldest of those), among
+        `candidates` (None: any resident key)."""
+        stamps, uses, predicted = self._stamp, self.uses, self.predicted
+        aside, found = [], None
         while heap:
-            uses, stamp, key = heap[0]
-            if self._stamp.get(key) != stamp or self.uses[key] != uses or self._group(key) != group:
+            u, stamp, key = heap[0]
+            if stamps.get(key) != stamp or uses[key] != u or self._group(key) != group:
                 heapq.heappop(heap)  # stale: used, touched, moved or evicted since
-            elif key in self.predicted or key not in candidates:
-                partial = partial or key not in candidates
+            elif key in predicted or (candidates is not None and key not in candidates):
                 aside.append(heapq.heappop(heap))
             else:
                 found = key
                 break
         for entry in aside:
             heapq.heappush(heap, entry)
-        return found, partial
+        return found
 
-    def _layer_picks(self, layer, candidates):
-        """[(key, P)]: per recency group of the layer, its key without a prediction that is expected to be
-        needed last (all of them where P clamps, since those tie), and whether the list holds only for
-        these candidates (a non-candidate was passed over) rather than for any."""
-        picks, partial = [], False
-        heaps = self._heaps[layer]
+    def _layer_best(self, layer, candidates):
+        """(h, stamp, key) of the layer's key without a prediction that is expected to be needed last, among
+        `candidates` (None: any resident key), h = L x (1 - p) / p its next use beyond its layer's
+        distance, ties to the least recently used; None if there is none. Per recency group only the key
+        with the fewest uses can be it (a group shares its line, whose slope is positive), unless P
+        clamps, where every key of the group ties with it."""
+        self._flush(layer)
+        best = None
+        n, stamps, heaps = self.n, self._stamp, self._heaps[layer]
         tokens = self.layer_uses[layer] / self.top_k
         for group, heap in list(heaps.items()):
-            key, skipped = self._group_best(group, heap, candidates)
-            partial = partial or skipped
+            key = self._group_best(group, heap, candidates)
             if key is None:
                 if not heap:
                     del heaps[group]
                 continue
-            b = (layer, self._bucket(layer, group))
-            a, slope = self._line(b)
+            a, slope = self._line((layer, self._bucket(layer, group)))
             p = a + slope * ((self.uses[key] + 0.5) / (tokens + 1.0))
             if self.P_MIN < p < self.P_MAX:
-                picks.append((key, p))
+                picks = ((key, p),)
             else:  # clamped: keys with more uses clamp to the same P and tie with it; the oldest of them goes
-                for k in self._resident[layer]:
-                    if self._group(k) == group and k not in self.predicted:
-                        if k in candidates:
-                            picks.append((k, self.use_probability(k)))
-                        else:
-                            partial = True
-        return picks, partial
+                picks = [(k, self.use_probability(k)) for k in self._resident[layer]
+                         if self._group(k) == group and k not in self.predicted
+                         and (candidates is None or k in candidates)]
+            for k, p in picks:
+                h, s = n * (1.0 - p) / p, stamps[k]
+                if best is None or h > best[0] or (h == best[0] and s < best[1]):
+                    best = (h, s, k)
+        return best
 
     def victim(self, candidates):
         best, best_t, best_s = None, -1.0, math.inf
-
-        def consider(key, t):
-            nonlocal best, best_t, best_s
-            s = self._stamp[key]
-            if t > best_t or (t == best_t and s < best_s):  # ties: the least recently used
-                best, best_t, best_s = key, t, s
-
         for key in self.predicted:
             if key in self._stamp and key in candidates:
-                consider(key, self.next_use(key))
+                t, s = self.next_use(key), self._stamp[key]
+                if t > best_t or (t == best_t and s < best_s):  # ties: the least recently used
+                    best, best_t, best_s = key, t, s
+        n, position, positions = self.n, self.position, self.positions
+        cached = self._picks
         for layer in list(self._heaps):
             if not self._resident[layer]:
                 del self._heaps[layer]
-                self._picks.pop(layer, None)
+                cached.pop(layer, None)
                 continue
-            picks = self._picks.get(layer)
-            if picks is not None:
-                for key, _ in picks:
-                    if key not in candidates:
-                        picks = None
-                        break
-            if picks is None:
-                picks, partial = self._layer_picks(layer, candidates)
-                if partial:
-                    self._picks.pop(layer, None)
-                else:
-                    self._picks[layer] = picks
+            # the layer's best key holds while nothing of the layer changed; when it may be evicted now,
+            # it beats every candidate of the layer
+            entry = cached.get(layer, False)
+            if entry is False:
+                entry = cached[layer] = self._layer_best(layer, None)  # the layer's best of all: holds for any candidates it is in
+            if entry is not None and entry[2] not in candidates:
+                entry = self._layer_best(layer, candidates)  # for these candidates only
+            if entry is None:
+                continue
             # next_use() of a key without a prediction, the layer's distance computed once
-            dist = (self.positions[layer] - self.position) % self.n or self.n
-            for key, p in picks:
-                consider(key, dist + self.n * (1.0 - p) / p)
+            t = ((positions[layer] - position) % n or n) + entry[0]
+            if t > best_t or (t == best_t and entry[1] < best_s):
+                best, best_t, best_s = entry[2], t, entry[1]
         if best is None:
             raise CacheFullError("no evictable expert")
         return best
