@@ -212,10 +212,11 @@ class PredictivePolicy(LRUPolicy):
     those without a prediction rank by their use count alone: each layer keeps a heap of
     (uses, stamp, key) per such group (GAPS + 1 of them at most), and a victim costs a few candidates
     per layer plus the predicted keys, not a pass over the cache (thousands of slots on a 64- or
-    128-expert model). A layer's
-    candidates are kept from one victim to the next until something of that layer changes (a use, an
-    insert, a touch, an eviction, a run starting, a prediction), so a victim usually re-examines only
-    the layers the last plan touched. victim_ref() is the plain scan it must agree with, ties included."""
+    128-expert model). Each layer's best key of all (pinned and protected ones included) is kept from
+    one victim to the next until something of that layer changes (a use, an insert, a touch, an
+    eviction, a run starting, a prediction); while it may be evicted it is the layer's answer for any
+    candidates, so a victim usually re-examines only the layers the last plan touched. Heap entries
+    are renewed lazily, once per changed key when its layer is next read. victim_ref() is the plain scan it must agree with, ties included."""
 
     name = "predictive"
     P_MIN, P_MAX = 1e-3, 1.0  # use_probability's clamp
