@@ -110,12 +110,7 @@ def main(argv=None) -> int:
     if host_over_link <= 0:
         ap.error("--host-over-link must be positive")
     path = Path(args.trace) if args.trace else DEMO_TRACE
-    if not path.is_file():
-        ap.error(f"no trace at {path}: record one with `python -m moe_prefetch.trace`")
-    try:
-        trace = Trace.load(path)
-    except (OSError, ValueError, KeyError) as e:
-        ap.error(f"{path} is not a routing trace from moe_prefetch.trace: {e}")
+    trace = Trace.load(path)  # a missing or unreadable file: one line (run_main)
     traces = {("demo trace" if args.trace is None else path.name): trace}
     for s in args.sticky:
         traces[f"synthetic, sticky {s:g}"] = synthetic_trace(8, 8, 2, args.tokens, repeat=s)

@@ -10,7 +10,10 @@ slots on a 64- or 128-expert model. Each row replays one synthetic routing trace
 token, next-gate-like scores) through the simulator at 50% cache, the simulator driving the same
 planner as the runtime, and times the whole replay per token; `scan` swaps every policy's victim() for
 its victim_ref() over a copied set of the evictable experts (the code before the heaps). Both variants must make the same decisions (checked: the simulated results are
-equal). The absolute figures are for the machine named in the output only.
+equal). The history row predicts a whole token ahead (K = the MoE layers) on every layer, the most
+predictions a layer's plan is offered; its time includes computing history's scores, which is host
+work in the runtime too (the next-gate row's router matmuls are device work and are not in it).
+The absolute figures are for the machine named in the output only.
 """
 from __future__ import annotations
 
@@ -69,14 +72,17 @@ def main(argv=None) -> int:
         ap.error("--tokens must be at least 2 and --repeats at least 1")
     # costs only decide what the planner does (a link 11x a layer, as on a 24 GB GPU), not how long it takes
     cost = CostModel(attn_s=1e-3, expert_s=1e-4, transfer_s=12e-3, expert_bytes=1)
-    policies = [Policy("LRU, no prefetch", eviction="lru"), Policy("LFU, no prefetch", eviction="lfu"),
-                Policy("default: next-gate K=2, predictive, gated", "next-gate", 2, eviction="predictive")]
     rows = []
     for name in args.shapes:
         shape = shapes[name]
         L, E, k = shape["moe_layers"], shape["experts"], shape["top_k"]
         trace = synthetic_trace(L, E, k, args.tokens)
         slots = L * E // 2
+        policies = [Policy("LRU, no prefetch", eviction="lru"), Policy("LFU, no prefetch", eviction="lfu"),
+                    Policy("default: next-gate K=2, predictive, gated", "next-gate", 2, eviction="predictive"),
+                    # a whole token ahead, on every layer: the most predictions a layer's plan can get
+                    Policy(f"history K=L={L}, predictive, gated, always predicting", "history", L,
+                           eviction="predictive", adaptive=False)]
         for policy in policies:
             times = {False: [], True: []}
             results = {}

@@ -5,9 +5,9 @@ always predicting, simulated, on the demo trace and on sticky synthetic traces o
 
 Time is modelled (moe_prefetch.sim replays each trace through the runtime's planner from a cold
 cache): a layer computes in 1 unit, an expert crosses the link in --ratio units, the host computes one
-in ratio / 2.4, the predictor costs 0.05 units a layer. The synthetic traces carry `history` scores for
-every distance up to L (this sequence's counts blended with the last token's experts, as the history
-predictor computes them), so the next token's layers can be predicted a whole token ahead.
+in ratio / 2.4, the predictor costs 0.05 units a layer. `history` is replayed at a lookahead of L (the
+simulator computes its scores from the routing, as the runtime's history predictor does), so the next
+token's layers are predicted a whole token ahead.
 """
 from __future__ import annotations
 
@@ -15,46 +15,31 @@ import statistics
 import sys
 from pathlib import Path
 
-import numpy as np
-
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from moe_prefetch.cli_common import ArgumentParser, run_main, write_report  # noqa: E402
 from moe_prefetch.sim import CostModel, Policy, Trace, simulate, synthetic_trace  # noqa: E402
 
-
-def history_scores(routing: np.ndarray, E: int, K: int) -> np.ndarray:
-    """[N, L, K, E]: the history predictor's scores at each (token, layer) for distances 1..K."""
-    N, L, _ = routing.shape
-    out = np.full((N, L, K, E), np.nan, np.float32)
-    counts, last = np.zeros((L, E)), np.zeros((L, E))
-    for t in range(N):
-        for i in range(L):
-            counts[i, routing[t, i]] += 1
-            last[i] = 0.0
-            last[i, routing[t, i]] = 1.0
-            for d in range(1, K + 1):
-                j = (i + d) % L
-                total = counts[j].sum()
-                freq = counts[j] / total if total > 0 else np.full(E, 1.0 / E)
-                out[t, i, d - 1] = 0.5 * last[j] + 0.5 * freq
-    return out
+DEMO_TRACE = ROOT / "bench/results/demo.trace.npz"
 
 
 def main(argv=None) -> int:
     ap = ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--trace", default=str(ROOT / "bench/results/demo.trace.npz"), help="recorded trace (moe_prefetch.trace --data)")
+    ap.add_argument("--trace", default=str(DEMO_TRACE), help="recorded trace (moe_prefetch.trace --data)")
     ap.add_argument("--tokens", type=int, default=300, help="tokens per synthetic trace (default 300)")
     ap.add_argument("--out", default=None, help="folder for switch.md and .json")
     args = ap.parse_args(argv)
-    tr = Trace.load(args.trace)
+    if args.tokens < 2:
+        ap.error("--tokens must be at least 2")
+    tr = Trace.load(args.trace)  # a missing or unreadable file: one line (run_main)
     n = min(400, tr.routing.shape[0])
     demo = Trace(tr.routing[:n], [n], {k: v[:n] for k, v in tr.scores.items()}, tr.header)
-    sets = [("demo trace", demo, [(p, 2) for p in ("m2r2",) if p in demo.scores] + [("oracle", 4)])]
+    label = "demo trace" if Path(args.trace) == DEMO_TRACE else Path(args.trace).name
+    sets = [(label, demo, [(p, 2) for p in ("m2r2",) if p in demo.scores]
+             + [("history", demo.routing.shape[1]), ("oracle", 4)])]
     for L, rep in ((8, 0.6), (16, 0.6), (16, 0.3), (32, 0.6)):
         t = synthetic_trace(L, 8, 2, args.tokens, seed=L, repeat=rep)
-        t.scores["history"] = history_scores(t.routing, 8, L)
         sets.append((f"{L} layers, sticky {rep}", t, [("history", L), ("next-gate", 2), ("oracle", L // 2)]))
     rows = []
     for name, t, preds in sets:

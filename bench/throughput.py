@@ -71,7 +71,7 @@ def gpu_ratio(hw_name: str, shape_name: str, dtype: str) -> float:
 
 
 #: the rows whose policy predicts (the default's predictor is next-gate, or history where routers cannot run ahead)
-PREDICTING = ("ours", "default", "next-gate", "history K=2")
+PREDICTING = ("ours", "default", "next-gate", "history K=")
 
 EXPERT: dict = {}  # loading options every row shares (--expert-dtype): set once the full-precision probe ran
 
@@ -272,7 +272,10 @@ def main(argv=None) -> int:
         rows.append(("oracle K=2, predictive, gated", oracle))
         rows += [("LFU, no prefetch, host compute", none | dict(eviction="lfu") | host),
                  ("predictive eviction, no prefetch, host compute", none | dict(eviction="predictive") | host),
-                 (f"{auto} K=2, predictive, gated, host compute", dict(predictor=auto, lookahead=2) | host)]
+                 (f"{auto} K=2, predictive, gated, host compute", dict(predictor=auto, lookahead=2) | host),
+                 # the next token's layers a whole token ahead: what pays where routing sticks across tokens
+                 (f"history K={L} (a whole token ahead), predictive, gated, host compute",
+                  dict(predictor="history", lookahead=L, eviction="predictive") | host)]
         if args.predictor_path and not no_routers:
             rows.append(("ours: m2r2 K=2, predictive, gated, host compute", dict(m2r2, lookahead=2) | host))
         rows.append(("oracle K=2, predictive, gated, host compute", oracle | host))

@@ -45,6 +45,7 @@ def format_size(n: int) -> str:
 
 
 DTYPES = ("auto", "float32", "float16", "bfloat16")
+MAX_LOOKAHEAD = 128  # a whole token ahead on the deepest MoE models (DeepSeek-V3: 58 MoE layers, Kimi K2: 60)
 DEVICES = ("auto", "cpu", "cuda")
 EVICTION_POLICIES = ("lru", "lfu", "predictive")
 HOST_COMPUTE = ("auto", "on", "off")
@@ -75,7 +76,9 @@ class OffloadConfig:
     predictor:      "auto" (default: next-gate, or history on a model whose routers cannot run ahead of
                     time), "none", "next-gate", "history", "m2r2" (needs predictor_path) or "oracle" (a trace).
     predictor_path: m2r2 predictor file (calibrate.py) or routing trace (trace.py) for the oracle.
-    lookahead:      K: predict and prefetch the experts of layers l+1 .. l+K.
+    lookahead:      K: predict and prefetch the experts of layers l+1 .. l+K (0 to MAX_LOOKAHEAD; a K beyond
+                    the predictor's reach runs at it: a residual predictor reaches the last MoE layer,
+                    history and oracle the same layer of the next token, K = the MoE layers).
     prefetch_budget: cap on bytes in flight for prefetches; None = top_k experts (one layer's worth).
     link_bandwidth: emulate a host-to-device link of this many bytes/s on the CPU engine (benchmarks).
     host_compute:   compute missed experts on the host CPU when that beats copying them: "on", "off", or
@@ -148,8 +151,8 @@ class OffloadConfig:
             what = "FILE (train it with python -m moe_prefetch.calibrate)" if self.predictor == "m2r2" else \
                 "TRACE (a routing trace from moe_prefetch.trace)"
             raise MoePrefetchError(f"--predictor {self.predictor} needs --predictor-path {what}")
-        if not isinstance(self.lookahead, int) or not 0 <= self.lookahead <= 16:
-            raise MoePrefetchError(f"lookahead must be an integer from 0 to 16, got {self.lookahead!r}")
+        if not isinstance(self.lookahead, int) or isinstance(self.lookahead, bool) or not 0 <= self.lookahead <= MAX_LOOKAHEAD:
+            raise MoePrefetchError(f"lookahead must be an integer from 0 to {MAX_LOOKAHEAD}, got {self.lookahead!r}")
         if self.prefetch_budget is not None:
             object.__setattr__(self, "prefetch_budget", parse_size(self.prefetch_budget))
         if self.host_compute not in HOST_COMPUTE:

@@ -22,6 +22,7 @@ from pathlib import Path
 import numpy as np
 
 from .cache import CacheFullError, EvictionPolicy
+from .errors import MoePrefetchError
 from .planner import EVICTIONS, Costs, Link, Planner, PredictivePolicy
 
 __all__ = ["BYTES_PER_PARAM", "BeladyPolicy", "CostModel", "Link", "Policy", "SimResult", "Trace",
@@ -138,10 +139,25 @@ class Trace:
 
     @classmethod
     def load(cls, path) -> "Trace":
-        with np.load(path) as z:
-            header = json.loads(str(z["header"]))
-            scores = {k[len("scores_"):]: z[k].astype(np.float32) for k in z.files if k.startswith("scores_")}
-            return cls(z["routing"].astype(np.int64), [int(x) for x in z["seq_lengths"]], scores, header)
+        """A trace written by save() (python -m moe_prefetch.trace --data); a missing or unreadable file,
+        or a routing trace of another kind (one per forward pass), is refused in one line."""
+        path = Path(path)
+        if not path.is_file():
+            raise MoePrefetchError(f"trace {path} does not exist (record one with python -m moe_prefetch.trace "
+                                   "--data TEXT --out FILE)")
+        try:
+            with np.load(path) as z:
+                header = json.loads(str(z["header"]))
+                scores = {k[len("scores_"):]: z[k].astype(np.float32) for k in z.files if k.startswith("scores_")}
+                routing, lengths = z["routing"].astype(np.int64), [int(x) for x in z["seq_lengths"]]
+        except KeyError as e:
+            raise MoePrefetchError(f"{path} is not a simulator trace (no {e.args[0]!r} in it; record one with "
+                                   "python -m moe_prefetch.trace --data TEXT --out FILE)") from None
+        except Exception as e:  # noqa: BLE001 - not an .npz, truncated, a pickle...
+            raise MoePrefetchError(f"cannot read trace {path} ({type(e).__name__})") from None
+        if routing.ndim != 3:
+            raise MoePrefetchError(f"{path} is not a simulator trace (routing of shape {routing.shape}, not [N, L, k])")
+        return cls(routing, lengths, scores, header)
 
     def save(self, path) -> None:
         path = Path(path)
@@ -223,7 +239,17 @@ def _predictions(trace: Trace, policy: Policy, E: int, k: int):
     if not policy.predictor or not K:
         return None
     routing = trace.routing
-    scores = _oracle_scores(routing, E, K) if policy.predictor == "oracle" else trace.scores[policy.predictor]
+    if policy.predictor == "oracle":
+        scores = _oracle_scores(routing, E, K)
+    elif policy.predictor == "history":  # a function of the routing, as the oracle: any K replays
+        from .predictors.history import history_scores
+
+        scores = history_scores(routing, trace.seq_lengths, K, E)
+    elif policy.predictor in trace.scores:
+        scores = trace.scores[policy.predictor]
+    else:
+        raise ValueError(f"trace has no {policy.predictor} scores (it has: {', '.join(sorted(trace.scores)) or 'none'}; "
+                         "oracle and history need none)")
     if scores.shape[2] < K:
         raise ValueError(f"trace has scores for lookahead {scores.shape[2]}, policy asks {K}")
     scores = scores[:, :, :K]                                             # [N, L, K, E]

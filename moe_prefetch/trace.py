@@ -103,7 +103,7 @@ def record_trace(model, tokenizer, text: str, lookahead: int, seq_len: int, max_
     """Routing of every token of `text` (each token = one decode step) and every predictor's scores
     for distances 1..lookahead, as a sim.Trace."""
     from .calibrate import collect_residuals, true_topk
-    from .predictors import HistoryPredictor
+    from .predictors.history import history_scores
     from .predictors.accelerated import AcceleratedPredictor, load
     from .sim import Trace
 
@@ -128,20 +128,8 @@ def record_trace(model, tokenizer, text: str, lookahead: int, seq_len: int, max_
                     elif d in (p := pred.predict(i, H[i].to(dtype), [d])):  # a predictor trained for fewer
                         s[:, i, d - 1] = p[d].float().numpy()                # distances leaves these NaN
             scores[name] = s
-        hist = HistoryPredictor(view)
-        s = np.full((N, L, K, E), np.nan, dtype=np.float32)
-        start = 0
-        dummy = torch.zeros(1, view.hidden_size)
-        for length in lengths:
-            hist.reset()
-            for t in range(start, start + length):
-                for i in range(L):
-                    for d, p in hist.predict(i, dummy, list(range(1, K + 1))).items():
-                        s[t, i, d - 1] = p[0].numpy()
-                    hist.observe(i, truth[i][t:t + 1])
-            start += length
-        scores["history"] = s
     routing = torch.stack(truth, dim=1).numpy()  # [N, L, k]
+    scores["history"] = history_scores(routing, lengths, K, E)  # as the runtime's history predictor scores
     rt = model.moe_runtime
     c = model.config
     header = dict(format="moe_prefetch.trace.v1", layers=L, experts=E, top_k=view.top_k, hidden=c.hidden_size,

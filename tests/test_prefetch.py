@@ -2,6 +2,7 @@
 predictor contracts; counters add up."""
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 
@@ -72,6 +73,67 @@ def test_every_predictor_and_lookahead_is_lossless(ckpt, reference, trace, predi
         assert st["prefetch_late"] <= st["prefetch_used"]
         if predictor != "none" and slots >= 5:
             assert st["prefetch_issued"] > 0
+
+
+@pytest.mark.parametrize("predictor", ["history", "oracle"])
+def test_a_whole_token_ahead_is_lossless(ckpt, reference, trace, predictor):
+    """history and the oracle reach the same layer of the next token (K = the 4 MoE layers); a K past
+    that runs at it, with a note."""
+    for lookahead, slots in ((4, 5), (4, 12), (40, 12)):
+        path = str(trace) if predictor == "oracle" else None
+        model = load(ckpt, slots, predictor=predictor, predictor_path=path, lookahead=lookahead, prefetch_budget="1GiB",
+                     adaptive_prediction=False)
+        assert model.moe_runtime.prefetcher.lookahead == 4
+        assert (model.moe_runtime.lookahead_note is not None) == (lookahead > 4)
+        out = generate(model)
+        assert torch.equal(out, reference), f"{predictor} K={lookahead} slots={slots} changed the output"
+        st = mp.stats(model)
+        assert st["prefetch_issued"] > 0 and set(st["predictor_recall"]) == {"1", "2", "3", "4"}
+        model.moe_runtime.close()
+
+
+def test_history_scores_every_distance_at_once_as_one_at_a_time(ckpt):
+    model = load(ckpt, 32, predictor="none")
+    view = ModelView.of(model, model.moe_runtime.adapter)
+    p = make_predictor("history", view)
+    rng = torch.Generator().manual_seed(0)
+    for step in range(6):
+        for i in range(len(view.layers)):
+            p.observe(i, torch.randint(0, view.num_experts, (1 + step % 2, 2), generator=rng))
+    h = torch.zeros(3, view.hidden_size)
+    for i in range(len(view.layers)):
+        done, stacked = p.predict_stacked(i, h, [1, 2, 3, 4])
+        assert done == [1, 2, 3, 4] and stacked.shape == (4, 3, view.num_experts)
+        for n, d in enumerate(done):
+            j = (i + d) % len(view.layers)
+            freq = p.counts[j] / p.counts[j].sum()
+            expected = torch.tensor(0.5 * p.last[j] + 0.5 * freq, dtype=torch.float32).expand(3, -1)
+            assert torch.allclose(stacked[n], expected) and torch.allclose(p.predict(i, h, [d])[d], expected)
+    fresh = make_predictor("history", view)  # nothing observed: every expert equally likely
+    assert torch.allclose(fresh.predict(0, h, [2])[2], torch.full((3, view.num_experts), 0.5 / view.num_experts))
+
+
+def test_simulated_history_is_what_the_runtime_predictor_scores(ckpt):
+    """sim's history (history_scores, from the routing alone) = HistoryPredictor asked as the prefetcher
+    asks it: after observing the layer, reset at each sequence's start, a whole token ahead."""
+    from moe_prefetch.predictors.history import history_scores
+
+    model = load(ckpt, 32, predictor="none")
+    view = ModelView.of(model, model.moe_runtime.adapter)
+    L, E = len(view.layers), view.num_experts
+    rng = np.random.default_rng(0)
+    routing = np.array([[rng.choice(E, 2, replace=False) for _ in range(L)] for _ in range(10)])  # [N, L, k]
+    sim = history_scores(routing, [6, 4], L, E)
+    p, h, t = make_predictor("history", view), torch.zeros(1, view.hidden_size), 0
+    for length in (6, 4):
+        p.reset()
+        for t in range(t, t + length):
+            for i in range(L):
+                p.observe_rows(i, [routing[t, i].tolist()])
+                done, scores = p.predict_stacked(i, h, list(range(1, L + 1)))
+                assert np.allclose(scores[:, 0].numpy(), sim[t, i]), (t, i)
+        t += 1
+    assert np.array_equal(sim[6:], history_scores(routing[6:], [4], L, E))  # a new sequence forgets the last one
 
 
 def test_oracle_removes_decode_misses(ckpt, trace):

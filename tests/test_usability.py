@@ -377,7 +377,7 @@ def test_planner_cost_bench_runs_and_refuses_an_unknown_shape(tmp_path):
                         "--out", str(tmp_path)], capture_output=True, text=True, env=env, timeout=300)
     assert r.returncode == 0, r.stderr[-2000:]
     rows = json.loads((tmp_path / "planner_cost.json").read_text())["rows"]
-    assert [row["policy"].split(",")[0] for row in rows] == ["LRU", "LFU", "default: next-gate K=2"]
+    assert [row["policy"].split(",")[0] for row in rows] == ["LRU", "LFU", "default: next-gate K=2", "history K=L=16"]
     assert all(row["slots"] == 16 * 64 // 2 and row["fast_ms"] > 0 and row["scan_ms"] > 0 for row in rows)
 
 
@@ -388,7 +388,8 @@ def test_eviction_bench_on_a_recorded_trace_and_sticky_routing(tmp_path):
     bench = str(ROOT / "bench" / "eviction.py")
     r = subprocess.run([sys.executable, bench, "--trace", str(tmp_path / "none.npz")], capture_output=True, text=True,
                        env=env, timeout=120)
-    assert r.returncode == 2 and r.stderr.startswith("error: no trace at") and len(r.stderr.splitlines()) == 1
+    assert r.returncode == 2 and r.stderr.startswith("error: trace ") and "does not exist" in r.stderr
+    assert len(r.stderr.splitlines()) == 1
     from test_sim import make_trace
 
     make_trace(N=60, L=4, E=8, k=2, seed=0).save(tmp_path / "t.npz")
@@ -405,6 +406,35 @@ def test_eviction_bench_on_a_recorded_trace_and_sticky_routing(tmp_path):
         tps = row["tokens_per_s"]
         assert tps["Belady (bound)"] >= max(v for k, v in tps.items() if k != "Belady (bound)"), row
     assert "| synthetic, sticky 0.6 |" in (tmp_path / "eviction.md").read_text()
+
+
+def test_switch_bench_on_a_recorded_trace(tmp_path):
+    """bench/switch.py on a trace file: every (trace, link, host, cache, predictor) row with the three
+    arms, the file's own name on its rows; a missing trace is one line."""
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    bench = str(ROOT / "bench" / "switch.py")
+    r = subprocess.run([sys.executable, bench, "--trace", str(tmp_path / "none.npz")], capture_output=True, text=True,
+                       env=env, timeout=120)
+    assert r.returncode == 2 and r.stderr.startswith("error: trace ") and len(r.stderr.splitlines()) == 1, r.stderr
+    (tmp_path / "junk.npz").write_bytes(b"not an npz")
+    r = subprocess.run([sys.executable, bench, "--trace", str(tmp_path / "junk.npz")], capture_output=True, text=True,
+                       env=env, timeout=120)
+    assert r.returncode == 2 and r.stderr.startswith("error: cannot read trace") and len(r.stderr.splitlines()) == 1
+    from test_sim import make_trace
+
+    make_trace(N=40, L=4, E=8, k=2, seed=0).save(tmp_path / "t.npz")
+    r = subprocess.run([sys.executable, bench, "--trace", str(tmp_path / "t.npz"), "--tokens", "12", "--out", str(tmp_path)],
+                       capture_output=True, text=True, env=env, timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    rows = json.loads((tmp_path / "switch.json").read_text())["rows"]
+    # the file's trace (history and oracle: it has no m2r2 scores) + 4 synthetic traces x 3 predictors,
+    # x 2 links x host on and off x 3 caches
+    assert len(rows) == (2 + 4 * 3) * 2 * 2 * 3
+    assert {row["predictor"] for row in rows if row["trace"] == "t.npz"} == {"history K=4", "oracle K=4"}
+    assert {row["trace"] for row in rows} == {"t.npz", "8 layers, sticky 0.6", "16 layers, sticky 0.6",
+                                              "16 layers, sticky 0.3", "32 layers, sticky 0.6"}
+    assert all(row[arm] > 0 for row in rows for arm in ("none", "always", "adaptive"))
+    assert "simulated configurations" in (tmp_path / "switch.md").read_text()
 
 
 def test_every_bench_refuses_a_bad_flag_in_one_line():

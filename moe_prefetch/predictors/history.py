@@ -10,6 +10,40 @@ import torch
 from .base import Predictor
 
 
+def blend(counts: np.ndarray, last: np.ndarray, recent_weight: float = 0.5) -> np.ndarray:
+    """counts, last [D, E] (a layer's uses this sequence, its latest token's experts one-hot) -> scores
+    [D, E] float32: the latest token's experts blended with the frequencies (uniform before any use)."""
+    total = counts.sum(axis=1, keepdims=True)  # [D, 1]
+    freq = np.where(total > 0, counts / np.maximum(total, 1.0), 1.0 / counts.shape[1])
+    return (recent_weight * last + (1 - recent_weight) * freq).astype(np.float32)
+
+
+def history_scores(routing: np.ndarray, seq_lengths: list[int] | None, K: int, num_experts: int,
+                   recent_weight: float = 0.5) -> np.ndarray:
+    """routing [N, L, k] (one decode step per token) -> [N, L, K, E] float32: what HistoryPredictor scores
+    at each (token, layer) for distances 1..K, as the runtime asks it: after observing the layer's own
+    routing, its statistics reset at each sequence's start. The simulator's `history` (like its oracle,
+    a function of the routing alone, so any K can be replayed); trace.py records the same."""
+    N, L, _ = routing.shape
+    out = np.empty((N, L, K, num_experts), np.float32)
+    js = [[(i + d) % L for d in range(1, K + 1)] for i in range(L)]
+    lengths = list(seq_lengths or [])
+    if sum(lengths) < N:
+        lengths.append(N - sum(lengths))  # steps past the recorded sequences: one more sequence
+    start = 0
+    for length in lengths:
+        counts, last = np.zeros((L, num_experts)), np.zeros((L, num_experts))
+        for t in range(start, min(start + length, N)):
+            for i in range(L):
+                experts = list(routing[t, i])
+                np.add.at(counts[i], experts, 1.0)
+                last[i] = 0.0
+                last[i, experts] = 1.0
+                out[t, i] = blend(counts[js[i]], last[js[i]], recent_weight)
+        start += length
+    return out
+
+
 class HistoryPredictor(Predictor):
     name = "history"
     sequential = True
@@ -36,13 +70,21 @@ class HistoryPredictor(Predictor):
         self.last[i] = 0.0
         self.last[i, rows[-1]] = 1.0
 
+    def _scores(self, i, distances) -> np.ndarray:
+        """[D, E] float32: the scores of layers i + d (past the last layer: the next token's), all at once."""
+        n = len(self.view.layers)
+        js = [(i + d) % n for d in distances]
+        return blend(self.counts[js], self.last[js], self.recent_weight)
+
     def predict(self, i, h, distances):
-        T, n = h.shape[0], len(self.view.layers)
-        out = {}
-        for d in distances:
-            j = (i + d) % n  # past the last layer: the next token's layers
-            total = self.counts[j].sum()
-            freq = self.counts[j] / total if total > 0 else np.full(self.view.num_experts, 1.0 / self.view.num_experts)
-            score = self.recent_weight * self.last[j] + (1 - self.recent_weight) * freq  # [E]
-            out[d] = torch.from_numpy(score.astype(np.float32)).expand(T, -1)
-        return out
+        T = h.shape[0]
+        scores = torch.from_numpy(self._scores(i, list(distances)))  # [D, E]
+        return {d: scores[n].expand(T, -1) for n, d in enumerate(distances)}
+
+    def predict_stacked(self, i, h, distances):
+        # one array op for every distance: at a lookahead of a whole token (K = the MoE layers) a
+        # distance at a time would cost K small tensors per layer
+        if not distances:
+            return [], None
+        scores = torch.from_numpy(self._scores(i, list(distances)))  # [D, E]
+        return list(distances), scores.unsqueeze(1).expand(-1, h.shape[0], -1)  # [D, T, E]
