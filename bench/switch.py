@@ -34,8 +34,8 @@ def main(argv=None) -> int:
         ap.error("--tokens must be at least 2")
     tr = Trace.load(args.trace)  # a missing or unreadable file: one line (run_main)
     n = min(400, tr.routing.shape[0])
-    demo = Trace(tr.routing[:n], [n], {k: v[:n] for k, v in tr.scores.items()}, tr.header)
-    label = "demo trace" if Path(args.trace) == DEMO_TRACE else Path(args.trace).name
+    demo = tr.head(n)
+    label = "demo trace" if Path(args.trace).resolve() == DEMO_TRACE.resolve() else Path(args.trace).name
     sets = [(label, demo, [(p, 2) for p in ("m2r2",) if p in demo.scores]
              + [("history", demo.routing.shape[1]), ("oracle", 4)])]
     for L, rep in ((8, 0.6), (16, 0.6), (16, 0.3), (32, 0.6)):

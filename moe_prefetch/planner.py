@@ -126,35 +126,39 @@ class Calibration:
     def __init__(self, top_k: int, prior_weight: float = 2.0):
         self.top_k = top_k
         self.w = prior_weight
-        self.uses: dict[tuple[int, int], float] = defaultdict(float)
-        self.seen: dict[tuple[int, int], float] = defaultdict(float)
-        self.pred_sum: dict[tuple[int, int], float] = defaultdict(float)
+        # (d, bin) -> [uses, predictions seen, sum of the P given]: one lookup per score (the planner asks
+        # for every candidate of every distance, K x top-k a layer: a whole token ahead, hundreds)
+        self.cells: dict[tuple[int, int], list[float]] = {}
 
     def _bin(self, score: float) -> int:
-        return min(self.BINS - 1, max(0, int(score * self.BINS)))
+        b = int(score * self.BINS)
+        return 0 if b < 0 else (self.BINS - 1 if b >= self.BINS else b)
 
     def prior(self, score: float) -> float:
         return min(1.0, max(0.0, self.top_k * score))
 
     def p(self, d: int, score: float) -> float:
-        b = (d, self._bin(score))
-        return (self.uses[b] + self.w * self.prior(score)) / (self.seen[b] + self.w)
+        cell = self.cells.get((d, self._bin(score)))
+        uses, seen = (cell[0], cell[1]) if cell is not None else (0.0, 0.0)
+        return (uses + self.w * self.prior(score)) / (seen + self.w)
 
     def update(self, d: int, score: float, used: bool) -> None:
         b = (d, self._bin(score))
-        self.pred_sum[b] += self.p(d, score)
-        self.seen[b] += 1
-        self.uses[b] += float(used)
+        cell = self.cells.get(b)
+        if cell is None:
+            cell = self.cells[b] = [0.0, 0.0, 0.0]
+        cell[2] += (cell[0] + self.w * self.prior(score)) / (cell[1] + self.w)  # the P it was given
+        cell[1] += 1
+        cell[0] += float(used)
 
     def report(self) -> dict[str, dict]:
         """Per distance: predictions seen, mean calibrated P, observed use rate, expected calibration error."""
         out = {}
-        for d in sorted({d for d, _ in self.seen}):
-            bins = [b for b in range(self.BINS) if self.seen[d, b]]
-            n = sum(self.seen[d, b] for b in bins)
-            ece = sum(abs(self.pred_sum[d, b] - self.uses[d, b]) for b in bins) / n
-            out[str(d)] = dict(n=int(n), mean_p=sum(self.pred_sum[d, b] for b in bins) / n,
-                               used=sum(self.uses[d, b] for b in bins) / n, ece=ece)
+        for d in sorted({d for d, _ in self.cells}):
+            cells = [c for (dd, _), c in self.cells.items() if dd == d and c[1]]
+            n = sum(c[1] for c in cells)
+            out[str(d)] = dict(n=int(n), mean_p=sum(c[2] for c in cells) / n, used=sum(c[0] for c in cells) / n,
+                               ece=sum(abs(c[2] - c[0]) for c in cells) / n)
         return out
 
 
@@ -890,7 +894,9 @@ class Planner:
             for p, _, e in ranked:
                 key = (target, e)
                 if predictive:
-                    self.policy.predicted[key] = max(p, self.policy.predicted.get(key, 0.0))
+                    known = self.policy.predicted.get(key)
+                    if known is None or p > known:  # unchanged: its layer's cached victim pick still holds
+                        self.policy.predicted[key] = p
                 if key in self.cache:
                     protected.add(key)
                     if key == victim_memo:

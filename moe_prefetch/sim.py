@@ -143,21 +143,37 @@ class Trace:
         or a routing trace of another kind (one per forward pass), is refused in one line."""
         path = Path(path)
         if not path.is_file():
-            raise MoePrefetchError(f"trace {path} does not exist (record one with python -m moe_prefetch.trace "
-                                   "--data TEXT --out FILE)")
+            raise MoePrefetchError(f"trace {path} does not exist or is not a file (record one with python -m "
+                                   "moe_prefetch.trace --data TEXT --out FILE)")
+        record = "record one with python -m moe_prefetch.trace --data TEXT --out FILE"
         try:
             with np.load(path) as z:
+                missing = [k for k in ("header", "routing", "seq_lengths") if k not in z.files]
+                if missing:
+                    header = json.loads(str(z["header"])) if "header" in z.files else {}
+                    what = ("the routing of one run (trace --prompt, for --predictor oracle)"
+                            if header.get("format") == "moe_prefetch.routing.v1" else f"no {missing[0]!r} array in it")
+                    raise MoePrefetchError(f"{path} is not a simulator trace ({what}); {record}")
                 header = json.loads(str(z["header"]))
                 scores = {k[len("scores_"):]: z[k].astype(np.float32) for k in z.files if k.startswith("scores_")}
                 routing, lengths = z["routing"].astype(np.int64), [int(x) for x in z["seq_lengths"]]
-        except KeyError as e:
-            raise MoePrefetchError(f"{path} is not a simulator trace (no {e.args[0]!r} in it; record one with "
-                                   "python -m moe_prefetch.trace --data TEXT --out FILE)") from None
+        except MoePrefetchError:
+            raise
         except Exception as e:  # noqa: BLE001 - not an .npz, truncated, a pickle...
             raise MoePrefetchError(f"cannot read trace {path} ({type(e).__name__})") from None
         if routing.ndim != 3:
             raise MoePrefetchError(f"{path} is not a simulator trace (routing of shape {routing.shape}, not [N, L, k])")
         return cls(routing, lengths, scores, header)
+
+    def head(self, n: int) -> "Trace":
+        """The first n decode steps, with the sequence boundaries that fall in them."""
+        lengths, left = [], n
+        for length in self.seq_lengths:
+            if left <= 0:
+                break
+            lengths.append(min(length, left))
+            left -= length
+        return Trace(self.routing[:n], lengths, {k: v[:n] for k, v in self.scores.items()}, dict(self.header))
 
     def save(self, path) -> None:
         path = Path(path)
@@ -241,15 +257,18 @@ def _predictions(trace: Trace, policy: Policy, E: int, k: int):
     routing = trace.routing
     if policy.predictor == "oracle":
         scores = _oracle_scores(routing, E, K)
-    elif policy.predictor == "history":  # a function of the routing, as the oracle: any K replays
+    elif policy.predictor == "history":  # a function of the routing, as the oracle: any K up to a token
         from .predictors.history import history_scores
 
+        if K > routing.shape[1]:
+            raise MoePrefetchError(f"history predicts at most one token ahead ({routing.shape[1]} layers on this "
+                                   f"trace), policy {policy.name!r} asks {K}")
         scores = history_scores(routing, trace.seq_lengths, K, E)
     elif policy.predictor in trace.scores:
         scores = trace.scores[policy.predictor]
     else:
-        raise ValueError(f"trace has no {policy.predictor} scores (it has: {', '.join(sorted(trace.scores)) or 'none'}; "
-                         "oracle and history need none)")
+        raise MoePrefetchError(f"trace has no {policy.predictor} scores (it has: {', '.join(sorted(trace.scores)) or 'none'}; "
+                               "oracle and history need none)")
     if scores.shape[2] < K:
         raise ValueError(f"trace has scores for lookahead {scores.shape[2]}, policy asks {K}")
     scores = scores[:, :, :K]                                             # [N, L, K, E]

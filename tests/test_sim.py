@@ -166,6 +166,43 @@ def test_trace_roundtrip(tmp_path):
     assert back.header["experts"] == 8
 
 
+def test_trace_files_that_are_not_simulator_traces_are_refused_in_one_line(tmp_path):
+    import torch
+
+    from moe_prefetch.errors import MoePrefetchError
+    from moe_prefetch.trace import save_routing
+
+    with pytest.raises(MoePrefetchError, match="does not exist"):
+        Trace.load(tmp_path / "none.npz")
+    (tmp_path / "junk.npz").write_bytes(b"not a zip")
+    with pytest.raises(MoePrefetchError, match="cannot read trace"):
+        Trace.load(tmp_path / "junk.npz")
+    save_routing([[torch.tensor([[0, 1]])]], tmp_path / "run.npz")  # one run's routing: the oracle's kind
+    with pytest.raises(MoePrefetchError, match=r"the routing of one run \(trace --prompt"):
+        Trace.load(tmp_path / "run.npz")
+    np.savez(tmp_path / "other.npz", routing=np.zeros((2, 2, 2)))
+    with pytest.raises(MoePrefetchError, match="no 'header' array"):
+        Trace.load(tmp_path / "other.npz")
+
+
+def test_head_keeps_the_sequences_and_history_resets_at_each(tmp_path):
+    tr = make_trace(N=30)
+    tr.seq_lengths = [10, 10, 10]
+    head = tr.head(15)
+    assert head.routing.shape[0] == 15 and head.seq_lengths == [10, 5]
+    assert head.scores["next-gate"].shape[0] == 15
+    cost = CostModel(attn_s=1e-3, expert_s=1e-4, transfer_s=5e-3, expert_bytes=1)
+    # history replays from the routing at any K up to a whole token, and refuses more
+    r = simulate(head, cost, 8, Policy("h", "history", 4, eviction="predictive", adaptive=False))
+    assert r.prefetch_issued > 0
+    from moe_prefetch.errors import MoePrefetchError
+
+    with pytest.raises(MoePrefetchError, match="at most one token ahead"):
+        simulate(head, cost, 8, Policy("h", "history", 5))
+    with pytest.raises(MoePrefetchError, match="no m2r2 scores"):
+        simulate(head, cost, 8, Policy("m", "m2r2", 2))
+
+
 def test_profiles_have_sources_and_host_costs():
     for kind in ("hardware", "models", "hosts"):
         for name, prof in load_profiles(kind).items():
