@@ -77,9 +77,8 @@ class HistoryPredictor(Predictor):
         return blend(self.counts[js], self.last[js], self.recent_weight)
 
     def predict(self, i, h, distances):
-        T = h.shape[0]
-        scores = torch.from_numpy(self._scores(i, list(distances)))  # [D, E]
-        return {d: scores[n].expand(T, -1) for n, d in enumerate(distances)}
+        done, scores = self.predict_stacked(i, h, list(distances))  # [D, T, E]
+        return {d: scores[n] for n, d in enumerate(done)}
 
     def predict_stacked(self, i, h, distances):
         # one array op for every distance: at a lookahead of a whole token (K = the MoE layers) a
