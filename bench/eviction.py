@@ -17,7 +17,10 @@ Costs are a GPU's, in units of one layer's compute (attention and norms 0.8, eac
 at top-2): a link `--ratio` layers per expert (11.2: Mixtral int4 experts over PCIe 4.0 x16 on an
 RTX 4090) and a host reading an expert `--host-over-link` times faster than the link (dual-channel
 DDR5 at 60 GB/s over PCIe 4.0 at 25 GB/s, moe_prefetch/profiles); no fixed costs per copy (a GPU's
-are microseconds). Nothing here is a measurement: the runtime's figures are bench/throughput.py's.
+are microseconds) unless --copy-cost gives one (the CPU backend's, which bench/throughput.py fits; results
+then go to eviction_copy<cost>.*). With host compute, two more columns fix predictive eviction's keep
+rule (host-computed misses copied in judged on frequency, or with recency), which by default its keep
+switch measures. Nothing here is a measurement: the runtime's figures are bench/throughput.py's.
 """
 from __future__ import annotations
 
@@ -35,6 +38,8 @@ from moe_prefetch.sim import CostModel, Policy, Trace, load_profiles, simulate, 
 DEMO_TRACE = ROOT / "bench" / "results" / "demo.trace.npz"
 EVICTIONS = [("LRU", "lru"), ("LFU", "lfu"), ("predictive (frequency only)", "predictive-frequency"),
              ("predictive", "predictive"), ("Belady (bound)", "belady")]
+#: with host compute, predictive eviction's keep rule fixed either way (the default measures which pays)
+KEEP_RULES = [("predictive, keeps on frequency", False), ("predictive, keeps with recency", True)]
 
 
 def stickiness(routing: np.ndarray) -> float:
@@ -43,7 +48,8 @@ def stickiness(routing: np.ndarray) -> float:
     return float((cur[..., :, None] == prev[..., None, :]).any(-1).mean())
 
 
-def run(traces: dict[str, Trace], caches: list[float], ratio: float, host_over_link: float) -> list[dict]:
+def run(traces: dict[str, Trace], caches: list[float], ratio: float, host_over_link: float,
+        copy_cost: float = 0.0) -> list[dict]:
     rows = []
     for name, trace in traces.items():
         N, L, k = trace.routing.shape
@@ -54,12 +60,15 @@ def run(traces: dict[str, Trace], caches: list[float], ratio: float, host_over_l
         sticky = stickiness(trace.routing)
         for host in (False, True):
             cost = CostModel(attn_s=0.8e-3, expert_s=expert_s, transfer_s=transfer_s, expert_bytes=1,
-                             host_s=transfer_s / host_over_link if host else None)
+                             host_s=transfer_s / host_over_link if host else None, copy_s=copy_cost * layer_s)
             for frac in caches:
                 slots = max(k, round(frac * L * E))
                 tps = {}
                 for label, ev in EVICTIONS:
                     tps[label] = simulate(trace, cost, slots, Policy(label, eviction=ev, host_compute=host)).tokens_per_s
+                for label, rule in KEEP_RULES if host else ():
+                    tps[label] = simulate(trace, cost, slots, Policy(label, eviction="predictive", host_compute=True,
+                                                                     keep_recency=rule)).tokens_per_s
                 best = max(tps["LRU"], tps["LFU"])
                 rows.append(dict(trace=name, layers=L, experts=E, top_k=k, tokens=N, stickiness=sticky, chance=k / E,
                                  host_compute=host, cache=frac, slots=slots, tokens_per_s=tps,
@@ -70,10 +79,12 @@ def run(traces: dict[str, Trace], caches: list[float], ratio: float, host_over_l
     return rows
 
 
-def markdown(rows: list[dict], ratio: float, host_over_link: float) -> list[str]:
-    labels = [lab for lab, _ in EVICTIONS]
+def markdown(rows: list[dict], ratio: float, host_over_link: float, copy_cost: float = 0.0) -> list[str]:
+    labels = [lab for lab, _ in EVICTIONS] + [lab for lab, _ in KEEP_RULES]
+    fixed = f"{copy_cost:g} layer per copy on the compute thread" if copy_cost else "no fixed costs"
     lines = [f"Simulated tok/s (a GPU's costs in units of a layer's compute: link {ratio:g} layers per expert, host "
-             f"{host_over_link:g}x faster than the link, no fixed costs), eviction alone, no predictor.", "",
+             f"{host_over_link:g}x faster than the link, {fixed}), eviction alone, no predictor. With host compute, "
+             "`predictive` judges keeps as its keep switch measures pays; the last two columns fix that rule.", "",
              "| trace | stickiness (chance) | host compute | cache | " + " | ".join(labels)
              + " | predictive / best of LRU, LFU | predictive / frequency only |",
              "|---|---|---|---|" + "---|" * len(labels) + "---|---|"]
@@ -98,10 +109,13 @@ def main(argv=None) -> int:
     ap.add_argument("--ratio", type=float, default=11.2, help="link time per expert / a layer's compute (default: 11.2)")
     ap.add_argument("--host-over-link", type=float, default=None,
                     help="host expert read rate / link rate (default: dual-channel DDR5 over PCIe 4.0 x16, from the profiles)")
+    ap.add_argument("--copy-cost", type=float, default=0.0,
+                    help="compute-thread time each copy costs, in layers (default 0, a GPU's DMA; the CPU backend's "
+                    "fitted cost is about 0.5: bench/throughput.py prints it)")
     ap.add_argument("--out", default=None, help="folder for eviction.md and eviction.json")
     args = ap.parse_args(argv)
-    if args.ratio <= 0 or args.tokens < 2 or not all(0 < c <= 1 for c in args.caches):
-        ap.error("--ratio must be positive, --tokens at least 2 and each --caches value in (0, 1]")
+    if args.ratio <= 0 or args.tokens < 2 or not all(0 < c <= 1 for c in args.caches) or args.copy_cost < 0:
+        ap.error("--ratio must be positive, --tokens at least 2, --copy-cost at least 0 and each --caches value in (0, 1]")
     if any(not 0 <= s < 1 for s in args.sticky):
         ap.error("each --sticky value must be in [0, 1)")
     host_over_link = args.host_over_link
@@ -114,11 +128,13 @@ def main(argv=None) -> int:
     traces = {("demo trace" if args.trace is None else path.name): trace}
     for s in args.sticky:
         traces[f"synthetic, sticky {s:g}"] = synthetic_trace(8, 8, 2, args.tokens, repeat=s)
-    rows = run(traces, args.caches, args.ratio, host_over_link)
-    lines = markdown(rows, args.ratio, host_over_link)
+    rows = run(traces, args.caches, args.ratio, host_over_link, args.copy_cost)
+    lines = markdown(rows, args.ratio, host_over_link, args.copy_cost)
     print("\n".join(lines))
     if args.out:
-        write_report(args.out, "eviction", lines, dict(ratio=args.ratio, host_over_link=host_over_link, rows=rows))
+        name = "eviction" if not args.copy_cost else f"eviction_copy{args.copy_cost:g}"
+        write_report(args.out, name, lines, dict(ratio=args.ratio, host_over_link=host_over_link,
+                                                 copy_cost=args.copy_cost, rows=rows))
     return 0
 
 

@@ -7,7 +7,8 @@ Time is modelled (moe_prefetch.sim replays each trace through the runtime's plan
 cache): a layer computes in 1 unit, an expert crosses the link in --ratio units, the host computes one
 in ratio / 2.4, the predictor costs 0.05 units a layer. `history` is replayed at a lookahead of L (the
 simulator computes its scores from the routing, as the runtime's history predictor does), so the next
-token's layers are predicted a whole token ahead.
+token's layers are predicted a whole token ahead. Host-computed misses are kept on frequency in every
+arm, so that the rows measure the prediction switch alone (bench/eviction.py measures the keep switch).
 """
 from __future__ import annotations
 
@@ -51,12 +52,15 @@ def main(argv=None) -> int:
                                  host_s=ratio * 1e-3 / 2.4 if host else None, predict_s=0.05e-3)
                 for frac in (0.25, 0.5, 0.75):
                     slots = int(L * E * frac)
-                    none = simulate(t, cost, slots, Policy("none", eviction="predictive", host_compute=host)).tokens_per_s
+                    # keeps on frequency in all three: the keep switch is bench/eviction.py's subject
+                    none = simulate(t, cost, slots, Policy("none", eviction="predictive", host_compute=host,
+                                                           keep_recency=False)).tokens_per_s
                     for p, K in preds:
                         always = simulate(t, cost, slots, Policy("always", p, K, eviction="predictive",
-                                                                 host_compute=host, adaptive=False)).tokens_per_s
+                                                                 host_compute=host, adaptive=False,
+                                                                 keep_recency=False)).tokens_per_s
                         adaptive = simulate(t, cost, slots, Policy("adaptive", p, K, eviction="predictive",
-                                                                   host_compute=host)).tokens_per_s
+                                                                   host_compute=host, keep_recency=False)).tokens_per_s
                         rows.append(dict(trace=name, ratio=ratio, host_compute=host, cache_fraction=frac,
                                          predictor=f"{p} K={K}", none=none, always=always, adaptive=adaptive))
             print(f"{name}, link {ratio}: done", flush=True)

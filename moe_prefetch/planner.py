@@ -26,6 +26,7 @@ from collections import Counter, defaultdict
 from dataclasses import dataclass
 
 from .cache import CacheFullError, EvictionPolicy, ExpertCache, LFUPolicy, LRUPolicy, make_policy
+from .switch import KeepSwitch, PredictionSwitch  # noqa: F401  (PredictionSwitch: also imported from here)
 
 Key = tuple[int, int]
 
@@ -143,13 +144,21 @@ class Calibration:
         return (uses + self.w * self.prior(score)) / (seen + self.w)
 
     def update(self, d: int, score: float, used: bool) -> None:
-        b = (d, self._bin(score))
-        cell = self.cells.get(b)
-        if cell is None:
-            cell = self.cells[b] = [0.0, 0.0, 0.0]
-        cell[2] += (cell[0] + self.w * self.prior(score)) / (cell[1] + self.w)  # the P it was given
-        cell[1] += 1
-        cell[0] += float(used)
+        self.update_all(d, {0: score}, (0,) if used else ())
+
+    def update_all(self, d: int, scores: dict[int, float], used) -> None:
+        """update() for every (expert, score) of one distance, `used` the experts the layer then used
+        (the same arithmetic inline: a whole token ahead this is hundreds of scores per layer)."""
+        cells, w, k, bins = self.cells, self.w, self.top_k, self.BINS
+        for e, score in scores.items():
+            b = int(score * bins)
+            b = 0 if b < 0 else (bins - 1 if b >= bins else b)
+            cell = cells.get((d, b))
+            if cell is None:
+                cell = cells[d, b] = [0.0, 0.0, 0.0]
+            cell[2] += (cell[0] + w * min(1.0, max(0.0, k * score))) / (cell[1] + w)
+            cell[1] += 1
+            cell[0] += float(e in used)
 
     def report(self) -> dict[str, dict]:
         """Per distance: predictions seen, mean calibrated P, observed use rate, expected calibration error."""
@@ -215,7 +224,7 @@ class PredictivePolicy(LRUPolicy):
     Within a layer, experts last used at the same run share a line whose slope is kept positive, so
     those without a prediction rank by their use count alone: each layer keeps a heap of
     (uses, stamp, key) per such group (GAPS + 1 of them at most), and a victim costs a few candidates
-    per layer plus the predicted keys, not a pass over the cache (thousands of slots on a 64- or
+    per layer plus the layer's predicted keys, not a pass over the cache (thousands of slots on a 64- or
     128-expert model). Each layer's best key of all (pinned and protected ones included) is kept from
     one victim to the next until something of that layer changes (a use, an insert, a touch, an
     eviction, a run starting, a prediction); while it may be evicted it is the layer's answer for any
@@ -237,6 +246,7 @@ class PredictivePolicy(LRUPolicy):
         self.position = 0           # the executing layer's position
         self.uses: Counter = Counter()
         self.layer_uses: Counter = Counter()
+        self._predicted_of: dict = defaultdict(set)   # layer -> its keys in `predicted`
         self.predicted: dict = _Predictions(self._changed)  # key -> calibrated P of use at its next run
         self._picks: dict = {}                     # layer -> (h, stamp, key) of its groups' best (or None), while nothing of it changed
         self._runs: Counter = Counter()            # layer -> runs started
@@ -352,7 +362,12 @@ class PredictivePolicy(LRUPolicy):
 
     # ---- eviction state ----------------------------------------------------------------------
     def _changed(self, key) -> None:
+        """`key`'s prediction was set or dropped."""
         self._picks.pop(key[0], None)
+        if key in self.predicted:
+            self._predicted_of[key[0]].add(key)
+        else:
+            self._predicted_of[key[0]].discard(key)
 
     def _push(self, key) -> None:
         """`key`'s uses, stamp or group changed: its heap entry is renewed when its layer's heaps are next
@@ -445,11 +460,11 @@ class PredictivePolicy(LRUPolicy):
         return found
 
     def _layer_best(self, layer, candidates):
-        """(h, stamp, key) of the layer's key without a prediction that is expected to be needed last, among
-        `candidates` (None: any resident key), h = L x (1 - p) / p its next use beyond its layer's
-        distance, ties to the least recently used; None if there is none. Per recency group only the key
-        with the fewest uses can be it (a group shares its line, whose slope is positive), unless P
-        clamps, where every key of the group ties with it."""
+        """(h, stamp, key) of the layer's key expected to be needed last, among `candidates` (None: any
+        resident key), h = L x (1 - p) / p its next use beyond its layer's distance, ties to the least
+        recently used; None if there is none. Of the keys without a prediction, per recency group only
+        the one with the fewest uses can be it (a group shares its line, whose slope is positive), unless
+        P clamps, where every key of the group ties with it; the keys with a prediction are each looked at."""
         self._flush(layer)
         best = None
         n, stamps, heaps = self.n, self._stamp, self._heaps[layer]
@@ -472,15 +487,16 @@ class PredictivePolicy(LRUPolicy):
                 h, s = n * (1.0 - p) / p, stamps[k]
                 if best is None or h > best[0] or (h == best[0] and s < best[1]):
                     best = (h, s, k)
+        for k in self._predicted_of.get(layer, ()):
+            if k in stamps and (candidates is None or k in candidates):
+                p = self.use_probability(k)
+                h, s = n * (1.0 - p) / p, stamps[k]
+                if best is None or h > best[0] or (h == best[0] and s < best[1]):
+                    best = (h, s, k)
         return best
 
     def victim(self, candidates):
         best, best_t, best_s = None, -1.0, math.inf
-        for key in self.predicted:
-            if key in self._stamp and key in candidates:
-                t, s = self.next_use(key), self._stamp[key]
-                if t > best_t or (t == best_t and s < best_s):  # ties: the least recently used
-                    best, best_t, best_s = key, t, s
         n, position, positions = self.n, self.position, self.positions
         cached = self._picks
         for layer in list(self._heaps):
@@ -497,7 +513,7 @@ class PredictivePolicy(LRUPolicy):
                 entry = self._layer_best(layer, candidates)  # for these candidates only
             if entry is None:
                 continue
-            # next_use() of a key without a prediction, the layer's distance computed once
+            # next_use() of the layer's best, the layer's distance computed once
             t = ((positions[layer] - position) % n or n) + entry[0]
             if t > best_t or (t == best_t and entry[1] < best_s):
                 best, best_t, best_s = entry[2], t, entry[1]
@@ -519,73 +535,6 @@ class PredictivePolicy(LRUPolicy):
 
 
 EVICTIONS = ("lru", "lfu", "predictive")
-
-
-class PredictionSwitch:
-    """Whether predicting pays at all, decided by what it does to decode time, measured.
-
-    The gate prices each prefetch from a model of the link and the host; what it cannot see is the
-    whole effect of predicting on this machine: the predictor's own compute, the planning, copies that
-    land but save less than their transfer (a layer computes its landed experts while the rest copy).
-    So decode alternates epochs of EPOCH_TOKENS tokens with and without prediction, keeps a decaying
-    mean token time per arm, and runs the faster arm, re-testing the slower one every EXPLOIT epochs
-    (so a regime change is seen; the cost is one epoch in EXPLOIT + 1 on the worse arm), or every
-    4 x EXPLOIT when the two differ by more than WIDE (a re-test then costs more and is less likely
-    to change the answer). Prediction must win by MARGIN to be chosen: within noise, not predicting is
-    the simpler, never-worse choice.
-    Time is the caller's clock (wall time in the runtime, modelled time in the simulator)."""
-
-    EPOCH_TOKENS = 4
-    EXPLOIT = 7
-    WIDE = 0.15
-    MARGIN = 0.01
-    MAX_GAP_S = 1.0  # longer between two tokens: an idle pause between generate calls, not a token
-    WARMUP_TOKENS = 32  # a cache that is still not full after these decode tokens is measured as it is
-
-    def __init__(self):
-        self.mean = {True: None, False: None}  # arm -> decaying mean seconds per decode token
-        self.arm = True           # predict in the current epoch
-        self._schedule = [True, False]  # epochs still to run before the next decision
-        self._t0 = None           # when the current token started (its first MoE layer)
-        self._tokens, self._seconds = 0, 0.0
-        self._warmup = 0          # decode tokens not measured because the cache was still filling
-        self.epochs = {True: 0, False: 0}
-
-    def best(self) -> bool:
-        on, off = self.mean[True], self.mean[False]
-        if on is None or off is None:
-            return True
-        return on < off * (1.0 - self.MARGIN)
-
-    def token(self, now: float, decode: bool, warm: bool = True) -> None:
-        """A token's first MoE layer starts at `now` (decode: one row). warm: the expert cache is full.
-        Decode tokens while it still fills are warm-up, not measured (at most WARMUP_TOKENS of them):
-        they are slow whatever the arm, and counted against the first arm they would bias the
-        comparison for many epochs (measured in the simulator: prediction then stayed off where it
-        made decode 1.4x faster)."""
-        if decode and not warm and self._warmup < self.WARMUP_TOKENS:
-            self._warmup += 1
-            decode = False
-        if self._t0 is not None and decode and 0.0 < now - self._t0 < self.MAX_GAP_S:
-            self._tokens += 1
-            self._seconds += now - self._t0
-        self._t0 = now if decode else None
-        if self._tokens >= self.EPOCH_TOKENS:
-            self._end_epoch()
-
-    def _end_epoch(self) -> None:
-        t = self._seconds / self._tokens
-        m = self.mean[self.arm]
-        self.mean[self.arm] = t if m is None else 0.5 * m + 0.5 * t
-        self.epochs[self.arm] += 1
-        self._tokens, self._seconds = 0, 0.0
-        if not self._schedule:
-            best = self.best()
-            on, off = self.mean[True], self.mean[False]
-            wide = abs(on - off) > self.WIDE * min(on, off)
-            self._schedule = [best] * (self.EXPLOIT * (4 if wide else 1)) + [not best]
-        arm = self._schedule.pop(0)
-        self.arm = arm
 
 
 @dataclass(frozen=True)
@@ -618,12 +567,15 @@ class Planner:
     layers: MoE layer ids in execution order. budget_experts: prefetch copies allowed in flight
     (None: top_k). gate=False issues every predicted prefetch that fits the budget (the old
     behaviour, for comparison). adaptive=False predicts on every layer where a prefetch could be
-    issued, whether or not predicting has lately paid (PredictionSwitch)."""
+    issued, whether or not predicting has lately paid (PredictionSwitch). keep_recency: how host-computed
+    misses are judged for a keep, True with eviction's recency line, False on frequency alone; None
+    (the default): measured by a KeepSwitch (predictive eviction with its recency line; other
+    policies judge keeps by their own use_probability)."""
 
     def __init__(self, n_slots: int, layers: list[int], num_experts: int, top_k: int, costs: Costs,
                  eviction: str = "predictive", host_compute: bool = False, budget_experts: int | None = None,
                  gate: bool = True, policy: EvictionPolicy | None = None, link: Link | None = None,
-                 adaptive: bool = True):
+                 adaptive: bool = True, keep_recency: bool | None = None):
         self.layers = list(layers)
         self.positions = {layer: i for i, layer in enumerate(self.layers)}
         self.num_experts, self.top_k = num_experts, top_k
@@ -659,6 +611,11 @@ class Planner:
         # adaptive: predict only while it measurably speeds decode up (PredictionSwitch); ungated: the
         # peers' behaviour, always predicting
         self.switch = PredictionSwitch() if gate and adaptive else None
+        # with host compute and predictive eviction: keeps judged with recency only while that measurably
+        # speeds decode up (KeepSwitch), unless keep_recency fixes the rule; other policies have no recency
+        self._keep_recency = keep_recency
+        self.keep_switch = KeepSwitch() if (keep_recency is None and host_compute
+                                            and isinstance(policy, PredictivePolicy) and policy.recency) else None
         self._layer_seen = None
         # wall time per MoE layer as the caller's clock shows it (EMA over decode and prefill layers): with
         # host compute or stalls a layer lasts far longer than its device work, and that is the time a
@@ -690,8 +647,11 @@ class Planner:
                 gap = now - self._layer_start
                 self.layer_wall = gap if self.layer_wall is None else 0.9 * self.layer_wall + 0.1 * gap
             self._layer_start = now
-            if self.switch is not None and self.positions[layer] == 0:
-                self.switch.token(now, all(n <= 1 for n in rows.values()), warm=not self.cache.has_free())
+            if self.positions[layer] == 0:
+                decode, warm = all(n <= 1 for n in rows.values()), not self.cache.has_free()
+                for switch in (self.switch, self.keep_switch):
+                    if switch is not None:
+                        switch.token(now, decode, warm=warm)
         self._layer_seen = layer
         needed = {(layer, e) for e in experts}
         actions: list[Action] = []
@@ -749,20 +709,28 @@ class Planner:
                 self._keep(now, a.key, needed)
         return actions
 
+    def keeps_use_recency(self) -> bool:
+        """Whether keeps are judged with the recency line now (keep_recency, else the KeepSwitch's arm)."""
+        if self._keep_recency is not None:
+            return self._keep_recency
+        return self.keep_switch is not None and self.keep_switch.arm
+
     def _keep(self, now: float, key: Key, needed: set[Key]) -> None:
         """A host-computed miss is also copied in, in the background, when the link is idle and it is
         more likely to be used again than the expert it would evict: host compute must not leave the
         cache cold (otherwise every later use of a popular expert goes to the host as well).
-        "More likely" is judged on frequency, without the recency line eviction uses: a just-used
-        expert's recency would make nearly every host-computed miss beat its victim by a little, and a
-        copy that gains little costs its full transfer plus, on the CPU backend, the compute thread's
-        time (measured on the demo: 8x the keeps, most of them evicted unused, 2-9% slower)."""
+        "More likely" is judged with the recency line eviction uses while the KeepSwitch measures that
+        it pays (routing that sticks across tokens), else on frequency alone: with recency, nearly every
+        host-computed miss beats its victim by a little, and where routing barely sticks such a copy
+        gains little and costs its transfer plus, on the CPU backend, the compute thread's time."""
         if key in self.cache or self.link.in_flight(now) >= self.budget:
             return
         victim = None
         if not self.cache.has_free():
             victim = self._victim(needed)
-            if victim is False or self._use_probability(key, keep=True) <= self._use_probability(victim, keep=True):
+            frequency = not self.keeps_use_recency()
+            if victim is False or (self._use_probability(key, keep=frequency)
+                                   <= self._use_probability(victim, keep=frequency)):
                 return
         slot, evicted = self.cache.insert(key, protected=needed, victim=victim)
         self._forget(now, evicted)
@@ -829,8 +797,7 @@ class Planner:
     # ---- ahead of time ------------------------------------------------------------------------
     def observe_prediction(self, d: int, scores: dict[int, float], used: set[int]) -> None:
         """A layer predicted `d` layers earlier has run: calibrate the scores against what it used."""
-        for e, s in scores.items():
-            self.calibration.update(d, s, e in used)
+        self.calibration.update_all(d, scores, used)
 
     def _miss_cost_and_saturation(self) -> tuple[float, float]:
         c = self.costs

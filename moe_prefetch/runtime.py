@@ -82,7 +82,10 @@ class OffloadRuntime:
                  prediction_skipped=self.offloader.planner.counters.prediction_skipped,
                  predictor_calibration=self.offloader.planner.calibration.report(),
                  prediction_epochs=None if (sw := self.offloader.planner.switch) is None or not self.prefetcher else
-                 {"on": sw.epochs[True], "off": sw.epochs[False], "predicting": sw.arm})
+                 {"on": sw.epochs[True], "off": sw.epochs[False], "predicting": sw.arm},
+                 keeps=self.offloader.planner.counters.keeps,
+                 keep_epochs=None if (ks := self.offloader.planner.keep_switch) is None else
+                 {"recency": ks.epochs[True], "frequency": ks.epochs[False], "recency_now": ks.arm})
         return d
 
     def close(self) -> None:

@@ -86,6 +86,7 @@ class Policy:
     host_compute: bool = False    # a miss may run on the host when that finishes first (needs CostModel.host_s)
     gate: bool = True             # False: every predicted prefetch under the budget (the behaviour before the planner)
     adaptive: bool = True         # False: predict whether or not it has lately paid (bounds, mechanism tests)
+    keep_recency: bool | None = None  # host-computed misses kept judged with recency (True) or on frequency; None: measured (KeepSwitch)
 
 
 @dataclass
@@ -297,7 +298,7 @@ def make_planner(trace: Trace, cost: CostModel, slots: int, policy: Policy, prio
         raise ValueError(f"unknown eviction {eviction!r}: one of {', '.join(EVICTIONS + ('predictive-frequency', 'belady', 'none'))}")
     planner = Planner(max(slots, k), list(range(L)), E, k, cost.costs(), eviction=eviction,
                       host_compute=policy.host_compute, budget_experts=policy.budget_experts, gate=policy.gate,
-                      adaptive=policy.adaptive, policy=custom, link=_CountingLink(cost.transfer_s, priority))  # + a copy count, the FIFO option
+                      adaptive=policy.adaptive, keep_recency=policy.keep_recency, policy=custom, link=_CountingLink(cost.transfer_s, priority))  # + a copy count, the FIFO option
     return planner
 
 

@@ -240,11 +240,15 @@ def test_host_computed_miss_is_kept_only_when_the_link_is_idle_and_it_beats_the_
     assert second[0].kind == "host" and pl.counters.keeps == 1, "the link is busy with the first keep"
 
 
-def test_host_computed_miss_is_kept_on_frequency_not_recency():
-    """Eviction's recency factor does not decide a keep: a rarely used expert that was just used does
-    not displace a popular one, however strongly its layer's routing sticks."""
+@pytest.mark.parametrize("recency", [False, True])
+def test_host_computed_miss_is_kept_on_frequency_or_with_recency_as_the_keep_switch_says(recency):
+    """On the keep switch's frequency arm, eviction's recency line does not decide a keep: a rarely used
+    expert that was just used does not displace a popular one, however strongly its layer's routing
+    sticks. On its recency arm it does, when the line says it is the likelier to return."""
     costs = Costs(layer_s=1.0, expert_s=0.1, transfer_s=10.0, host_s=1.0)
     pl = make_planner(slots=1, layers=1, top_k=1, costs=costs, host_compute=True, eviction="predictive")
+    assert pl.keep_switch is not None
+    pl.keeps_use_recency = lambda: recency
     now = 0.0
     for _ in range(6):  # expert 5: host-computed and kept at first, then a hit at every run
         acts = pl.plan_layer(now, 0, [5])
@@ -255,7 +259,66 @@ def test_host_computed_miss_is_kept_on_frequency_not_recency():
     assert pl.policy.use_probability((0, 3)) > pl.policy.use_probability((0, 5))
     acts = pl.plan_layer(now, 0, [3])
     assert [a.kind for a in acts] == ["host"]
-    assert pl.counters.keeps == 1 and (0, 5) in pl.cache and (0, 3) not in pl.cache
+    if recency:
+        assert pl.counters.keeps == 2 and (0, 3) in pl.cache and (0, 5) not in pl.cache
+    else:
+        assert pl.counters.keeps == 1 and (0, 5) in pl.cache and (0, 3) not in pl.cache
+
+
+def test_keep_switch_exists_only_where_keeps_have_two_rules():
+    host = Costs(layer_s=1.0, expert_s=0.1, transfer_s=10.0, host_s=1.0)
+    assert make_planner(costs=host, host_compute=True, eviction="predictive").keep_switch is not None
+    assert make_planner(costs=host, host_compute=False, eviction="predictive").keep_switch is None  # no keeps
+    assert make_planner(costs=host, host_compute=True, eviction="lfu").keep_switch is None  # no recency line
+    assert make_planner(costs=host, host_compute=True, eviction="predictive", adaptive=False).keep_switch is not None
+    for rule in (False, True):  # fixed: no switch
+        pl = make_planner(costs=host, host_compute=True, eviction="predictive", keep_recency=rule)
+        assert pl.keep_switch is None and pl.keeps_use_recency() is rule
+
+
+def test_keep_switch_does_not_measure_the_tokens_after_a_change():
+    """The first SETTLE_TOKENS decode tokens after the arm changes run on the cache the other arm left:
+    they are not measured, so a re-test is not credited with the incumbent's cache."""
+    from moe_prefetch.switch import KeepSwitch
+
+    sw = KeepSwitch()
+    assert sw.arm is True and sw.EPOCH_TOKENS == 8 and sw.SETTLE_TOKENS == 4
+    # the first epoch (recency): 8 tokens of 1 ms; then, on the frequency arm, 4 slow tokens (the cache
+    # the recency arm left going stale, say) and 8 of 2 ms
+    now, arms = 0.0, []
+    for seconds in [1e-3] * sw.EPOCH_TOKENS + [9e-3] * sw.SETTLE_TOKENS + [2e-3] * sw.EPOCH_TOKENS:
+        sw.token(now, decode=True)  # a token starts (and the last one ends)
+        arms.append(sw.arm)
+        now += seconds
+    sw.token(now, decode=True)
+    assert arms == [True] * sw.EPOCH_TOKENS + [False] * (sw.SETTLE_TOKENS + sw.EPOCH_TOKENS)
+    assert sw.mean[True] == pytest.approx(1e-3)
+    assert sw.mean[False] == pytest.approx(2e-3), "the settling tokens were measured"
+
+
+@pytest.mark.parametrize("sticky", [0.0, 0.6])
+def test_keep_switch_finds_recency_keeps_where_routing_sticks(sticky):
+    """Simulated with a GPU's costs (link 11.2 layers per expert, host 2.4x faster, no fixed costs): where
+    60% of a token's experts are the last token's, judging keeps with recency is much faster and the
+    switch finds it; where routing does not stick, the switch costs little against frequency keeps. With
+    the CPU backend's fixed cost per copy (half a layer), recency keeps lose where routing barely sticks,
+    and the switch keeps frequency's speed."""
+    from moe_prefetch.sim import CostModel, Policy, simulate, synthetic_trace
+
+    trace = synthetic_trace(8, 8, 2, 300, seed=8, repeat=sticky)
+
+    def run(rule, copy_s=0.0):
+        cost = CostModel(0.8e-3, 1e-4, 11.2e-3, 1000, host_s=11.2e-3 / 2.4, copy_s=copy_s)
+        policy = Policy("x", eviction="predictive", host_compute=True, keep_recency=rule)
+        return simulate(trace, cost, 32, policy).tokens_per_s
+
+    frequency, recency, switched = run(False), run(True), run(None)
+    if sticky:
+        assert recency > 1.25 * frequency and switched > 1.15 * frequency, (frequency, recency, switched)
+    else:
+        assert abs(recency / frequency - 1) < 0.03 and switched > 0.97 * max(frequency, recency)
+    frequency, recency, switched = run(False, 0.5e-3), run(True, 0.5e-3), run(None, 0.5e-3)
+    assert switched > 0.95 * max(frequency, recency), (frequency, recency, switched)
 
 
 def test_prefetches_that_do_not_deliver_close_the_gate_and_it_reopens():
@@ -355,11 +418,14 @@ def test_switch_keeps_prediction_where_it_pays_after_a_cold_start():
     trace = synthetic_trace(L, E, k, 200, seed=16, repeat=0.6)
     cost = CostModel(1e-3 - k * 1e-4, 1e-4, 11.2e-3, 1000, host_s=11.2e-3 / 2.4)
     slots = L * E // 2
-    none = simulate(trace, cost, slots, Policy("n", eviction="predictive", host_compute=True)).tokens_per_s
+    # keeps on frequency throughout: recency keeps alone take what cross-token prefetch gains here
+    # (test_keep_switch_finds_recency_keeps_where_routing_sticks), and this is the prediction switch's test
+    none = simulate(trace, cost, slots, Policy("n", eviction="predictive", host_compute=True,
+                                               keep_recency=False)).tokens_per_s
     always = simulate(trace, cost, slots, Policy("a", "oracle", L // 2, eviction="predictive", host_compute=True,
-                                                 adaptive=False)).tokens_per_s
+                                                 adaptive=False, keep_recency=False)).tokens_per_s
     adaptive = simulate(trace, cost, slots, Policy("s", "oracle", L // 2, eviction="predictive",
-                                                   host_compute=True)).tokens_per_s
+                                                   host_compute=True, keep_recency=False)).tokens_per_s
     assert always > 1.15 * none, (always, none)  # the regime is one where prediction pays
     assert adaptive >= none + 0.6 * (always - none), (none, always, adaptive)
 

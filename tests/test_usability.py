@@ -402,6 +402,11 @@ def test_eviction_bench_on_a_recorded_trace_and_sticky_routing(tmp_path):
     sticky = rows[2]
     assert sticky["stickiness"] > 0.6 and sticky["slots"] == 32
     assert sticky["predictive_over_frequency_only"] > 1.3, sticky
+    # with host compute there, keeps judged with recency pay, and the default's keep switch finds them
+    tps = rows[3]["tokens_per_s"]
+    assert tps["predictive, keeps with recency"] > 1.2 * tps["predictive, keeps on frequency"], tps
+    assert tps["predictive"] > 1.1 * tps["predictive, keeps on frequency"], tps
+    assert "predictive, keeps with recency" not in rows[2]["tokens_per_s"]  # no keeps without host compute
     for row in rows:  # Belady's eviction, with host compute too, is the bound of every row
         tps = row["tokens_per_s"]
         assert tps["Belady (bound)"] >= max(v for k, v in tps.items() if k != "Belady (bound)"), row

@@ -1,0 +1,115 @@
+"""Measured choices: two ways of running, chosen by what each does to decode time on this machine.
+
+The planner prices what it can model (a copy's link time, the host's compute); what it cannot model is
+the whole effect of a choice on the machine at hand: the predictor's own compute, a copy's hand-off on
+the CPU backend, copies that land but save less than their transfer. Two such choices are measured:
+whether to predict at all (PredictionSwitch) and how to judge a host-computed miss for a keep
+(KeepSwitch). Pure Python, no tensors; time is the caller's clock.
+"""
+from __future__ import annotations
+
+
+class MeasuredSwitch:
+    """A choice between two ways of running (arms True and False), decided by what each does to decode
+    time, measured on the caller's clock (wall time in the runtime, modelled time in the simulator).
+
+    Decode runs in epochs of EPOCH_TOKENS tokens on one arm at a time; the switch keeps a decaying mean
+    token time per arm and runs the faster arm, re-testing the slower one every EXPLOIT epochs (so a
+    regime change is seen; the cost is one epoch in EXPLOIT + 1 on the worse arm), or every
+    4 x EXPLOIT when the two differ by more than WIDE (a re-test then costs more and is less likely
+    to change the answer). True must win by MARGIN to be chosen: within noise, False (the simpler arm)
+    is kept. `opening` is the order of the first epochs, before any decision."""
+
+    EPOCH_TOKENS = 4
+    EXPLOIT = 7
+    WIDE = 0.15
+    MARGIN = 0.01
+    MAX_GAP_S = 1.0  # longer between two tokens: an idle pause between generate calls, not a token
+    WARMUP_TOKENS = 32  # a cache that is still not full after these decode tokens is measured as it is
+    SETTLE_TOKENS = 0   # decode tokens not measured after the arm changes (what the last arm left behind)
+
+    def __init__(self, opening: tuple[bool, ...] = (True, False)):
+        self.mean = {True: None, False: None}  # arm -> decaying mean seconds per decode token
+        self._schedule = list(opening)  # epochs still to run before the next decision
+        self.arm = self._schedule.pop(0)  # the current epoch's arm
+        self._t0 = None           # when the current token started (its first MoE layer)
+        self._tokens, self._seconds = 0, 0.0
+        self._warmup = 0          # decode tokens not measured because the cache was still filling
+        self._settling = 0        # decode tokens still to run unmeasured since the arm changed
+        self.epochs = {True: 0, False: 0}
+
+    def best(self) -> bool:
+        on, off = self.mean[True], self.mean[False]
+        if on is None or off is None:
+            return True
+        return on < off * (1.0 - self.MARGIN)
+
+    def token(self, now: float, decode: bool, warm: bool = True) -> None:
+        """A token's first MoE layer starts at `now` (decode: one row). warm: the expert cache is full.
+        Decode tokens while it still fills are warm-up, not measured (at most WARMUP_TOKENS of them):
+        they are slow whatever the arm, and counted against the first arm they would bias the
+        comparison for many epochs (measured in the simulator: prediction then stayed off where it
+        made decode 1.4x faster)."""
+        if decode and not warm and self._warmup < self.WARMUP_TOKENS:
+            self._warmup += 1
+            decode = False
+        if self._t0 is not None and decode and 0.0 < now - self._t0 < self.MAX_GAP_S:
+            if self._settling:
+                self._settling -= 1
+            else:
+                self._tokens += 1
+                self._seconds += now - self._t0
+        self._t0 = now if decode else None
+        if self._tokens >= self.EPOCH_TOKENS:
+            self._end_epoch()
+
+    def _end_epoch(self) -> None:
+        t = self._seconds / self._tokens
+        m = self.mean[self.arm]
+        self.mean[self.arm] = t if m is None else 0.5 * m + 0.5 * t
+        self.epochs[self.arm] += 1
+        self._tokens, self._seconds = 0, 0.0
+        if not self._schedule:
+            best = self.best()
+            on, off = self.mean[True], self.mean[False]
+            wide = abs(on - off) > self.WIDE * min(on, off)
+            self._schedule = [best] * (self.EXPLOIT * (4 if wide else 1)) + [not best]
+        arm = self._schedule.pop(0)
+        self._settling = self.SETTLE_TOKENS if arm != self.arm else 0
+        self.arm = arm
+
+
+class PredictionSwitch(MeasuredSwitch):
+    """Whether predicting pays at all (arm True: predict), measured.
+
+    The gate prices each prefetch from a model of the link and the host; what it cannot see is the
+    whole effect of predicting on this machine: the predictor's own compute, the planning, copies that
+    land but save less than their transfer (a layer computes its landed experts while the rest copy).
+    So decode alternates epochs with and without prediction and keeps the faster (MeasuredSwitch),
+    opening with two epochs of prediction and one without."""
+
+    def __init__(self):
+        super().__init__(opening=(True, True, False))
+
+
+class KeepSwitch(MeasuredSwitch):
+    """How a host-computed miss is judged for a keep (arm True: with recency, False: on frequency
+    alone), measured.
+
+    Where routing sticks from one token to the next, a just-used expert is likelier to return than its
+    frequency says, and judging keeps with the recency line eviction uses fills the cache with what the
+    next token needs (simulated with a GPU's costs, 60% of a token's experts kept from the last: 1.25-1.4x).
+    Where it barely sticks, nearly every just-used expert beats its victim by a little, and each such
+    keep costs a copy that gains little: free on a GPU's DMA engine, but on the CPU backend the copy
+    and its hand-off take compute from the layer (measured on the demo: 8x the keeps, 2-9% slower).
+    That cost is the machine's, not the model's, so it is measured rather than priced. The opening
+    epochs alternate (True, False, True, False) against the prediction switch's (True, True, False),
+    so each arm of one is first measured with both arms of the other, and the two switches' later
+    re-tests fall on different epochs."""
+
+    EPOCH_TOKENS = 8    # a keep rule acts through the cache it leaves, which outlasts a short epoch:
+    SETTLE_TOKENS = 4   # the first tokens after a change still run on the other arm's cache
+    EXPLOIT = 15        # stickiness and the cost of a copy belong to the model and the machine: re-test rarely
+
+    def __init__(self):
+        super().__init__(opening=(True, False, True, False))
