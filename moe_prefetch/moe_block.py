@@ -29,6 +29,7 @@ from torch import nn
 from .devsync import read_back
 from .errors import MoePrefetchError
 from .families import FamilyAdapter
+from .families.adapter import interface_forward
 from .host_kernels import PackedExpert, PackedMatrix
 
 IMPLEMENTATION = "moe_prefetch"
@@ -134,10 +135,19 @@ class OffloadedExperts:
         return state
 
     def __call__(self, x: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor) -> torch.Tensor:
-        self.last_indices = top_k_index
+        self.last_indices = self._token_routing(top_k_index)
         if self.eager:
             return self._experts_eager(x, top_k_weights, top_k_index)
         return self._experts_grouped(x, top_k_weights, top_k_index)
+
+    def _token_routing(self, indices: torch.Tensor) -> torch.Tensor:
+        """The routing as the tokens' top-k rows [T, k]: what the planner, the predictors and traces read. Experts
+        modules that call the interface with one route per row (Ergo's, to norm each route's output with its
+        expert's own weights: token-major rows [T*k, 1]) are regrouped."""
+        k = self.adapter.top_k
+        if indices.dim() == 2 and indices.shape[-1] == 1 and k > 1 and indices.shape[0] % k == 0:
+            return indices.reshape(-1, k)
+        return indices
 
     # ---- one expert ------------------------------------------------------------------------
     def _linear(self, rows: torch.Tensor, weight: torch.Tensor, offs: torch.Tensor | None) -> torch.Tensor:
@@ -240,7 +250,7 @@ class OffloadedExperts:
         if x.device.type == "cuda" and self._grouped_mm is not None:  # the group sizes, on the device
             ends = torch.zeros(self.adapter.num_experts, dtype=torch.int32, device=x.device)
             ends = ends.scatter_add_(0, indices.reshape(-1), torch.ones_like(ids_sorted, dtype=torch.int32)).cumsum(0, dtype=torch.int32)  # [E]
-        routing, counts, summary = self._read_routing(indices)
+        routing, counts, summary = self._read_routing(self.last_indices)
         starts = [0] * len(counts)
         for e in range(1, len(counts)):
             starts[e] = starts[e - 1] + counts[e - 1]
@@ -268,12 +278,12 @@ class OffloadedExperts:
 
     # ---- eager: the family's own loop ---------------------------------------------------------
     def _experts_eager(self, x, weights, indices):
-        routing, counts, summary = self._read_routing(indices)
+        routing, counts, summary = self._read_routing(self.last_indices)
         experts = [e for e, n in enumerate(counts) if n]
         self._round = dict(pending=experts, rows={e: counts[e] for e in experts}, actions=None, views={},
                            plan=self._plan(routing, experts, summary))
         try:
-            return type(self.module).forward.__wrapped__(self.module, x, indices, weights)
+            return interface_forward(type(self.module)).__wrapped__(self.module, x, indices, weights)
         finally:
             if self._round["actions"] is not None:
                 self.offloader.release(self._round["actions"])

@@ -98,6 +98,11 @@ FAMILIES: dict[str, dict] = {
     "ernie4_5_moe": _f(initializer_range=0.2, hidden_size=32, num_hidden_layers=3, num_attention_heads=4,
                        num_key_value_heads=2, intermediate_size=64, moe_intermediate_size=16, moe_k=3,
                        moe_num_experts=7, moe_num_shared_experts=1, moe_layer_start_index=1),
+    # gate-less transposed experts, each with its own post-norm (subclasses the interface class); dense layer 0
+    "ergo": _f(hidden_size=32, num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=2,
+               first_dense_intermediate_size=64, num_dense_blocks=1, moe_intermediate_size=16,
+               shared_intermediate_size=24, num_experts=7, num_experts_per_tok=3, sliding_window=16,
+               global_attention_every_n_layers=3),
     # dense layer 0 (first_k_dense_replace)
     "exaone_moe": _f(hidden_size=32, num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=2,
                      intermediate_size=64, moe_intermediate_size=16, num_experts=5, num_experts_per_tok=3,
@@ -198,6 +203,13 @@ FAMILIES: dict[str, dict] = {
     "kolibri1": _f(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, head_dim=8,
                    moe_intermediate_size=16, shared_expert_intermediate_size=16, num_local_experts=7,
                    num_experts_per_tok=3, sliding_window=16),
+    # indexed (NoPE) attention, layer 3 reusing layer 1's K/V; head_dim 16 (NVFP4 blocks); dense layer 0
+    "kolibri1_1": _f(hidden_size=32, num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2, head_dim=16,
+                     moe_intermediate_size=16, shared_expert_intermediate_size=24, num_local_experts=5,
+                     num_experts_per_tok=3, sliding_window=16, mlp_only_layers=[0], mlp_only_intermediate_size=64,
+                     layer_types=["sliding_attention", "indexed_attention", "sliding_attention", "indexed_attention"],
+                     index_topk=4, index_pool_size=8, index_compression=4, index_num_heads=2,
+                     index_num_local_tokens=4, index_num_sink_tokens=2),
     # mlp_layer_types defaults to dense layer 0
     "laguna": _f(hidden_size=32, num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=2, head_dim=8,
                  intermediate_size=64, moe_intermediate_size=16, shared_expert_intermediate_size=16, num_experts=6,
@@ -212,6 +224,11 @@ FAMILIES: dict[str, dict] = {
     "lfm2_moe": _f(hidden_size=32, num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=2,
                    intermediate_size=64, moe_intermediate_size=16, num_dense_layers=1, num_experts=5,
                    num_experts_per_tok=3, layer_types=["conv", "full_attention", "conv"]),
+    # MoE as a shortcut beside two attention + MLP sublayers per layer; the router also picks zero (identity) experts
+    "longcat_flash": _f(hidden_size=32, num_layers=2, num_attention_heads=4, num_key_value_heads=4,
+                        ffn_hidden_size=64, expert_ffn_hidden_size=16, n_routed_experts=5, zero_expert_num=3,
+                        moe_topk=3, q_lora_rank=24, kv_lora_rank=16, qk_nope_head_dim=8, qk_rope_head_dim=8,
+                        head_dim=8, v_head_dim=8),
     # dense layer in the middle
     "mellum": _f(hidden_size=32, num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=2, head_dim=8,
                  moe_intermediate_size=16, num_local_experts=5, num_experts_per_tok=2, sliding_window=16,
@@ -220,6 +237,10 @@ FAMILIES: dict[str, dict] = {
     "mimo_v2_flash": _f(hidden_size=32, num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=2,
                         intermediate_size=64, moe_intermediate_size=16, n_routed_experts=6, num_experts_per_tok=2,
                         head_dim=12, v_head_dim=8, sliding_window=16, mlp_layer_types=["dense", "sparse", "sparse"]),
+    # grouped routing 2x3, one group kept; shared MLP two experts wide; gated attention; dense layer 0
+    "minicpm5_moe": _f(hidden_size=32, num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=2, head_dim=8,
+                       intermediate_size=64, moe_intermediate_size=16, n_routed_experts=6, n_shared_experts=2,
+                       n_group=2, topk_group=1, num_experts_per_tok=2, mlp_layer_types=["dense", "sparse", "sparse"]),
     # lightning (linear) + full attention layers
     "minimax": _f(initializer_range=0.2, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
                   num_key_value_heads=2, head_dim=8, intermediate_size=16, num_local_experts=5, num_experts_per_tok=2,

@@ -23,8 +23,9 @@ PROMPT = torch.tensor([[5, 17, 33, 8, 61, 42, 11, 90, 23, 7, 54, 3]])
 NEW = 8
 VOCAB = 128  # the vocabulary of moe_families' configurations
 #: families run again with experts_implementation="eager" (the family's own loop, over slot views):
-#: the common template, a transposed + biased + custom-gate one, a gate-less one, a matmul-form one
-EAGER = ("mixtral", "gpt_oss", "nemotron_h", "aria_text", "deepseek_v3")
+#: the common template, a transposed + biased + custom-gate one, a gate-less one, a matmul-form one, and one whose
+#: experts subclass the decorated class (Ergo: the interface called with one route per row)
+EAGER = ("mixtral", "gpt_oss", "nemotron_h", "aria_text", "deepseek_v3", "ergo")
 
 
 def _checkpoint(tmp_path, model_type: str, eager: bool = False) -> Path:
@@ -102,8 +103,9 @@ def test_family_eager_experts_identical(tmp_path, model_type):
 
 
 #: run again in bfloat16: families with parameters transformers keeps in float32 (score-correction biases,
-#: hyper-connection weights, a float32 router), and a biased transposed one
-BF16 = ("deepseek_v3", "hy_v4", "hunyuan_v1_moe", "gpt_oss", "qwen2_moe")
+#: hyper-connection weights, a float32 router, per-expert norm weights and a float32 residual stream), and a
+#: biased transposed one
+BF16 = ("deepseek_v3", "hy_v4", "hunyuan_v1_moe", "gpt_oss", "qwen2_moe", "ergo")
 
 
 @pytest.mark.parametrize("model_type", BF16)

@@ -26,10 +26,21 @@ from .layout import ExpertLayout, ExpertPart, TensorSource
 FLAGS = ("has_gate", "has_bias", "is_transposed", "is_concatenated", "has_post_expert_norm")
 
 
+def interface_forward(cls: type):
+    """The forward `use_experts_implementation` wrapped (its `__wrapped__` is the family's eager loop): the class's
+    own, or that of the decorated class it derives from (Ergo's experts subclass their decorated projections and
+    call that forward with one route per row, applying each expert's own norm around it); None if none is."""
+    for klass in cls.__mro__:
+        forward = klass.__dict__.get("forward")
+        if forward is not None and hasattr(forward, "__wrapped__"):
+            return forward
+    return None
+
+
 def is_experts_module(module: nn.Module) -> bool:
-    forward = getattr(type(module), "forward", None)
     return (all(hasattr(module, f) for f in FLAGS) and hasattr(module, "_apply_gate")
-            and hasattr(forward, "__wrapped__") and isinstance(getattr(module, "down_proj", None), torch.Tensor))
+            and interface_forward(type(module)) is not None
+            and isinstance(getattr(module, "down_proj", None), torch.Tensor))
 
 
 @dataclass(frozen=True)
@@ -126,19 +137,22 @@ class Router:
         return out[1], out[2]  # [T, k], [T, k]
 
     def probs(self, x: torch.Tensor) -> torch.Tensor:
-        """x [T, H] (the MoE block's input) -> scores [T, E] float32."""
+        """x [T, H] (the MoE block's input) -> scores [T, E] float32 (E: the experts with weights)."""
         if self._plain:
             return torch.softmax(torch.nn.functional.linear(x.to(self.weight.dtype), self.weight).float(), dim=-1)
         logits, weights, idx = self(x)
-        T = idx.shape[0]
-        if isinstance(logits, torch.Tensor) and logits.numel() == T * self.num_experts:
-            p = torch.softmax(logits.reshape(T, -1).float(), dim=-1)
+        T, E = idx.shape[0], self.num_experts
+        width = logits.numel() // T if isinstance(logits, torch.Tensor) and T and logits.numel() % T == 0 else 0
+        if width >= E:
+            # logits over the E experts, and over any choices without weights the router also makes (Zaya's skip
+            # expert, LongCat-Flash's zero experts), numbered after them: ranked with the rest, dropped at the end
+            p = torch.softmax(logits.reshape(T, width).float(), dim=-1)
         else:
             w = weights.float().abs()
-            p = torch.zeros(T, self.num_experts, device=idx.device).scatter_(1, idx, w / w.sum(-1, keepdim=True).clamp_min(1e-12))
+            p = torch.zeros(T, E, device=idx.device).scatter_(1, idx, w / w.sum(-1, keepdim=True).clamp_min(1e-12))
         chosen = p.gather(1, idx)  # [T, k]
         floor = chosen.amin(dim=-1, keepdim=True) * (1 - 1e-3)
-        return torch.minimum(p, floor).scatter_(1, idx, chosen)
+        return torch.minimum(p, floor).scatter_(1, idx, chosen)[:, :E]
 
 
 class MoeAdapter:

@@ -5,6 +5,8 @@ routers) is read from transformers itself (adapter.py, keys.py).
 """
 from __future__ import annotations
 
+from torch import nn
+
 from ..errors import MoePrefetchError
 
 #: config attributes that hold the number of experts each token is routed to, in the order tried
@@ -27,13 +29,13 @@ POST_NORM_FAMILIES = frozenset({"flex_olmo"})
 #: families verified token-identical to transformers by tests/test_families.py (kept in step with
 #: tests/moe_families.py, which holds their tiny test configurations)
 TESTED: tuple[str, ...] = ("afmoe", "aria_text", "axk1", "axk2", "bailing_hybrid", "beam", "cohere2_moe",
-    "deepseek_v2", "deepseek_v3", "deepseek_v32", "deepseek_v4", "dots1", "dots3_note", "dots3_note_text",
+    "deepseek_v2", "deepseek_v3", "deepseek_v32", "deepseek_v4", "dots1", "dots3_note", "dots3_note_text", "ergo",
     "ernie4_5_moe", "exaone_moe", "flex_olmo", "flint", "gemma4", "gemma4_text", "glm4_moe", "glm4_moe_lite",
-    "glm_moe_dsa", "gpt_oss", "granitemoe", "granitemoe_swa", "granitemoehybrid", "granitemoeshared",
-    "hunyuan_v1_moe", "hy_v3", "hy_v4", "inkling_text", "jamba", "kimi_linear", "kolibri1", "laguna", "lara_mini",
-    "lfm2_moe", "mellum", "mimo_v2_flash", "minimax", "minimax_m2", "minimax_m3_vl_text", "mixtral", "nemotron_h",
-    "olmoe", "phimoe", "qwen2_moe", "qwen3_5_moe", "qwen3_5_moe_text", "qwen3_moe", "qwen3_next", "qwen4_exp",
-    "qwen4_exp_text", "solar_open", "zaya")
+    "glm_moe_dsa", "gpt_oss", "granitemoe", "granitemoe_swa", "granitemoehybrid", "granitemoeshared", "hunyuan_v1_moe",
+    "hy_v3", "hy_v4", "inkling_text", "jamba", "kimi_linear", "kolibri1", "kolibri1_1", "laguna", "lara_mini",
+    "lfm2_moe", "longcat_flash", "mellum", "mimo_v2_flash", "minicpm5_moe", "minimax", "minimax_m2",
+    "minimax_m3_vl_text", "mixtral", "nemotron_h", "olmoe", "phimoe", "qwen2_moe", "qwen3_5_moe", "qwen3_5_moe_text",
+    "qwen3_moe", "qwen3_next", "qwen4_exp", "qwen4_exp_text", "solar_open", "zaya")
 
 #: families whose experts use the interface but that are not served, and why (refused at load with that reason)
 UNTESTED: dict[str, str] = {
@@ -67,11 +69,15 @@ def top_k(config, block) -> int:
 
 
 def pre_moe_norm(model_type: str | None, decoder) -> str | None:
+    """The decoder attribute holding the pre-MoE norm, or None. An attribute named like one that is not a
+    module with a forward of its own (LongCat-Flash keeps one norm per sublayer in a ModuleList) does not
+    say which norm feeds the MoE block: predictors then read the block's own input."""
     if model_type in POST_NORM_FAMILIES:
         return None
     for name in PRE_MOE_NORMS:
         if hasattr(decoder, name):
-            return name
+            norm = getattr(decoder, name)
+            return name if getattr(type(norm), "forward", None) is not nn.Module.forward else None
     return None
 
 
