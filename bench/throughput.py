@@ -272,6 +272,9 @@ def main(argv=None) -> int:
         rows.append(("oracle K=2, predictive, gated", oracle))
         rows += [("LFU, no prefetch, host compute", none | dict(eviction="lfu") | host),
                  ("predictive eviction, no prefetch, host compute", none | dict(eviction="predictive") | host),
+                 # its twin with the keep rule fixed (the row above measures which keep rule pays: KeepSwitch)
+                 ("predictive eviction, no prefetch, host compute, keeps on frequency",
+                  none | dict(eviction="predictive", keep_rule="frequency") | host),
                  (f"{auto} K=2, predictive, gated, host compute", dict(predictor=auto, lookahead=2) | host),
                  # the next token's layers a whole token ahead: what pays where routing sticks across tokens
                  (f"history K={L} (a whole token ahead), predictive, gated, host compute",
@@ -390,6 +393,9 @@ def main(argv=None) -> int:
     return 0
 
 
+HOST_TWIN = "predictive eviction, no prefetch, host compute"  # the host-compute rows' no-predictor twin
+
+
 def targets(results: list[dict]) -> list[dict]:
     """Per cache: the issue's ratios. best ours / LRU no prefetch; prediction's gain with host compute
     on and off (best predictor row / the same planner without a predictor); the worst predictor row
@@ -402,7 +408,7 @@ def targets(results: list[dict]) -> list[dict]:
             return max((v for n, v in rows.items() if (n.startswith(PREDICTING) and
                                                         ("host compute" in n) == host)), default=None)
 
-        twin_off, twin_on = rows.get("predictive eviction, no prefetch"), rows.get("predictive eviction, no prefetch, host compute")
+        twin_off, twin_on = rows.get("predictive eviction, no prefetch"), rows.get(HOST_TWIN)
         worst = min((v / (twin_on if "host compute" in n else twin_off), n) for n, v in rows.items()
                     if n.startswith(PREDICTING))
         ours = max(v for n, v in rows.items() if n.startswith(PREDICTING))
@@ -410,7 +416,8 @@ def targets(results: list[dict]) -> list[dict]:
                         prediction_host_on=best(True) / twin_on, prediction_host_off=best(False) / twin_off,
                         worst_predictor_vs_twin=worst[0], worst_row=worst[1],
                         default_vs_best_no_prediction=next(v for n, v in rows.items() if n.startswith("default")) /
-                        max(v for n, v in rows.items() if "no prefetch" in n and "host compute" not in n)))
+                        max(v for n, v in rows.items() if "no prefetch" in n and "host compute" not in n),
+                        keep_switch_over_frequency=twin_on / rows[f"{HOST_TWIN}, keeps on frequency"]))
     return out
 
 
@@ -443,13 +450,15 @@ def render(r: dict, L: int, E: int) -> str:
     if r.get("targets"):
         lines += ["", "Ratios per cache (best ours / LRU no prefetch; prediction = best predictor row / the same planner "
                   "with no predictor, host compute on and off; worst predictor row / its no-predictor twin; default "
-                  "config / best no-prediction config without host compute):", "",
-                  "| cache | best ours / LRU | prediction, host on | prediction, host off | worst row / twin | default / best no-prediction |",
-                  "|---|---|---|---|---|---|"]
+                  "config / best no-prediction config without host compute; with host compute and no predictor, "
+                  "the measured keep rule / keeps on frequency):", "",
+                  "| cache | best ours / LRU | prediction, host on | prediction, host off | worst row / twin | default / best no-prediction | keep switch / frequency keeps |",
+                  "|---|---|---|---|---|---|---|"]
         for t in r["targets"]:
+            keep = t.get("keep_switch_over_frequency")
             lines.append(f"| {t['cache']:.0%} | {t['best_over_lru']:.2f} | {t['prediction_host_on']:.2f} | "
                          f"{t['prediction_host_off']:.2f} | {t['worst_predictor_vs_twin']:.2f} ({t['worst_row']}) | "
-                         f"{t['default_vs_best_no_prediction']:.2f} |")
+                         f"{t['default_vs_best_no_prediction']:.2f} | {'-' if keep is None else f'{keep:.2f}'} |")
     if r["sim_check"]:
         ov = r.get("sim_overheads", {})
         lines += ["", "Simulator vs measurement (same routing, cache and policy, through the same planner; compute "

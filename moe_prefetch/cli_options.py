@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 
 from .cli_common import check_size_flag
-from .config import DEVICES, DTYPES, EVICTION_POLICIES, HOST_COMPUTE, HOST_KERNELS, PIN_MODES, OffloadConfig
+from .config import DEVICES, DTYPES, EVICTION_POLICIES, HOST_COMPUTE, HOST_KERNELS, KEEP_RULES, PIN_MODES, OffloadConfig
 from .errors import MoePrefetchError
 from .predictors import PREDICTORS
 
@@ -39,6 +39,10 @@ def add_loading_flags(p: argparse.ArgumentParser) -> None:
                    help="host compute of int8/int4 experts: exact (dequantize, then the device's matmul; token-identical "
                    "on the CPU backend), fused (PyTorch's weight-only CPU kernels, no dequantized copy, lossy by a few "
                    "ulp), or auto (default: fused on CUDA, exact on the CPU backend)")
+    p.add_argument("--keep-rule", default="auto", choices=KEEP_RULES,
+                   help="with host compute: how a host-computed miss is judged for a background copy into the cache: "
+                   "frequency, recency (pays where routing sticks across tokens), or auto (default: measure both, "
+                   "keep the faster)")
     p.add_argument("--always-predict", action="store_true",
                    help="predict on every layer where a prefetch could be issued, even where predicting has not "
                    "lately sped decoding up (default: measure, and predict only while it pays)")
@@ -77,7 +81,7 @@ def offload_config(args, max_context: int) -> OffloadConfig:
                          prefetch_budget=args.prefetch_budget, pin_memory=args.pin_memory,
                          link_bandwidth=args.link_gbps * 1e9 if args.link_gbps else None,
                          host_compute=args.host_compute, prefetch_gate=not args.no_prefetch_gate,
-                         adaptive_prediction=not args.always_predict,
+                         adaptive_prediction=not args.always_predict, keep_rule=args.keep_rule,
                          host_bandwidth=args.host_gbps * 1e9 if args.host_gbps else None,
                          host_kernel=args.host_kernel,
                          expert_dtype=args.expert_dtype, expert_group_size=args.expert_group_size,

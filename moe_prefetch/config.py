@@ -49,6 +49,7 @@ MAX_LOOKAHEAD = 128  # a whole token ahead on the deepest MoE models (DeepSeek-V
 DEVICES = ("auto", "cpu", "cuda")
 EVICTION_POLICIES = ("lru", "lfu", "predictive")
 HOST_COMPUTE = ("auto", "on", "off")
+KEEP_RULES = ("auto", "frequency", "recency")
 HOST_KERNELS = ("auto", "exact", "fused")
 PIN_MODES = ("auto", "on", "off")
 
@@ -93,6 +94,10 @@ class OffloadConfig:
     adaptive_prediction: predict only while predicting measurably speeds decode up (default): decode
                     alternates short epochs with and without prediction and keeps the faster, re-testing
                     the other now and then; False predicts wherever a prefetch could be issued.
+    keep_rule:      with host compute and predictive eviction, how a host-computed miss is judged for a
+                    background copy into the cache (a keep): "frequency" (its use count against its
+                    victim's), "recency" (with the recency line eviction uses: pays where routing sticks
+                    across tokens), or "auto" (default: decode measures both in epochs and keeps the faster).
     prefetch_gate:  issue a prefetch only when its expected saving beats its cost (default); False issues
                     every predicted expert that fits the budget (the ungated behaviour, for comparison).
     expert_dtype:   how experts are kept, moved and cached: "auto" (the compute dtype, lossless), "bf16" or
@@ -121,6 +126,7 @@ class OffloadConfig:
     host_kernel: str = "auto"
     prefetch_gate: bool = True
     adaptive_prediction: bool = True
+    keep_rule: str = "auto"
     expert_dtype: str = "auto"
     expert_group_size: int = 128
 
@@ -157,6 +163,8 @@ class OffloadConfig:
             object.__setattr__(self, "prefetch_budget", parse_size(self.prefetch_budget))
         if self.host_compute not in HOST_COMPUTE:
             raise MoePrefetchError(f"unknown host_compute {self.host_compute!r}: use one of {', '.join(HOST_COMPUTE)}")
+        if self.keep_rule not in KEEP_RULES:
+            raise MoePrefetchError(f"unknown keep_rule {self.keep_rule!r}: use one of {', '.join(KEEP_RULES)}")
         if self.host_kernel not in HOST_KERNELS:
             raise MoePrefetchError(f"unknown host_kernel {self.host_kernel!r}: use one of {', '.join(HOST_KERNELS)}")
         if self.host_bandwidth is not None and not (isinstance(self.host_bandwidth, (int, float)) and self.host_bandwidth > 0):

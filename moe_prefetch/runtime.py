@@ -363,7 +363,8 @@ def load_model(model: str, config: OffloadConfig | None = None, **overrides):
     planner = Planner(plan.slots, adapter.moe_layers(), adapter.num_experts, adapter.top_k,
                       initial_costs(store.expert_nbytes, device, cfg), eviction=cfg.eviction,
                       host_compute=host_compute, gate=cfg.prefetch_gate,
-                      adaptive=cfg.adaptive_prediction)
+                      adaptive=cfg.adaptive_prediction,
+                      keep_recency={"auto": None, "frequency": False, "recency": True}[cfg.keep_rule])
     packs = _host_packs(cfg, device, dequant, dtype, store, plan, dense_bytes + reserve) if host_compute else None
     executor = HostExecutor(store, device, cfg.host_bandwidth, packs=packs) if host_compute else None
     offloader = ExpertOffloader(store, planner, device, engine, stats, host=executor)

@@ -43,6 +43,30 @@ def test_host_compute_is_token_identical_on_cpu(ckpt, slots, predictor):
         assert st["host_computed"] > 0, "a miss on a slow link must go to a fast host"
 
 
+@pytest.mark.parametrize("rule", ["auto", "frequency", "recency"])
+def test_every_keep_rule_is_token_identical(ckpt, rule):
+    """How host-computed misses are judged for a keep decides what is cached, never what is computed."""
+    ref = reference_generate(ckpt, PROMPT, NEW, device="cpu")
+    # a host twice the link's speed: misses go to the host while the link is busy, and are kept when it is idle
+    out, st = run(ckpt, 5, predictor="none", link_bandwidth=2e7, host_bandwidth=4e7, keep_rule=rule)
+    assert torch.equal(out, ref), f"keep rule {rule} changed the output"
+    assert st["host_computed"] > 0 and st["keeps"] > 0
+    assert (st["keep_epochs"] is None) == (rule != "auto")
+
+
+def test_keep_switch_measures_both_rules_in_decode(ckpt):
+    model, _ = mp.load_model(str(ckpt), mp.OffloadConfig(device="cpu", expert_cache=5, predictor="none",
+                                                         link_bandwidth=2e7, host_bandwidth=4e7, show_progress=False))
+    with torch.inference_mode():
+        model.generate(PROMPT, max_new_tokens=48, min_new_tokens=48, do_sample=False)
+    st = mp.stats(model)
+    model.moe_runtime.close()
+    ep = st["keep_epochs"]
+    assert ep["recency"] >= 1 and ep["frequency"] >= 1, ep  # the opening epochs try both rules
+    with pytest.raises(MoePrefetchError, match="keep_rule"):
+        mp.OffloadConfig(keep_rule="newest")
+
+
 def test_auto_turns_host_compute_on_only_with_an_emulated_host(ckpt):
     _, st = run(ckpt, 4, predictor="none", link_bandwidth=2e6)
     assert st["host_compute"] is False and st["host_computed"] == 0

@@ -315,6 +315,8 @@ def test_throughput_bench_with_one_cache_and_its_model_named(tmp_path):
     assert r.returncode == 0, r.stderr[-2000:]
     report = json.loads((tmp_path / "out" / "throughput.json").read_text())
     assert report["sim_check"] and all(c["cache"] == 1.0 for c in report["sim_check"])
+    # the measured keep rule against its twin with keeps fixed on frequency, per cache
+    assert [t["cache"] for t in report["targets"]] == [1.0] and report["targets"][0]["keep_switch_over_frequency"] > 0
     title = (tmp_path / "out" / "throughput.md").read_text().splitlines()[0]
     assert str(small) in title and "demo" not in title
     # two interleaved rounds of every row; each row reports its lower-middle round, counters from that run
