@@ -27,6 +27,7 @@ class MeasuredSwitch:
     MAX_GAP_S = 1.0  # longer between two tokens: an idle pause between generate calls, not a token
     WARMUP_TOKENS = 32  # a cache that is still not full after these decode tokens is measured as it is
     SETTLE_TOKENS = 0   # decode tokens not measured after the arm changes (what the last arm left behind)
+    CONFIRM = False     # a decision that reverses the last one runs one epoch each way before it is kept
 
     def __init__(self, opening: tuple[bool, ...] = (True, False)):
         self.mean = {True: None, False: None}  # arm -> decaying mean seconds per decode token
@@ -36,6 +37,7 @@ class MeasuredSwitch:
         self._tokens, self._seconds = 0, 0.0
         self._warmup = 0          # decode tokens not measured because the cache was still filling
         self._settling = 0        # decode tokens still to run unmeasured since the arm changed
+        self._decision = None     # the arm the last decision chose
         self.epochs = {True: 0, False: 0}
 
     def best(self) -> bool:
@@ -73,7 +75,11 @@ class MeasuredSwitch:
             best = self.best()
             on, off = self.mean[True], self.mean[False]
             wide = abs(on - off) > self.WIDE * min(on, off)
-            self._schedule = [best] * (self.EXPLOIT * (4 if wide else 1)) + [not best]
+            if self.CONFIRM and self._decision is not None and best != self._decision:
+                self._schedule = [best, not best]  # a change of mind, on one epoch's evidence: check it first
+            else:
+                self._schedule = [best] * (self.EXPLOIT * (4 if wide else 1)) + [not best]
+            self._decision = best
         arm = self._schedule.pop(0)
         self._settling = self.SETTLE_TOKENS if arm != self.arm else 0
         self.arm = arm
@@ -103,13 +109,15 @@ class KeepSwitch(MeasuredSwitch):
     keep costs a copy that gains little: free on a GPU's DMA engine, but on the CPU backend the copy
     and its hand-off take compute from the layer (measured on the demo: 8x the keeps, 2-9% slower).
     That cost is the machine's, not the model's, so it is measured rather than priced. The opening
-    epochs alternate (True, False, True, False) against the prediction switch's (True, True, False),
+    epochs alternate (False, True, False, True) against the prediction switch's (True, True, False),
     so each arm of one is first measured with both arms of the other, and the two switches' later
-    re-tests fall on different epochs."""
+    re-tests fall on different epochs. Frequency first: decode that is never measured (every layer
+    computing several rows for some expert: a batch) keeps the rule that cannot churn."""
 
     EPOCH_TOKENS = 8    # a keep rule acts through the cache it leaves, which outlasts a short epoch:
-    SETTLE_TOKENS = 4   # the first tokens after a change still run on the other arm's cache
+    SETTLE_TOKENS = 8   # the first tokens after a change still run on the other arm's cache
     EXPLOIT = 15        # stickiness and the cost of a copy belong to the model and the machine: re-test rarely
+    CONFIRM = True      # so a re-test that inherits the better cache and looks good is checked before it is kept
 
     def __init__(self):
-        super().__init__(opening=(True, False, True, False))
+        super().__init__(opening=(False, True, False, True))

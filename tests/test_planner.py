@@ -282,18 +282,49 @@ def test_keep_switch_does_not_measure_the_tokens_after_a_change():
     from moe_prefetch.switch import KeepSwitch
 
     sw = KeepSwitch()
-    assert sw.arm is True and sw.EPOCH_TOKENS == 8 and sw.SETTLE_TOKENS == 4
-    # the first epoch (recency): 8 tokens of 1 ms; then, on the frequency arm, 4 slow tokens (the cache
-    # the recency arm left going stale, say) and 8 of 2 ms
+    assert sw.arm is False and sw.EPOCH_TOKENS == 8 and sw.SETTLE_TOKENS == 8  # frequency first: cannot churn
+    # the first epoch (frequency): 8 tokens of 1 ms; then, on the recency arm, 8 slow tokens (the cache
+    # the frequency arm left, say) and 8 of 2 ms
     now, arms = 0.0, []
     for seconds in [1e-3] * sw.EPOCH_TOKENS + [9e-3] * sw.SETTLE_TOKENS + [2e-3] * sw.EPOCH_TOKENS:
         sw.token(now, decode=True)  # a token starts (and the last one ends)
         arms.append(sw.arm)
         now += seconds
     sw.token(now, decode=True)
-    assert arms == [True] * sw.EPOCH_TOKENS + [False] * (sw.SETTLE_TOKENS + sw.EPOCH_TOKENS)
-    assert sw.mean[True] == pytest.approx(1e-3)
-    assert sw.mean[False] == pytest.approx(2e-3), "the settling tokens were measured"
+    assert arms == [False] * sw.EPOCH_TOKENS + [True] * (sw.SETTLE_TOKENS + sw.EPOCH_TOKENS)
+    assert sw.mean[False] == pytest.approx(1e-3)
+    assert sw.mean[True] == pytest.approx(2e-3), "the settling tokens were measured"
+
+
+def test_a_change_of_mind_is_confirmed_before_it_is_kept():
+    """KeepSwitch: a decision that reverses the last one (one re-test epoch's evidence, which may have run
+    on the cache the incumbent left) runs one epoch each way and is decided again, not kept for EXPLOIT."""
+    from moe_prefetch.switch import KeepSwitch, PredictionSwitch
+
+    assert KeepSwitch.CONFIRM and not PredictionSwitch.CONFIRM
+    sw = KeepSwitch()
+    sw.mean = {True: 1.0, False: 2.0}
+    sw._schedule, sw._decision, sw.arm = [], True, False  # recency was chosen; frequency is being re-tested
+    sw._tokens, sw._seconds = 1, 0.01  # and looks so fast that the means flip
+    sw._end_epoch()
+    assert sw._decision is False and sw.arm is False and sw._schedule == [True]  # one epoch each way
+    sw._tokens, sw._seconds = 1, 1.0
+    sw._end_epoch()
+    assert sw.arm is True and sw._schedule == []  # then decided again
+    sw._tokens, sw._seconds = 1, 1.5
+    sw._end_epoch()  # frequency still wins: the same decision twice is kept for EXPLOIT epochs or more
+    assert sw._decision is False and sw.arm is False and len(sw._schedule) >= sw.EXPLOIT
+
+
+def test_keep_switch_unmeasured_keeps_frequency():
+    """Decode that is never measured (a batch: some expert computes several rows at every layer) leaves
+    keeps on frequency, the rule that cannot churn."""
+    from moe_prefetch.switch import KeepSwitch
+
+    sw = KeepSwitch()
+    for t in range(200):
+        sw.token(t * 1e-3, decode=False)
+    assert sw.arm is False and sw.epochs == {True: 0, False: 0}
 
 
 @pytest.mark.parametrize("sticky", [0.0, 0.6])

@@ -444,6 +444,28 @@ def test_switch_bench_on_a_recorded_trace(tmp_path):
     assert "simulated configurations" in (tmp_path / "switch.md").read_text()
 
 
+def test_keep_switch_bench_on_a_recorded_trace(tmp_path):
+    """bench/keep_switch.py: both trace sets, every configuration with the two fixed keep rules and the switch;
+    a missing trace is one line."""
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    bench = str(ROOT / "bench" / "keep_switch.py")
+    r = subprocess.run([sys.executable, bench, "--trace", str(tmp_path / "none.npz")], capture_output=True, text=True,
+                       env=env, timeout=120)
+    assert r.returncode == 2 and len(r.stderr.splitlines()) == 1 and "does not exist" in r.stderr
+    from test_sim import make_trace
+
+    make_trace(N=40, L=4, E=8, k=2, seed=0).save(tmp_path / "t.npz")
+    r = subprocess.run([sys.executable, bench, "--trace", str(tmp_path / "t.npz"), "--tokens", "40", "--ratios", "11.2",
+                        "--caches", "0.5", "--copy-costs", "0", "--out", str(tmp_path)],
+                       capture_output=True, text=True, env=env, timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    rows = json.loads((tmp_path / "keep_switch.json").read_text())["rows"]
+    assert [row["set"] for row in rows] == ["tuning"] * 5 + ["held-out"] * 4
+    assert all(set(row["tokens_per_s"]) == {"frequency", "recency", "switch"} and row["switch_over_best"] > 0
+               for row in rows)
+    assert "| tuning | 0 | 5 |" in (tmp_path / "keep_switch.md").read_text()
+
+
 def test_every_bench_refuses_a_bad_flag_in_one_line():
     env = dict(os.environ, HF_HUB_OFFLINE="1", PYTHONPATH=str(ROOT))
     benches = sorted(p.name for p in (ROOT / "bench").glob("*.py"))
