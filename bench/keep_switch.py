@@ -1,7 +1,7 @@
 """Does the keep switch find the keep rule that pays? With host compute, predictive eviction's default
 (KeepSwitch: measured) against its two fixed rules, keeps judged on frequency and with recency.
 
-    python bench/keep_switch.py --out bench/results      # ~2 min on 2 cores
+    python bench/keep_switch.py --out bench/results      # ~75 s on 2 cores
 
 A keep copies a host-computed miss into the cache behind its layer when it is likelier to be used at
 its layer's next run than the expert it evicts. Judged with the recency line, that pays where routing
@@ -90,8 +90,9 @@ def main(argv=None) -> int:
     ap.add_argument("--ratios", type=float, nargs="+", default=[11.2, 1.0], help="link time per expert / a layer's "
                     "compute (default: 11.2 1)")
     ap.add_argument("--caches", type=float, nargs="+", default=[0.25, 0.5, 0.75], help="cache fractions (default: 0.25 0.5 0.75)")
-    ap.add_argument("--copy-costs", type=float, nargs="+", default=[0.0, 0.5],
-                    help="compute-thread time per copy, in layers (default: 0 0.5)")
+    ap.add_argument("--copy-costs", type=float, nargs="+", default=[0.0, 0.5, 2.0],
+                    help="compute-thread time per copy, in layers (default: 0 0.5 2; the CPU backend's is 0.5-2 "
+                    "depending on how fast the machine computes a layer)")
     ap.add_argument("--out", default=None, help="folder for keep_switch.md and .json")
     args = ap.parse_args(argv)
     if args.tokens < 2 or any(r <= 0 for r in args.ratios) or any(c < 0 for c in args.copy_costs) \
