@@ -26,7 +26,7 @@ from collections import Counter, defaultdict
 from dataclasses import dataclass
 
 from .cache import CacheFullError, EvictionPolicy, ExpertCache, LFUPolicy, LRUPolicy, make_policy
-from .switch import KeepSwitch, PredictionSwitch  # noqa: F401  (PredictionSwitch: also imported from here)
+from .switch import KeepSwitch, PredictionSwitch
 
 Key = tuple[int, int]
 
@@ -467,7 +467,17 @@ class PredictivePolicy(LRUPolicy):
         P clamps, where every key of the group ties with it; the keys with a prediction are each looked at."""
         self._flush(layer)
         best = None
-        n, stamps, heaps = self.n, self._stamp, self._heaps[layer]
+        n, stamps = self.n, self._stamp
+        for k, p in self._layer_picks(layer, candidates):
+            h, s = n * (1.0 - p) / p, stamps[k]
+            if best is None or h > best[0] or (h == best[0] and s < best[1]):
+                best = (h, s, k)
+        return best
+
+    def _layer_picks(self, layer, candidates):
+        """(key, P) of the layer's keys that can be its best (_layer_best): each recency group's fewest-used
+        key without a prediction (all of a clamped group's), then every predicted key."""
+        heaps = self._heaps[layer]
         tokens = self.layer_uses[layer] / self.top_k
         for group, heap in list(heaps.items()):
             key = self._group_best(group, heap, candidates)
@@ -478,22 +488,14 @@ class PredictivePolicy(LRUPolicy):
             a, slope = self._line((layer, self._bucket(layer, group)))
             p = a + slope * ((self.uses[key] + 0.5) / (tokens + 1.0))
             if self.P_MIN < p < self.P_MAX:
-                picks = ((key, p),)
+                yield key, p
             else:  # clamped: keys with more uses clamp to the same P and tie with it; the oldest of them goes
-                picks = [(k, self.use_probability(k)) for k in self._resident[layer]
-                         if self._group(k) == group and k not in self.predicted
-                         and (candidates is None or k in candidates)]
-            for k, p in picks:
-                h, s = n * (1.0 - p) / p, stamps[k]
-                if best is None or h > best[0] or (h == best[0] and s < best[1]):
-                    best = (h, s, k)
+                yield from [(k, self.use_probability(k)) for k in self._resident[layer]
+                            if self._group(k) == group and k not in self.predicted
+                            and (candidates is None or k in candidates)]
         for k in self._predicted_of.get(layer, ()):
-            if k in stamps and (candidates is None or k in candidates):
-                p = self.use_probability(k)
-                h, s = n * (1.0 - p) / p, stamps[k]
-                if best is None or h > best[0] or (h == best[0] and s < best[1]):
-                    best = (h, s, k)
-        return best
+            if k in self._stamp and (candidates is None or k in candidates):
+                yield k, self.use_probability(k)
 
     def victim(self, candidates):
         best, best_t, best_s = None, -1.0, math.inf
