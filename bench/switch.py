@@ -5,7 +5,8 @@ always predicting, simulated, on the demo trace and on sticky synthetic traces o
 
 Time is modelled (moe_prefetch.sim replays each trace through the runtime's planner from a cold
 cache): a layer computes in 1 unit, an expert crosses the link in --ratio units, the host computes one
-in ratio / 2.4, the predictor costs 0.05 units a layer. `history` is replayed at a lookahead of L (the
+in ratio / 2.4, the predictor costs --predict-cost units a predicted layer (default 0.05: a GPU's small
+kernels; the CPU backend's Python predictors cost about 0.4 of its layer compute). `history` is replayed at a lookahead of L (the
 simulator computes its scores from the routing, as the runtime's history predictor does), so the next
 token's layers are predicted a whole token ahead. Host-computed misses are kept on frequency in every
 arm, so that the rows measure the prediction switch alone (bench/eviction.py measures the keep switch).
@@ -29,10 +30,15 @@ def main(argv=None) -> int:
     ap = ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--trace", default=str(DEMO_TRACE), help="recorded trace (moe_prefetch.trace --data)")
     ap.add_argument("--tokens", type=int, default=300, help="tokens per synthetic trace (default 300)")
-    ap.add_argument("--out", default=None, help="folder for switch.md and .json")
+    ap.add_argument("--predict-cost", type=float, default=0.05,
+                    help="the predictor's cost per predicted layer, in layer computes (default 0.05)")
+    ap.add_argument("--out", default=None, help="folder for switch.md and .json (switch_predictN.* with a cost "
+                    "other than the default)")
     args = ap.parse_args(argv)
     if args.tokens < 2:
         ap.error("--tokens must be at least 2")
+    if args.predict_cost < 0:
+        ap.error(f"--predict-cost must be at least 0, got {args.predict_cost}")
     tr = Trace.load(args.trace)  # a missing or unreadable file: one line (run_main)
     n = min(400, tr.routing.shape[0])
     demo = tr.head(n)
@@ -49,7 +55,7 @@ def main(argv=None) -> int:
         for ratio in (11.2, 1.0):
             for host in (False, True):
                 cost = CostModel(1e-3 - k * 1e-4, 1e-4, ratio * 1e-3, 1000,
-                                 host_s=ratio * 1e-3 / 2.4 if host else None, predict_s=0.05e-3)
+                                 host_s=ratio * 1e-3 / 2.4 if host else None, predict_s=args.predict_cost * 1e-3)
                 for frac in (0.25, 0.5, 0.75):
                     slots = int(L * E * frac)
                     # keeps on frequency in all three: the keep switch is bench/eviction.py's subject
@@ -66,7 +72,8 @@ def main(argv=None) -> int:
             print(f"{name}, link {ratio}: done", flush=True)
     vs_best = [r["adaptive"] / max(r["none"], r["always"]) for r in rows]
     vs_none = [r["adaptive"] / r["none"] for r in rows]
-    lines = [f"{len(rows)} simulated configurations. Adaptive / better of never and always predicting: mean "
+    lines = [f"{len(rows)} simulated configurations, the predictor at {args.predict_cost} layer computes per predicted "
+             f"layer. Adaptive / better of never and always predicting: mean "
              f"{statistics.mean(vs_best):.3f}, worst {min(vs_best):.3f}; adaptive / never: worst {min(vs_none):.3f}.", "",
              "Where always predicting gains 10% or more:", "",
              "| trace | link | host compute | cache | predictor | always / never | adaptive / never |",
@@ -76,7 +83,8 @@ def main(argv=None) -> int:
               for r in rows if r["always"] >= 1.1 * r["none"]]
     print("\n".join(lines))
     if args.out:
-        write_report(args.out, "switch", lines, dict(rows=rows))
+        stem = "switch" if args.predict_cost == 0.05 else f"switch_predict{args.predict_cost:g}"
+        write_report(args.out, stem, lines, dict(predict_cost=args.predict_cost, rows=rows))
     return 0
 
 

@@ -608,11 +608,23 @@ class Planner:
         # acted on is not run at all, except one layer in PROBE_EVERY, which keeps the estimate current
         self.prediction_yield = 1.0
         self._skipped_in_a_row = 0
+        # What predicting costs the caller per predicted layer (observe_predict_cost: the runtime's measured
+        # predictor and planning time; the simulator's model of it), against the net time its prefetches
+        # saved per predicted layer (decaying sums over predicted layers): an adaptive planner skips the
+        # predictor, but for probes, where it does not pay for itself
+        self.predict_cost: float | None = None
+        self._predicted = 0.0        # predicted layers (decaying)
+        self._predicted_value = 0.0  # seconds saved by the prefetches of those layers, waste deducted (decaying)
+        # with host compute, a miss is not copied in, so a later hit of an expert a prediction brought in is a
+        # host job saved too (where routing sticks, most of what prefetching gains), unless a keep would have
+        # copied it in after its miss: counted in the share of time the link is busy (keeps wait for an idle one)
+        self._reused: set = set()
         self._expected = 0.0
         self._good = 0.0
         # adaptive: predict only while it measurably speeds decode up (PredictionSwitch); ungated: the
         # peers' behaviour, always predicting
-        self.switch = PredictionSwitch() if gate and adaptive else None
+        self.adaptive = gate and adaptive
+        self.switch = PredictionSwitch() if self.adaptive else None
         # with host compute and predictive eviction: keeps judged with recency only while that measurably
         # speeds decode up (KeepSwitch), unless keep_recency fixes the rule; other policies have no recency
         self._keep_recency = keep_recency
@@ -672,6 +684,9 @@ class Planner:
                     self.counters.prefetch_used += 1
                     landed = self.link.landed(key, now)
                     self._outcome(key, 1.0 if landed else (0.0 if self.host_compute else 0.5))
+                elif key in self._reused and self.link.landed(key, now):
+                    miss_cost, saturation = self._miss_cost_and_saturation()
+                    self._predicted_value += miss_cost * saturation  # on an idle link a keep would have brought it in
                 if self.link.landed(key, now):
                     self.counters.hits += 1
                     actions.append(Action("hit", key, self.cache.lookup(key), rows=n))
@@ -775,22 +790,49 @@ class Planner:
                 self.cache.unpin(key)
             self.cache.remove(key)
         self.prefetched.discard(key)
+        self._reused.discard(key)
 
     def _forget(self, now: float, key: Key | None) -> None:
         if key is None:
             return
         self.link.cancel(key, now)
+        self._reused.discard(key)
         if key in self.prefetched:
             self.prefetched.discard(key)
             self.counters.prefetch_wasted += 1
-            self._outcome(key, 0.0)
+            self._outcome(key, 0.0, wasted=True)
 
-    def _outcome(self, key: Key, good: float) -> None:
+    def _outcome(self, key: Key, good: float, wasted: bool = False) -> None:
         p = self._issued_p.pop(key, None)
         if p is None:
             return  # a keep, not a prediction
         self._expected = 0.98 * self._expected + p
         self._good = 0.98 * self._good + good
+        # the time it saved (a miss's cost, in the share `good`), less the link time a wasted one took from
+        # demand copies: what the gate expected of it, now realised
+        miss_cost, saturation = self._miss_cost_and_saturation()
+        self._predicted_value += good * miss_cost - (self.costs.transfer_s * saturation if wasted else 0.0)
+        if good > 0.0 and self.host_compute:
+            self._reused.add(key)
+
+    MIN_PREDICTED = 16  # predicted layers of evidence before the predictor's cost is weighed
+
+    def observe_predict_cost(self, seconds: float) -> None:
+        """A predicted layer's predictor and prefetch planning took `seconds` of the caller's critical path."""
+        self.predict_cost = seconds if self.predict_cost is None else 0.9 * self.predict_cost + 0.1 * seconds
+
+    def prediction_value(self) -> dict:
+        """Per predicted layer, lately: what predicting cost and what its prefetches saved (ms)."""
+        saved = self._predicted_value / self._predicted if self._predicted else None
+        return {"cost_ms": None if self.predict_cost is None else self.predict_cost * 1e3,
+                "saved_ms": None if saved is None else saved * 1e3, "pays": self.prediction_pays()}
+
+    def prediction_pays(self) -> bool:
+        """Whether the time prefetches lately saved per predicted layer beats what predicting a layer costs
+        (True until there is evidence, or with no measured cost)."""
+        if not self.predict_cost or self._predicted < self.MIN_PREDICTED:
+            return True
+        return self._predicted_value / self._predicted > self.predict_cost
 
     def realised(self) -> float:
         """Good prefetch outcomes per unit of expected P (1 until there is evidence)."""
@@ -816,14 +858,15 @@ class Planner:
     def worth_predicting(self, now: float, in_flight: int | None = None) -> bool:
         """Could any prefetch be issued now? False when copies in flight fill the budget, when even a
         certain prediction would not pass the gate, or when predictions have lately yielded almost no
-        prefetches (but for a probe now and then); the runtime then skips the predictor's compute."""
+        prefetches or (adaptive) saved less time per predicted layer than predicting one costs (but for a
+        probe now and then); the runtime then skips the predictor's compute."""
         if max(self.link.in_flight(now), in_flight or 0) >= self.budget:
             return False
         if not self.gate:
             return True
         if self.switch is not None and not self.switch.arm:
             return False  # an epoch without prediction (measured, or the faster arm lately)
-        if self.prediction_yield < self.MIN_YIELD:
+        if self.prediction_yield < self.MIN_YIELD or (self.adaptive and not self.prediction_pays()):
             self._skipped_in_a_row += 1
             if self._skipped_in_a_row < self.PROBE_EVERY:
                 return False
@@ -911,6 +954,8 @@ class Planner:
                 actions.append(Action("prefetch", key, slot, evicted))
         if predictions:
             self.prediction_yield = 0.9 * self.prediction_yield + 0.1 * (self.counters.prefetch_issued - issued_before)
+            self._predicted = 0.98 * self._predicted + 1.0
+            self._predicted_value *= 0.98
         return actions
 
     def _victim(self, protected: set[Key]):

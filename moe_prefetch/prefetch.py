@@ -53,6 +53,7 @@ class Prefetcher:
         self._residual: dict[int, torch.Tensor] = {}
         self._pending: dict[tuple[int, int], dict[int, float]] = {}  # (target i, d) -> {expert: raw score}
         self._asked: dict[int, list[int]] = {}  # layer position -> distances summarised by device_scores
+        self._spent: dict[int, float] = {}  # layer -> seconds its device_scores() took, until its plan()
         self._handles = [] if predictor.on_host else \
             [tap.register_forward_pre_hook(self._capture(i)) for i, tap in enumerate(view.taps)]
 
@@ -90,16 +91,22 @@ class Prefetcher:
         try:
             return self._device_scores(layer)
         finally:
-            self.stats.predict_seconds += time.perf_counter() - t0
+            spent = time.perf_counter() - t0
+            self.stats.predict_seconds += spent
+            self._spent[layer] = spent
 
     def plan(self, layer: int, routing: list[list[int]], experts: list[int], summary: list | None) -> None:
         """Prefetch from the predictions made at `layer`, through the planner. routing: the layer's
         top-k rows [T][k] (host lists); summary: device_scores()'s result, read back."""
-        t0 = time.perf_counter()
+        t0, predicted = time.perf_counter(), self.stats.predicted_layers
         try:
             self._plan(layer, routing, experts, summary)
         finally:
-            self.stats.predict_seconds += time.perf_counter() - t0
+            spent = time.perf_counter() - t0
+            self.stats.predict_seconds += spent
+            spent += self._spent.pop(layer, 0.0)
+            if self.stats.predicted_layers > predicted:  # the planner weighs this against what prefetching saves
+                self.offloader.planner.observe_predict_cost(spent)
 
     def _device_scores(self, layer: int) -> torch.Tensor | None:
         i = self._position[layer]

@@ -83,6 +83,7 @@ class OffloadRuntime:
                  predictor_calibration=self.offloader.planner.calibration.report(),
                  prediction_epochs=None if (sw := self.offloader.planner.switch) is None or not self.prefetcher else
                  {"on": sw.epochs[True], "off": sw.epochs[False], "predicting": sw.arm},
+                 prediction_value=self.offloader.planner.prediction_value() if self.prefetcher else None,
                  keeps=self.offloader.planner.counters.keeps,
                  keep_epochs=None if (ks := self.offloader.planner.keep_switch) is None else
                  {"recency": ks.epochs[True], "frequency": ks.epochs[False], "recency_now": ks.arm})

@@ -352,6 +352,7 @@ def simulate(trace: Trace, cost: CostModel, slots: int, policy: Policy, priority
                             sent = planner.plan_prefetch(now, i, offered, {(i, e) for e in needed})
                             if planner.counters.prediction_skipped == skipped:  # the predictor ran
                                 now += cost.predict_s
+                                planner.observe_predict_cost(cost.predict_s)
                             now += cost.copy_s * len(sent)
                 # the device computes its experts as their bytes land (landed ones first, as the
                 # runtime does), while the host computes its own

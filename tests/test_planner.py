@@ -379,6 +379,34 @@ def test_a_predictor_that_yields_nothing_is_only_probed():
     assert pl.prediction_yield > pl.MIN_YIELD and pl.worth_predicting(0.0)
 
 
+@pytest.mark.parametrize("cost,pays", [(5.0, False), (0.05, True)])
+def test_prediction_that_costs_more_than_it_saves_is_only_probed(cost, pays):
+    """Each predicted layer's one prefetch is used on time and saves a transfer (0.5 s): a predictor that
+    costs 5 s a layer does not pay for itself and is then run one layer in PROBE_EVERY; one that costs
+    0.05 s keeps running. Without adaptation it always runs, and with no measured cost nothing changes."""
+    costs = Costs(layer_s=1.0, expert_s=0.1, transfer_s=0.5)
+    adaptive, always = make_planner(costs=costs, slots=8), make_planner(costs=costs, slots=8, adaptive=False)
+    for pl in (adaptive, always):
+        assert pl.prediction_pays()  # no evidence yet
+        now = 0.0
+        for i in range(40):
+            e = i % 8
+            sent = pl.plan_prefetch(now, 0, [(1, 1, {e: 0.9})], set(), asked=True)
+            assert [a.key for a in sent] == [(1, e)]
+            pl.observe_predict_cost(cost)
+            now += 1.0  # the copy lands before layer 1 runs
+            pl.release(pl.plan_layer(now, 1, [e]))
+            pl.remove((1, e))
+            now += 1.0
+        assert pl.counters.prefetch_used == 40 and pl.predict_cost == pytest.approx(cost)
+    assert adaptive.prediction_pays() == pays
+    asked = [adaptive.worth_predicting(now) for _ in range(64)]
+    assert sum(asked) == (64 if pays else 64 // adaptive.PROBE_EVERY)
+    assert all(always.worth_predicting(now) for _ in range(64))
+    unmeasured = make_planner(costs=costs)
+    assert unmeasured.prediction_pays() and unmeasured.predict_cost is None
+
+
 def _drive_switch(switch, seconds_on: float, seconds_off: float, tokens: int) -> list[bool]:
     """Feed `tokens` decode tokens whose duration depends on the arm the switch chose; returns the arms."""
     now, arms = 0.0, []

@@ -291,6 +291,10 @@ def test_prediction_switch_is_lossless_and_reported(ckpt, reference):
     assert torch.equal(out, reference)
     ep = st["prediction_epochs"]
     assert ep["on"] >= 1 and ep["off"] >= 1 and isinstance(ep["predicting"], bool)
+    # each predicted layer's measured predictor time is weighed against what its prefetches saved
+    value = st["prediction_value"]
+    assert st["predicted_layers"] > 0 and value["cost_ms"] > 0 and value["saved_ms"] is not None
+    assert value["cost_ms"] <= 1e3 * st["predict_seconds"] and isinstance(value["pays"], bool)
     always = load(ckpt, 6, predictor="next-gate", lookahead=2, adaptive_prediction=False)
     assert torch.equal(generate(always), reference) and mp.stats(always)["prediction_epochs"] is None
     always.moe_runtime.close()
