@@ -23,6 +23,7 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 import dataclasses  # noqa: E402
 import json
+import math
 import sys
 import time
 from pathlib import Path
@@ -88,6 +89,8 @@ def run_policy(model_name, seqs, **kw) -> dict:
     eng = model.moe_runtime.offloader.engine
     copies = eng.bytes_copied / model.moe_runtime.store.expert_nbytes
     link_s = (eng.copy_seconds + eng.throttle_seconds) / copies if copies else 0.0  # what one copy really took
+    layers = (steps + len(seqs)) * len(model.moe_runtime.adapter.moe_layers())  # MoE layer runs, first tokens included
+    others = st["predict_seconds"] - st["predicted_seconds"]  # the prefetcher's time on layers it did not predict
     model.moe_runtime.close()
     return dict(tokens_per_s=steps / seconds, link_s=link_s, hit_rate=st["hit_rate"], stall_s=st["stall_seconds"],
                 mb_moved=st["bytes_to_device"] / 1e6, bytes_moved=st["bytes_to_device"],
@@ -96,7 +99,8 @@ def run_policy(model_name, seqs, **kw) -> dict:
                 and model_host.jobs else None, prefetch_issued=st["prefetch_issued"],
                 prefetch_used=st["prefetch_used"], prefetch_late=st["prefetch_late"],
                 prefetch_wasted=st["prefetch_wasted"], seconds=seconds, steps=steps,
-                predict_s=st["predict_seconds"] / st["predicted_layers"] if st["predicted_layers"] else 0.0,
+                predict_s=st["predicted_seconds"] / st["predicted_layers"] if st["predicted_layers"] else 0.0,
+                prefetch_layer_s=others / (layers - st["predicted_layers"]) if layers > st["predicted_layers"] else 0.0,
                 predicted_layers=st["predicted_layers"])
 
 
@@ -194,10 +198,20 @@ def main(argv=None) -> int:
                         "from the full-precision experts, so smaller experts move faster over the same link")
     p.add_argument("--out", default="bench/results", help="output folder (default: bench/results)")
     p.add_argument("--tag", default="", help="suffix for the output file names (default: none)")
-    p.add_argument("--replot", help="only redraw the plot from a throughput JSON written earlier")
+    p.add_argument("--replot", help="only redraw the plot and rewrite the report (ratios recomputed) from a throughput "
+                   "JSON written earlier")
     args = p.parse_args(argv)
     if args.replot:
-        plot(json.loads(Path(args.replot).read_text()), Path(args.replot).with_suffix(".png"))
+        path = Path(args.replot)
+        r = json.loads(path.read_text())
+        if "layers" not in r:  # written before the report kept the model's shape
+            probe, _ = load(r.get("model", "demo"), predictor="none")
+            r.update(layers=len(probe.moe_runtime.adapter.moe_layers()), experts=probe.moe_runtime.adapter.num_experts)
+            probe.moe_runtime.close()
+        r["targets"] = targets(r["results"])
+        path.write_text(json.dumps(r, indent=1))
+        path.with_suffix(".md").write_text(render(r, r["layers"], r["experts"]))
+        plot(r, path.with_suffix(".png"))
         return 0
     if args.predictor_path and not Path(args.predictor_path).is_file():
         p.error(f"--predictor-path {args.predictor_path} does not exist (train one with python -m moe_prefetch.calibrate)")
@@ -354,7 +368,8 @@ def main(argv=None) -> int:
             # the link time per expert as the engine measured it in that run (throttle plus copy)
             cost = CostModel(attn, expert, row["link_s"] or expert_bytes / link_bw, expert_bytes, tail,
                              host_s=(row.get("host_s") or expert_bytes / host_bw) if row["host_compute"] else None,
-                             predict_s=row.get("predict_s", 0.0), **overheads)
+                             predict_s=row.get("predict_s", 0.0), prefetch_layer_s=row.get("prefetch_layer_s", 0.0),
+                             **overheads)
             return row, cost, simulate(sim_trace, cost, slots, pol)
 
         for name, pol, kw in check_set:  # fit in check_set order: LRU's copy cost first, then the host's
@@ -377,11 +392,12 @@ def main(argv=None) -> int:
             sim, meas = res.tokens_per_s, row["tokens_per_s"]
             checks.append(dict(policy=name, cache=slots / (L * E), measured=meas, simulated=sim, error=sim / meas - 1,
                                link_ms=cost.transfer_s * 1e3, nominal_link_ms=expert_bytes / link_bw * 1e3,
-                               predict_ms=cost.predict_s * 1e3, fitted=calibrate_on.get(name)))
+                               predict_ms=cost.predict_s * 1e3, prefetch_layer_ms=cost.prefetch_layer_s * 1e3,
+                               fitted=calibrate_on.get(name)))
 
     for r in results:
         r["cache_fraction"] = r["cache"]
-    report = dict(sim_overheads=fitted, model=args.model, expert_dtype=args.expert_dtype, profile=args.profile, ratio=ratio, link_gbps=link_bw / 1e9, layer_ms=layer_s * 1e3,
+    report = dict(sim_overheads=fitted, model=args.model, layers=L, experts=E, expert_dtype=args.expert_dtype, profile=args.profile, ratio=ratio, link_gbps=link_bw / 1e9, layer_ms=layer_s * 1e3,
                   host=args.host, host_gbps=host_bw / 1e9, threads=args.threads, targets=targets(results),
                   expert_mb=expert_bytes / 1e6, steps=results[0]["steps"], all_resident=upper,
                   accelerate=peer, results=results, sim_check=checks, wall_seconds=wall, repeats=args.repeats)
@@ -394,6 +410,8 @@ def main(argv=None) -> int:
 
 
 HOST_TWIN = "predictive eviction, no prefetch, host compute"  # the host-compute rows' no-predictor twin
+# the row of --host-compute on with every other option at its default (its name carries the default's predictor)
+DEFAULT_HOST = tuple(f"{p} K=2, predictive, gated, host compute" for p in ("next-gate", "history"))
 
 
 def targets(results: list[dict]) -> list[dict]:
@@ -417,6 +435,10 @@ def targets(results: list[dict]) -> list[dict]:
                         worst_predictor_vs_twin=worst[0], worst_row=worst[1],
                         default_vs_best_no_prediction=next(v for n, v in rows.items() if n.startswith("default")) /
                         max(v for n, v in rows.items() if "no prefetch" in n and "host compute" not in n),
+                        # the same with host compute on: --host-compute on and nothing else (the default's
+                        # predictor, K=2, predictive eviction, the gate) against the host rows without prediction
+                        default_host_vs_best_no_prediction=next((v for n, v in rows.items() if n in DEFAULT_HOST), math.nan) /
+                        max(v for n, v in rows.items() if "no prefetch" in n and "host compute" in n),
                         keep_switch_over_frequency=twin_on / rows[f"{HOST_TWIN}, keeps on frequency"]))
     return out
 
@@ -450,30 +472,33 @@ def render(r: dict, L: int, E: int) -> str:
     if r.get("targets"):
         lines += ["", "Ratios per cache (best ours / LRU no prefetch; prediction = best predictor row / the same planner "
                   "with no predictor, host compute on and off; worst predictor row / its no-predictor twin; default "
-                  "config / best no-prediction config without host compute; with host compute and no predictor, "
-                  "the measured keep rule / keeps on frequency):", "",
-                  "| cache | best ours / LRU | prediction, host on | prediction, host off | worst row / twin | default / best no-prediction | keep switch / frequency keeps |",
-                  "|---|---|---|---|---|---|---|"]
+                  "config / best no-prediction config, without host compute and with it (--host-compute on, every "
+                  "other option at its default); with host compute and no predictor, the measured keep rule / keeps "
+                  "on frequency):", "",
+                  "| cache | best ours / LRU | prediction, host on | prediction, host off | worst row / twin | default / best no-prediction | the same, host compute on | keep switch / frequency keeps |",
+                  "|---|---|---|---|---|---|---|---|"]
         for t in r["targets"]:
-            keep = t.get("keep_switch_over_frequency")
+            keep, host = t.get("keep_switch_over_frequency"), t.get("default_host_vs_best_no_prediction")
             lines.append(f"| {t['cache']:.0%} | {t['best_over_lru']:.2f} | {t['prediction_host_on']:.2f} | "
                          f"{t['prediction_host_off']:.2f} | {t['worst_predictor_vs_twin']:.2f} ({t['worst_row']}) | "
-                         f"{t['default_vs_best_no_prediction']:.2f} | {'-' if keep is None else f'{keep:.2f}'} |")
+                         f"{t['default_vs_best_no_prediction']:.2f} | {'-' if host is None else f'{host:.2f}'} | "
+                         f"{'-' if keep is None else f'{keep:.2f}'} |")
     if r["sim_check"]:
         ov = r.get("sim_overheads", {})
         lines += ["", "Simulator vs measurement (same routing, cache and policy, through the same planner; compute "
                   "costs measured on this CPU with every expert resident, link time per expert as the engine measured "
-                  "it in the row's run, the predictor's time per predicted layer as the row's run measured it; the "
+                  "it in the row's run, the predictor's time per predicted layer and the prefetcher's per other layer "
+                  "as the row's run measured them; the "
                   f"CPU backend's fixed costs fitted once, {ov.get('copy_s', 0) * 1e3:.3f} ms per copy on the LRU row "
                   f"and {ov.get('host_job_s', 0) * 1e3:.3f} ms per host job on the host-compute row without prediction, "
                   "and held for every other row):", "",
-                  "| policy | cache | measured tok/s | simulated tok/s | error | link ms/expert (nominal) | predict ms/layer |",
-                  "|---|---|---|---|---|---|---|"]
+                  "| policy | cache | measured tok/s | simulated tok/s | error | link ms/expert (nominal) | predict ms/layer | prefetcher ms/other layer |",
+                  "|---|---|---|---|---|---|---|---|"]
         for c in r["sim_check"]:
             note = f" (fits {c['fitted']})" if c.get("fitted") else ""
             lines.append(f"| {c['policy']}{note} | {c['cache']:.0%} | {c['measured']:.1f} | {c['simulated']:.1f} | "
                          f"{c['error']:+.1%} | {c['link_ms']:.2f} ({c['nominal_link_ms']:.2f}) | "
-                         f"{c.get('predict_ms', 0.0):.3f} |")
+                         f"{c.get('predict_ms', 0.0):.3f} | {c.get('prefetch_layer_ms', 0.0):.3f} |")
     return "\n".join(lines) + "\n"
 
 

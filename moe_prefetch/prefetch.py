@@ -106,6 +106,7 @@ class Prefetcher:
             self.stats.predict_seconds += spent
             spent += self._spent.pop(layer, 0.0)
             if self.stats.predicted_layers > predicted:  # the planner weighs this against what prefetching saves
+                self.stats.predicted_seconds += spent
                 self.offloader.planner.observe_predict_cost(spent)
 
     def _device_scores(self, layer: int) -> torch.Tensor | None:

@@ -52,10 +52,12 @@ class CostModel:
     host_s: float | None = None  # one expert for one token on the host (None: no host profile)
     # fixed costs the compute thread pays (the CPU backend's: Python, thread hand-offs; on a GPU a few
     # microseconds): per copy started (demand or prefetch), per expert sent to the host, per layer on
-    # which the predictor runs (its compute and the planning of its prefetches)
+    # which the predictor runs (its compute and the planning of its prefetches), and per layer on which
+    # a configured predictor does not run (the prefetcher's calibration and bookkeeping)
     copy_s: float = 0.0
     host_job_s: float = 0.0
     predict_s: float = 0.0
+    prefetch_layer_s: float = 0.0
 
     @classmethod
     def for_gpu(cls, hw: dict, shape: dict, dtype: str, trace_layers: int, host: dict | None = None) -> "CostModel":
@@ -347,13 +349,17 @@ def simulate(trace: Trace, cost: CostModel, slots: int, policy: Policy, priority
                             offered.append(((i + d) % L, d, sc))
                             if g + d < N * L:  # a layer past the trace's end never runs
                                 pending[g + d].append((d, sc))
+                        ran = False
                         if offered:
                             skipped = planner.counters.prediction_skipped
                             sent = planner.plan_prefetch(now, i, offered, {(i, e) for e in needed})
-                            if planner.counters.prediction_skipped == skipped:  # the predictor ran
+                            ran = planner.counters.prediction_skipped == skipped  # the predictor ran
+                            if ran:
                                 now += cost.predict_s
                                 planner.observe_predict_cost(cost.predict_s)
                             now += cost.copy_s * len(sent)
+                        if not ran:
+                            now += cost.prefetch_layer_s
                 # the device computes its experts as their bytes land (landed ones first, as the
                 # runtime does), while the host computes its own
                 device_end = now
