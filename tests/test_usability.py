@@ -324,6 +324,19 @@ def test_throughput_bench_with_one_cache_and_its_model_named(tmp_path):
     for row in report["results"]:
         rounds = row["tokens_per_s_rounds"]
         assert len(rounds) == 2 and row["tokens_per_s"] == min(rounds), row["policy"]
+    # the default with --host-compute on against the best host-compute row without prediction
+    assert report["targets"][0]["default_host_vs_best_no_prediction"] > 0
+    assert all("prefetch_layer_ms" in c for c in report["sim_check"])
+    # --replot rewrites the report from the JSON (the ratios recomputed), without running anything
+    md = tmp_path / "out" / "throughput.md"
+    md.write_text("stale")
+    report["targets"] = []
+    (tmp_path / "out" / "throughput.json").write_text(json.dumps(report))
+    r = subprocess.run([sys.executable, str(ROOT / "bench" / "throughput.py"), "--replot",
+                        str(tmp_path / "out" / "throughput.json")], capture_output=True, text=True, env=env, timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert "the same, host compute on" in md.read_text() and str(small) in md.read_text().splitlines()[0]
+    assert json.loads((tmp_path / "out" / "throughput.json").read_text())["targets"][0]["cache"] == 1.0
 
 
 def test_throughput_bench_on_a_family_with_a_dense_layer_and_a_shared_expert(tmp_path):
@@ -379,7 +392,8 @@ def test_planner_cost_bench_runs_and_refuses_an_unknown_shape(tmp_path):
                         "--out", str(tmp_path)], capture_output=True, text=True, env=env, timeout=300)
     assert r.returncode == 0, r.stderr[-2000:]
     rows = json.loads((tmp_path / "planner_cost.json").read_text())["rows"]
-    assert [row["policy"].split(",")[0] for row in rows] == ["LRU", "LFU", "default: next-gate K=2", "history K=L=16"]
+    assert [row["policy"].split(",")[0] for row in rows] == ["LRU", "LFU", "predictive eviction", "default: next-gate K=2",
+                                                             "history K=L=16"]
     assert all(row["slots"] == 16 * 64 // 2 and row["fast_ms"] > 0 and row["scan_ms"] > 0 for row in rows)
 
 
