@@ -101,12 +101,14 @@ def run_policy(model_name, seqs, **kw) -> dict:
                 prefetch_wasted=st["prefetch_wasted"], seconds=seconds, steps=steps,
                 predict_s=st["predicted_seconds"] / st["predicted_layers"] if st["predicted_layers"] else 0.0,
                 prefetch_layer_s=others / (layers - st["predicted_layers"]) if layers > st["predicted_layers"] else 0.0,
+                plan_s=st["plan_seconds"] / layers,
                 predicted_layers=st["predicted_layers"])
 
 
-def measure_costs(model_name, seqs, top_k, **kw) -> tuple[float, float, float]:
-    """attn_s, expert_s, tail_s of the CPU runtime with every expert resident (no transfers),
-    from forward hooks on the decoder layers and MoE blocks; `kw` sets the predictor in use."""
+def measure_costs(model_name, seqs, top_k, **kw) -> tuple[float, float, float, float]:
+    """attn_s, expert_s, tail_s of the CPU runtime with every expert resident (no transfers), from
+    forward hooks on the decoder layers and MoE blocks, and the planner's time per layer of hits in them;
+    `kw` sets the predictor and eviction in use."""
     model, _ = load(model_name, **kw)
     rt = model.moe_runtime
     a = rt.adapter
@@ -129,7 +131,9 @@ def measure_costs(model_name, seqs, top_k, **kw) -> tuple[float, float, float]:
             handles += [mod.register_forward_pre_hook(pre), mod.register_forward_hook(post)]
     teacher_forced(model, seqs[:1])  # warm-up: brings every used expert in
     spans.update(layer=0.0, moe=0.0)
+    mp.reset_stats(model)
     seconds, steps = teacher_forced(model, seqs)
+    plan = mp.stats(model)["plan_seconds"] / ((steps + len(seqs)) * len(layers))
     n_layers = len(layers)
     first_tokens = len(seqs)  # hooks also timed the untimed first token of each sequence
     calls = (steps + first_tokens) * n_layers
@@ -137,7 +141,7 @@ def measure_costs(model_name, seqs, top_k, **kw) -> tuple[float, float, float]:
     expert = spans["moe"] / calls / top_k
     tail = max(0.0, seconds / steps - n_layers * spans["layer"] / calls)
     model.moe_runtime.close()
-    return attn, expert, tail
+    return attn, expert, tail, plan
 
 
 def experts_modules(model) -> list[torch.nn.Module]:
@@ -237,7 +241,7 @@ def main(argv=None) -> int:
     seqs = sequences(tok, Path(args.data), args.sequences, args.seq_len)
     hw, shape, dtype = args.profile.split(":")
     ratio = args.ratio or gpu_ratio(hw, shape, dtype)
-    attn0, expert0, tail0 = measure_costs(args.model, seqs, k, predictor="none", expert_cache=L * E)
+    attn0, expert0, tail0, _ = measure_costs(args.model, seqs, k, predictor="none", expert_cache=L * E)
     layer_s = attn0 + k * expert0
     link_bw = expert_bytes / (ratio * layer_s)  # the emulated GPU link, from the full-precision experts
     if args.expert_dtype != "auto":
@@ -363,13 +367,13 @@ def main(argv=None) -> int:
         def sim_row(name, pol, kw, overheads):
             if name not in measured_costs:
                 measured_costs[name] = measure_costs(args.model, seqs, k, expert_cache=L * E, **kw)
-            attn, expert, tail = measured_costs[name]
+            attn, expert, tail, resident_plan = measured_costs[name]
             row = next(r for r in results if r["policy"] == name and abs(r["cache"] - slots / (L * E)) < 1e-9)
             # the link time per expert as the engine measured it in that run (throttle plus copy)
             cost = CostModel(attn, expert, row["link_s"] or expert_bytes / link_bw, expert_bytes, tail,
                              host_s=(row.get("host_s") or expert_bytes / host_bw) if row["host_compute"] else None,
                              predict_s=row.get("predict_s", 0.0), prefetch_layer_s=row.get("prefetch_layer_s", 0.0),
-                             **overheads)
+                             plan_s=max(0.0, row.get("plan_s", 0.0) - resident_plan), **overheads)
             return row, cost, simulate(sim_trace, cost, slots, pol)
 
         for name, pol, kw in check_set:  # fit in check_set order: LRU's copy cost first, then the host's
@@ -393,6 +397,7 @@ def main(argv=None) -> int:
             checks.append(dict(policy=name, cache=slots / (L * E), measured=meas, simulated=sim, error=sim / meas - 1,
                                link_ms=cost.transfer_s * 1e3, nominal_link_ms=expert_bytes / link_bw * 1e3,
                                predict_ms=cost.predict_s * 1e3, prefetch_layer_ms=cost.prefetch_layer_s * 1e3,
+                               plan_ms=cost.plan_s * 1e3,
                                fitted=calibrate_on.get(name)))
 
     for r in results:
@@ -488,17 +493,19 @@ def render(r: dict, L: int, E: int) -> str:
         lines += ["", "Simulator vs measurement (same routing, cache and policy, through the same planner; compute "
                   "costs measured on this CPU with every expert resident, link time per expert as the engine measured "
                   "it in the row's run, the predictor's time per predicted layer and the prefetcher's per other layer "
-                  "as the row's run measured them; the "
+                  "as the row's run measured them, and the planner's time per layer beyond a layer of hits' (the row's "
+                  "run against its resident run); the "
                   f"CPU backend's fixed costs fitted once, {ov.get('copy_s', 0) * 1e3:.3f} ms per copy on the LRU row "
                   f"and {ov.get('host_job_s', 0) * 1e3:.3f} ms per host job on the host-compute row without prediction, "
                   "and held for every other row):", "",
-                  "| policy | cache | measured tok/s | simulated tok/s | error | link ms/expert (nominal) | predict ms/layer | prefetcher ms/other layer |",
-                  "|---|---|---|---|---|---|---|---|"]
+                  "| policy | cache | measured tok/s | simulated tok/s | error | link ms/expert (nominal) | predict ms/layer | prefetcher ms/other layer | planner ms/layer |",
+                  "|---|---|---|---|---|---|---|---|---|"]
         for c in r["sim_check"]:
             note = f" (fits {c['fitted']})" if c.get("fitted") else ""
             lines.append(f"| {c['policy']}{note} | {c['cache']:.0%} | {c['measured']:.1f} | {c['simulated']:.1f} | "
                          f"{c['error']:+.1%} | {c['link_ms']:.2f} ({c['nominal_link_ms']:.2f}) | "
-                         f"{c.get('predict_ms', 0.0):.3f} | {c.get('prefetch_layer_ms', 0.0):.3f} |")
+                         + " | ".join("-" if c.get(f) is None else f"{c[f]:.3f}"  # '-': not measured by that run's version
+                                      for f in ("predict_ms", "prefetch_layer_ms", "plan_ms")) + " |")
     return "\n".join(lines) + "\n"
 
 

@@ -60,6 +60,7 @@ class ExpertOffloader:
         now = self.clock()
         self._track_layer_time(now)
         actions = self.planner.plan_layer(now, layer, experts, rows, in_order)
+        self.stats.plan_seconds += self.clock() - now
         if not actions:
             raise RuntimeError(f"expert cache of {self.n_slots} slots could not grant any expert of layer {layer}")
         for a in actions:

@@ -58,6 +58,9 @@ class CostModel:
     host_job_s: float = 0.0
     predict_s: float = 0.0
     prefetch_layer_s: float = 0.0
+    # per MoE layer: the planner's own host time beyond what planning a layer of hits takes (which the
+    # compute timings hold): what an eviction policy's victim search and bookkeeping cost per layer
+    plan_s: float = 0.0
 
     @classmethod
     def for_gpu(cls, hw: dict, shape: dict, dtype: str, trace_layers: int, host: dict | None = None) -> "CostModel":
@@ -324,7 +327,7 @@ def simulate(trace: Trace, cost: CostModel, slots: int, policy: Policy, priority
     for t in range(N):
         for i in range(L):
             g = t * L + i
-            now += cost.attn_s
+            now += cost.attn_s + cost.plan_s
             if belady is not None:
                 belady.position = g
             needed = sorted(set(routing[t, i].tolist()))

@@ -26,6 +26,7 @@ class RunStats:
     predicted_layers: int = 0      # layers where the predictor ran
     predict_seconds: float = 0.0   # host time spent predicting and planning prefetches on them
     predicted_seconds: float = 0.0  # the share of it on the layers where the predictor ran (what the planner weighs)
+    plan_seconds: float = 0.0      # host time the planner took deciding the executing layers' actions
     # per distance d: [correct, predicted, actual] expert counts over decode steps
     prediction: dict = field(default_factory=dict)
 
