@@ -685,8 +685,7 @@ class Planner:
         self._good = 0.0
         # adaptive: predict only while it measurably speeds decode up (PredictionSwitch); ungated: the
         # peers' behaviour, always predicting
-        self.adaptive = gate and adaptive
-        self.switch = PredictionSwitch() if self.adaptive else None
+        self.switch = PredictionSwitch() if gate and adaptive else None
         # with host compute and predictive eviction: keeps judged with recency only while that measurably
         # speeds decode up (KeepSwitch), unless keep_recency fixes the rule; other policies have no recency
         self._keep_recency = keep_recency
@@ -741,15 +740,15 @@ class Planner:
             if key in self.cache:
                 self.cache.touch(key)
                 self.cache.pin(key)
+                landed = self.link.landed(key, now)
                 if key in self.prefetched:
                     self.prefetched.discard(key)
                     self.counters.prefetch_used += 1
-                    landed = self.link.landed(key, now)
                     self._outcome(key, 1.0 if landed else (0.0 if self.host_compute else 0.5))
-                elif key in self._reused and self.link.landed(key, now):
+                elif landed and key in self._reused:
                     miss_cost, saturation = self._miss_cost_and_saturation()
                     self._predicted_value += miss_cost * saturation  # on an idle link a keep would have brought it in
-                if self.link.landed(key, now):
+                if landed:
                     self.counters.hits += 1
                     actions.append(Action("hit", key, self.cache.lookup(key), rows=n))
                     continue
@@ -928,7 +927,7 @@ class Planner:
             return True
         if self.switch is not None and not self.switch.arm:
             return False  # an epoch without prediction (measured, or the faster arm lately)
-        if self.prediction_yield < self.MIN_YIELD or (self.adaptive and not self.prediction_pays()):
+        if self.prediction_yield < self.MIN_YIELD or (self.switch is not None and not self.prediction_pays()):
             self._skipped_in_a_row += 1
             if self._skipped_in_a_row < self.PROBE_EVERY:
                 return False
