@@ -207,7 +207,13 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
     if args.replot:
         path = Path(args.replot)
-        r = json.loads(path.read_text())
+        if not path.is_file():
+            p.error(f"--replot {path} does not exist (a throughput JSON this bench wrote)")
+        try:
+            r = json.loads(path.read_text())
+            r["results"]
+        except (ValueError, KeyError, TypeError):
+            p.error(f"--replot {path} is not a throughput JSON this bench wrote")
         if "layers" not in r:  # written before the report kept the model's shape
             probe, _ = load(r.get("model", "demo"), predictor="none")
             r.update(layers=len(probe.moe_runtime.adapter.moe_layers()), experts=probe.moe_runtime.adapter.num_experts)

@@ -339,6 +339,15 @@ def test_throughput_bench_with_one_cache_and_its_model_named(tmp_path):
     assert json.loads((tmp_path / "out" / "throughput.json").read_text())["targets"][0]["cache"] == 1.0
 
 
+
+def test_throughput_replot_of_a_missing_or_foreign_file_is_one_line(tmp_path):
+    env = dict(os.environ, HF_HUB_OFFLINE="1", PYTHONPATH=str(ROOT))
+    (tmp_path / "other.json").write_text('{"a": 1}')
+    for path, says in ((tmp_path / "none.json", "does not exist"), (tmp_path / "other.json", "is not a throughput JSON")):
+        r = subprocess.run([sys.executable, str(ROOT / "bench" / "throughput.py"), "--replot", str(path)],
+                           capture_output=True, text=True, env=env, timeout=120)
+        assert r.returncode == 2 and says in r.stderr and len(r.stderr.splitlines()) == 1, r.stderr
+
 def test_throughput_bench_on_a_family_with_a_dense_layer_and_a_shared_expert(tmp_path):
     """Held-out models are not all Mixtral: Qwen2-MoE has a dense layer 0 (no experts module) and a shared
     expert beside the routed ones; every row runs, and the accelerate peer offloads the experts modules only."""
