@@ -152,13 +152,22 @@ class Calibration:
         cells, w, k, bins = self.cells, self.w, self.top_k, self.BINS
         for e, score in scores.items():
             b = int(score * bins)
-            b = 0 if b < 0 else (bins - 1 if b >= bins else b)
+            if b < 0:
+                b = 0
+            elif b >= bins:
+                b = bins - 1
             cell = cells.get((d, b))
             if cell is None:
                 cell = cells[d, b] = [0.0, 0.0, 0.0]
-            cell[2] += (cell[0] + w * min(1.0, max(0.0, k * score))) / (cell[1] + w)
+            prior = k * score  # prior(), clamped to [0, 1] without two builtin calls per score
+            if prior > 1.0:
+                prior = 1.0
+            elif prior < 0.0:
+                prior = 0.0
+            cell[2] += (cell[0] + w * prior) / (cell[1] + w)
             cell[1] += 1
-            cell[0] += float(e in used)
+            if e in used:
+                cell[0] += 1.0
 
     def report(self) -> dict[str, dict]:
         """Per distance: predictions seen, mean calibrated P, observed use rate, expected calibration error."""
@@ -401,6 +410,15 @@ class PredictivePolicy(LRUPolicy):
             self._predicted_of[key[0]].add(key)
         else:
             self._predicted_of[key[0]].discard(key)
+
+    def drop_predictions(self, layer) -> None:
+        """`layer` runs now: its predictions are consumed (its own keys only, not a pass over every
+        prediction: a whole token ahead those are thousands)."""
+        keys = self._predicted_of.pop(layer, None)
+        if keys:
+            for key in keys:
+                dict.__delitem__(self.predicted, key)  # _changed()'s bookkeeping, done here for the layer at once
+            self._unpick(layer)
 
     def _push(self, key) -> None:
         """`key`'s uses, stamp or group changed: its heap entry is renewed when its layer's heaps are next
@@ -711,9 +729,7 @@ class Planner:
         every slot this layer holds stays pinned until release(). in_order: grant a prefix only."""
         if isinstance(self.policy, PredictivePolicy):
             self.policy.position = self.positions[layer]
-            predicted = self.policy.predicted  # its predictions are consumed now (a few keys: no pass over E)
-            for key in [key for key in predicted if key[0] == layer]:
-                del predicted[key]
+            self.policy.drop_predictions(layer)  # consumed now
         rows = rows or {}
         if layer != self._layer_seen:  # a new layer (not another round of the same one)
             if isinstance(self.policy, PredictivePolicy):
