@@ -37,6 +37,9 @@ class ExpertOffloader:
         self.pool = torch.empty(n_slots, store.numel, dtype=store.dtype, device=device)  # [slots, numel]
         self._views = [store.layout.views(self.pool[s]) for s in range(n_slots)]
         self._tickets: dict[tuple[int, int], Ticket] = {}
+        # the same tickets less those seen done (a done ticket stays done): copies_in_flight() asks only these,
+        # not every ticket of an expert brought in and not used yet (on CUDA each ask is an event query)
+        self._outstanding: dict[tuple[int, int], Ticket] = {}
         self._prefetched: set[tuple[int, int]] = set()  # brought in by prefetch, not yet used
         self._slot_free: list = [None] * n_slots  # CUDA events: compute stream done with the slot
         self._slot_copy: list[Ticket | None] = [None] * n_slots  # the latest copy into each slot
@@ -87,7 +90,7 @@ class ExpertOffloader:
         if ticket is not None and not ticket.done():
             self.stats.prefetch_late += 1
             if self.engine.cancel(ticket):  # still queued: move it to the demand queue
-                self._tickets[key] = self.engine.submit(replace(ticket.job, demand=True))
+                self._tickets[key] = self._outstanding[key] = self.engine.submit(replace(ticket.job, demand=True))
                 self._slot_copy[self.cache.lookup(key)] = self._tickets[key]
 
     def landed(self, layer: int, expert: int) -> bool:
@@ -108,11 +111,13 @@ class ExpertOffloader:
                 self.stats.stall_seconds += self.engine.wait(ticket)
             except TransferError:
                 self._tickets.pop(key, None)
+                self._outstanding.pop(key, None)
                 self.planner.remove(key)
                 raise
             # forget the ticket only once the copy has landed: an interrupted wait keeps it, so the
             # next use of this expert still waits instead of reading a half-written slot
             self._tickets.pop(key, None)
+            self._outstanding.pop(key, None)
         return self._views[self.cache.lookup(key)]
 
     def release(self, actions: list[Action]) -> None:
@@ -136,12 +141,16 @@ class ExpertOffloader:
 
     def copies_in_flight(self) -> int:
         """Copies (demand and prefetch) submitted and not yet landed, as the engine reports them."""
-        return sum(1 for t in self._tickets.values() if not t.done())
+        outstanding = self._outstanding
+        for key in [key for key, t in outstanding.items() if t.done()]:
+            del outstanding[key]
+        return len(outstanding)
 
     def _evicted(self, key) -> None:
         if key is None:
             return
         ticket = self._tickets.pop(key, None)
+        self._outstanding.pop(key, None)
         # A copy still queued for the evicted expert is withdrawn (it would overwrite the slot's new
         # occupant); one already running finishes first (the engines order copies into one slot).
         cancelled = ticket is not None and self.engine.cancel(ticket)
@@ -178,7 +187,7 @@ class ExpertOffloader:
         job = CopyJob(dst=self.pool[slot], pieces=self.store.pieces(*key), nbytes=self.store.expert_nbytes,
                       label=f"expert {key[1]} of layer {key[0]}", after=self._slot_free[slot], demand=demand,
                       follows=prev if (prev := self._slot_copy[slot]) is not None and not prev.done() else None)
-        self._tickets[key] = self._slot_copy[slot] = self.engine.submit(job)
+        self._tickets[key] = self._outstanding[key] = self._slot_copy[slot] = self.engine.submit(job)
         self.stats.bytes_to_device += job.nbytes
 
     def resident(self) -> list[tuple[int, int]]:
@@ -189,3 +198,4 @@ class ExpertOffloader:
         if self.host is not None:
             self.host.close()
         self._tickets.clear()
+        self._outstanding.clear()

@@ -960,6 +960,12 @@ class Planner:
         there); the budget holds against the larger of the two. asked: the caller already had
         worth_predicting() say yes for this layer (the runtime asks before computing predictions); else
         it is asked here, so the simulator drops the predictions the runtime would not have made."""
+        # evidence fades slowly even when nothing is issued, so a closed gate reopens now and then and
+        # re-tests the regime (the cache, the link and the predictor's accuracy all change over a run)
+        self._expected *= 0.999
+        self._good *= 0.999
+        if not predictions:
+            return []  # a layer without predictions (most layers, where predicting does not pay): ageing only
         in_flight = 0 if in_flight is None else in_flight
         c = self.costs
         layer_time = self.layer_period()
@@ -967,11 +973,7 @@ class Planner:
         miss_cost, saturation = self._miss_cost_and_saturation()
         actions = []
         predictive = isinstance(self.policy, PredictivePolicy)
-        # evidence fades slowly even when nothing is issued, so a closed gate reopens now and then and
-        # re-tests the regime (the cache, the link and the predictor's accuracy all change over a run)
-        self._expected *= 0.999
-        self._good *= 0.999
-        if predictions and not asked and not self.worth_predicting(now, in_flight):
+        if not asked and not self.worth_predicting(now, in_flight):
             self.counters.prediction_skipped += 1
             return []
         realised = self.realised()
@@ -1029,10 +1031,9 @@ class Planner:
                 in_flight += 1
                 protected.add(key)
                 actions.append(Action("prefetch", key, slot, evicted))
-        if predictions:
-            self.prediction_yield = 0.9 * self.prediction_yield + 0.1 * (self.counters.prefetch_issued - issued_before)
-            self._predicted = 0.98 * self._predicted + 1.0
-            self._predicted_value *= 0.98
+        self.prediction_yield = 0.9 * self.prediction_yield + 0.1 * (self.counters.prefetch_issued - issued_before)
+        self._predicted = 0.98 * self._predicted + 1.0
+        self._predicted_value *= 0.98
         return actions
 
     def _victim(self, protected: set[Key]):

@@ -187,6 +187,29 @@ def test_prefetch_budget_caps_bytes_in_flight(ckpt, monkeypatch):
     assert seen and max(seen) <= 2
 
 
+def test_copies_in_flight_counts_every_unlanded_ticket(ckpt, monkeypatch):
+    """copies_in_flight() asks only the tickets not yet seen done; it must still count every ticket not
+    done, through prefetches, keeps, promotions to demand copies and evictions."""
+    model = load(ckpt, 6, predictor="next-gate", lookahead=2, prefetch_gate=False, link_bandwidth=2e6)
+    off = model.moe_runtime.offloader
+    orig, counts = off.copies_in_flight, []
+
+    def unlanded():
+        return sum(1 for t in off._tickets.values() if not t.done())
+
+    def checked():  # copies land meanwhile on the engine's thread (never the reverse): bounds, not equality
+        before = unlanded()
+        n = orig()
+        assert unlanded() <= n <= before
+        counts.append(n)
+        return n
+
+    monkeypatch.setattr(off, "copies_in_flight", checked)
+    generate(model)
+    model.moe_runtime.close()
+    assert counts and max(counts) > 0  # copies really were in flight when it was asked
+
+
 def test_prefetch_never_evicts_pinned_or_nearer(ckpt):
     model = load(ckpt, 4, predictor="none", prefetch_gate=False)
     off = model.moe_runtime.offloader

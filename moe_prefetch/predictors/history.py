@@ -64,11 +64,13 @@ class HistoryPredictor(Predictor):
         self.observe_rows(i, indices.reshape(-1, indices.shape[-1]).tolist())
 
     def observe_rows(self, i, rows):
+        counts, last = self.counts[i], self.last[i]  # [E] views: element writes, no index arrays (every layer)
         for row in rows:
             for e in row:
-                self.counts[i, e] += 1
-        self.last[i] = 0.0
-        self.last[i, rows[-1]] = 1.0
+                counts[e] += 1
+        last.fill(0.0)
+        for e in rows[-1]:
+            last[e] = 1.0
 
     def _scores(self, i, distances) -> np.ndarray:
         """[D, E] float32: the scores of layers i + d (past the last layer: the next token's), all at once."""
