@@ -243,4 +243,7 @@ class Evictable:
         return (k for k in self._cache._slot_of if k in self)
 
     def __bool__(self) -> bool:
+        c = self._cache
+        if len(c._slot_of) > len(c._pins) + len(self._protected):
+            return True  # more resident experts than pinned and protected ones together: one is neither
         return any(True for _ in self)

@@ -24,6 +24,7 @@ import heapq
 import math
 from collections import Counter, defaultdict
 from dataclasses import dataclass
+from typing import NamedTuple
 
 from .cache import CacheFullError, EvictionPolicy, ExpertCache, LFUPolicy, LRUPolicy, make_policy
 from .switch import KeepSwitch, PredictionSwitch
@@ -344,63 +345,67 @@ class PredictivePolicy(LRUPolicy):
 
     def start_run(self, layer, experts) -> None:
         """A run of `layer` starts and will use `experts` (ids): add what it uses to each recency bucket's
-        fit, then move those experts to the newest group."""
-        self._unpick(layer)
-        r = self._runs[layer]
+        fit, then move those experts to the newest group. (Every layer runs it: lookups hoisted.)"""
+        self._picks.pop(layer, None)
+        self._unpicked.add(layer)
+        runs, uses, last_of, fits = self._runs, self.uses, self._last, self._fit
+        r = runs[layer]
         self._lines.pop(layer, None)  # every bucket of the layer gets new observations: re-solved when asked
-        t1 = self.layer_uses[layer] / self.top_k + 1.0
+        layer_uses, ever = self.layer_uses[layer], self._ever[layer]
+        t1 = layer_uses / self.top_k + 1.0
         recent = self._recent[layer]
         keys = {(layer, e) for e in experts}
         n_recent = u_recent = 0
         q_recent = 0.0
         for run, members in recent.items():  # the recent buckets, expert by expert (a few)
-            fit = self._fit[layer, r - run]
+            fit = fits[layer, r - run]
             for key in members:
-                u = self.uses[key] + 0.5
-                f, y = u / t1, key in keys
+                u = uses[key] + 0.5
+                f = u / t1
                 fit[0] += 1
                 fit[1] += f
                 fit[2] += f * f
-                fit[3] += y
-                fit[4] += f * y
+                if key in keys:
+                    fit[3] += 1
+                    fit[4] += f
                 u_recent += u
                 q_recent += u * u
             n_recent += len(members)
         # the older experts and the never used, from their layer's totals (no pass over the experts)
-        n_old = self._ever[layer] - n_recent
-        fit = self._fit[layer, self.OLD]
-        fit[0] += n_old
-        fit[1] += (self.layer_uses[layer] + 0.5 * self._ever[layer] - u_recent) / t1
+        fit = fits[layer, self.OLD]
+        fit[0] += ever - n_recent
+        fit[1] += (layer_uses + 0.5 * ever - u_recent) / t1
         fit[2] += (self._sq[layer] - q_recent) / (t1 * t1)
-        never = self._fit[layer, self.NEVER]
-        if self.num_experts is not None:
-            n_never = self.num_experts - self._ever[layer]
+        never = fits[layer, self.NEVER]
+        counted_never = self.num_experts is not None
+        if counted_never:
+            n_never = self.num_experts - ever
             never[0] += n_never
             never[1] += 0.5 * n_never / t1
             never[2] += 0.25 * n_never / (t1 * t1)
+        gaps = self.GAPS
         for key in keys:
-            group = self._group(key)
-            if group == self.OLD or (group == self.NEVER and self.num_experts is not None):
-                f = (self.uses[key] + 0.5) / t1
-                target = fit if group == self.OLD else never
-                target[3] += 1
-                target[4] += f
-            last = self._last.get(key)
-            if last is None:
+            last = last_of.get(key)
+            if last is None:  # never used: counted where the layer's experts are known
+                if counted_never:
+                    never[3] += 1
+                    never[4] += (uses[key] + 0.5) / t1
                 self._ever[layer] += 1
-                self._sq[layer] += (self.uses[key] + 0.5) ** 2
+                self._sq[layer] += (uses[key] + 0.5) ** 2
+            elif r - last >= gaps:  # the OLD group
+                fit[3] += 1
+                fit[4] += (uses[key] + 0.5) / t1
             elif last in recent:
                 recent[last].discard(key)
-            self._last[key] = r
+            last_of[key] = r
         recent[r] = keys
-        self._runs[layer] = r + 1
-        aged = recent.pop(r + 1 - self.GAPS, None)  # now GAPS runs ago: that group joins OLD
-        heaps = self._heaps[layer]
+        runs[layer] = r + 1
+        aged = recent.pop(r + 1 - gaps, None)  # now GAPS runs ago: that group joins OLD
         if aged is not None:
-            heaps.pop(r + 1 - self.GAPS, None)
-        for key in (aged or set()) | keys:
-            if key in self._stamp:
-                self._push(key)
+            self._heaps[layer].pop(r + 1 - gaps, None)
+            keys = aged | keys
+        stamps = self._stamp
+        self._dirty[layer].update([key for key in keys if key in stamps])  # their heap entries, renewed lazily
 
     # ---- eviction state ----------------------------------------------------------------------
     def _changed(self, key) -> None:
@@ -490,61 +495,61 @@ class PredictivePolicy(LRUPolicy):
         p = self.use_probability(key)
         return dist + self.n * (1.0 - p) / p
 
-    def _group_best(self, group, heap, candidates):
-        """The group's key without a prediction and with the fewest uses (the oldest of those), among
-        `candidates` (None: any resident key)."""
-        stamps, uses, predicted = self._stamp, self.uses, self.predicted
-        aside, found = [], None
-        while heap:
-            u, stamp, key = heap[0]
-            if stamps.get(key) != stamp or uses[key] != u or self._group(key) != group:
-                heapq.heappop(heap)  # stale: used, touched, moved or evicted since
-            elif key in predicted or (candidates is not None and key not in candidates):
-                aside.append(heapq.heappop(heap))
-            else:
-                found = key
-                break
-        for entry in aside:
-            heapq.heappush(heap, entry)
-        return found
-
     def _layer_best(self, layer, candidates):
         """(h, stamp, key) of the layer's key expected to be needed last, among `candidates` (None: any
         resident key), h = L x (1 - p) / p its next use beyond its layer's distance, ties to the least
         recently used; None if there is none. Of the keys without a prediction, per recency group only
         the one with the fewest uses can be it (a group shares its line, whose slope is positive), unless
-        P clamps, where every key of the group ties with it; the keys with a prediction are each looked at."""
+        P clamps, where every key of the group ties with it; the keys with a prediction are each looked at.
+        One function, its lookups hoisted: it runs for every layer a plan changed."""
         self._flush(layer)
+        n, stamps, uses, predicted = self.n, self._stamp, self.uses, self.predicted
+        last_of, run, gaps, old, never = self._last, self._runs[layer], self.GAPS, self.OLD, self.NEVER
+        t1 = self.layer_uses[layer] / self.top_k + 1.0
+        p_min, p_max = self.P_MIN, self.P_MAX
         best = None
-        n, stamps = self.n, self._stamp
-        for k, p in self._layer_picks(layer, candidates):
-            h, s = n * (1.0 - p) / p, stamps[k]
-            if best is None or h > best[0] or (h == best[0] and s < best[1]):
-                best = (h, s, k)
-        return best
-
-    def _layer_picks(self, layer, candidates):
-        """(key, P) of the layer's keys that can be its best (_layer_best): each recency group's fewest-used
-        key without a prediction (all of a clamped group's), then every predicted key."""
         heaps = self._heaps[layer]
-        tokens = self.layer_uses[layer] / self.top_k
         for group, heap in list(heaps.items()):
-            key = self._group_best(group, heap, candidates)
+            # the group's key without a prediction and with the fewest uses (the oldest of those)
+            aside, key = [], None
+            while heap:
+                u, stamp, k = heap[0]
+                last = last_of.get(k)
+                if (stamps.get(k) != stamp or uses[k] != u
+                        or group != (never if last is None else (old if run - last >= gaps else last))):
+                    heapq.heappop(heap)  # stale: used, touched, moved or evicted since
+                elif k in predicted or (candidates is not None and k not in candidates):
+                    aside.append(heapq.heappop(heap))
+                else:
+                    key = k
+                    break
+            for entry in aside:
+                heapq.heappush(heap, entry)
             if key is None:
                 if not heap:
                     del heaps[group]
                 continue
-            a, slope = self._line((layer, self._bucket(layer, group)))
-            p = a + slope * ((self.uses[key] + 0.5) / (tokens + 1.0))
-            if self.P_MIN < p < self.P_MAX:
-                yield key, p
-            else:  # clamped: keys with more uses clamp to the same P and tie with it; the oldest of them goes
-                yield from [(k, self.use_probability(k)) for k in self._resident[layer]
-                            if self._group(k) == group and k not in self.predicted
-                            and (candidates is None or k in candidates)]
+            a, slope = self._line((layer, group if group in (old, never) else run - group))
+            p = a + slope * ((uses[key] + 0.5) / t1)
+            if p_min < p < p_max:
+                h, s = n * (1.0 - p) / p, stamps[key]
+                if best is None or h > best[0] or (h == best[0] and s < best[1]):
+                    best = (h, s, key)
+                continue
+            # clamped: keys with more uses clamp to the same P and tie with it; the oldest of them goes
+            for k in self._resident[layer]:
+                if self._group(k) == group and k not in predicted and (candidates is None or k in candidates):
+                    p = self.use_probability(k)
+                    h, s = n * (1.0 - p) / p, stamps[k]
+                    if best is None or h > best[0] or (h == best[0] and s < best[1]):
+                        best = (h, s, k)
         for k in self._predicted_of.get(layer, ()):
-            if k in self._stamp and (candidates is None or k in candidates):
-                yield k, self.use_probability(k)
+            if k in stamps and (candidates is None or k in candidates):
+                p = self.use_probability(k)
+                h, s = n * (1.0 - p) / p, stamps[k]
+                if best is None or h > best[0] or (h == best[0] and s < best[1]):
+                    best = (h, s, k)
+        return best
 
     TOL = 1e-6  # layers: a heap key's rounding (A + h in floats) is far below it
 
@@ -619,8 +624,9 @@ class PredictivePolicy(LRUPolicy):
 EVICTIONS = ("lru", "lfu", "predictive")
 
 
-@dataclass(frozen=True)
-class Action:
+class Action(NamedTuple):
+    """One decision (immutable; a named tuple, built in a few hundred ns: several per layer)."""
+
     kind: str            # hit | wait | copy | host | prefetch
     key: Key
     slot: int | None = None
