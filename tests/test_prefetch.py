@@ -141,8 +141,11 @@ def test_simulated_history_is_what_the_runtime_predictor_scores(ckpt):
 
 def test_oracle_removes_decode_misses(ckpt, trace):
     K, k = 2, 2
+    # the mechanism: every prediction becomes a prefetch. Ungated, as the gate prices each one with the
+    # measured layer and copy times, which a loaded test machine can distort into refusing one (seen once
+    # in CI: one miss); the gate's own decisions are tested in test_planner.py
     model = load(ckpt, (K + 1) * k + k, predictor="oracle", predictor_path=str(trace), lookahead=K,
-                 prefetch_budget="1GiB", adaptive_prediction=False)  # the mechanism: predicting on every layer
+                 prefetch_budget="1GiB", prefetch_gate=False)
     from transformers import DynamicCache
 
     cache = DynamicCache(config=model.config)
