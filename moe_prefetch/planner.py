@@ -243,7 +243,9 @@ class PredictivePolicy(LRUPolicy):
     one more heap, by when each would next be needed (its layer's next run, counted in positions
     advanced, plus h): a victim looks at layers latest first and stops at the first that cannot beat the
     best candidate found, so it costs a few layers, not a pass over all of them (32 to 48 on Mixtral,
-    DeepSeek or Qwen3 shapes). victim_ref() is the plain scan it must agree with, ties included."""
+    DeepSeek or Qwen3 shapes). A layer holding at most SCAN_MAX experts (any layer of an 8-expert model)
+    finds its best by a pass over them instead of its heaps: the same answer, for less there.
+    victim_ref() is the plain scan it must agree with, ties included."""
 
     name = "predictive"
     P_MIN, P_MAX = 1e-3, 1.0  # use_probability's clamp
@@ -501,7 +503,10 @@ class PredictivePolicy(LRUPolicy):
         recently used; None if there is none. Of the keys without a prediction, per recency group only
         the one with the fewest uses can be it (a group shares its line, whose slope is positive), unless
         P clamps, where every key of the group ties with it; the keys with a prediction are each looked at.
-        One function, its lookups hoisted: it runs for every layer a plan changed."""
+        One function, its lookups hoisted: it runs for every layer a plan changed. A layer holding at most
+        SCAN_MAX experts is scanned instead (_layer_scan, the same answer), which costs less there."""
+        if len(self._resident[layer]) <= self.SCAN_MAX:
+            return self._layer_scan(layer, candidates)
         self._flush(layer)
         n, stamps, uses, predicted = self.n, self._stamp, self.uses, self.predicted
         last_of, run, gaps, old, never = self._last, self._runs[layer], self.GAPS, self.OLD, self.NEVER
@@ -549,6 +554,37 @@ class PredictivePolicy(LRUPolicy):
                 h, s = n * (1.0 - p) / p, stamps[k]
                 if best is None or h > best[0] or (h == best[0] and s < best[1]):
                     best = (h, s, k)
+        return best
+
+    SCAN_MAX = 8  # resident experts of a layer up to which a plain scan finds its best faster than the heaps
+
+    def _layer_scan(self, layer, candidates):
+        """_layer_best() by a pass over the layer's resident keys, each one's P as use_probability() gives
+        it (its recency group's line at its frequency, blended with its prediction, clamped): the
+        definition the heaps shortcut, for a layer with few experts in the cache (8-expert models), where
+        a few multiplications per key cost less than keeping and walking a heap per recency group. Its
+        keys' heap entries are renewed when the heaps are next walked (_flush), so the two paths mix."""
+        n, stamps, uses, predicted = self.n, self._stamp, self.uses, self.predicted
+        last_of, run, gaps, old, never = self._last, self._runs[layer], self.GAPS, self.OLD, self.NEVER
+        t1 = self.layer_uses[layer] / self.top_k + 1.0
+        p_min, p_max = self.P_MIN, self.P_MAX
+        lines = {}
+        best = None
+        for k in self._resident[layer]:
+            if candidates is not None and k not in candidates:
+                continue
+            last = last_of.get(k)
+            group = never if last is None else (old if run - last >= gaps else last)
+            line = lines.get(group)
+            if line is None:
+                line = lines[group] = self._line((layer, group if group in (old, never) else run - group))
+            p = line[0] + line[1] * ((uses[k] + 0.5) / t1)
+            if k in predicted:
+                p = 0.5 * predicted[k] + 0.5 * p
+            p = min(p_max, max(p, p_min))
+            h, s = n * (1.0 - p) / p, stamps[k]
+            if best is None or h > best[0] or (h == best[0] and s < best[1]):
+                best = (h, s, k)
         return best
 
     TOL = 1e-6  # layers: a heap key's rounding (A + h in floats) is far below it

@@ -501,11 +501,14 @@ def test_planner_skips_prediction_in_off_epochs_and_never_switches_ungated():
     assert always.switch is None and always.worth_predicting(0.0)
 
 
-def test_predictive_policy_per_layer_heaps_agree_with_the_plain_scan():
-    """PredictivePolicy.victim (one heap per layer plus the predicted keys) picks what victim_ref (a pass
-    over every resident key) picks, ties and clamped probabilities included, as positions, uses,
-    predictions, pins and protected keys change."""
+@pytest.mark.parametrize("scan_max", [0, 4, 10_000], ids=["heaps", "mixed", "layer-scans"])
+def test_predictive_policy_per_layer_heaps_agree_with_the_plain_scan(scan_max, monkeypatch):
+    """PredictivePolicy.victim (one heap per layer plus the predicted keys, or a scan of a layer holding few
+    experts: SCAN_MAX) picks what victim_ref (a pass over every resident key) picks, ties and clamped
+    probabilities included, as positions, uses, predictions, pins and protected keys change."""
     import random
+
+    monkeypatch.setattr(PredictivePolicy, "SCAN_MAX", scan_max)
 
     from conftest import insert_checking_victim
 
