@@ -145,7 +145,7 @@ class ExpertCache:
         self.policy = policy or LRUPolicy()
         self._slot_of: dict[Key, int] = {}
         self._free = list(range(n_slots - 1, -1, -1))  # pop() hands out slot 0 first
-        self._pins: Counter[Key] = Counter()
+        self._pins: dict[Key, int] = {}  # key -> pins held (a plain dict: a Counter's misses and deletes are Python-level)
         self._per_layer: Counter = Counter()  # (layer, expert) keys: resident experts per layer
 
     def count(self, layer) -> int:
@@ -172,12 +172,14 @@ class ExpertCache:
 
     def pin(self, key: Key) -> None:
         assert key in self._slot_of, f"pin of non-resident expert {key}"
-        self._pins[key] += 1
+        self._pins[key] = self._pins.get(key, 0) + 1
 
     def unpin(self, key: Key) -> None:
-        assert self._pins[key] > 0, f"unpin of unpinned expert {key}"
-        self._pins[key] -= 1
-        if not self._pins[key]:
+        n = self._pins.get(key, 0)
+        assert n > 0, f"unpin of unpinned expert {key}"
+        if n > 1:
+            self._pins[key] = n - 1
+        else:
             del self._pins[key]
 
     def is_pinned(self, key: Key) -> bool:
