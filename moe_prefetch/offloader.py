@@ -90,8 +90,7 @@ class ExpertOffloader:
         if ticket is not None and not ticket.done():
             self.stats.prefetch_late += 1
             if self.engine.cancel(ticket):  # still queued: move it to the demand queue
-                self._tickets[key] = self._outstanding[key] = self.engine.submit(replace(ticket.job, demand=True))
-                self._slot_copy[self.cache.lookup(key)] = self._tickets[key]
+                self._slot_copy[self.cache.lookup(key)] = self._track(key, self.engine.submit(replace(ticket.job, demand=True)))
 
     def landed(self, layer: int, expert: int) -> bool:
         """The expert's bytes are in its slot (no copy outstanding); asks the engine, never waits."""
@@ -110,14 +109,12 @@ class ExpertOffloader:
             try:
                 self.stats.stall_seconds += self.engine.wait(ticket)
             except TransferError:
-                self._tickets.pop(key, None)
-                self._outstanding.pop(key, None)
+                self._drop_ticket(key)
                 self.planner.remove(key)
                 raise
             # forget the ticket only once the copy has landed: an interrupted wait keeps it, so the
             # next use of this expert still waits instead of reading a half-written slot
-            self._tickets.pop(key, None)
-            self._outstanding.pop(key, None)
+            self._drop_ticket(key)
         return self._views[self.cache.lookup(key)]
 
     def release(self, actions: list[Action]) -> None:
@@ -139,6 +136,16 @@ class ExpertOffloader:
             self._prefetched.add(a.key)
             self.stats.prefetch_issued += 1
 
+    def _track(self, key, ticket: Ticket) -> Ticket:
+        """`key`'s copy is now `ticket` (in both maps: every ticket kept, and those not seen done)."""
+        self._tickets[key] = self._outstanding[key] = ticket
+        return ticket
+
+    def _drop_ticket(self, key) -> Ticket | None:
+        """Forget `key`'s ticket in both maps; returns it (None if there was none)."""
+        self._outstanding.pop(key, None)
+        return self._tickets.pop(key, None)
+
     def copies_in_flight(self) -> int:
         """Copies (demand and prefetch) submitted and not yet landed, as the engine reports them."""
         outstanding = self._outstanding
@@ -149,8 +156,7 @@ class ExpertOffloader:
     def _evicted(self, key) -> None:
         if key is None:
             return
-        ticket = self._tickets.pop(key, None)
-        self._outstanding.pop(key, None)
+        ticket = self._drop_ticket(key)
         # A copy still queued for the evicted expert is withdrawn (it would overwrite the slot's new
         # occupant); one already running finishes first (the engines order copies into one slot).
         cancelled = ticket is not None and self.engine.cancel(ticket)
@@ -187,7 +193,7 @@ class ExpertOffloader:
         job = CopyJob(dst=self.pool[slot], pieces=self.store.pieces(*key), nbytes=self.store.expert_nbytes,
                       label=f"expert {key[1]} of layer {key[0]}", after=self._slot_free[slot], demand=demand,
                       follows=prev if (prev := self._slot_copy[slot]) is not None and not prev.done() else None)
-        self._tickets[key] = self._outstanding[key] = self._slot_copy[slot] = self.engine.submit(job)
+        self._slot_copy[slot] = self._track(key, self.engine.submit(job))
         self.stats.bytes_to_device += job.nbytes
 
     def resident(self) -> list[tuple[int, int]]:

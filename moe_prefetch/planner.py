@@ -348,8 +348,7 @@ class PredictivePolicy(LRUPolicy):
     def start_run(self, layer, experts) -> None:
         """A run of `layer` starts and will use `experts` (ids): add what it uses to each recency bucket's
         fit, then move those experts to the newest group. (Every layer runs it: lookups hoisted.)"""
-        self._picks.pop(layer, None)
-        self._unpicked.add(layer)
+        self._unpick(layer)
         runs, uses, last_of, fits = self._runs, self.uses, self._last, self._fit
         r = runs[layer]
         self._lines.pop(layer, None)  # every bucket of the layer gets new observations: re-solved when asked
