@@ -87,8 +87,7 @@ def run_policy(model_name, seqs, **kw) -> dict:
     seconds, steps = teacher_forced(model, seqs)
     st = mp.stats(model)
     eng = model.moe_runtime.offloader.engine
-    copies = eng.bytes_copied / model.moe_runtime.store.expert_nbytes
-    link_s = (eng.copy_seconds + eng.throttle_seconds) / copies if copies else 0.0  # what one copy really took
+    link_s = eng.seconds_per_copy() or 0.0  # what one copy really took on the (emulated) link
     layers = (steps + len(seqs)) * len(model.moe_runtime.adapter.moe_layers())  # MoE layer runs, first tokens included
     others = st["predict_seconds"] - st["predicted_seconds"]  # the prefetcher's time on layers it did not predict
     model.moe_runtime.close()

@@ -1,10 +1,13 @@
 """TransferEngine: moves expert bytes into device slots asynchronously.
 
-Two backends behind one interface, each using the native copies (moe_prefetch._native) when the
+Three backends behind one interface, each using the native copies (moe_prefetch._native) when the
 extension is loaded and their PyTorch twins otherwise; `engine.backend` names the choice:
   CPUThreadEngine   "cpu-thread/native|ref": one worker thread gathers an expert's pieces (memory-mapped
                     checkpoint pages) into its RAM slot with gather_copy; wait() blocks until that is done.
-                    Optionally throttled to an emulated host-to-device link (link_bandwidth, bytes/s).
+                    (It can also be throttled to a link_bandwidth, as it was before EmulatedLinkEngine.)
+  EmulatedLinkEngine "cpu-link/native|ref": the CPU backend with an emulated host-to-device link
+                    (link_bandwidth, bytes/s; what the benchmarks use): no thread; the bytes are gathered
+                    at submit() and the copy occupies a timeline of the link; wait() sleeps until it lands.
   CUDAStreamEngine  "cuda-stream/native|ref": a high-priority demand stream and a low-priority prefetch
                     stream, one event per expert; wait() makes the *compute stream* wait on that event (no
                     host synchronisation). Pinned demand copies are issued from submit(); prefetches and
@@ -20,6 +23,7 @@ close() joins every thread and fails the copies still queued; nothing hangs.
 """
 from __future__ import annotations
 
+import math
 import queue
 import threading
 import time
@@ -298,6 +302,156 @@ class CPUThreadEngine(TransferEngine):
             self._worker.stop()
 
 
+class _Landing:
+    """A ticket's completion on the emulated link: its bytes land at `end` (perf_counter seconds), which a
+    demand copy queued ahead of it may still push back while it has not started."""
+
+    __slots__ = ("start", "end", "nbytes")
+
+    def __init__(self, nbytes: int):
+        self.start = self.end = math.inf
+        self.nbytes = nbytes
+
+    def query(self) -> bool:
+        return time.perf_counter() >= self.end
+
+
+class EmulatedLinkEngine(TransferEngine):
+    """The CPU backend with an emulated host-to-device link (link_bandwidth, bytes/s), without a thread.
+
+    On a GPU a copy is DMA: the host thread that starts it pays a few microseconds. A worker thread
+    that copies and then sleeps out the link's time costs the compute thread far more on a small CPU
+    machine: every job wakes a second Python thread, which takes the interpreter lock between the
+    compute thread's torch calls (measured on a 2-core VM: 0.1-0.2 ms of decode per copy, empty jobs
+    included, half a layer of the demo model). Here the link is a timeline instead: submit() gathers the
+    bytes into the slot at once, on the caller's thread (an expert's memcpy), and queues the copy on the
+    timeline, where it occupies the link for nbytes / link_bandwidth: one copy at a time, demand copies
+    ahead of prefetches that have not started, a queued copy withdrawable (cancel). A ticket is done
+    when its landing time has passed; wait() sleeps until then. Nothing runs behind the caller's back,
+    so the only host cost of a copy is its memcpy, which the benchmarks' link emulation wants.
+    (Without an emulated link, CPUThreadEngine keeps copies off the compute thread: that pays for large
+    experts, whose memcpy lasts milliseconds.)"""
+
+    SPIN_S = 2e-4  # the end of a wait spent yielding rather than asleep
+
+    def __init__(self, link_bandwidth: float, threads: int | None = None, native: bool | None = None):
+        if link_bandwidth is None or not link_bandwidth > 0:
+            raise MoePrefetchError(f"link bandwidth must be a positive number of bytes/s, got {link_bandwidth!r}")
+        from . import _native
+
+        self._ops = _native
+        self.threads = threads or _native.default_threads()
+        self.link_bandwidth = link_bandwidth
+        self._ext = _native.extension() if native is not False else None
+        self.backend = "cpu-link/" + ("native" if self._ext is not None else "ref")
+        self.bytes_copied = 0      # bytes the link carried (withdrawn copies not counted)
+        self.copies = 0            # copies the link carried
+        self.link_seconds = 0.0    # the link time of those copies
+        self.copy_seconds = 0.0    # the caller's time in memcpys
+        self._link: list[Ticket] = []  # copies not yet landed, in link order
+        self._closed = False
+
+    def _copy(self, job: CopyJob) -> None:  # overridable (tests inject failures here)
+        check_fit(job)
+        if self._ext is not None:
+            self._ops.gather_copy(job.dst, job.pieces, self.threads, ext=self._ext)
+        else:
+            byte_copy(job.dst, job.pieces)
+
+    def _settle(self, now: float) -> None:
+        link = self._link
+        n = 0
+        while n < len(link) and link[n].event.end <= now:
+            link[n].state = "finished"
+            n += 1
+        if n:
+            del link[:n]
+
+    def _reflow(self, now: float, start_at: int) -> None:
+        link = self._link
+        prev_end = link[start_at - 1].event.end if start_at > 0 else now
+        for t in link[start_at:]:
+            landing = t.event
+            landing.start = max(prev_end, now)
+            landing.end = prev_end = landing.start + landing.nbytes / self.link_bandwidth
+
+    def submit(self, job: CopyJob) -> Ticket:
+        if self._closed:
+            return _closed_ticket(job)
+        ticket = Ticket(job, event=_Landing(job.nbytes))
+        t0 = time.perf_counter()
+        try:
+            self._copy(job)
+        except BaseException as e:  # noqa: BLE001 - raised by wait() in the caller, as the threaded engine does
+            ticket.fail(e)
+            ticket.state = "finished"
+            return ticket
+        now = time.perf_counter()
+        spent = now - t0
+        self._settle(now)
+        link = self._link
+        pos = len(link)
+        if job.demand:  # ahead of the prefetches that have not started
+            pos = next((j for j, t in enumerate(link) if t.event.start > now and not t.job.demand), pos)
+        link.insert(pos, ticket)
+        self._reflow(now, pos)
+        self.copy_seconds += spent
+        self.link_seconds += job.nbytes / self.link_bandwidth
+        self.bytes_copied += job.nbytes
+        self.copies += 1
+        return ticket
+
+    def cancel(self, ticket: Ticket) -> bool:
+        now = time.perf_counter()
+        self._settle(now)
+        landing = ticket.event
+        if ticket.state != "queued" or not isinstance(landing, _Landing) or landing.start <= now:
+            return False
+        j = next((j for j, t in enumerate(self._link) if t is ticket), None)
+        if j is None:
+            return False
+        del self._link[j]
+        self._reflow(now, j)
+        self.link_seconds -= ticket.job.nbytes / self.link_bandwidth  # the link never carried it
+        self.bytes_copied -= ticket.job.nbytes
+        self.copies -= 1
+        ticket.state = "cancelled"
+        landing.end = -math.inf
+        return True
+
+    def wait(self, ticket: Ticket) -> float:
+        if ticket.error is not None:
+            raise _wrap(ticket)
+        t0 = now = time.perf_counter()
+        end = ticket.event.end if isinstance(ticket.event, _Landing) else t0
+        if end - now > self.SPIN_S:
+            time.sleep(end - now - self.SPIN_S)  # a sleep overshoots by its timer slack (~70 us here) ...
+        while now < end:  # ... so the last stretch yields instead, as a GPU's event wait returns on time
+            time.sleep(0)
+            now = time.perf_counter()
+        return time.perf_counter() - t0
+
+    @property
+    def throttle_seconds(self) -> float:
+        """Link time beyond the memcpys (what the threaded engine sleeps)."""
+        return max(0.0, self.link_seconds - self.copy_seconds)
+
+    def seconds_per_copy(self) -> float | None:
+        """Mean time one copy occupies the emulated link, or None before the first."""
+        return self.link_seconds / self.copies if self.copies else None
+
+    def close(self) -> None:
+        """Fail the copies the link has not started; the one on the link lands now (its bytes are in)."""
+        self._closed = True
+        now = time.perf_counter()
+        for t in self._link:
+            if t.event.start > now and t.state == "queued":
+                t.fail(TransferError(f"transfer engine was closed before the copy of {t.job.label or 'expert'} ran"))
+            t.state = "finished"
+            t.event.end = min(t.event.end, now)
+        self._link.clear()
+
+
 def byte_copy(dst: torch.Tensor, pieces) -> None:
     """gather_copy_ref without torch's thread pool for same-dtype contiguous pieces: numpy byte copies.
     A copy thread that calls torch ops starts a second OpenMP team, whose spinning threads fight the
@@ -472,4 +626,6 @@ def make_engine(device: torch.device, link_bandwidth: float | None = None, threa
             raise MoePrefetchError("an emulated link bandwidth (--link-gbps) only applies to the CPU backend; "
                                    "drop it for a CUDA device")
         return CUDAStreamEngine(device, threads=threads)
-    return CPUThreadEngine(threads=threads, link_bandwidth=link_bandwidth)
+    if link_bandwidth is not None:
+        return EmulatedLinkEngine(link_bandwidth, threads=threads)
+    return CPUThreadEngine(threads=threads)

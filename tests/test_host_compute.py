@@ -118,3 +118,46 @@ def test_host_flags(ckpt, capsys):
     assert len(err) == 1 and "--host-gbps" in err[0]
     with pytest.raises(MoePrefetchError, match="host_compute"):
         mp.OffloadConfig(host_compute="maybe")
+
+
+@pytest.mark.parametrize("emulated", [True, False])
+def test_host_executor_runs_jobs_one_at_a_time_at_the_emulated_speed(ckpt, emulated):
+    """With host_bandwidth on the CPU backend the host is a timeline (no thread): a job's result is exact
+    and ready once the emulated host, taking one job at a time, would have finished it; without it, a
+    worker thread computes. Either way errors reach result() and a closed executor refuses jobs."""
+    import threading
+    import time
+
+    from moe_prefetch.host_compute import HostExecutor
+
+    model, _ = mp.load_model(str(ckpt), mp.OffloadConfig(device="cpu", expert_cache=2, predictor="none", show_progress=False))
+    store = model.moe_runtime.store
+    threads = threading.active_count()
+    ex = HostExecutor(store, torch.device("cpu"), store.expert_nbytes / 0.1 if emulated else None)  # 0.1 s a job
+    assert ex.inline is emulated and threading.active_count() == threads + (0 if emulated else 1)
+
+    def fn(views, rows):  # [n, H] -> [n, H], reading the expert's weights
+        w = next(iter(views.values())).reshape(-1)
+        return rows * 2 + w[:rows.shape[-1]]
+
+    rows = torch.randn(1, 8)
+    t0 = time.perf_counter()
+    jobs = [ex.submit(0, e, fn, rows) for e in (1, 2)]
+    outs = [ex.result(j) for j in jobs]
+    if emulated:
+        assert time.perf_counter() - t0 >= 0.2 - 1e-3  # serial: the second waits for the first
+        assert ex.busy_seconds >= 0.2 - 1e-9 and ex.jobs == 2
+    for e, out in zip((1, 2), outs):
+        with torch.inference_mode():
+            assert torch.equal(out, fn(ex._views(0, e), rows))
+
+    def broken(views, rows):
+        raise OSError("disk went away")
+
+    with pytest.raises(MoePrefetchError, match="host compute of expert 3 of layer 0 failed: OSError: disk went away"):
+        ex.result(ex.submit(0, 3, broken, rows))
+    ex.close()
+    with pytest.raises(MoePrefetchError, match="closed"):
+        ex.submit(0, 1, fn, rows)
+    assert threading.active_count() == threads
+    model.moe_runtime.close()

@@ -178,6 +178,59 @@ def test_close_cuts_a_throttled_transfer_short():
         eng.wait(later)
 
 
+def test_emulated_link_runs_no_thread_and_lands_demand_copies_ahead_of_queued_prefetches(kind):
+    threads = threading.active_count()
+    eng = make_engine(torch.device("cpu"), link_bandwidth=4096 / 0.2)  # 4 KB: 0.2 s on the link
+    assert type(eng).__name__ == "EmulatedLinkEngine" and eng.backend.startswith("cpu-link/")
+    src = [torch.full((1024,), float(i)) for i in range(3)]
+    dst = [torch.zeros(1024) for _ in range(3)]
+    first = eng.submit(CopyJob(dst[0], [(0, src[0])], nbytes=4096, demand=False))   # on the link now
+    queued = eng.submit(CopyJob(dst[1], [(0, src[1])], nbytes=4096, demand=False))  # waits behind it
+    demand = eng.submit(CopyJob(dst[2], [(0, src[2])], nbytes=4096))                # overtakes `queued`
+    assert threading.active_count() == threads  # a timeline, not a worker
+    assert not any(t.done() for t in (first, queued, demand))
+    assert first.event.end <= demand.event.end < queued.event.end
+    t0 = time.perf_counter()
+    eng.wait(demand)
+    assert time.perf_counter() - t0 >= 0.3  # the running copy, then its own
+    assert first.done() and demand.done() and not queued.done()
+    eng.wait(queued)
+    assert all(torch.equal(d, s) for d, s in zip(dst, src))
+    assert eng.copies == 3 and eng.bytes_copied == 3 * 4096
+    assert eng.seconds_per_copy() == pytest.approx(0.2)
+    eng.close()
+
+
+def test_emulated_link_withdraws_a_queued_copy_and_moves_the_rest_up(kind):
+    eng = make_engine(torch.device("cpu"), link_bandwidth=4096 / 0.5)
+    job = lambda demand=False: CopyJob(torch.zeros(1024), [(0, torch.ones(1024))], nbytes=4096, demand=demand)
+    running, queued, last = eng.submit(job()), eng.submit(job()), eng.submit(job())
+    before = last.event.end
+    assert not eng.cancel(running)  # started: it finishes
+    assert eng.cancel(queued) and queued.done() and queued.state == "cancelled"
+    assert last.event.end == pytest.approx(before - 0.5)  # the link time it would have taken is free
+    assert eng.copies == 2 and eng.bytes_copied == 2 * 4096  # the link never carried it
+    assert not eng.cancel(queued)
+    eng.close()
+    with pytest.raises(TransferError, match="closed before the copy"):
+        eng.wait(last)
+    eng.wait(running)  # on the link at close: its bytes are in
+
+
+def test_emulated_link_failures_reach_the_waiter():
+    eng = make_engine(torch.device("cpu"), link_bandwidth=1e9)
+    bad = eng.submit(CopyJob(torch.zeros(4), [(2, torch.ones(4))], nbytes=16, label="expert 3 of layer 1"))
+    assert bad.done()
+    with pytest.raises(TransferError, match="expert 3 of layer 1 does not fit"):
+        eng.wait(bad)
+    good = eng.submit(CopyJob(torch.zeros(4), [(0, torch.ones(4))], nbytes=16))
+    eng.wait(good)  # the engine goes on
+    eng.close()
+    closed = eng.submit(CopyJob(torch.zeros(4), [(0, torch.ones(4))], nbytes=16, label="late"))
+    with pytest.raises(TransferError, match="engine is closed"):
+        eng.wait(closed)
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 def test_cuda_engine_copies_and_orders_on_compute_stream():
     from moe_prefetch.transfer import CUDAStreamEngine
