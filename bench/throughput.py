@@ -431,6 +431,21 @@ def targets(results: list[dict]) -> list[dict]:
     out = []
     for cache in sorted({r["cache"] for r in results[1:]}):
         rows = {r["policy"]: r["tokens_per_s"] for r in results[1:] if r["cache"] == cache}
+        rounds = {r["policy"]: r.get("tokens_per_s_rounds") for r in results[1:] if r["cache"] == cache}
+
+        def paired(row, against):
+            """row / against in each round (the rounds interleave, so round i of both ran minutes apart at
+            most): how far the machine's noise moves the ratio; None with one round or a row missing."""
+            a, b = rounds.get(row), rounds.get(against)
+            if not a or not b or len(a) < 2 or len(a) != len(b):
+                return None
+            return [x / y for x, y in zip(a, b)]
+
+        def fastest(host):  # the fastest configuration without prediction, by its median round
+            return max((n for n in rows if "no prefetch" in n and ("host compute" in n) == host), key=rows.get)
+
+        default = next(n for n in rows if n.startswith("default"))
+        default_host = next((n for n in rows if n in DEFAULT_HOST), None)
 
         def best(host):
             return max((v for n, v in rows.items() if (n.startswith(PREDICTING) and
@@ -443,12 +458,13 @@ def targets(results: list[dict]) -> list[dict]:
         out.append(dict(cache=cache, best_over_lru=ours / rows["LRU, no prefetch"],
                         prediction_host_on=best(True) / twin_on, prediction_host_off=best(False) / twin_off,
                         worst_predictor_vs_twin=worst[0], worst_row=worst[1],
-                        default_vs_best_no_prediction=next(v for n, v in rows.items() if n.startswith("default")) /
-                        max(v for n, v in rows.items() if "no prefetch" in n and "host compute" not in n),
+                        default_vs_best_no_prediction=rows[default] / rows[fastest(False)],
+                        default_vs_best_no_prediction_rounds=paired(default, fastest(False)),
                         # the same with host compute on: --host-compute on and nothing else (the default's
                         # predictor, K=2, predictive eviction, the gate) against the host rows without prediction
-                        default_host_vs_best_no_prediction=next((v for n, v in rows.items() if n in DEFAULT_HOST), math.nan) /
-                        max(v for n, v in rows.items() if "no prefetch" in n and "host compute" in n),
+                        default_host_vs_best_no_prediction=(rows[default_host] if default_host else math.nan) /
+                        rows[fastest(True)],
+                        default_host_vs_best_no_prediction_rounds=paired(default_host, fastest(True)),
                         keep_switch_over_frequency=twin_on / rows[f"{HOST_TWIN}, keeps on frequency"]))
     return out
 
@@ -483,15 +499,24 @@ def render(r: dict, L: int, E: int) -> str:
         lines += ["", "Ratios per cache (best ours / LRU no prefetch; prediction = best predictor row / the same planner "
                   "with no predictor, host compute on and off; worst predictor row / its no-predictor twin; default "
                   "config / best no-prediction config, without host compute and with it (--host-compute on, every "
-                  "other option at its default); with host compute and no predictor, the measured keep rule / keeps "
-                  "on frequency):", "",
+                  "other option at its default), each followed by the same ratio in every round where rows ran in "
+                  "rounds (the rounds interleave, so each round's pair ran close in time: how far this machine's noise "
+                  "moves the ratio); with host compute and no predictor, the measured keep rule / keeps on "
+                  "frequency):", "",
                   "| cache | best ours / LRU | prediction, host on | prediction, host off | worst row / twin | default / best no-prediction | the same, host compute on | keep switch / frequency keeps |",
                   "|---|---|---|---|---|---|---|---|"]
         for t in r["targets"]:
             keep, host = t.get("keep_switch_over_frequency"), t.get("default_host_vs_best_no_prediction")
+
+            def spread(key):  # round by round, where there are rounds (the range beyond 5 of them)
+                rr = t.get(key)
+                if not rr:
+                    return ""
+                return " [" + (" ".join(f"{x:.2f}" for x in rr) if len(rr) <= 5 else f"{min(rr):.2f}-{max(rr):.2f}") + "]"
             lines.append(f"| {t['cache']:.0%} | {t['best_over_lru']:.2f} | {t['prediction_host_on']:.2f} | "
                          f"{t['prediction_host_off']:.2f} | {t['worst_predictor_vs_twin']:.2f} ({t['worst_row']}) | "
-                         f"{t['default_vs_best_no_prediction']:.2f} | {'-' if host is None else f'{host:.2f}'} | "
+                         f"{t['default_vs_best_no_prediction']:.2f}{spread('default_vs_best_no_prediction_rounds')} | "
+                         f"{'-' if host is None else f'{host:.2f}'}{spread('default_host_vs_best_no_prediction_rounds')} | "
                          f"{'-' if keep is None else f'{keep:.2f}'} |")
     if r["sim_check"]:
         ov = r.get("sim_overheads", {})

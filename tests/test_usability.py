@@ -325,7 +325,16 @@ def test_throughput_bench_with_one_cache_and_its_model_named(tmp_path):
         rounds = row["tokens_per_s_rounds"]
         assert len(rounds) == 2 and row["tokens_per_s"] == min(rounds), row["policy"]
     # the default with --host-compute on against the best host-compute row without prediction
-    assert report["targets"][0]["default_host_vs_best_no_prediction"] > 0
+    t = report["targets"][0]
+    assert t["default_host_vs_best_no_prediction"] > 0
+    # and both default ratios round by round: round i of the default over round i of the fastest row
+    # without prediction (the fastest by its median round)
+    rows = {x["policy"]: x["tokens_per_s_rounds"] for x in report["results"] if x["cache"] == 1.0}
+    best = max((n for n in rows if "no prefetch" in n and "host compute" not in n),
+               key=lambda n: next(x["tokens_per_s"] for x in report["results"] if x["policy"] == n and x["cache"] == 1.0))
+    default = next(n for n in rows if n.startswith("default"))
+    assert t["default_vs_best_no_prediction_rounds"] == pytest.approx([a / b for a, b in zip(rows[default], rows[best])])
+    assert len(t["default_host_vs_best_no_prediction_rounds"]) == 2
     assert all("prefetch_layer_ms" in c for c in report["sim_check"])
     # --replot rewrites the report from the JSON (the ratios recomputed), without running anything
     md = tmp_path / "out" / "throughput.md"
@@ -336,6 +345,8 @@ def test_throughput_bench_with_one_cache_and_its_model_named(tmp_path):
                         str(tmp_path / "out" / "throughput.json")], capture_output=True, text=True, env=env, timeout=300)
     assert r.returncode == 0, r.stderr[-2000:]
     assert "the same, host compute on" in md.read_text() and str(small) in md.read_text().splitlines()[0]
+    ratios = " ".join(f"{x:.2f}" for x in t["default_vs_best_no_prediction_rounds"])
+    assert f"{t['default_vs_best_no_prediction']:.2f} [{ratios}] |" in md.read_text()
     assert json.loads((tmp_path / "out" / "throughput.json").read_text())["targets"][0]["cache"] == 1.0
 
 
