@@ -57,6 +57,7 @@ class HostExecutor:
         self._stop = threading.Event()
         self.jobs = 0
         self.busy_seconds = 0.0
+        self._warm_jobs, self._warm_seconds = 0, 0.0  # the jobs after the first, and their time
         # An emulated host (host_bandwidth on the CPU backend) is a timeline, not a thread: a job computes
         # at once on the caller's thread and its result is ready when the emulated host would have finished
         # it, one job at a time. A second Python thread per job costs the compute thread far more on a small
@@ -94,15 +95,27 @@ class HostExecutor:
                 job.out = job.fn(self._views(job.layer, job.expert), job.rows)
         except BaseException as e:  # noqa: BLE001 - handed to the caller by result()
             job.error = e
-        now = time.perf_counter()
-        # the emulated host takes the job when it is free and spends expert bytes / its bandwidth on it
-        # (at least what the arithmetic really took here)
-        job.seconds = max(now - t0, self.store.expert_nbytes / self.host_bandwidth)
+        # the emulated host takes the job when it is free and spends expert bytes / its bandwidth on it; the
+        # arithmetic done here stands in for it, on the caller's time (so a cold first call, which can take
+        # milliseconds, is not taken for the host's speed)
+        job.seconds = self.store.expert_nbytes / self.host_bandwidth
         self._host_free = max(t0, self._host_free) + job.seconds
         job.ready_at = self._host_free
+        self._count(job)
+        job.done.set()
+
+    def _count(self, job: HostJob) -> None:
         self.jobs += 1
         self.busy_seconds += job.seconds
-        job.done.set()
+        if self.jobs > 1:  # the first job warms up (kernels, buffers): not a measure of the host's speed
+            self._warm_jobs += 1
+            self._warm_seconds += job.seconds
+
+    def seconds_per_job(self) -> float | None:
+        """The host's mean time per job, the first (warm-up) job left out; None before a second job.
+        The planner prices host compute with it: one slow cold job counted in would make the host look
+        slow enough never to be chosen again, and so never measured again."""
+        return self._warm_seconds / self._warm_jobs if self._warm_jobs else None
 
     def result(self, job: HostJob) -> torch.Tensor:
         """The job's output on the compute device; waits for it (interruptibly)."""
@@ -157,8 +170,7 @@ class HostExecutor:
                 job.error = e
             finally:
                 job.seconds = time.perf_counter() - t0
-                self.jobs += 1
-                self.busy_seconds += job.seconds
+                self._count(job)
                 job.done.set()
 
     def close(self) -> None:

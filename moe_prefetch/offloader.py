@@ -182,8 +182,8 @@ class ExpertOffloader:
         c = self.planner.costs
         transfer_s = getattr(self.engine, "seconds_per_copy", lambda: None)() or c.transfer_s
         host_s = c.host_s
-        if self.host is not None and self.host.jobs:
-            host_s = self.host.busy_seconds / self.host.jobs
+        if self.host is not None and self.host.seconds_per_job() is not None:
+            host_s = self.host.seconds_per_job()
         layer_s = c.layer_s if self._layer_gap is None else max(self._layer_gap - self.planner.top_k * c.expert_s, 0.0)
         if (transfer_s, host_s, layer_s) != (c.transfer_s, c.host_s, c.layer_s):
             self.planner.set_costs(Costs(layer_s, c.expert_s, transfer_s, host_s))

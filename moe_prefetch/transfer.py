@@ -224,7 +224,23 @@ def _closed_ticket(job: CopyJob) -> Ticket:
     return ticket
 
 
-class CPUThreadEngine(TransferEngine):
+class _HostCopies:
+    """The CPU engines' copy of one job into its RAM slot: gather_copy with `threads` when the extension
+    is loaded, numpy byte copies otherwise (byte_copy)."""
+
+    _ext = None
+    _ops = None
+    threads = 1
+
+    def _copy(self, job: CopyJob) -> None:  # overridable (tests inject failures here)
+        check_fit(job)
+        if self._ext is not None:
+            self._ops.gather_copy(job.dst, job.pieces, self.threads, ext=self._ext)
+        else:
+            byte_copy(job.dst, job.pieces)
+
+
+class CPUThreadEngine(_HostCopies, TransferEngine):
     """One daemon worker thread, FIFO, copying with gather_copy (`threads` copy threads when native).
 
     link_bandwidth (bytes/s): emulate one host-to-device link. A job of n bytes occupies the worker for
@@ -270,14 +286,6 @@ class CPUThreadEngine(TransferEngine):
         """Mean time one job occupied the link (copy plus emulation), or None before the first."""
         return (self.copy_seconds + self.throttle_seconds) / self.copies if self.copies else None
 
-    def _copy(self, job: CopyJob) -> None:  # overridable (tests inject failures here)
-        check_fit(job)
-        if self._ext is not None:
-            self._ops.gather_copy(job.dst, job.pieces, self.threads, ext=self._ext)
-        else:
-            byte_copy(job.dst, job.pieces)
-
-
     def submit(self, job: CopyJob) -> Ticket:
         if self._closed:
             return _closed_ticket(job)
@@ -316,7 +324,7 @@ class _Landing:
         return time.perf_counter() >= self.end
 
 
-class EmulatedLinkEngine(TransferEngine):
+class EmulatedLinkEngine(_HostCopies, TransferEngine):
     """The CPU backend with an emulated host-to-device link (link_bandwidth, bytes/s), without a thread.
 
     On a GPU a copy is DMA: the host thread that starts it pays a few microseconds. A worker thread
@@ -350,13 +358,6 @@ class EmulatedLinkEngine(TransferEngine):
         self.copy_seconds = 0.0    # the caller's time in memcpys
         self._link: list[Ticket] = []  # copies not yet landed, in link order
         self._closed = False
-
-    def _copy(self, job: CopyJob) -> None:  # overridable (tests inject failures here)
-        check_fit(job)
-        if self._ext is not None:
-            self._ops.gather_copy(job.dst, job.pieces, self.threads, ext=self._ext)
-        else:
-            byte_copy(job.dst, job.pieces)
 
     def _settle(self, now: float) -> None:
         link = self._link

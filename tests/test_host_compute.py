@@ -147,6 +147,7 @@ def test_host_executor_runs_jobs_one_at_a_time_at_the_emulated_speed(ckpt, emula
     if emulated:
         assert time.perf_counter() - t0 >= 0.2 - 1e-3  # serial: the second waits for the first
         assert ex.busy_seconds >= 0.2 - 1e-9 and ex.jobs == 2
+        assert ex.seconds_per_job() == pytest.approx(0.1)  # the emulated speed, whatever the arithmetic took
     for e, out in zip((1, 2), outs):
         with torch.inference_mode():
             assert torch.equal(out, fn(ex._views(0, e), rows))
@@ -160,4 +161,32 @@ def test_host_executor_runs_jobs_one_at_a_time_at_the_emulated_speed(ckpt, emula
     with pytest.raises(MoePrefetchError, match="closed"):
         ex.submit(0, 1, fn, rows)
     assert threading.active_count() == threads
+    model.moe_runtime.close()
+
+
+def test_a_cold_first_host_job_does_not_price_the_host(ckpt):
+    """The planner prices host compute with the executor's time per job, the first (warm-up) job left out:
+    a slow cold start counted in would make the host look too slow to be chosen again, and so never
+    measured again (seen as a run that computed 4 experts on the host instead of 43)."""
+    import time
+
+    from moe_prefetch.host_compute import HostExecutor
+
+    model, _ = mp.load_model(str(ckpt), mp.OffloadConfig(device="cpu", expert_cache=2, predictor="none", show_progress=False))
+    ex = HostExecutor(model.moe_runtime.store, torch.device("cpu"))  # the worker thread, timed for real
+    calls = []
+
+    def fn(views, rows):
+        calls.append(1)
+        if len(calls) == 1:
+            time.sleep(0.2)  # cold
+        return rows
+
+    rows = torch.randn(1, 8)
+    ex.result(ex.submit(0, 1, fn, rows))
+    assert ex.seconds_per_job() is None  # one job: no measure yet (the planner keeps its estimate)
+    for e in (2, 3, 4):
+        ex.result(ex.submit(0, e, fn, rows))
+    assert ex.busy_seconds >= 0.2 and ex.seconds_per_job() < 0.05
+    ex.close()
     model.moe_runtime.close()
