@@ -38,7 +38,7 @@ class HostJob:
     ready: object = None           # CUDA event: the rows have reached the host
     out: torch.Tensor | None = None
     error: BaseException | None = None
-    seconds: float = 0.0           # how long the host took (throttle included)
+    seconds: float = 0.0           # how long the host took (throttle included; an emulated host: bytes / its bandwidth)
     ready_at: float = 0.0          # inline (an emulated host): when its result is ready (perf_counter)
     done: threading.Event = field(default_factory=threading.Event)
 
