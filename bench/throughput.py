@@ -94,8 +94,8 @@ def run_policy(model_name, seqs, **kw) -> dict:
     return dict(tokens_per_s=steps / seconds, link_s=link_s, hit_rate=st["hit_rate"], stall_s=st["stall_seconds"],
                 mb_moved=st["bytes_to_device"] / 1e6, bytes_moved=st["bytes_to_device"],
                 host_computed=st["host_computed"], prefetch_gated=st["prefetch_gated"],
-                host_s=(model_host.busy_seconds / model_host.jobs) if (model_host := model.moe_runtime.offloader.host)
-                and model_host.jobs else None, prefetch_issued=st["prefetch_issued"],
+                host_s=model_host.seconds_per_job() if (model_host := model.moe_runtime.offloader.host) else None,
+                prefetch_issued=st["prefetch_issued"],
                 prefetch_used=st["prefetch_used"], prefetch_late=st["prefetch_late"],
                 prefetch_wasted=st["prefetch_wasted"], seconds=seconds, steps=steps,
                 predict_s=st["predicted_seconds"] / st["predicted_layers"] if st["predicted_layers"] else 0.0,

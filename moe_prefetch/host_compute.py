@@ -93,7 +93,7 @@ class HostExecutor:
         try:
             with torch.inference_mode():
                 job.out = job.fn(self._views(job.layer, job.expert), job.rows)
-        except BaseException as e:  # noqa: BLE001 - handed to the caller by result()
+        except Exception as e:  # handed to the caller by result(); a KeyboardInterrupt propagates from here
             job.error = e
         # the emulated host takes the job when it is free and spends expert bytes / its bandwidth on it; the
         # arithmetic done here stands in for it, on the caller's time (so a cold first call, which can take

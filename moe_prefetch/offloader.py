@@ -66,20 +66,34 @@ class ExpertOffloader:
         self.stats.plan_seconds += self.clock() - now
         if not actions:
             raise RuntimeError(f"expert cache of {self.n_slots} slots could not grant any expert of layer {layer}")
-        for a in actions:
-            self.stats.expert_requests += 1
-            if a.kind == "copy":
-                self._evicted(a.evicted)
-                self._submit(a.key, a.slot)
-                self.stats.misses += 1
-            elif a.kind == "host":
-                self.stats.host_computed += 1
-                self._used_prefetch(a.key)
-            else:
-                self.stats.hits += 1
-                self._used_prefetch(a.key)
+        started = 0
+        try:
+            for a in actions:
+                self.stats.expert_requests += 1
+                if a.kind == "copy":
+                    self._evicted(a.evicted)
+                    self._submit(a.key, a.slot)
+                    self.stats.misses += 1
+                elif a.kind == "host":
+                    self.stats.host_computed += 1
+                    self._used_prefetch(a.key)
+                else:
+                    self.stats.hits += 1
+                    self._used_prefetch(a.key)
+                started += 1
+        except BaseException:  # e.g. Ctrl-C in a copy made on this thread: the caller never gets these actions
+            self._abandon([a for a in actions[started + 1:] if a.kind == "copy"] + self.planner.take_keeps())
+            self.planner.release(actions)
+            raise
         self.prefetch(self.planner.take_keeps())  # host-computed misses copied in while the link is idle
         return actions
+
+    def _abandon(self, actions: list[Action]) -> None:
+        """Copies the planner decided on that were never submitted: their slots hold nothing, so the
+        planner forgets those experts (the experts they evicted are gone already)."""
+        for a in actions:
+            self._evicted(a.evicted)
+            self.planner.remove(a.key)
 
     def _used_prefetch(self, key: tuple[int, int]) -> None:
         if key not in self._prefetched:
@@ -130,9 +144,13 @@ class ExpertOffloader:
     # ---- ahead of time -------------------------------------------------------------------------
     def prefetch(self, actions: list[Action]) -> None:
         """Start the copies the planner decided to make ahead of time."""
-        for a in actions:
+        for i, a in enumerate(actions):
             self._evicted(a.evicted)
-            self._submit(a.key, a.slot, demand=False)
+            try:
+                self._submit(a.key, a.slot, demand=False)
+            except BaseException:  # _submit forgot this one; the rest were never started
+                self._abandon(actions[i + 1:])
+                raise
             self._prefetched.add(a.key)
             self.stats.prefetch_issued += 1
 
@@ -193,7 +211,12 @@ class ExpertOffloader:
         job = CopyJob(dst=self.pool[slot], pieces=self.store.pieces(*key), nbytes=self.store.expert_nbytes,
                       label=f"expert {key[1]} of layer {key[0]}", after=self._slot_free[slot], demand=demand,
                       follows=prev if (prev := self._slot_copy[slot]) is not None and not prev.done() else None)
-        self._slot_copy[slot] = self._track(key, self.engine.submit(job))
+        try:
+            ticket = self.engine.submit(job)
+        except BaseException:  # e.g. Ctrl-C in a copy made on this thread: the slot may be half-written
+            self.planner.remove(key)
+            raise
+        self._slot_copy[slot] = self._track(key, ticket)
         self.stats.bytes_to_device += job.nbytes
 
     def resident(self) -> list[tuple[int, int]]:

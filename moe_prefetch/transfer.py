@@ -380,13 +380,16 @@ class EmulatedLinkEngine(_HostCopies, TransferEngine):
         if self._closed:
             return _closed_ticket(job)
         ticket = Ticket(job, event=_Landing(job.nbytes))
+        job.follows = None  # copies land in submission order here: nothing to chain to
         t0 = time.perf_counter()
         try:
             self._copy(job)
-        except BaseException as e:  # noqa: BLE001 - raised by wait() in the caller, as the threaded engine does
+        except Exception as e:  # raised by wait() in the caller, as the threaded engine does
             ticket.fail(e)
             ticket.state = "finished"
             return ticket
+        # (a KeyboardInterrupt in the memcpy, on the caller's thread here, propagates: the offloader then
+        # forgets the expert, whose slot may be half-written)
         now = time.perf_counter()
         spent = now - t0
         self._settle(now)

@@ -190,3 +190,32 @@ def test_a_cold_first_host_job_does_not_price_the_host(ckpt):
     assert ex.busy_seconds >= 0.2 and ex.seconds_per_job() < 0.05
     ex.close()
     model.moe_runtime.close()
+
+
+def test_an_interrupted_copy_is_forgotten_and_the_next_run_is_exact(ckpt, monkeypatch):
+    """With an emulated link the copy runs on the compute thread, where a Ctrl-C can cut it short. It
+    reaches the caller as KeyboardInterrupt, and the expert whose slot may be half-written is forgotten,
+    so the same model, used again, is still token-identical."""
+    from moe_prefetch.transfer import EmulatedLinkEngine
+
+    ref = reference_generate(ckpt, PROMPT, NEW, device="cpu")
+    model, _ = mp.load_model(str(ckpt), mp.OffloadConfig(device="cpu", expert_cache=3, predictor="none",
+                                                         link_bandwidth=1e9, show_progress=False))
+    original, calls = EmulatedLinkEngine._copy, []
+
+    def cut_short(self, job):
+        calls.append(1)
+        if len(calls) == 5:
+            job.dst.fill_(float("nan"))  # a half-written slot
+            raise KeyboardInterrupt
+        original(self, job)
+
+    monkeypatch.setattr(EmulatedLinkEngine, "_copy", cut_short)
+    with pytest.raises(KeyboardInterrupt), torch.inference_mode():
+        model.generate(PROMPT, max_new_tokens=NEW, min_new_tokens=NEW, do_sample=False)
+    off = model.moe_runtime.offloader
+    assert not any(off.cache.is_pinned(k) for k in list(off.cache.keys()))
+    with torch.inference_mode():
+        out = model.generate(PROMPT, max_new_tokens=NEW, min_new_tokens=NEW, do_sample=False)
+    model.moe_runtime.close()
+    assert torch.equal(out, ref)

@@ -136,11 +136,14 @@ def test_native_false_forces_the_twin(native_ext):
 
 
 # ---- the emulated link --------------------------------------------------------------------------------
-def test_emulated_link_takes_at_least_bytes_over_bandwidth(kind):
+@pytest.mark.parametrize("engine", ["timeline", "thread"])
+def test_emulated_link_takes_at_least_bytes_over_bandwidth(kind, engine):
+    """make_engine's timeline (EmulatedLinkEngine), and the worker thread throttled as it was before it."""
     bandwidth = 50e6  # 50 MB/s: 10 jobs of 0.5 MB take >= 100 ms, serially
     src = torch.randn(125_000)  # 0.5 MB
     dst = torch.zeros(125_000)
-    eng = make_engine(torch.device("cpu"), link_bandwidth=bandwidth, threads=2)
+    eng = (make_engine(torch.device("cpu"), link_bandwidth=bandwidth, threads=2) if engine == "timeline"
+           else CPUThreadEngine(threads=2, link_bandwidth=bandwidth))
     t0 = time.perf_counter()
     tickets = [eng.submit(CopyJob(dst, [(0, src)], nbytes=src.numel() * 4)) for _ in range(10)]
     for t in tickets:
@@ -166,7 +169,7 @@ def test_link_emulation_is_off_by_default_and_validated():
 
 
 def test_close_cuts_a_throttled_transfer_short():
-    eng = make_engine(torch.device("cpu"), link_bandwidth=1e3)  # 4 KB: a 4-second link
+    eng = CPUThreadEngine(link_bandwidth=1e3)  # 4 KB: a 4-second link, slept out by the worker thread
     first = eng.submit(CopyJob(torch.zeros(1024), [(0, torch.ones(1024))], nbytes=4096))
     later = eng.submit(CopyJob(torch.zeros(1), [(0, torch.ones(1))], nbytes=4, label="later"))
     time.sleep(0.1)
@@ -215,6 +218,25 @@ def test_emulated_link_withdraws_a_queued_copy_and_moves_the_rest_up(kind):
     with pytest.raises(TransferError, match="closed before the copy"):
         eng.wait(last)
     eng.wait(running)  # on the link at close: its bytes are in
+
+
+def test_emulated_link_lets_an_interrupt_in_its_copy_through(monkeypatch):
+    """The timeline copies on the caller's thread, so a Ctrl-C can land in its memcpy: it propagates
+    (never stored as a copy error and lost), and the engine is left as it was."""
+    from moe_prefetch.transfer import EmulatedLinkEngine
+
+    eng = make_engine(torch.device("cpu"), link_bandwidth=1e9)
+
+    def interrupted(self, job):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(EmulatedLinkEngine, "_copy", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        eng.submit(CopyJob(torch.zeros(4), [(0, torch.ones(4))], nbytes=16))
+    assert eng.copies == 0 and eng.bytes_copied == 0 and not eng._link
+    monkeypatch.undo()
+    eng.wait(eng.submit(CopyJob(torch.zeros(4), [(0, torch.ones(4))], nbytes=16)))
+    eng.close()
 
 
 def test_emulated_link_failures_reach_the_waiter():
