@@ -524,7 +524,7 @@ class CUDAStreamEngine(TransferEngine):
             ticket.start()
             try:
                 self._issue(ticket, self.demand_stream, staged=False)
-            except BaseException as e:  # noqa: BLE001 - raised by wait()
+            except Exception as e:  # raised by wait(); a KeyboardInterrupt propagates (the offloader forgets the expert)
                 ticket.error = e
             finally:
                 job.follows = None
