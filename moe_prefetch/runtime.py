@@ -353,7 +353,7 @@ def load_model(model: str, config: OffloadConfig | None = None, **overrides):
     stats = RunStats()
     if cfg.host_bandwidth is not None and device.type == "cuda":
         raise MoePrefetchError("--host-gbps / host_bandwidth emulates the host on the CPU backend only; drop it for a CUDA device")
-    engine = make_engine(device, link_bandwidth=cfg.link_bandwidth)
+    engine = make_engine(device, link_bandwidth=cfg.link_bandwidth, expert_bytes=store.expert_nbytes)
     host_compute = cfg.host_compute == "on" or (cfg.host_compute == "auto" and device.type == "cpu"
                                                  and cfg.host_bandwidth is not None)
     if host_compute and adapter.eager:

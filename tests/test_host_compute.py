@@ -219,3 +219,18 @@ def test_an_interrupted_copy_is_forgotten_and_the_next_run_is_exact(ckpt, monkey
         out = model.generate(PROMPT, max_new_tokens=NEW, min_new_tokens=NEW, do_sample=False)
     model.moe_runtime.close()
     assert torch.equal(out, ref)
+
+
+@pytest.mark.parametrize("slots", [2, 5])
+def test_large_experts_copy_on_a_worker_and_stay_token_identical(ckpt, slots, monkeypatch):
+    """Above INLINE_MAX_BYTES the emulated link's memcpys run on a worker thread (the timeline still says
+    when each lands): the output is unchanged, prefetches and host compute included."""
+    from moe_prefetch.transfer import EmulatedLinkEngine
+
+    monkeypatch.setattr(EmulatedLinkEngine, "INLINE_MAX_BYTES", 0)  # every expert counts as large
+    ref = reference_generate(ckpt, PROMPT, NEW, device="cpu")
+    for kw in (dict(predictor="next-gate", adaptive_prediction=False), dict(predictor="none", host_compute="on")):
+        out, st = run(ckpt, slots, link_bandwidth=2e7, host_bandwidth=4e7, **kw)
+        assert torch.equal(out, ref), (slots, kw)
+        assert st["backend"].startswith("cpu-link/") and st["backend"].endswith("+thread")
+        assert st["misses"] > 0
