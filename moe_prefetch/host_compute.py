@@ -44,6 +44,7 @@ class HostJob:
 
 
 class HostExecutor:
+    INLINE_MAX_BYTES = 1 << 20  # an emulated host computes experts up to this size on the caller's thread
     def __init__(self, store: ExpertStore, device: torch.device, host_bandwidth: float | None = None,
                  packs=None):
         if host_bandwidth is not None and not host_bandwidth > 0:
@@ -63,7 +64,9 @@ class HostExecutor:
         # it, one job at a time. A second Python thread per job costs the compute thread far more on a small
         # CPU machine than the expert's own arithmetic (its wake-ups take the interpreter lock between the
         # compute thread's torch calls), and it is the emulated speed the benchmarks mean to reproduce.
-        self.inline = host_bandwidth is not None and torch.device(device).type == "cpu"
+        # (experts over INLINE_MAX_BYTES keep the thread: their arithmetic, milliseconds, costs more than it)
+        self.inline = (host_bandwidth is not None and torch.device(device).type == "cpu"
+                       and store.expert_nbytes <= self.INLINE_MAX_BYTES)
         self._host_free = 0.0  # inline: when the emulated host finishes the jobs queued on it
         self._thread = None
         if not self.inline:

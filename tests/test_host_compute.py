@@ -135,6 +135,7 @@ def test_host_executor_runs_jobs_one_at_a_time_at_the_emulated_speed(ckpt, emula
     threads = threading.active_count()
     ex = HostExecutor(store, torch.device("cpu"), store.expert_nbytes / 0.1 if emulated else None)  # 0.1 s a job
     assert ex.inline is emulated and threading.active_count() == threads + (0 if emulated else 1)
+    assert store.expert_nbytes <= HostExecutor.INLINE_MAX_BYTES  # a small expert: inline when emulated
 
     def fn(views, rows):  # [n, H] -> [n, H], reading the expert's weights
         w = next(iter(views.values())).reshape(-1)
@@ -224,13 +225,17 @@ def test_an_interrupted_copy_is_forgotten_and_the_next_run_is_exact(ckpt, monkey
 @pytest.mark.parametrize("slots", [2, 5])
 def test_large_experts_copy_on_a_worker_and_stay_token_identical(ckpt, slots, monkeypatch):
     """Above INLINE_MAX_BYTES the emulated link's memcpys run on a worker thread (the timeline still says
-    when each lands): the output is unchanged, prefetches and host compute included."""
+    when each lands) and an emulated host computes on its own thread: the output is unchanged, prefetches
+    and host compute included."""
+    from moe_prefetch.host_compute import HostExecutor
     from moe_prefetch.transfer import EmulatedLinkEngine
 
     monkeypatch.setattr(EmulatedLinkEngine, "INLINE_MAX_BYTES", 0)  # every expert counts as large
+    monkeypatch.setattr(HostExecutor, "INLINE_MAX_BYTES", 0)  # and is computed on the host's thread
     ref = reference_generate(ckpt, PROMPT, NEW, device="cpu")
     for kw in (dict(predictor="next-gate", adaptive_prediction=False), dict(predictor="none", host_compute="on")):
         out, st = run(ckpt, slots, link_bandwidth=2e7, host_bandwidth=4e7, **kw)
         assert torch.equal(out, ref), (slots, kw)
         assert st["backend"].startswith("cpu-link/") and st["backend"].endswith("+thread")
         assert st["misses"] > 0
+        assert st["host_computed"] > 0 or kw["predictor"] != "none"
