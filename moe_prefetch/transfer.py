@@ -485,18 +485,21 @@ class EmulatedLinkEngine(_HostCopies, TransferEngine):
             return
         self._closed = True
         now = time.perf_counter()
+        # a finalizer can run close() on the worker thread itself (a garbage collection it triggers): then
+        # it must not wait for its own copy, nor join itself; it fails what has not started and returns
+        on_worker = self._worker is not None and threading.current_thread() is self._worker.thread
         for t in self._link:
             if t.event.start > now:  # never on the link (a worker's memcpy, if any, is skipped or finishes)
                 if t.host is not None:
                     t.cancel()
                 t.fail(TransferError(f"transfer engine was closed before the copy of {t.job.label or 'expert'} ran"))
-            elif t.host is not None:
+            elif t.host is not None and not on_worker:
                 self._worker.wait(t)  # on the link: its memcpy completes (the worker takes them in order)
             if t.host is None:
                 t.state = "finished"
             t.event.end = min(t.event.end, now)
         self._link.clear()
-        if self._worker is not None:
+        if self._worker is not None and not on_worker:
             self._worker.stop()  # the memcpy in progress finishes; queued ones fail
 
 

@@ -234,6 +234,70 @@ def test_emulated_link_withdraws_a_queued_copy_and_moves_the_rest_up(kind, copie
     eng.wait(running)  # on the link at close: its bytes are in
 
 
+def test_emulated_link_worker_memcpy_slower_than_the_link(monkeypatch):
+    """Large experts: the worker's memcpy may finish after the timeline says the copy landed. wait() still
+    returns only once the bytes are in; a cancelled copy's memcpy is skipped if not started; copies into
+    one slot keep their order through cancel and resubmit; close() with a backlog returns, and every
+    waiter gets its bytes or a TransferError; close() run on the worker thread itself returns too."""
+    from moe_prefetch.transfer import EmulatedLinkEngine
+
+    original = EmulatedLinkEngine._copy
+
+    def slow(self, job):
+        time.sleep(0.1)
+        original(self, job)
+
+    monkeypatch.setattr(EmulatedLinkEngine, "_copy", slow)
+    eng = make_engine(torch.device("cpu"), link_bandwidth=1e9, expert_bytes=LARGE["worker"])  # lands in 4 us
+    slot = torch.zeros(4)
+    old = eng.submit(CopyJob(slot, [(0, torch.full((4,), 1.0))], nbytes=16, demand=False))
+    queued = eng.submit(CopyJob(torch.zeros(4), [(0, torch.full((4,), 2.0))], nbytes=16, demand=False))
+    time.sleep(0.01)  # both have landed on the timeline; `old` is being copied, `queued` waits for the worker
+    assert not old.done() and not queued.done()
+    eng.wait(old)
+    assert torch.equal(slot, torch.full((4,), 1.0))
+    # the slot's next occupant, after a copy into it was cancelled and resubmitted (the offloader's promotion)
+    first = eng.submit(CopyJob(slot, [(0, torch.full((4,), 3.0))], nbytes=16, demand=False))
+    eng.cancel(first)
+    again = eng.submit(CopyJob(slot, [(0, torch.full((4,), 4.0))], nbytes=16))
+    eng.wait(again)
+    assert torch.equal(slot, torch.full((4,), 4.0))
+    # a prefetch already on the link (not withdrawable) whose memcpy still waits for the worker, then a
+    # demand copy into the same slot: the later copy's bytes win, as on a real link
+    blocker = eng.submit(CopyJob(torch.zeros(4), [(0, torch.ones(4))], nbytes=16))  # keeps the worker busy
+    early = eng.submit(CopyJob(slot, [(0, torch.full((4,), 5.0))], nbytes=16, demand=False))
+    time.sleep(0.005)
+    assert not eng.cancel(early)  # on the link already
+    late = eng.submit(CopyJob(slot, [(0, torch.full((4,), 6.0))], nbytes=16))
+    for t in (blocker, early, late):
+        eng.wait(t)
+    assert torch.equal(slot, torch.full((4,), 6.0))
+    # close() with a backlog returns; each waiter has its bytes or an error
+    backlog = [eng.submit(CopyJob(torch.zeros(4), [(0, torch.ones(4))], nbytes=16)) for _ in range(5)]
+    t0 = time.perf_counter()
+    eng.close()
+    assert time.perf_counter() - t0 < 5.0  # the copies already on the link finish their memcpys (0.1 s each)
+    for t in backlog:
+        try:
+            eng.wait(t)
+            assert torch.equal(t.job.dst, torch.ones(4))
+        except TransferError:
+            pass
+    # close() from the worker thread itself (a finalizer run by a collection there) neither waits nor hangs
+    eng2 = make_engine(torch.device("cpu"), link_bandwidth=1e9, expert_bytes=LARGE["worker"])
+    closing = []
+
+    def closes(self, job):
+        closing.append(1)
+        self.close()
+        original(self, job)
+
+    monkeypatch.setattr(EmulatedLinkEngine, "_copy", closes)
+    ticket = eng2.submit(CopyJob(torch.zeros(4), [(0, torch.ones(4))], nbytes=16))
+    eng2.wait(ticket)  # returns: the worker closed the engine mid-copy and finished the copy
+    assert closing and torch.equal(ticket.job.dst, torch.ones(4))
+
+
 def test_emulated_link_lets_an_interrupt_in_its_copy_through(monkeypatch):
     """The timeline copies on the caller's thread, so a Ctrl-C can land in its memcpy: it propagates
     (never stored as a copy error and lost), and the engine is left as it was."""
