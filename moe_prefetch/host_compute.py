@@ -27,6 +27,7 @@ import torch
 
 from .errors import MoePrefetchError
 from .store import ExpertStore
+from .transfer import sleep_until
 
 
 @dataclass
@@ -89,8 +90,6 @@ class HostExecutor:
             self._queue.put(job)
         return job
 
-    SPIN_S = 2e-4  # inline: the end of a wait spent yielding rather than asleep (a sleep overshoots ~70 us)
-
     def _run_inline(self, job: HostJob) -> None:
         t0 = time.perf_counter()
         try:
@@ -123,11 +122,7 @@ class HostExecutor:
     def result(self, job: HostJob) -> torch.Tensor:
         """The job's output on the compute device; waits for it (interruptibly)."""
         if self.inline:
-            now = time.perf_counter()
-            if job.ready_at - now > self.SPIN_S:
-                time.sleep(job.ready_at - now - self.SPIN_S)
-            while time.perf_counter() < job.ready_at:
-                time.sleep(0)  # yields the interpreter lock
+            sleep_until(job.ready_at)
         while not job.done.wait(0.5):
             if not self._thread.is_alive():
                 raise MoePrefetchError("the host compute thread died")

@@ -13,7 +13,6 @@ its cost model is refreshed from what the engine and the host executor measured.
 from __future__ import annotations
 
 import time
-from dataclasses import replace
 
 import torch
 
@@ -104,7 +103,8 @@ class ExpertOffloader:
         if ticket is not None and not ticket.done():
             self.stats.prefetch_late += 1
             if self.engine.cancel(ticket):  # still queued: move it to the demand queue
-                self._slot_copy[self.cache.lookup(key)] = self._track(key, self.engine.submit(replace(ticket.job, demand=True)))
+                self.stats.bytes_to_device -= ticket.job.nbytes  # counted again by its demand copy
+                self._submit(key, self.cache.lookup(key))
 
     def landed(self, layer: int, expert: int) -> bool:
         """The expert's bytes are in its slot (no copy outstanding); asks the engine, never waits."""

@@ -225,13 +225,30 @@ def _closed_ticket(job: CopyJob) -> Ticket:
     return ticket
 
 
+SPIN_S = 2e-4  # the end of an emulated wait spent yielding rather than asleep
+
+
+def sleep_until(end: float) -> None:
+    """Return at perf_counter() >= end: asleep, then yielding the interpreter lock for the last SPIN_S,
+    since a sleep overshoots by its timer slack (~70 us here) where a GPU's event wait returns on time."""
+    now = time.perf_counter()
+    if end - now > SPIN_S:
+        time.sleep(end - now - SPIN_S)
+    while time.perf_counter() < end:
+        time.sleep(0)
+
+
 class _HostCopies:
     """The CPU engines' copy of one job into its RAM slot: gather_copy with `threads` when the extension
     is loaded, numpy byte copies otherwise (byte_copy)."""
 
-    _ext = None
-    _ops = None
-    threads = 1
+    def _setup_copies(self, threads: int | None, native: bool | None, backend: str) -> None:
+        from . import _native
+
+        self._ops = _native
+        self.threads = threads or _native.default_threads()
+        self._ext = _native.extension() if native is not False else None  # fixed for the engine's life
+        self.backend = backend + ("native" if self._ext is not None else "ref")
 
     def _copy(self, job: CopyJob) -> None:  # overridable (tests inject failures here)
         check_fit(job)
@@ -251,13 +268,8 @@ class CPUThreadEngine(_HostCopies, TransferEngine):
     def __init__(self, threads: int | None = None, link_bandwidth: float | None = None, native: bool | None = None):
         if link_bandwidth is not None and not link_bandwidth > 0:
             raise MoePrefetchError(f"link bandwidth must be a positive number of bytes/s, got {link_bandwidth!r}")
-        from . import _native
-
-        self._ops = _native
-        self.threads = threads or _native.default_threads()
+        self._setup_copies(threads, native, "cpu-thread/")
         self.link_bandwidth = link_bandwidth
-        self._ext = _native.extension() if native is not False else None  # fixed for the engine's life
-        self.backend = "cpu-thread/" + ("native" if self._ext is not None else "ref")
         # link accounting: what moved, how long the copies really took, how long the link emulation slept
         self.bytes_copied = 0
         self.copy_seconds = 0.0
@@ -345,20 +357,14 @@ class EmulatedLinkEngine(_HostCopies, TransferEngine):
     size of the experts the engine will move) makes that choice once, for every copy.
     (Without an emulated link, CPUThreadEngine keeps every copy off the compute thread.)"""
 
-    SPIN_S = 2e-4  # the end of a wait spent yielding rather than asleep
     INLINE_MAX_BYTES = 1 << 20
 
     def __init__(self, link_bandwidth: float, threads: int | None = None, native: bool | None = None,
                  expert_bytes: int | None = None):
         if link_bandwidth is None or not link_bandwidth > 0:
             raise MoePrefetchError(f"link bandwidth must be a positive number of bytes/s, got {link_bandwidth!r}")
-        from . import _native
-
-        self._ops = _native
-        self.threads = threads or _native.default_threads()
+        self._setup_copies(threads, native, "cpu-link/")
         self.link_bandwidth = link_bandwidth
-        self._ext = _native.extension() if native is not False else None
-        self.backend = "cpu-link/" + ("native" if self._ext is not None else "ref")
         self.bytes_copied = 0      # bytes the link carried (withdrawn copies not counted)
         self.copies = 0            # copies the link carried
         self.link_seconds = 0.0    # the link time of those copies
@@ -457,13 +463,9 @@ class EmulatedLinkEngine(_HostCopies, TransferEngine):
     def wait(self, ticket: Ticket) -> float:
         if ticket.error is not None:
             raise _wrap(ticket)
-        t0 = now = time.perf_counter()
-        end = ticket.event.end if isinstance(ticket.event, _Landing) else t0
-        if end - now > self.SPIN_S:
-            time.sleep(end - now - self.SPIN_S)  # a sleep overshoots by its timer slack (~70 us here) ...
-        while now < end:  # ... so the last stretch yields instead, as a GPU's event wait returns on time
-            time.sleep(0)
-            now = time.perf_counter()
+        t0 = time.perf_counter()
+        if isinstance(ticket.event, _Landing):
+            sleep_until(ticket.event.end)
         if ticket.host is not None and self._worker is not None:  # and its memcpy, when a worker makes it
             self._worker.wait(ticket)
             if ticket.error is not None:
