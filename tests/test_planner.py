@@ -126,6 +126,26 @@ def test_plan_layer_runs_in_rounds_when_the_layer_needs_more_than_the_cache():
     assert [a.key[1] for a in second] == rest and second[0].evicted in {a.key for a in first}
 
 
+def test_a_run_starts_at_each_token_of_a_one_layer_model_and_not_at_another_round():
+    """A model with one MoE layer plans the same layer at every token: each is a run of its own (its uses
+    counted once, its recency groups moved, the token clock ticked), while a second round of one run
+    (the cache smaller than the layer's experts) is not."""
+    pl = make_planner(slots=2, layers=1, top_k=3, eviction="predictive")
+    pol = pl.policy
+    first = pl.plan_layer(0.0, 0, [0, 1, 2])
+    assert len(first) == 2
+    pl.release(first)
+    second = pl.plan_layer(1.0, 0, [e for e in (0, 1, 2) if (0, e) not in {a.key for a in first}])
+    pl.release(second)
+    assert pol._runs[0] == 1 and pol.layer_uses[0] == 3, "a second round is the same run"
+    for t in range(2, 5):
+        acts = pl.plan_layer(float(t), 0, [1, 2])
+        assert len(acts) == 2
+        pl.release(acts)
+    assert pol._runs[0] == 4 and pol.uses[(0, 1)] == 4 and pol.uses[(0, 0)] == 1 and pol.layer_uses[0] == 9
+    assert pl.switch._t0 == 4.0, "every token's first MoE layer ticks the prediction switch"
+
+
 def test_wait_for_a_prefetch_in_flight_and_promotion_to_demand():
     pl = make_planner(slots=4, layers=4, eviction="lru", budget_experts=4, gate=False)
     acts = pl.plan_prefetch(0.0, 0, [(1, 1, {5: 0.5}), (2, 2, {6: 0.5})], protected=set())
@@ -501,14 +521,18 @@ def test_planner_skips_prediction_in_off_epochs_and_never_switches_ungated():
     assert always.switch is None and always.worth_predicting(0.0)
 
 
-@pytest.mark.parametrize("scan_max", [0, 4, 10_000], ids=["heaps", "mixed", "layer-scans"])
-def test_predictive_policy_per_layer_heaps_agree_with_the_plain_scan(scan_max, monkeypatch):
+@pytest.mark.parametrize("scan_max,flat_max", [(0, 0), (4, 0), (10_000, 0), (0, 10_000), (0, 17)],
+                         ids=["heaps", "mixed", "layer-scans", "ranked", "ranked-and-heaps"])
+def test_predictive_policy_per_layer_heaps_agree_with_the_plain_scan(scan_max, flat_max, monkeypatch):
     """PredictivePolicy.victim (one heap per layer plus the predicted keys, or a scan of a layer holding few
-    experts: SCAN_MAX) picks what victim_ref (a pass over every resident key) picks, ties and clamped
-    probabilities included, as positions, uses, predictions, pins and protected keys change."""
+    experts: SCAN_MAX, or for a small cache each layer's keys ranked: FLAT_MAX) picks what victim_ref (a
+    pass over every resident key) picks, ties and clamped probabilities included, as positions, uses,
+    predictions, pins and protected keys change; "ranked-and-heaps" switches between the two as the
+    cache fills past FLAT_MAX and drains below it."""
     import random
 
     monkeypatch.setattr(PredictivePolicy, "SCAN_MAX", scan_max)
+    monkeypatch.setattr(PredictivePolicy, "FLAT_MAX", flat_max)
 
     from conftest import insert_checking_victim
 
@@ -527,6 +551,9 @@ def test_predictive_policy_per_layer_heaps_agree_with_the_plain_scan(scan_max, m
                 pol.predicted[key] = rng.choice([0.0, 0.5, 0.999, 1.0, rng.random()])
         if rng.random() < 0.2 and pol.predicted:
             del pol.predicted[rng.choice(list(pol.predicted))]
+        if step % 400 == 200:  # failed copies: the cache drains below FLAT_MAX and refills past it
+            for gone in rng.sample(sorted(cache.keys()), 6):
+                cache.remove(gone)
         key = (rng.randrange(L), rng.randrange(E) if rng.random() < 0.7 else rng.randrange(3))  # skewed uses
         if rng.random() < 0.9:
             pol.record_use(key)
@@ -546,6 +573,36 @@ def test_predictive_policy_per_layer_heaps_agree_with_the_plain_scan(scan_max, m
     everything = set(cache.keys())
     assert pol.use_probability((0, 1)) == pol.use_probability((0, 3)) == PredictivePolicy.P_MIN
     assert pol.victim(everything) == pol.victim_ref(everything) == (0, 3), "clamped tie: the least recently used"
+
+
+def test_predictive_policy_start_run_that_records_counts_as_record_use_does():
+    """start_run(record=True), the planner's one pass per layer run, leaves the policy exactly as
+    start_run() followed by record_use() of each expert does: uses, the layer's totals, the squares
+    its fit sums from, the recency groups and the fits themselves, so victims agree as well."""
+    import random
+
+    rng = random.Random(3)
+    L, E, k = 3, 8, 2
+    one, two = (PredictivePolicy({j: j for j in range(L)}, top_k=k, num_experts=E) for _ in range(2))
+    caches = [ExpertCache(10, pol) for pol in (one, two)]
+    for step in range(600):
+        layer = step % L
+        used = rng.sample(range(E), rng.choice([k, k, 3]))
+        one.start_run(layer, used, record=True)
+        two.start_run(layer, used)
+        for e in used:
+            two.record_use((layer, e))
+        for pol, cache in zip((one, two), caches):
+            pol.position = layer
+            for e in used:
+                if (layer, e) in cache:
+                    cache.touch((layer, e))
+                else:
+                    cache.insert((layer, e), protected={(layer, x) for x in used})
+        state = [(dict(p.uses), dict(p.layer_uses), dict(p._sq), dict(p._last), dict(p._runs), dict(p._fit),
+                  {layer: dict(r) for layer, r in p._recent.items()}) for p in (one, two)]
+        assert state[0] == state[1], step
+        assert sorted(caches[0].keys()) == sorted(caches[1].keys()), step
 
 
 def test_predictive_policy_learns_how_recency_predicts_use():
