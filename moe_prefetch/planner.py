@@ -587,20 +587,25 @@ class PredictivePolicy(LRUPolicy):
     SCAN_MAX = 8  # resident experts of a layer up to which a plain scan finds its best faster than the heaps
 
     def _layer_scan(self, layer, candidates):
-        """_layer_best() by a pass over the layer's resident keys, each one's P as use_probability() gives
-        it (its recency group's line at its frequency, blended with its prediction, clamped): the
-        definition the heaps shortcut, for a layer with few experts in the cache (8-expert models), where
-        a few multiplications per key cost less than keeping and walking a heap per recency group. Its
-        keys' heap entries are renewed when the heaps are next walked (_flush), so the two paths mix."""
+        """_layer_best() by a pass over the layer's resident keys (_scored): the definition the heaps
+        shortcut, for a layer with few experts in the cache (8-expert models), where a few
+        multiplications per key cost less than keeping and walking a heap per recency group. Its keys'
+        heap entries are renewed when the heaps are next walked (_flush), so the two paths mix."""
+        best = min((e for e in self._scored(layer) if candidates is None or e[2] in candidates), default=None)
+        return None if best is None else (-best[0], best[1], best[2])
+
+    def _scored(self, layer) -> list:
+        """The layer's resident keys as (-h, stamp, key), h = L x (1 - p) / p their next use beyond their
+        layer's distance, each key's P as use_probability() gives it (its recency group's line at its
+        frequency, blended with its prediction, clamped), with the lookups hoisted out of the pass: the
+        smallest entry is the layer's best victim, ties to the least recently used."""
         n, stamps, uses, predicted = self.n, self._stamp, self.uses, self.predicted
         last_of, run, gaps, old, never = self._last, self._runs[layer], self.GAPS, self.OLD, self.NEVER
         t1 = self.layer_uses[layer] / self.top_k + 1.0
         p_min, p_max = self.P_MIN, self.P_MAX
         lines = {}
-        best = None
+        scored = []
         for k in self._resident[layer]:
-            if candidates is not None and k not in candidates:
-                continue
             last = last_of.get(k)
             group = never if last is None else (old if run - last >= gaps else last)
             line = lines.get(group)
@@ -609,11 +614,9 @@ class PredictivePolicy(LRUPolicy):
             p = line[0] + line[1] * ((uses[k] + 0.5) / t1)
             if k in predicted:
                 p = 0.5 * predicted[k] + 0.5 * p
-            p = min(p_max, max(p, p_min))
-            h, s = n * (1.0 - p) / p, stamps[k]
-            if best is None or h > best[0] or (h == best[0] and s < best[1]):
-                best = (h, s, k)
-        return best
+            p = p_max if p > p_max else (p_min if p < p_min else p)
+            scored.append((-(n * (1.0 - p) / p), stamps[k], k))
+        return scored
 
     TOL = 1e-6  # layers: a heap key's rounding (A + h in floats) is far below it
 
@@ -638,7 +641,7 @@ class PredictivePolicy(LRUPolicy):
                        if entry is not None for a in (self._next_run(layer),)]
             heapq.heapify(heap)
 
-    FLAT_MAX = 64  # resident experts up to which victim() is one pass over them (_victim_flat)
+    FLAT_MAX = 64  # resident experts up to which victim() walks each layer's ranking (_victim_flat) instead of the heaps
 
     def victim(self, candidates):
         """The layers are looked at by when their best key would next be needed, latest first, until no
@@ -677,26 +680,9 @@ class PredictivePolicy(LRUPolicy):
         return best
 
     def _rank(self, layer) -> list:
-        """The layer's resident keys as (-h, stamp, key), best victim first: h = L x (1 - p) / p its next use
-        beyond its layer's distance, each key's P as use_probability() gives it, ties to the least
-        recently used. Kept until something of the layer changes (_unpick)."""
-        n, stamps, uses, predicted = self.n, self._stamp, self.uses, self.predicted
-        last_of, run, gaps, old, never = self._last, self._runs[layer], self.GAPS, self.OLD, self.NEVER
-        t1 = self.layer_uses[layer] / self.top_k + 1.0
-        p_min, p_max = self.P_MIN, self.P_MAX
-        lines = {}
-        ranked = []
-        for k in self._resident[layer]:
-            last = last_of.get(k)
-            group = never if last is None else (old if run - last >= gaps else last)
-            line = lines.get(group)
-            if line is None:
-                line = lines[group] = self._line((layer, group if group in (old, never) else run - group))
-            p = line[0] + line[1] * ((uses[k] + 0.5) / t1)
-            if k in predicted:
-                p = 0.5 * predicted[k] + 0.5 * p
-            p = p_max if p > p_max else (p_min if p < p_min else p)
-            ranked.append((-(n * (1.0 - p) / p), stamps[k], k))
+        """The layer's resident keys as (-h, stamp, key), best victim first (_scored, sorted). Kept until
+        something of the layer changes (_unpick)."""
+        ranked = self._scored(layer)
         ranked.sort()
         return ranked
 
@@ -705,8 +691,11 @@ class PredictivePolicy(LRUPolicy):
         their heap cost more to keep and walk than the layers are to rank: each layer's resident keys
         are ranked once (_rank) and kept until something of the layer changes, so a victim re-ranks the
         one or two layers the last plan touched and takes, per layer, its first key that may be evicted,
-        then the one needed last of those (its layer's distance plus h). Measured in the simulator's
-        replay of the demo's trace, 24 slots: 41 -> 12 us per victim."""
+        then the one needed last of those (its layer's distance plus h). With the run's uses counted
+        before its first victim (start_run(record=True)), a victim re-ranks about one layer, not two or
+        three. In the simulator's replay of the demo's trace (12-36 slots) planning fell 7-15% per
+        layer; on Mixtral's and DeepSeek-V2-Lite's shapes (64-832 slots) the two ways tie within noise,
+        as a victim here walks every layer where the heaps stop after a few."""
         ranks, stale = self._ranks, self._unranked
         for layer in stale:
             ranks[layer] = self._rank(layer)
