@@ -796,7 +796,6 @@ class Planner:
         self.demand_pressure = 0.0     # EMA of demand copies per layer
         self.link_traffic = 0.0        # EMA of all copies (demand + prefetch) per layer: link utilisation
         self._sent = 0                 # prefetches sent since the last layer
-        self._traffic_layer = None     # the layer link_traffic was last updated for
         self.keeps: list[Action] = []  # background copies of host-computed experts (take_keeps())
         # Realised value of the planner's own prefetches, against the P it expected (decaying sums):
         # a prefetch counts as good when it is used with its bytes landed (with host compute a late
@@ -854,7 +853,8 @@ class Planner:
         predictive = isinstance(self.policy, PredictivePolicy)
         # another round of the same run asks for what the last round left; anything else starts a run (a
         # model with one MoE layer runs the same layer at every token)
-        if layer != self._layer_seen or not self._round_left.issuperset(experts):
+        new_run = layer != self._layer_seen or not self._round_left.issuperset(experts)
+        if new_run:
             if predictive:  # the first round holds all the layer's routed experts: their uses are counted
                 self.policy.start_run(layer, experts, record=True)  # before any victim, so the layer is ranked once
             if self._layer_start is not None and 0.0 < now - self._layer_start < PredictionSwitch.MAX_GAP_S:
@@ -915,8 +915,7 @@ class Planner:
             actions.append(Action("copy", key, slot, evicted, rows=n))
         self._round_left = set(experts).difference([a.key[1] for a in actions])
         self.demand_pressure = 0.9 * self.demand_pressure + 0.1 * copies
-        if layer != self._traffic_layer:  # once per layer, not per round
-            self._traffic_layer = layer
+        if new_run:  # once per layer, not per round
             self.link_traffic = 0.9 * self.link_traffic + 0.1 * (copies + self._sent)
             self._sent = 0
         for a in actions:

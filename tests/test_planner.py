@@ -128,8 +128,8 @@ def test_plan_layer_runs_in_rounds_when_the_layer_needs_more_than_the_cache():
 
 def test_a_run_starts_at_each_token_of_a_one_layer_model_and_not_at_another_round():
     """A model with one MoE layer plans the same layer at every token: each is a run of its own (its uses
-    counted once, its recency groups moved, the token clock ticked), while a second round of one run
-    (the cache smaller than the layer's experts) is not."""
+    counted once, its recency groups moved, the link's traffic averaged, the token clock ticked), while
+    a second round of one run (the cache smaller than the layer's experts) is not."""
     pl = make_planner(slots=2, layers=1, top_k=3, eviction="predictive")
     pol = pl.policy
     first = pl.plan_layer(0.0, 0, [0, 1, 2])
@@ -138,10 +138,13 @@ def test_a_run_starts_at_each_token_of_a_one_layer_model_and_not_at_another_roun
     second = pl.plan_layer(1.0, 0, [e for e in (0, 1, 2) if (0, e) not in {a.key for a in first}])
     pl.release(second)
     assert pol._runs[0] == 1 and pol.layer_uses[0] == 3, "a second round is the same run"
+    traffic = [pl.link_traffic]
     for t in range(2, 5):
         acts = pl.plan_layer(float(t), 0, [1, 2])
         assert len(acts) == 2
         pl.release(acts)
+        traffic.append(pl.link_traffic)
+    assert traffic[0] > 0 and len(set(traffic)) == 4, f"the link's traffic is a moving average per run: {traffic}"
     assert pol._runs[0] == 4 and pol.uses[(0, 1)] == 4 and pol.uses[(0, 0)] == 1 and pol.layer_uses[0] == 9
     assert pl.switch._t0 == 4.0, "every token's first MoE layer ticks the prediction switch"
 
