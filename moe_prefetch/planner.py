@@ -245,8 +245,9 @@ class PredictivePolicy(LRUPolicy):
     advanced, plus h): a victim looks at layers latest first and stops at the first that cannot beat the
     best candidate found, so it costs a few layers, not a pass over all of them (32 to 48 on Mixtral,
     DeepSeek or Qwen3 shapes). A layer holding at most SCAN_MAX experts (any layer of an 8-expert model)
-    finds its best by a pass over them instead of its heaps: the same answer, for less there.
-    victim_ref() is the plain scan it must agree with, ties included."""
+    finds its best by a pass over them instead of its heaps: the same answer, for less there. A cache
+    of at most FLAT_MAX experts keeps each layer's experts ranked instead (_victim_flat), re-ranked only
+    when that layer changes. victim_ref() is the plain scan every path must agree with, ties included."""
 
     name = "predictive"
     P_MIN, P_MAX = 1e-3, 1.0  # use_probability's clamp
