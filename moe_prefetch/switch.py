@@ -71,6 +71,8 @@ class MeasuredSwitch:
         self.mean[self.arm] = t if m is None else 0.5 * m + 0.5 * t
         self.epochs[self.arm] += 1
         self._tokens, self._seconds = 0, 0.0
+        if not self._schedule and None in (self.mean[True], self.mean[False]):
+            self._schedule = [self.mean[True] is None]  # an opening without both arms: measure the other first
         if not self._schedule:
             best = self.best()
             on, off = self.mean[True], self.mean[False]

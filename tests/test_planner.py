@@ -455,6 +455,18 @@ def test_prediction_switch_keeps_the_faster_arm(on, off, expect):
     assert sw.epochs[not expect] >= 2  # it kept re-testing the other arm
 
 
+@pytest.mark.parametrize("opening", [(True,), (False, False)])
+def test_a_switch_opened_on_one_arm_measures_the_other_before_deciding(opening):
+    """A measured switch whose opening runs only one arm tests the other before its first decision,
+    rather than comparing with a mean it does not have; then it keeps the faster arm."""
+    from moe_prefetch.switch import MeasuredSwitch
+
+    sw = MeasuredSwitch(opening=opening)
+    arms = _drive_switch(sw, 1.0e-3, 1.3e-3, 200)
+    assert sw.epochs[True] >= 1 and sw.epochs[False] >= 1 and sw.best() is True
+    assert sum(arms[100:]) / len(arms[100:]) >= 0.85
+
+
 def test_prediction_switch_follows_a_regime_change_and_ignores_prefill_and_pauses():
     from moe_prefetch.planner import PredictionSwitch
 
