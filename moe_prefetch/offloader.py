@@ -199,9 +199,8 @@ class ExpertOffloader:
         self._last_plan = now
         c = self.planner.costs
         transfer_s = getattr(self.engine, "seconds_per_copy", lambda: None)() or c.transfer_s
-        host_s = c.host_s
-        if self.host is not None and self.host.seconds_per_job() is not None:
-            host_s = self.host.seconds_per_job()
+        measured = self.host.seconds_per_job() if self.host is not None else None  # asked once per layer
+        host_s = c.host_s if measured is None else measured
         layer_s = c.layer_s if self._layer_gap is None else max(self._layer_gap - self.planner.top_k * c.expert_s, 0.0)
         if (transfer_s, host_s, layer_s) != (c.transfer_s, c.host_s, c.layer_s):
             self.planner.set_costs(Costs(layer_s, c.expert_s, transfer_s, host_s))

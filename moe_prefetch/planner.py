@@ -270,7 +270,7 @@ class PredictivePolicy(LRUPolicy):
         self.predicted: dict = _Predictions(self._changed)  # key -> calibrated P of use at its next run
         self._picks: dict = {}                     # layer -> (h, stamp, key) of its groups' best (or None), while nothing of it changed
         self._unpicked: set = set()                # layers whose pick changed since victim() last looked
-        self._ranks: dict = {}                     # layer -> its resident keys ranked (_rank), small caches only
+        self._ranks: dict = {}                     # layer -> its resident keys' _scored() entries, sorted (small caches)
         self._unranked: set = set()                # layers changed since _victim_flat() last ranked them
         # max-heap of the layers' picks by when their key would next be needed, g + distance + h, as
         # (-(A + h), stamp, layer, A, pick) with A the layer's next run; an entry holds while its pick is
@@ -307,11 +307,13 @@ class PredictivePolicy(LRUPolicy):
                 a = self._next_run(layer)
                 heapq.heappush(self._by_next_use, (-(a + entry[0]), entry[1], layer, a, entry))
 
-    def _unpick(self, layer) -> None:
-        """Something of `layer` changed: its best key is found again when a victim is next asked for."""
+    def _unpick(self, layer, rerank: bool = True) -> None:
+        """Something of `layer` changed: its best key is found again when a victim is next asked for.
+        rerank False: the others' P did not move, so the layer's ranking holds (_rank_one, _victim_flat)."""
         self._picks.pop(layer, None)
         self._unpicked.add(layer)
-        self._unranked.add(layer)
+        if rerank:
+            self._unranked.add(layer)
 
     # ---- recency groups ----------------------------------------------------------------------
     def _group(self, key):
@@ -442,11 +444,8 @@ class PredictivePolicy(LRUPolicy):
         read (a hit changes all three in one plan, so this pushes once, not three times). rerank False:
         only its stamp changed or it came in, and the layer's ranking takes its new entry (_rank_one)."""
         layer = key[0]
-        self._picks.pop(layer, None)
-        self._unpicked.add(layer)
-        if rerank:
-            self._unranked.add(layer)
-        else:
+        self._unpick(layer, rerank)
+        if not rerank:
             self._rank_one(key)
         self._dirty[layer].add(key)
 
@@ -494,8 +493,7 @@ class PredictivePolicy(LRUPolicy):
     def on_remove(self, key):
         super().on_remove(key)
         self._resident[key[0]].discard(key)
-        self._picks.pop(key[0], None)  # _unpick(), but the layer's ranking holds: the others' P did not move,
-        self._unpicked.add(key[0])     # and _victim_flat() skips a key no longer resident
+        self._unpick(key[0], rerank=False)  # _victim_flat() skips a key no longer resident
 
     def record_use(self, key) -> None:
         if key in self._last:
@@ -680,17 +678,10 @@ class PredictivePolicy(LRUPolicy):
             raise CacheFullError("no evictable expert")
         return best
 
-    def _rank(self, layer) -> list:
-        """The layer's resident keys as (-h, stamp, key), best victim first (_scored, sorted). Kept until
-        something of the layer changes (_unpick)."""
-        ranked = self._scored(layer)
-        ranked.sort()
-        return ranked
-
     def _victim_flat(self, candidates):
         """victim() for a small cache (tens of slots: an 8-expert model), where the per-layer picks and
         their heap cost more to keep and walk than the layers are to rank: each layer's resident keys
-        are ranked once (_rank) and kept until something of the layer changes, so a victim re-ranks the
+        are ranked once (_scored, sorted) and kept until something of the layer changes, so a victim re-ranks the
         one or two layers the last plan touched and takes, per layer, its first key that may be evicted,
         then the one needed last of those (its layer's distance plus h). With the run's uses counted
         before its first victim (start_run(record=True)), a victim re-ranks about one layer, not two or
@@ -699,7 +690,7 @@ class PredictivePolicy(LRUPolicy):
         as a victim here walks every layer where the heaps stop after a few."""
         ranks, stale = self._ranks, self._unranked
         for layer in stale:
-            ranks[layer] = self._rank(layer)
+            ranks[layer] = sorted(self._scored(layer))
         stale.clear()
         if isinstance(candidates, Evictable):  # every ranked key is resident: only pins and protection to check
             pins, protected = candidates._cache._pins, candidates._protected
@@ -712,7 +703,7 @@ class PredictivePolicy(LRUPolicy):
         for layer, ranked in ranks.items():
             for neg_h, s, k in ranked:
                 if stamps.get(k) != s:
-                    continue  # evicted since the layer was ranked (a key inserted again re-ranks its layer)
+                    continue  # evicted or touched since: stale (a key back in has an entry with its new stamp)
                 if (k in allowed) if allowed is not None else (k not in pins and k not in protected):
                     t = ((positions[layer] - pos) % n or n) - neg_h
                     if t > best_t or (t == best_t and s < best_s):
