@@ -254,8 +254,12 @@ class PredictivePolicy(LRUPolicy):
     GAPS = 2                  # recency buckets: used at the last run, 2 or more runs ago (OLD), never
     OLD, NEVER = "old", "never"
 
-    def __init__(self, positions: dict[int, int], top_k: int, num_experts: int | None = None, recency: bool = True):
+    def __init__(self, positions: dict[int, int], top_k: int, num_experts: int | None = None, recency: bool = True,
+                 slots: int | None = None):
         super().__init__()
+        # slots: the cache's size where known. One of at most FLAT_MAX experts never walks the heaps
+        # (victim() ranks each layer instead), so their bookkeeping is not kept
+        self._heaped = slots is None or slots > self.FLAT_MAX
         self.recency = recency      # False: P = f in every bucket (frequency alone, the rule before recency)
         self.positions = positions  # layer id -> position in execution order
         self.n = len(positions)
@@ -415,11 +419,12 @@ class PredictivePolicy(LRUPolicy):
         recent[r] = keys
         runs[layer] = r + 1
         aged = recent.pop(r + 1 - gaps, None)  # now GAPS runs ago: that group joins OLD
-        if aged is not None:
-            self._heaps[layer].pop(r + 1 - gaps, None)
-            keys = aged | keys
-        stamps = self._stamp
-        self._dirty[layer].update([key for key in keys if key in stamps])  # their heap entries, renewed lazily
+        if self._heaped:
+            if aged is not None:
+                self._heaps[layer].pop(r + 1 - gaps, None)
+                keys = aged | keys
+            stamps = self._stamp
+            self._dirty[layer].update([key for key in keys if key in stamps])  # their heap entries, renewed lazily
 
     # ---- eviction state ----------------------------------------------------------------------
     def _changed(self, key) -> None:
@@ -447,7 +452,8 @@ class PredictivePolicy(LRUPolicy):
         self._unpick(layer, rerank)
         if not rerank:
             self._rank_one(key)
-        self._dirty[layer].add(key)
+        if self._heaped:
+            self._dirty[layer].add(key)
 
     def _rank_one(self, key) -> None:
         """`key` came in or was touched, nothing else of its layer changed: its entry joins the layer's
@@ -647,7 +653,7 @@ class PredictivePolicy(LRUPolicy):
         layer left can beat the best candidate found: usually one or two layers, not all of them. A
         layer's best key that may not be evicted now gives way to its best among the candidates, which
         is needed no later. A cache of at most FLAT_MAX experts is scanned instead (_victim_flat)."""
-        if len(self._stamp) <= self.FLAT_MAX:
+        if not self._heaped or len(self._stamp) <= self.FLAT_MAX:
             return self._victim_flat(candidates)
         self._refresh()
         heap, picks = self._by_next_use, self._picks
@@ -778,7 +784,7 @@ class Planner:
         self.budget = budget_experts or top_k
         self.gate = gate
         if policy is None:
-            policy = PredictivePolicy(self.positions, top_k, num_experts) if eviction == "predictive" else make_policy(eviction)
+            policy = PredictivePolicy(self.positions, top_k, num_experts, slots=n_slots) if eviction == "predictive" else make_policy(eviction)
         self.policy = policy
         self.cache = ExpertCache(n_slots, policy)
         self.link = link or Link(costs.transfer_s)  # the simulator passes one that also counts copies

@@ -536,14 +536,16 @@ def test_planner_skips_prediction_in_off_epochs_and_never_switches_ungated():
     assert always.switch is None and always.worth_predicting(0.0)
 
 
-@pytest.mark.parametrize("scan_max,flat_max", [(0, 0), (4, 0), (10_000, 0), (0, 10_000), (0, 17)],
-                         ids=["heaps", "mixed", "layer-scans", "ranked", "ranked-and-heaps"])
-def test_predictive_policy_per_layer_heaps_agree_with_the_plain_scan(scan_max, flat_max, monkeypatch):
+@pytest.mark.parametrize("scan_max,flat_max,sized", [(0, 0, False), (4, 0, False), (10_000, 0, False),
+                                                      (0, 10_000, False), (0, 17, False), (0, 20, True)],
+                         ids=["heaps", "mixed", "layer-scans", "ranked", "ranked-and-heaps", "ranked-sized"])
+def test_predictive_policy_per_layer_heaps_agree_with_the_plain_scan(scan_max, flat_max, sized, monkeypatch):
     """PredictivePolicy.victim (one heap per layer plus the predicted keys, or a scan of a layer holding few
     experts: SCAN_MAX, or for a small cache each layer's keys ranked: FLAT_MAX) picks what victim_ref (a
     pass over every resident key) picks, ties and clamped probabilities included, as positions, uses,
     predictions, pins and protected keys change; "ranked-and-heaps" switches between the two as the
-    cache fills past FLAT_MAX and drains below it."""
+    cache fills past FLAT_MAX and drains below it; "ranked-sized" is told the cache's size (as the planner
+    tells it), which never exceeds FLAT_MAX, so it keeps no heaps at all."""
     import random
 
     monkeypatch.setattr(PredictivePolicy, "SCAN_MAX", scan_max)
@@ -553,7 +555,7 @@ def test_predictive_policy_per_layer_heaps_agree_with_the_plain_scan(scan_max, f
 
     rng = random.Random(7)
     L, E, k = 5, 12, 2
-    pol = PredictivePolicy({j: j for j in range(L)}, top_k=k, num_experts=E)
+    pol = PredictivePolicy({j: j for j in range(L)}, top_k=k, num_experts=E, slots=20 if sized else None)
     cache = ExpertCache(20, pol)
     checked = 0
     for step in range(4000):
@@ -577,6 +579,9 @@ def test_predictive_policy_per_layer_heaps_agree_with_the_plain_scan(scan_max, f
             continue
         checked += insert_checking_victim(cache, key, rng, step, max_protected=4)
     assert checked > 1000
+    assert (not pol._heaps and not pol._dirty) if sized else pol._dirty, "heap bookkeeping only where heaps can be walked"
+    if sized:  # the planner tells its policy the cache's size
+        assert not make_planner(PredictivePolicy.FLAT_MAX).policy._heaped and make_planner(PredictivePolicy.FLAT_MAX + 1).policy._heaped
     # a long run of one layer: rarely used resident experts reach the lower clamp and tie there
     pol = PredictivePolicy({0: 0}, top_k=1)
     cache = ExpertCache(4, pol)
