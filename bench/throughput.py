@@ -274,14 +274,16 @@ def main(argv=None) -> int:
     trace_path = out / f"oracle_routing{args.tag}.npz"
     save_routing(trace, trace_path, meta=routing_meta(rec))
 
-    DEFAULT = f"default (no flags): {auto} K=2, predictive, gated"
+    DEFAULT = f"default (no flags): {auto} K=2, auto eviction, gated"
     def policies(slots):
         """(name, predictor, eviction, host compute, loading kwargs); default-config row flagged by name."""
         none = dict(predictor="none")
         host = dict(host_bandwidth=host_bw, host_compute="on")
         rows = [("LRU, no prefetch", none | dict(eviction="lru")),
                 ("LFU, no prefetch", none | dict(eviction="lfu")),
-                ("predictive eviction, no prefetch", none | dict(eviction="predictive"))]
+                ("predictive eviction, no prefetch", none | dict(eviction="predictive")),
+                # the default eviction: predictive while it pays for its planning, else LFU's rule
+                ("auto eviction, no prefetch", none | dict(eviction="auto"))]
         if not no_routers:
             rows.append(("LRU + next-gate K=1, ungated (mixtral-offloading paper)",
                          dict(predictor="next-gate", lookahead=1, eviction="lru", prefetch_gate=False)))
@@ -295,10 +297,11 @@ def main(argv=None) -> int:
         rows.append(("oracle K=2, predictive, gated", oracle))
         rows += [("LFU, no prefetch, host compute", none | dict(eviction="lfu") | host),
                  ("predictive eviction, no prefetch, host compute", none | dict(eviction="predictive") | host),
+                 ("auto eviction, no prefetch, host compute", none | dict(eviction="auto") | host),
                  # its twin with the keep rule fixed (the row above measures which keep rule pays: KeepSwitch)
                  ("predictive eviction, no prefetch, host compute, keeps on frequency",
                   none | dict(eviction="predictive", keep_rule="frequency") | host),
-                 (f"{auto} K=2, predictive, gated, host compute", dict(predictor=auto, lookahead=2) | host),
+                 (f"{auto} K=2, auto eviction, gated, host compute", dict(predictor=auto, lookahead=2) | host),
                  # the next token's layers a whole token ahead: what pays where routing sticks across tokens
                  (f"history K={L} (a whole token ahead), predictive, gated, host compute",
                   dict(predictor="history", lookahead=L, eviction="predictive") | host)]
@@ -327,7 +330,7 @@ def main(argv=None) -> int:
     for (name, slots, kw), rs in zip(plan, runs):
         median = sorted(rs, key=lambda r: r["tokens_per_s"])[(len(rs) - 1) // 2]
         results.append(dict(policy=name, cache=slots / (L * E), predictor=kw.get("predictor", auto),
-                            eviction=kw.get("eviction", "predictive"), host_compute=kw.get("host_compute") == "on",
+                            eviction=kw.get("eviction", "auto"), host_compute=kw.get("host_compute") == "on",
                             **median, tokens_per_s_rounds=[r["tokens_per_s"] for r in rs]))
     from transformers import AutoModelForCausalLM
 
@@ -350,7 +353,7 @@ def main(argv=None) -> int:
                                  args.sequences * args.seq_len, args.predictor_path, progress=False)
         rec_model.moe_runtime.close()
         check_set = [("LRU, no prefetch", Policy("lru", eviction="lru"), dict(predictor="none", eviction="lru")),
-                     (DEFAULT, Policy("default", auto, 2, eviction="predictive"), {}),
+                     (DEFAULT, Policy("default", auto, 2, eviction="auto"), {}),
                      ("predictive eviction, no prefetch, host compute",
                       Policy("host", eviction="predictive", host_compute=True), dict(predictor="none"))]
         if args.predictor_path and not no_routers:
@@ -421,7 +424,7 @@ def main(argv=None) -> int:
 
 HOST_TWIN = "predictive eviction, no prefetch, host compute"  # the host-compute rows' no-predictor twin
 # the row of --host-compute on with every other option at its default (its name carries the default's predictor)
-DEFAULT_HOST = tuple(f"{p} K=2, predictive, gated, host compute" for p in ("next-gate", "history"))
+DEFAULT_HOST = tuple(f"{p} K=2, auto eviction, gated, host compute" for p in ("next-gate", "history"))
 
 
 def targets(results: list[dict]) -> list[dict]:

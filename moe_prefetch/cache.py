@@ -94,38 +94,49 @@ class LFUPolicy(LRUPolicy):
         super().on_insert(key)
         self.count_use(key)
 
-    def _live(self, entry) -> bool:
-        count, stamp, key = entry
-        return self._stamp.get(key) == stamp and self.counts[key] == count
-
     def victim(self, candidates):
-        heap, aside, found = self._heap, [], None
-        while heap:
-            if not self._live(heap[0]):
-                heapq.heappop(heap)
-            elif heap[0][2] in candidates:
-                found = heap[0][2]
-                break
-            else:
-                aside.append(heapq.heappop(heap))  # pinned or protected now: back in afterwards
-        for entry in aside:
-            heapq.heappush(heap, entry)
-        if len(heap) > 4 * len(self._stamp) + 64:  # mostly stale: rebuild from the resident keys
-            self._heap = [(self.counts[k], t, k) for k, t in self._stamp.items()]
-            heapq.heapify(self._heap)
+        found, self._heap = fewest_uses(self._heap, self.counts, self._stamp, candidates)
         if found is None:
             raise CacheFullError("no evictable expert")
         return found
 
     def victim_ref(self, candidates):
         """The definition: the fewest uses, ties to the least recently used."""
-        best, best_count = None, None
-        for key in self._order:  # oldest first, so ties resolve to LRU
-            if key in candidates and (best_count is None or self.counts[key] < best_count):
-                best, best_count = key, self.counts[key]
-        if best is None:
-            raise CacheFullError("no evictable expert")
-        return best
+        return fewest_uses_ref(self._order, self.counts, candidates)
+
+
+def fewest_uses(heap: list, counts, stamps: dict, candidates) -> tuple:
+    """LFU's victim: the candidate with the fewest uses, ties to the least recently used, from a lazy heap
+    of (uses, stamp, key), one entry pushed whenever a resident key's uses or stamp change (older entries
+    are stale and dropped as they surface). Returns (the key or None, the heap: rebuilt from the resident
+    keys, `stamps`, when mostly stale)."""
+    aside, found = [], None
+    while heap:
+        count, stamp, key = heap[0]
+        if stamps.get(key) != stamp or counts[key] != count:
+            heapq.heappop(heap)
+        elif key in candidates:
+            found = key
+            break
+        else:
+            aside.append(heapq.heappop(heap))  # pinned or protected now: back in afterwards
+    for entry in aside:
+        heapq.heappush(heap, entry)
+    if len(heap) > 4 * len(stamps) + 64:
+        heap = [(counts[k], t, k) for k, t in stamps.items()]
+        heapq.heapify(heap)
+    return found, heap
+
+
+def fewest_uses_ref(order, counts, candidates):
+    """fewest_uses() by a pass over the resident keys, oldest first (so ties resolve to LRU)."""
+    best, best_count = None, None
+    for key in order:
+        if key in candidates and (best_count is None or counts[key] < best_count):
+            best, best_count = key, counts[key]
+    if best is None:
+        raise CacheFullError("no evictable expert")
+    return best
 
 
 POLICIES = {"lru": LRUPolicy, "lfu": LFUPolicy}

@@ -17,9 +17,10 @@ def add_loading_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device-memory", type=str, help="memory budget on the device for dense weights, expert cache and "
                    "reserve, e.g. 512MiB, 12GiB, 12GB (default: free GPU memory / 80%% of available RAM)")
     p.add_argument("--expert-cache", type=int, help="number of expert slots in the cache (overrides the budget-derived size)")
-    p.add_argument("--eviction", default="predictive", choices=EVICTION_POLICIES,
-                   help="expert cache eviction: predictive (default: evict the expert expected to be needed last, from "
-                   "predictions and frequency), lru or lfu")
+    p.add_argument("--eviction", default="auto", choices=EVICTION_POLICIES,
+                   help="expert cache eviction: predictive (evict the expert expected to be needed last, from "
+                   "predictions, frequency and recency), lru, lfu, or auto (default: predictive while the misses it "
+                   "saves are worth more than its planning time, LFU's cheaper rule where they are not)")
     p.add_argument("--predictor", default="auto", choices=PREDICTORS,
                    help="what drives prefetching: none (demand only), next-gate, history, m2r2 (trained, needs "
                    "--predictor-path), oracle (replays a routing trace given by --predictor-path); default auto: "

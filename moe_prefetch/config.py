@@ -47,7 +47,7 @@ def format_size(n: int) -> str:
 DTYPES = ("auto", "float32", "float16", "bfloat16")
 MAX_LOOKAHEAD = 128  # a whole token ahead on the deepest MoE models (DeepSeek-V3: 58 MoE layers, Kimi K2: 60)
 DEVICES = ("auto", "cpu", "cuda")
-EVICTION_POLICIES = ("lru", "lfu", "predictive")
+EVICTION_POLICIES = ("auto", "predictive", "lfu", "lru")
 HOST_COMPUTE = ("auto", "on", "off")
 KEEP_RULES = ("auto", "frequency", "recency")
 HOST_KERNELS = ("auto", "exact", "fused")
@@ -63,8 +63,11 @@ class OffloadConfig:
                     (bytes or a size string). None: free device memory (CUDA) / available RAM (CPU).
     expert_cache:   number of expert slots; overrides the size derived from device_memory.
     dtype:          compute dtype; "auto" keeps the checkpoint's (float16 becomes float32 on CPU).
-    eviction:       cache eviction policy: "predictive" (default: expected next use from predictions and
-                    frequency, an approximation of Belady), "lru" or "lfu".
+    eviction:       cache eviction policy: "predictive" (expected next use from predictions, frequency and
+                    recency, an approximation of Belady), "lru", "lfu", or "auto" (default): predictive while
+                    what it saves beats what its planning costs, LFU's rule where it does not (priced: the
+                    misses it saves over LFU's choices, counted as decode runs, times a miss's cost, against
+                    the measured planning time of each rule; lossless either way).
     max_context:    longest sequence (prompt + new tokens) the KV-cache reserve is sized for.
     reserve:        extra bytes kept free for activations; None estimates it from the model shape.
     pin_memory:     "auto" (default), "on" or "off" (True/False/None are accepted as on/off/auto). On CUDA,
@@ -110,7 +113,7 @@ class OffloadConfig:
     device_memory: int | str | None = None
     expert_cache: int | None = None
     dtype: str = "auto"
-    eviction: str = "predictive"
+    eviction: str = "auto"
     max_context: int = 2048
     reserve: int | str | None = None
     pin_memory: str | bool | None = "auto"

@@ -62,7 +62,9 @@ class ExpertOffloader:
         now = self.clock()
         self._track_layer_time(now)
         actions = self.planner.plan_layer(now, layer, experts, rows, in_order)
-        self.stats.plan_seconds += self.clock() - now
+        spent = self.clock() - now
+        self.stats.plan_seconds += spent
+        self.planner.observe_plan_cost(spent)
         if not actions:
             raise RuntimeError(f"expert cache of {self.n_slots} slots could not grant any expert of layer {layer}")
         started = 0

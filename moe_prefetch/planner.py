@@ -27,8 +27,9 @@ from collections import Counter, defaultdict
 from dataclasses import dataclass
 from typing import NamedTuple
 
-from .cache import CacheFullError, EvictionPolicy, Evictable, ExpertCache, LFUPolicy, LRUPolicy, make_policy
-from .switch import KeepSwitch, PredictionSwitch
+from .cache import (CacheFullError, EvictionPolicy, Evictable, ExpertCache, LFUPolicy, LRUPolicy, fewest_uses,
+                    fewest_uses_ref, make_policy)
+from .switch import EvictionSwitch, KeepSwitch, PredictionSwitch
 
 Key = tuple[int, int]
 
@@ -247,7 +248,15 @@ class PredictivePolicy(LRUPolicy):
     DeepSeek or Qwen3 shapes). A layer holding at most SCAN_MAX experts (any layer of an 8-expert model)
     finds its best by a pass over them instead of its heaps: the same answer, for less there. A cache
     of at most FLAT_MAX experts keeps each layer's experts ranked instead (_victim_flat), re-ranked only
-    when that layer changes. victim_ref() is the plain scan every path must agree with, ties included."""
+    when that layer changes. victim_ref() is the plain scan every path must agree with, ties included.
+
+    A switchable policy (eviction "auto": the planner's EvictionSwitch decides) can also evict by use
+    count alone, LFU's rule, from a lazy heap of (uses, stamp, key) kept alongside (by_frequency: the
+    recency fits and the rankings are then not kept, so planning costs about what LFU's does). While it
+    evicts by its own rule it counts what that rule gains over LFU's: each victim is set against the one
+    LFU's rule would have picked, and whichever of the two is used first tells which choice saved a miss
+    (ghost_wins: the predictive rule's, LFU's; a pair not yet told apart is dropped when its kept key is
+    evicted too, or its evicted key comes back, before either is used)."""
 
     name = "predictive"
     P_MIN, P_MAX = 1e-3, 1.0  # use_probability's clamp
@@ -255,8 +264,15 @@ class PredictivePolicy(LRUPolicy):
     OLD, NEVER = "old", "never"
 
     def __init__(self, positions: dict[int, int], top_k: int, num_experts: int | None = None, recency: bool = True,
-                 slots: int | None = None):
+                 slots: int | None = None, switchable: bool = False):
         super().__init__()
+        self.switchable = switchable
+        self.by_frequency = False    # switchable: evicting by use count alone (set_by_frequency)
+        self._by_uses: list = []     # switchable: (uses, stamp, key) of resident keys, lazily renewed (fewest_uses)
+        self._choice = None          # switchable: (the victim, LFU's victim) of the last victim() where they differ
+        self._ghost_out: dict = {}   # evicted by this rule -> the resident key LFU's rule would have evicted instead
+        self._ghost_kept: dict = {}  # that resident key -> the evicted one
+        self.ghost_wins = [0, 0]     # pairs told apart: [this rule's choice saved a miss, LFU's would have]
         # slots: the cache's size where known. One of at most FLAT_MAX experts never walks the heaps
         # (victim() ranks each layer instead), so their bookkeeping is not kept
         self._heaped = slots is None or slots > self.FLAT_MAX
@@ -359,7 +375,13 @@ class PredictivePolicy(LRUPolicy):
     def start_run(self, layer, experts, record: bool = False) -> None:
         """A run of `layer` starts and will use `experts` (ids): add what it uses to each recency bucket's
         fit, then move those experts to the newest group; record: also count their uses (record_use() for
-        each, in the same pass). (Every layer runs it: lookups hoisted.)"""
+        each, in the same pass). (Every layer runs it: lookups hoisted.) Evicting by frequency, the fits
+        are left as they are: they learn from the runs the predictive rule sees."""
+        keys = {(layer, e) for e in experts}
+        if self.switchable:
+            self._tell_ghosts(keys)
+            if self.by_frequency:
+                return self._start_run_counting(layer, keys, record)
         self._unpick(layer)
         runs, uses, last_of, fits = self._runs, self.uses, self._last, self._fit
         r = runs[layer]
@@ -367,7 +389,6 @@ class PredictivePolicy(LRUPolicy):
         layer_uses, ever = self.layer_uses[layer], self._ever[layer]
         t1 = layer_uses / self.top_k + 1.0
         recent = self._recent[layer]
-        keys = {(layer, e) for e in experts}
         n_recent = u_recent = 0
         q_recent = 0.0
         for run, members in recent.items():  # the recent buckets, expert by expert (a few)
@@ -416,6 +437,8 @@ class PredictivePolicy(LRUPolicy):
                 uses[key] += 1
         if record:
             self.layer_uses[layer] += len(keys)
+            if self.switchable:
+                self._renew_uses(keys)
         recent[r] = keys
         runs[layer] = r + 1
         aged = recent.pop(r + 1 - gaps, None)  # now GAPS runs ago: that group joins OLD
@@ -425,6 +448,84 @@ class PredictivePolicy(LRUPolicy):
                 keys = aged | keys
             stamps = self._stamp
             self._dirty[layer].update([key for key in keys if key in stamps])  # their heap entries, renewed lazily
+
+    def _start_run_counting(self, layer, keys, record: bool) -> None:
+        """start_run() while evicting by frequency: the uses counted and the recency groups moved (as the
+        predictive rule will find them when it comes back), the fits and the heaps not kept."""
+        runs, uses, last_of, recent = self._runs, self.uses, self._last, self._recent[layer]
+        r = runs[layer]
+        for key in keys:
+            last = last_of.get(key)
+            if last is None:
+                self._ever[layer] += 1
+                self._sq[layer] += (uses[key] + 0.5) ** 2
+            elif last in recent:
+                recent[last].discard(key)
+            last_of[key] = r
+            if record:
+                self._sq[layer] += 2.0 * uses[key] + 2.0
+                uses[key] += 1
+        if record:
+            self.layer_uses[layer] += len(keys)
+            self._renew_uses(keys)
+        recent[r] = keys
+        runs[layer] = r + 1
+        recent.pop(r + 1 - self.GAPS, None)
+
+    # ---- which rule evicts (a switchable policy) ------------------------------------------------
+    def _renew_uses(self, keys) -> None:
+        """The resident `keys`' uses or stamps changed: their current entries join the uses heap."""
+        stamps, uses, heap = self._stamp, self.uses, self._by_uses
+        for key in keys:
+            stamp = stamps.get(key)
+            if stamp is not None:
+                heapq.heappush(heap, (uses[key], stamp, key))
+
+    def set_by_frequency(self, on: bool) -> None:
+        """Evict by use count alone (on) or by the predictive rule. Coming back, every layer is ranked
+        and its heaps are rebuilt afresh, as nothing of them was kept meanwhile."""
+        assert self.switchable or not on, "a policy built without switchable=True keeps no uses heap"
+        if on == self.by_frequency:
+            return
+        self.by_frequency = on
+        self._choice = None
+        if not on:
+            for layer in list(self._picks):
+                self._unpick(layer)
+            for layer, keys in self._resident.items():
+                self._unpick(layer)
+                if self._heaped:
+                    self._heaps.pop(layer, None)
+                    self._pushed[layer] = 0
+                    self._dirty[layer] = set(keys)
+
+    def _frequency_victim(self, candidates):
+        found, self._by_uses = fewest_uses(self._by_uses, self.uses, self._stamp, candidates)
+        if found is None:
+            raise CacheFullError("no evictable expert")
+        return found
+
+    def _tell_ghosts(self, keys) -> None:
+        """`keys` are used now: a pair whose kept key comes first is this rule's win, one whose evicted
+        key comes first LFU's."""
+        kept, out, wins = self._ghost_kept, self._ghost_out, self.ghost_wins
+        for key in keys:
+            if key in kept:
+                partner = kept.pop(key)
+                del out[partner]
+                if partner not in keys:  # both used at once: a miss either way, a tie
+                    wins[0] += 1
+            elif key in out:
+                partner = out.pop(key)
+                del kept[partner]
+                if partner not in keys:
+                    wins[1] += 1
+
+    @staticmethod
+    def _drop_ghost(key, role: dict, other: dict) -> None:
+        partner = role.pop(key, None)
+        if partner is not None:
+            del other[partner]
 
     # ---- eviction state ----------------------------------------------------------------------
     def _changed(self, key) -> None:
@@ -490,15 +591,33 @@ class PredictivePolicy(LRUPolicy):
     def on_insert(self, key):
         super().on_insert(key)
         self._resident[key[0]].add(key)
+        if self.switchable:
+            heapq.heappush(self._by_uses, (self.uses[key], self._stamp[key], key))
+            self._drop_ghost(key, self._ghost_out, self._ghost_kept)  # back before either was used
+            if self.by_frequency:
+                return
         self._push(key, rerank=False)
 
     def on_access(self, key):
         super().on_access(key)
+        if self.switchable:
+            heapq.heappush(self._by_uses, (self.uses[key], self._stamp[key], key))
+            if self.by_frequency:
+                return
         self._push(key, rerank=False)
 
     def on_remove(self, key):
         super().on_remove(key)
         self._resident[key[0]].discard(key)
+        if self.switchable:
+            self._drop_ghost(key, self._ghost_kept, self._ghost_out)  # evicted too before either was used
+            choice, self._choice = self._choice, None
+            if choice is not None and choice[0] == key:  # the last victim found goes: a pair to tell apart
+                self._drop_ghost(key, self._ghost_out, self._ghost_kept)
+                self._drop_ghost(choice[1], self._ghost_kept, self._ghost_out)
+                self._ghost_out[key], self._ghost_kept[choice[1]] = choice[1], key
+            if self.by_frequency:
+                return
         self._unpick(key[0], rerank=False)  # _victim_flat() skips a key no longer resident
 
     def record_use(self, key) -> None:
@@ -506,6 +625,11 @@ class PredictivePolicy(LRUPolicy):
             self._sq[key[0]] += 2.0 * self.uses[key] + 2.0  # (u + 1.5)^2 - (u + 0.5)^2
         self.uses[key] += 1
         self.layer_uses[key[0]] += 1
+        if self.switchable:
+            self._tell_ghosts((key,))
+            self._renew_uses((key,))
+            if self.by_frequency:
+                return
         self._unpick(key[0])  # its layer's frequencies all moved
         if key in self._stamp:
             self._push(key)
@@ -649,6 +773,17 @@ class PredictivePolicy(LRUPolicy):
     FLAT_MAX = 64  # resident experts up to which victim() walks each layer's ranking (_victim_flat) instead of the heaps
 
     def victim(self, candidates):
+        """The key to evict among `candidates`: by this policy's rule, or by use count alone while evicting
+        by frequency. A switchable policy notes LFU's choice beside its own, to tell later which was right."""
+        if self.by_frequency:
+            return self._frequency_victim(candidates)
+        key = self._predictive_victim(candidates)
+        if self.switchable:
+            other = self._frequency_victim(candidates)
+            self._choice = (key, other) if other != key else None
+        return key
+
+    def _predictive_victim(self, candidates):
         """The layers are looked at by when their best key would next be needed, latest first, until no
         layer left can beat the best candidate found: usually one or two layers, not all of them. A
         layer's best key that may not be evicted now gives way to its best among the candidates, which
@@ -720,7 +855,9 @@ class PredictivePolicy(LRUPolicy):
         return best
 
     def victim_ref(self, candidates):
-        """The definition: a pass over every resident key, oldest first."""
+        """The definition: a pass over every resident key, oldest first (by frequency: LFU's)."""
+        if self.by_frequency:
+            return fewest_uses_ref(self._order, self.uses, candidates)
         best, best_t = None, -1.0
         for key in self._order:  # oldest first: ties go to LRU
             if key in candidates:
@@ -732,7 +869,7 @@ class PredictivePolicy(LRUPolicy):
         return best
 
 
-EVICTIONS = ("lru", "lfu", "predictive")
+EVICTIONS = ("lru", "lfu", "predictive", "auto")
 
 
 class Action(NamedTuple):
@@ -769,10 +906,12 @@ class Planner:
     issued, whether or not predicting has lately paid (PredictionSwitch). keep_recency: how host-computed
     misses are judged for a keep, True with eviction's recency line, False on frequency alone; None
     (the default): measured by a KeepSwitch (predictive eviction with its recency line; other
-    policies judge keeps by their own use_probability)."""
+    policies judge keeps by their own use_probability). eviction "auto" (the default): predictive
+    eviction while it pays for its planning, LFU's rule where it does not (EvictionSwitch, priced from
+    the caller's planning times, observe_plan_cost, and the policy's ghost wins)."""
 
     def __init__(self, n_slots: int, layers: list[int], num_experts: int, top_k: int, costs: Costs,
-                 eviction: str = "predictive", host_compute: bool = False, budget_experts: int | None = None,
+                 eviction: str = "auto", host_compute: bool = False, budget_experts: int | None = None,
                  gate: bool = True, policy: EvictionPolicy | None = None, link: Link | None = None,
                  adaptive: bool = True, keep_recency: bool | None = None):
         self.layers = list(layers)
@@ -784,8 +923,11 @@ class Planner:
         self.budget = budget_experts or top_k
         self.gate = gate
         if policy is None:
-            policy = PredictivePolicy(self.positions, top_k, num_experts, slots=n_slots) if eviction == "predictive" else make_policy(eviction)
+            policy = PredictivePolicy(self.positions, top_k, num_experts, slots=n_slots, switchable=eviction == "auto") \
+                if eviction in ("predictive", "auto") else make_policy(eviction)
         self.policy = policy
+        # eviction "auto": the predictive rule while what it saves beats what its planning costs, else LFU's
+        self.eviction_switch = EvictionSwitch() if getattr(policy, "switchable", False) else None
         self.cache = ExpertCache(n_slots, policy)
         self.link = link or Link(costs.transfer_s)  # the simulator passes one that also counts copies
         self.calibration = Calibration(top_k)
@@ -864,6 +1006,12 @@ class Planner:
                 for switch in (self.switch, self.keep_switch):
                     if switch is not None:
                         switch.token(now, decode, warm=warm)
+                if self.eviction_switch is not None:
+                    rule = self.eviction_switch.token(decode, warm, self.policy.ghost_wins,
+                                                      self._miss_cost_and_saturation()[0])
+                    self.policy.set_by_frequency(not rule)
+            if self.eviction_switch is not None:
+                self.eviction_switch.layer()
         self._layer_seen = layer
         needed = {(layer, e) for e in experts}
         actions: list[Action] = []
@@ -923,6 +1071,8 @@ class Planner:
 
     def keeps_use_recency(self) -> bool:
         """Whether keeps are judged with the recency line now (keep_recency, else the KeepSwitch's arm)."""
+        if getattr(self.policy, "by_frequency", False):
+            return False  # LFU's rule evicts now (eviction "auto"): keeps are judged on frequency too
         if self._keep_recency is not None:
             return self._keep_recency
         return self.keep_switch is not None and self.keep_switch.arm
@@ -1011,6 +1161,11 @@ class Planner:
             self._reused.add(key)
 
     MIN_PREDICTED = 16  # predicted layers of evidence before the predictor's cost is weighed
+
+    def observe_plan_cost(self, seconds: float) -> None:
+        """plan_layer() took `seconds` of the caller's critical path (what the eviction rule is priced on)."""
+        if self.eviction_switch is not None:
+            self.eviction_switch.plan_time(seconds)
 
     def observe_predict_cost(self, seconds: float) -> None:
         """A predicted layer's predictor and prefetch planning took `seconds` of the caller's critical path."""

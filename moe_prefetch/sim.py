@@ -86,7 +86,7 @@ class Policy:
     name: str
     predictor: str | None = None  # a score array in the trace, "oracle", or None
     lookahead: int = 0
-    eviction: str = "lru"         # lru | lfu | predictive | predictive-frequency (no recency) | belady | none (no reuse: every use is a copy)
+    eviction: str = "lru"         # lru | lfu | predictive | auto | predictive-frequency (no recency) | belady | none (no reuse: every use is a copy)
     budget_experts: int | None = None  # prefetch copies in flight (None: top-k, the runtime's default)
     host_compute: bool = False    # a miss may run on the host when that finishes first (needs CostModel.host_s)
     gate: bool = True             # False: every predicted prefetch under the budget (the behaviour before the planner)
@@ -335,6 +335,7 @@ def simulate(trace: Trace, cost: CostModel, slots: int, policy: Policy, priority
             remaining, first = needed, True
             while remaining:  # as the runtime: rounds until every routed expert has run
                 actions = planner.plan_layer(now, i, remaining)
+                planner.observe_plan_cost(cost.plan_s if first else 0.0)  # the model's planning time per layer
                 if not actions:
                     raise RuntimeError(f"planner made no progress at token {t}, layer {i}")
                 if first:  # after the layer's own demand copies, as the runtime plans prefetches

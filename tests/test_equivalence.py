@@ -91,3 +91,31 @@ def test_minimum_cache_runs_prefill_in_rounds(tiny_mixtral):
     # a 16-token prompt routes to all 4 experts of each layer, but only 2 slots exist
     assert st["misses"] == 2 * 4 and st["hits"] == 0
     assert len(model.moe_runtime.offloader.resident()) == 2
+
+
+@pytest.mark.parametrize("host", [False, True], ids=["copies", "host-compute"])
+def test_greedy_identical_while_the_eviction_rule_changes(tmp_path, host, monkeypatch):
+    """eviction "auto" (the default) changes its rule (predictive or LFU's) between epochs of decode; with
+    one-token epochs the rule changes every few tokens, and output stays the reference's at every cache
+    size (the rule decides only what stays in the cache), as with each rule fixed."""
+    from moe_prefetch.switch import EvictionSwitch
+
+    monkeypatch.setattr(EvictionSwitch, "EPOCH_TOKENS", 1)
+    monkeypatch.setattr(EvictionSwitch, "EXPLOIT", 1)
+    monkeypatch.setattr(EvictionSwitch, "WARMUP_TOKENS", 0)
+    path = make_mixtral(tmp_path / "m", layers=3, experts=6, top_k=2, seed=13)
+    ref = reference_generate(path, PROMPT, NEW)
+    extra = dict(host_compute="on", host_bandwidth=2e9) if host and not TEST_DEVICE.startswith("cuda") else {}
+    for slots in (3, 7, 12):
+        for eviction in ("auto", "predictive", "lfu", "lru"):
+            model, _ = mp.load_model(str(path), mp.OffloadConfig(device=TEST_DEVICE, expert_cache=slots, eviction=eviction,
+                                                                 show_progress=False, **extra))
+            with torch.inference_mode():
+                out = model.generate(PROMPT.to(TEST_DEVICE), max_new_tokens=NEW, min_new_tokens=NEW, do_sample=False)
+            switch = model.moe_runtime.offloader.planner.eviction_switch
+            model.moe_runtime.close()
+            assert torch.equal(out.cpu(), ref), f"{eviction} eviction with {slots} slots diverged"
+            if eviction == "auto":
+                assert switch.epochs[True] and switch.epochs[False], "both rules ran"
+            else:
+                assert switch is None

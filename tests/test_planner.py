@@ -662,3 +662,182 @@ def test_predictive_policy_learns_how_recency_predicts_use():
         for group, (predicted, observed) in r.items():
             assert predicted == pytest.approx(observed, abs=0.04), (sticky, group, r)
     assert rates(0.7)[True][1] > 0.75 and rates(0.0)[True][1] < 0.45
+
+
+# ---- eviction "auto": the predictive rule while it pays for its planning, else LFU's -----------
+
+@pytest.mark.parametrize("flat_max", [10_000, 0], ids=["ranked", "heaps"])
+def test_switchable_policy_agrees_with_its_plain_scan_across_rule_changes(flat_max, monkeypatch):
+    """A switchable PredictivePolicy evicts by its own rule or, by_frequency, by LFU's (fewest uses, ties to
+    the least recently used); victim() picks what victim_ref() picks under either rule as the rule flips
+    back and forth (nothing of the predictive rule's rankings or heaps is kept while LFU's evicts, so
+    coming back must rebuild them), and a policy that stays predictive throughout makes the same
+    decisions as one that is not switchable."""
+    import random
+
+    from conftest import insert_checking_victim
+
+    monkeypatch.setattr(PredictivePolicy, "FLAT_MAX", flat_max)
+    monkeypatch.setattr(PredictivePolicy, "SCAN_MAX", 0)
+    rng = random.Random(11)
+    L, E, k = 4, 10, 2
+    pol = PredictivePolicy({j: j for j in range(L)}, top_k=k, num_experts=E, switchable=True)
+    cache = ExpertCache(16, pol)
+    checked = {True: 0, False: 0}
+    for step in range(3000):
+        if step % 97 == 0:
+            pol.set_by_frequency(not pol.by_frequency)
+            if len(cache) == cache.n_slots:  # at once: what the rule kept meanwhile must not be trusted
+                everything = cache.evictable()
+                assert pol.victim(everything) == pol.victim_ref(set(everything)), step
+        pol.position = step % L
+        if rng.random() < 0.5:
+            pol.start_run(pol.position, rng.sample(range(E), k), record=rng.random() < 0.8)
+        if rng.random() < 0.05:
+            pol.predicted[(rng.randrange(L), rng.randrange(E))] = rng.random()
+        key = (rng.randrange(L), rng.randrange(E) if rng.random() < 0.6 else rng.randrange(3))
+        if key in cache:
+            cache.touch(key)
+            continue
+        checked[pol.by_frequency] += insert_checking_victim(cache, key, rng, step)
+    assert min(checked.values()) > 400, checked
+
+    def decisions(switchable):
+        rng = random.Random(5)
+        pol = PredictivePolicy({j: j for j in range(L)}, top_k=k, num_experts=E, switchable=switchable)
+        cache, out = ExpertCache(12, pol), []
+        for step in range(1500):
+            pol.position = step % L
+            pol.start_run(pol.position, rng.sample(range(E), k), record=True)
+            key = (rng.randrange(L), rng.randrange(E))
+            if key not in cache:
+                out.append(cache.insert(key)[1])
+        return out
+
+    assert decisions(True) == decisions(False)
+
+
+def test_ghost_wins_count_which_choice_the_next_use_proves_right():
+    """Where the predictive rule's victim differs from LFU's, whichever of the two is used first tells which
+    choice saved a miss; a pair used at once is a tie, and one whose kept key is evicted before either
+    is used is dropped."""
+    pol = PredictivePolicy({0: 0, 1: 1}, top_k=1, num_experts=8, switchable=True)
+    cache = ExpertCache(2, pol)
+    pol.position = 0
+    pol.start_run(0, [1], record=True)
+    pol.start_run(0, [1], record=True)
+    cache.insert((0, 1))          # used twice
+    pol.position = 1
+    pol.start_run(1, [2], record=True)
+    cache.insert((1, 2))          # used once, just now
+    pol.predicted[(0, 1)] = 0.001  # the predictive rule expects (0, 1) to be gone; LFU's keeps it (more uses)
+    everything = set(cache.keys())
+    assert pol.victim(everything) == (0, 1) and pol._frequency_victim(everything) == (1, 2)
+    cache.insert((1, 3))          # evicts (0, 1): a pair, (1, 2) kept in its place
+    assert pol._ghost_out == {(0, 1): (1, 2)} and pol._ghost_kept == {(1, 2): (0, 1)}
+    pol.start_run(1, [2], record=True)  # the kept one is used first: the predictive rule was right
+    assert pol.ghost_wins == [1, 0] and not pol._ghost_out and not pol._ghost_kept
+
+    def pair():
+        pol._ghost_out.clear(), pol._ghost_kept.clear()
+        pol._ghost_out[(0, 1)], pol._ghost_kept[(1, 2)] = (1, 2), (0, 1)
+
+    pair()
+    pol.start_run(0, [1], record=True)  # the evicted one first: LFU's choice would have saved the miss
+    assert pol.ghost_wins == [1, 1]
+    pair()
+    pol.record_use((0, 1)), pol.record_use((1, 2))  # record_use tells them apart too
+    assert pol.ghost_wins == [1, 2]
+    for both in ([(0, 1), (1, 2)], [(1, 2), (0, 1)]):
+        pair()
+        pol._tell_ghosts(both)  # both used at once (one layer's run): a miss either way, a tie
+        assert pol.ghost_wins == [1, 2] and not pol._ghost_out
+    pol._ghost_out.clear(), pol._ghost_kept.clear()
+    pol.predicted[(1, 2)], pol.predicted[(1, 3)] = 0.001, 1.0
+    everything = set(cache.keys())
+    assert pol.victim(everything) == (1, 2) and pol._frequency_victim(everything) == (1, 3)
+    cache.remove((1, 3))  # not the victim just found: no pair
+    assert not pol._ghost_out
+    cache.insert((1, 3))
+    pair()
+    cache.remove((1, 2))  # the kept one goes before either is used: nothing to tell
+    assert not pol._ghost_out and not pol._ghost_kept and pol.ghost_wins == [1, 2]
+
+
+def test_eviction_switch_prices_the_predictive_rule_against_its_planning():
+    """The rule stays predictive where what its wins save beats its extra planning, turns to LFU's where
+    it does not, re-tests the other now and then, never measures warm-up or batched tokens, and without
+    any planning time measured never leaves the predictive rule."""
+    from moe_prefetch.switch import EvictionSwitch
+
+    def run(plan_on, plan_off, wins_per_epoch, miss_cost, tokens=8 * 40, timed=True, layers=4):
+        sw, wins, arms = EvictionSwitch(), [0, 0], []
+        for _ in range(tokens):
+            arm = sw.token(True, True, wins, miss_cost)
+            arms.append(arm)
+            for _ in range(layers):
+                sw.layer()
+                if timed:
+                    sw.plan_time(plan_on if arm else plan_off)
+            if arm:  # pairs the predictive rule makes are told apart as it runs
+                won, lost = wins_per_epoch
+                wins[0] += won / 8
+                wins[1] += lost / 8
+        return sw, arms
+
+    # misses cost 100x the rule's extra planning and it wins 6 pairs of 10 per epoch: predictive
+    sw, arms = run(50e-6, 30e-6, (6, 4), miss_cost=2e-3)
+    assert arms[:8] == [True] * 8 and arms[8:16] == [False] * 8, "the opening: one epoch of each"
+    assert sum(arms[16:]) / len(arms[16:]) > 0.95 and sw.last[0] > sw.CLEAR * sw.last[1], "clearly: re-tested rarely"
+    # misses cheap (a fast host): LFU's rule, with one predictive epoch in EXPLOIT + 1 to keep counting wins
+    sw, arms = run(50e-6, 30e-6, (6, 4), miss_cost=50e-6)
+    later = arms[16:]
+    assert 0.05 < sum(later) / len(later) < 0.2 and sw.epochs[True] >= 3
+    assert sw.last is not None and sw.last[0] < sw.last[1]
+    # LFU's choices prove right more often: LFU's rule even where misses cost a lot
+    sw, arms = run(50e-6, 30e-6, (2, 10), miss_cost=2e-3)
+    assert sum(arms[16:]) / len(arms[16:]) < 0.2
+    # nothing timed: the predictive rule throughout, no epoch of LFU's
+    sw, arms = run(50e-6, 30e-6, (0, 10), miss_cost=50e-6, timed=False)
+    assert all(arms)
+    # warm-up and batched tokens are not measured: no epoch ends
+    sw = EvictionSwitch()
+    for _ in range(20):
+        sw.token(True, False, [0, 0], 1.0)
+        sw.layer(), sw.plan_time(1.0)
+        sw.token(False, True, [0, 0], 1.0)
+        sw.layer(), sw.plan_time(1.0)
+    assert sw.epochs == {True: 0, False: 0} and sw.plan == {True: None, False: None}
+
+
+def test_auto_eviction_planner_turns_to_lfus_rule_where_planning_outweighs_misses():
+    """eviction "auto" (the default): the planner feeds its switch the planning times it is told of and
+    the policy's ghost wins; where a miss costs little (host compute on a fast host) the policy evicts by
+    frequency after the opening and keeps are judged on frequency too; explicit rules have no switch."""
+    host = Costs(layer_s=1.0, expert_s=0.1, transfer_s=1.0, host_s=0.05)
+    pl = make_planner(slots=6, layers=3, experts=8, costs=host, host_compute=True)
+    assert pl.eviction_switch is not None and pl.policy.switchable
+    assert make_planner(eviction="predictive").eviction_switch is None
+    assert make_planner(eviction="lfu").eviction_switch is None
+    import random
+
+    rng = random.Random(2)
+    now, ruled = 0.0, []
+    for t in range(8 * 12):
+        for layer in range(3):
+            now += 1.0
+            experts = rng.sample(range(8), 2)
+            remaining = experts
+            while remaining:
+                actions = pl.plan_layer(now, layer, remaining)
+                pl.observe_plan_cost(0.2 if not pl.policy.by_frequency else 0.01)  # planning: 2x a miss's host time
+                pl.release(actions)
+                remaining = [e for e in remaining if e not in {a.key[1] for a in actions}]
+            pl.take_keeps()
+        ruled.append(pl.policy.by_frequency)
+    assert sum(ruled[24:]) / len(ruled[24:]) > 0.8, "LFU's rule after the opening"
+    pl.keep_switch.arm = True  # the keep switch's recency arm, which LFU's rule overrides
+    pl.policy.set_by_frequency(True)
+    assert pl.keeps_use_recency() is False
+    pl.policy.set_by_frequency(False)
+    assert pl.keeps_use_recency() is True
