@@ -256,7 +256,9 @@ class PredictivePolicy(LRUPolicy):
     evicts by its own rule it counts what that rule gains over LFU's: each victim is set against the one
     LFU's rule would have picked, and whichever of the two is used first tells which choice saved a miss
     (ghost_wins: the predictive rule's, LFU's; a pair not yet told apart is dropped when its kept key is
-    evicted too, or its evicted key comes back, before either is used)."""
+    evicted too, or its evicted key comes back, before either is used). That comparison needs the uses
+    heap kept, which costs about a tenth more planning on large caches, so the switch asks for it
+    (ghosting) on fewer epochs once the predictive rule is clearly worth its cost."""
 
     name = "predictive"
     P_MIN, P_MAX = 1e-3, 1.0  # use_probability's clamp
@@ -267,8 +269,10 @@ class PredictivePolicy(LRUPolicy):
                  slots: int | None = None, switchable: bool = False):
         super().__init__()
         self.switchable = switchable
-        self.by_frequency = False    # switchable: evicting by use count alone (set_by_frequency)
-        self._by_uses: list = []     # switchable: (uses, stamp, key) of resident keys, lazily renewed (fewest_uses)
+        self.by_frequency = False    # switchable: evicting by use count alone (set_rule)
+        self.ghosting = switchable   # switchable: each victim compared with LFU's (set_rule)
+        self._keeping_uses = switchable  # the uses heap is kept: by_frequency or ghosting
+        self._by_uses: list = []     # (uses, stamp, key) of resident keys, lazily renewed (fewest_uses)
         self._choice = None          # switchable: (the victim, LFU's victim) of the last victim() where they differ
         self._ghost_out: dict = {}   # evicted by this rule -> the resident key LFU's rule would have evicted instead
         self._ghost_kept: dict = {}  # that resident key -> the evicted one
@@ -437,7 +441,7 @@ class PredictivePolicy(LRUPolicy):
                 uses[key] += 1
         if record:
             self.layer_uses[layer] += len(keys)
-            if self.switchable:
+            if self._keeping_uses:
                 self._renew_uses(keys)
         recent[r] = keys
         runs[layer] = r + 1
@@ -481,15 +485,24 @@ class PredictivePolicy(LRUPolicy):
             if stamp is not None:
                 heapq.heappush(heap, (uses[key], stamp, key))
 
-    def set_by_frequency(self, on: bool) -> None:
-        """Evict by use count alone (on) or by the predictive rule. Coming back, every layer is ranked
-        and its heaps are rebuilt afresh, as nothing of them was kept meanwhile."""
-        assert self.switchable or not on, "a policy built without switchable=True keeps no uses heap"
-        if on == self.by_frequency:
-            return
-        self.by_frequency = on
+    def set_rule(self, by_frequency: bool, ghosting: bool = True) -> None:
+        """Evict by use count alone (by_frequency) or by the predictive rule, comparing each victim with
+        LFU's (ghosting) or not. The uses heap is kept only while one of the two needs it (rebuilt from
+        the resident keys when it is needed again); coming back to the predictive rule, every layer is
+        ranked and its heaps are rebuilt afresh, as nothing of them was kept meanwhile."""
+        assert self.switchable, "a policy built without switchable=True has one rule"
+        keeping = by_frequency or ghosting
+        if keeping and not self._keeping_uses:
+            self._by_uses = [(self.uses[k], stamp, k) for k, stamp in self._stamp.items()]
+            heapq.heapify(self._by_uses)
+        elif not keeping:
+            self._by_uses = []
+        self._keeping_uses, self.ghosting = keeping, ghosting
         self._choice = None
-        if not on:
+        if by_frequency == self.by_frequency:
+            return
+        self.by_frequency = by_frequency
+        if not by_frequency:
             for layer in list(self._picks):
                 self._unpick(layer)
             for layer, keys in self._resident.items():
@@ -592,7 +605,8 @@ class PredictivePolicy(LRUPolicy):
         super().on_insert(key)
         self._resident[key[0]].add(key)
         if self.switchable:
-            heapq.heappush(self._by_uses, (self.uses[key], self._stamp[key], key))
+            if self._keeping_uses:
+                heapq.heappush(self._by_uses, (self.uses[key], self._stamp[key], key))
             self._drop_ghost(key, self._ghost_out, self._ghost_kept)  # back before either was used
             if self.by_frequency:
                 return
@@ -600,7 +614,7 @@ class PredictivePolicy(LRUPolicy):
 
     def on_access(self, key):
         super().on_access(key)
-        if self.switchable:
+        if self._keeping_uses:
             heapq.heappush(self._by_uses, (self.uses[key], self._stamp[key], key))
             if self.by_frequency:
                 return
@@ -627,7 +641,8 @@ class PredictivePolicy(LRUPolicy):
         self.layer_uses[key[0]] += 1
         if self.switchable:
             self._tell_ghosts((key,))
-            self._renew_uses((key,))
+            if self._keeping_uses:
+                self._renew_uses((key,))
             if self.by_frequency:
                 return
         self._unpick(key[0])  # its layer's frequencies all moved
@@ -778,7 +793,7 @@ class PredictivePolicy(LRUPolicy):
         if self.by_frequency:
             return self._frequency_victim(candidates)
         key = self._predictive_victim(candidates)
-        if self.switchable:
+        if self.ghosting:
             other = self._frequency_victim(candidates)
             self._choice = (key, other) if other != key else None
         return key
@@ -1009,7 +1024,7 @@ class Planner:
                 if self.eviction_switch is not None:
                     rule = self.eviction_switch.token(decode, warm, self.policy.ghost_wins,
                                                       self._miss_cost_and_saturation()[0])
-                    self.policy.set_by_frequency(not rule)
+                    self.policy.set_rule(not rule, ghosting=self.eviction_switch.ghost)
             if self.eviction_switch is not None:
                 self.eviction_switch.layer()
         self._layer_seen = layer

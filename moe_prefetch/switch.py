@@ -133,44 +133,52 @@ class EvictionSwitch:
     """Whether the predictive eviction rule pays for its planning (arm True) or LFU's rule, by use count
     alone, evicts instead (False): priced from what each rule is measured to gain and to cost.
 
-    Gain: while the predictive rule evicts, its policy sets each victim against the one LFU's rule would
-    have chosen and counts which choice the next use proved right (PredictivePolicy.ghost_wins); the net
-    wins per layer times what a miss costs (the planner's cost model) is the time the rule saves a layer.
-    Cost: the planning time per layer under each rule, as the caller measures it (observe_plan_cost: the
-    runtime's wall clock; the simulator's model). The rule is LFU's only while even an optimistic gain
-    (the net wins plus Z standard errors of their count, one pair of doubt added) is below the predictive rule's extra planning:
-    where a miss costs many layers' compute the predictive rule stays, and where it costs about what
-    planning does (a fast link, or host compute on a fast host), LFU's cheaper rule takes over. The hit
-    rates differ by a point or two, so the wins are counted on the same uses rather than timed (a wall
-    clock's noise over a few tokens is larger than the difference). Decode runs in epochs of EPOCH_TOKENS
-    tokens on one rule: the opening is one of each (LFU's only where planning is timed), then the better rule runs EXPLOIT epochs for each
-    re-test of the other (4 x EXPLOIT when the gain is clearly above the cost). Without a measured
-    planning time (a caller that does not time its plans) the predictive rule stays."""
+    Gain: while the predictive rule evicts, its policy can set each victim against the one LFU's rule
+    would have chosen and count which choice the next use proved right (ghosting; the policy's
+    ghost_wins); the net wins per layer times what a miss costs (the planner's cost model) is the time
+    the rule saves a layer, taken optimistically: the net wins plus Z standard errors of their count,
+    with one pair of doubt added, so that thin evidence favours the predictive rule. Cost: its planning
+    time per layer against LFU's rule's, as the caller measures them (observe_plan_cost: the runtime's
+    wall clock; the simulator's model). The hit rates differ by a point or two, so the wins are counted
+    on the same uses rather than timed (a wall clock's noise over a few tokens is larger than that).
+    Decode runs in epochs of EPOCH_TOKENS tokens on one rule, the first on the predictive rule. LFU's
+    rule is tried only where it could win: where the gain is below the predictive rule's whole planning
+    time (LFU's rule cannot save more than that), and then its own planning is measured and the two are
+    compared. The better rule runs EXPLOIT epochs (4 x as many when the gain is over CLEAR times what
+    LFU's rule could save) for each re-test of the other: the predictive rule's, to count its wins
+    afresh; LFU's, where it could still win. Once the predictive rule is clearly worth its cost, only one
+    of its epochs in GHOST_EVERY compares victims (the comparison costs planning too). A caller that
+    times no plans keeps the predictive rule."""
 
     EPOCH_TOKENS = 8
     EXPLOIT = 7
-    CLEAR = 4.0          # gain over cost beyond which LFU's rule is re-tested 4 x more rarely
-    DECAY = 0.85         # per predictive epoch: the wins of the last several such epochs count
+    CLEAR = 4.0          # gain over what LFU's rule could save beyond which the predictive rule is kept 4x longer
+    GHOST_EVERY = 4      # once it clearly pays: predictive epochs per epoch that compares victims
+    DECAY = 0.85         # per comparing epoch: the wins of the last several such epochs count
     Z = 1.0
     WARMUP_TOKENS = MeasuredSwitch.WARMUP_TOKENS
 
     def __init__(self):
         self.arm = True
-        self._schedule = []               # the opening: an epoch of each rule (LFU's where timed), then a decision
+        self.ghost = True                 # this epoch compares victims (predictive arm)
+        self._schedule = []               # epochs decided on; empty: decide at the end of this one
+        self._clear = False               # the last decision found the predictive rule clearly worth its cost
+        self._quiet = 0                   # predictive epochs since the last that compared victims
         self.plan = {True: None, False: None}  # decaying mean planning seconds per layer under each rule
         self._measuring = False           # the current token counts (decode, the cache full)
         self._tokens = self._layers = 0
         self._seconds = 0.0
         self._timed = False               # a planning time was observed this epoch
         self._seen = (0, 0)               # ghost wins already counted
-        self._net = self._pairs = self._layers_on = 0.0  # decaying over predictive epochs
+        self._net = self._pairs = self._layers_on = 0.0  # decaying over comparing epochs
         self._warmup = 0
         self.epochs = {True: 0, False: 0}
-        self.last = None                  # the last decision's figures (gain and cost per layer, seconds)
+        self.last = None                  # the last decision's (gain, what LFU's rule could save) per layer, seconds
 
     def token(self, decode: bool, warm: bool, wins, miss_cost: float) -> bool:
         """A token's first MoE layer starts (decode: one row; warm: the cache is full); wins: the policy's
-        ghost_wins; miss_cost: seconds a miss costs. Returns the rule for this token (True: predictive)."""
+        ghost_wins; miss_cost: seconds a miss costs. Returns the rule for this token (True: predictive);
+        `ghost` says whether it compares victims."""
         if self._measuring:
             self._tokens += 1
             if self._tokens >= self.EPOCH_TOKENS:
@@ -192,14 +200,11 @@ class EvictionSwitch:
             self._seconds += seconds
             self._timed = True
 
-    def gain_and_cost(self, miss_cost: float) -> tuple[float, float] | None:
-        """(optimistic seconds the predictive rule saves per layer, its extra planning per layer), or None
-        while either is unmeasured."""
-        on, off = self.plan[True], self.plan[False]
-        if on is None or off is None or not self._layers_on:
+    def gain(self, miss_cost: float) -> float | None:
+        """Optimistic seconds the predictive rule saves per layer over LFU's, or None without evidence."""
+        if not self._layers_on:
             return None
-        gain = (self._net + self.Z * math.sqrt(self._pairs + 1.0)) / self._layers_on * miss_cost
-        return gain, on - off
+        return (self._net + self.Z * math.sqrt(self._pairs + 1.0)) / self._layers_on * miss_cost
 
     def _end_epoch(self, wins, miss_cost: float) -> None:
         arm = self.arm
@@ -209,24 +214,34 @@ class EvictionSwitch:
             self.plan[arm] = t if m is None else 0.5 * m + 0.5 * t
         won, lost = wins[0] - self._seen[0], wins[1] - self._seen[1]  # pairs told apart this epoch
         self._seen = (wins[0], wins[1])
-        if arm:
+        if arm and self.ghost:
             d = self.DECAY
             self._net, self._pairs = d * self._net + won - lost, d * self._pairs + won + lost
             self._layers_on = d * self._layers_on + self._layers
-        else:  # pairs the predictive rule made earlier, told apart now
+        else:  # pairs made in a comparing epoch, told apart now
             self._net, self._pairs = self._net + won - lost, self._pairs + won + lost
         self.epochs[arm] += 1
         self._tokens = self._layers = 0
         self._seconds, self._timed = 0.0, False
         if not self._schedule:
-            priced = self.gain_and_cost(miss_cost)
-            self.last = priced
-            if priced is None:  # LFU's rule is tried only where planning is timed: else nothing weighs its gain
-                self._schedule = [True] * self.EXPLOIT if self.plan[True] is None else \
-                    [False] if self.plan[False] is None else [True]
-            else:
-                gain, cost = priced
-                best = gain > cost
-                clear = best and gain > self.CLEAR * max(cost, 0.0)
-                self._schedule = [best] * (self.EXPLOIT * (4 if clear else 1)) + [not best]
+            self._schedule = self._decide(miss_cost)
         self.arm = self._schedule.pop(0)
+        if self.arm:
+            self.ghost = not self._clear or self._quiet >= self.GHOST_EVERY - 1
+            self._quiet = 0 if self.ghost else self._quiet + 1
+
+    def _decide(self, miss_cost: float) -> list[bool]:
+        on, off = self.plan[True], self.plan[False]
+        gain = self.gain(miss_cost)
+        self._clear = False
+        if on is None or gain is None:  # untimed, or no comparing epoch yet: nothing to weigh
+            self.last = None
+            return [True] * self.EXPLOIT
+        saving = on if off is None else on - off  # what LFU's rule could save per layer (at most all of it)
+        self.last = (gain, saving)
+        if gain <= saving and off is None:
+            return [False]  # LFU's rule could win: measure its planning
+        best = gain > saving
+        self._clear = best and gain > self.CLEAR * max(saving, 0.0)
+        could_win = not best or gain <= on  # LFU's rule is re-tested only while it could still win
+        return [best] * (self.EXPLOIT * (4 if self._clear else 1)) + ([not best] if could_win else [])

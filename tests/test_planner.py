@@ -686,7 +686,7 @@ def test_switchable_policy_agrees_with_its_plain_scan_across_rule_changes(flat_m
     checked = {True: 0, False: 0}
     for step in range(3000):
         if step % 97 == 0:
-            pol.set_by_frequency(not pol.by_frequency)
+            pol.set_rule(not pol.by_frequency, ghosting=step % 3 != 0)
             if len(cache) == cache.n_slots:  # at once: what the rule kept meanwhile must not be trusted
                 everything = cache.evictable()
                 assert pol.victim(everything) == pol.victim_ref(set(everything)), step
@@ -765,40 +765,51 @@ def test_ghost_wins_count_which_choice_the_next_use_proves_right():
 
 
 def test_eviction_switch_prices_the_predictive_rule_against_its_planning():
-    """The rule stays predictive where what its wins save beats its extra planning, turns to LFU's where
-    it does not, re-tests the other now and then, never measures warm-up or batched tokens, and without
-    any planning time measured never leaves the predictive rule."""
+    """The rule stays predictive where what its wins save beats its extra planning, and LFU's rule is not
+    even tried where those wins beat all of the predictive rule's planning; it turns to LFU's rule where
+    they do not, re-testing the predictive rule now and then; once the predictive rule clearly pays, only
+    some of its epochs compare victims; warm-up and batched tokens are never measured, and without any
+    planning time measured the rule never leaves the predictive one."""
     from moe_prefetch.switch import EvictionSwitch
 
     def run(plan_on, plan_off, wins_per_epoch, miss_cost, tokens=8 * 40, timed=True, layers=4):
-        sw, wins, arms = EvictionSwitch(), [0, 0], []
+        sw, wins, arms, ghosts = EvictionSwitch(), [0, 0], [], []
         for _ in range(tokens):
             arm = sw.token(True, True, wins, miss_cost)
             arms.append(arm)
+            ghosts.append(arm and sw.ghost)
             for _ in range(layers):
                 sw.layer()
                 if timed:
                     sw.plan_time(plan_on if arm else plan_off)
-            if arm:  # pairs the predictive rule makes are told apart as it runs
+            if arm and sw.ghost:  # pairs are made only while victims are compared
                 won, lost = wins_per_epoch
                 wins[0] += won / 8
                 wins[1] += lost / 8
-        return sw, arms
+        return sw, arms, ghosts
 
-    # misses cost 100x the rule's extra planning and it wins 6 pairs of 10 per epoch: predictive
-    sw, arms = run(50e-6, 30e-6, (6, 4), miss_cost=2e-3)
-    assert arms[:8] == [True] * 8 and arms[8:16] == [False] * 8, "the opening: one epoch of each"
-    assert sum(arms[16:]) / len(arms[16:]) > 0.95 and sw.last[0] > sw.CLEAR * sw.last[1], "clearly: re-tested rarely"
-    # misses cheap (a fast host): LFU's rule, with one predictive epoch in EXPLOIT + 1 to keep counting wins
-    sw, arms = run(50e-6, 30e-6, (6, 4), miss_cost=50e-6)
+    # misses cost 20x the predictive rule's whole planning and it wins 6 pairs of 10 per epoch: LFU's rule
+    # could not win even if it planned for nothing, so it never runs
+    sw, arms, ghosts = run(50e-6, 30e-6, (6, 4), miss_cost=1e-3)
+    assert all(arms) and sw.plan[False] is None and sw.epochs[False] == 0
+    assert sw.last[0] > sw.last[1] == pytest.approx(50e-6) and all(ghosts), "not clearly: every epoch compares"
+    # misses cheap (a fast host): LFU's planning measured once the gain falls below the predictive rule's
+    # planning, then LFU's rule, with one predictive epoch in EXPLOIT + 1 to keep counting wins
+    sw, arms, _ = run(50e-6, 30e-6, (6, 4), miss_cost=50e-6)
+    assert arms[:8] == [True] * 8 and arms[8:16] == [False] * 8, "the opening: the predictive rule, then LFU's measured"
     later = arms[16:]
     assert 0.05 < sum(later) / len(later) < 0.2 and sw.epochs[True] >= 3
-    assert sw.last is not None and sw.last[0] < sw.last[1]
+    assert sw.last is not None and sw.last[0] < sw.last[1] and sw.last[1] == pytest.approx(20e-6)
     # LFU's choices prove right more often: LFU's rule even where misses cost a lot
-    sw, arms = run(50e-6, 30e-6, (2, 10), miss_cost=2e-3)
+    sw, arms, _ = run(50e-6, 30e-6, (2, 10), miss_cost=2e-3)
     assert sum(arms[16:]) / len(arms[16:]) < 0.2
+    # clearly worth it (a miss costs a second): one predictive epoch in GHOST_EVERY compares victims
+    sw, arms, ghosts = run(50e-6, 30e-6, (6, 4), miss_cost=1.0)
+    assert all(arms)
+    epochs = ghosts[8::8]
+    assert abs(sum(epochs) / len(epochs) - 1 / EvictionSwitch.GHOST_EVERY) < 0.05
     # nothing timed: the predictive rule throughout, no epoch of LFU's
-    sw, arms = run(50e-6, 30e-6, (0, 10), miss_cost=50e-6, timed=False)
+    sw, arms, _ = run(50e-6, 30e-6, (0, 10), miss_cost=50e-6, timed=False)
     assert all(arms)
     # warm-up and batched tokens are not measured: no epoch ends
     sw = EvictionSwitch()
@@ -837,7 +848,7 @@ def test_auto_eviction_planner_turns_to_lfus_rule_where_planning_outweighs_misse
         ruled.append(pl.policy.by_frequency)
     assert sum(ruled[24:]) / len(ruled[24:]) > 0.8, "LFU's rule after the opening"
     pl.keep_switch.arm = True  # the keep switch's recency arm, which LFU's rule overrides
-    pl.policy.set_by_frequency(True)
+    pl.policy.set_rule(True)
     assert pl.keeps_use_recency() is False
-    pl.policy.set_by_frequency(False)
+    pl.policy.set_rule(False)
     assert pl.keeps_use_recency() is True
