@@ -144,9 +144,9 @@ class EvictionSwitch:
     Decode runs in epochs of EPOCH_TOKENS tokens on one rule, the first on the predictive rule. LFU's
     rule is tried only where it could win: where the gain is below the predictive rule's whole planning
     time (LFU's rule cannot save more than that), and then its own planning is measured and the two are
-    compared. The better rule runs EXPLOIT epochs (4 x as many when the gain is over CLEAR times what
-    LFU's rule could save) for each re-test of the other: the predictive rule's, to count its wins
-    afresh; LFU's, where it could still win. Once the predictive rule is clearly worth its cost, only one
+    compared, again after every epoch; the other rule is re-tested after EXPLOIT epochs of the better
+    one (4 x as many when the gain is over CLEAR times what LFU's rule could save): the predictive
+    rule, to count its wins afresh; LFU's, only while it could still win. Once the predictive rule is clearly worth its cost, only one
     of its epochs in GHOST_EVERY compares victims (the comparison costs planning too). A caller that
     times no plans keeps the predictive rule."""
 
@@ -161,7 +161,8 @@ class EvictionSwitch:
     def __init__(self):
         self.arm = True
         self.ghost = True                 # this epoch compares victims (predictive arm)
-        self._schedule = []               # epochs decided on; empty: decide at the end of this one
+        self._best = True                 # the rule the last decision found better
+        self._since = 0                   # epochs since the other rule last ran (or the better one changed)
         self._clear = False               # the last decision found the predictive rule clearly worth its cost
         self._quiet = 0                   # predictive epochs since the last that compared victims
         self.plan = {True: None, False: None}  # decaying mean planning seconds per layer under each rule
@@ -223,25 +224,30 @@ class EvictionSwitch:
         self.epochs[arm] += 1
         self._tokens = self._layers = 0
         self._seconds, self._timed = 0.0, False
-        if not self._schedule:
-            self._schedule = self._decide(miss_cost)
-        self.arm = self._schedule.pop(0)
+        self.arm = self._decide(miss_cost)
         if self.arm:
             self.ghost = not self._clear or self._quiet >= self.GHOST_EVERY - 1
             self._quiet = 0 if self.ghost else self._quiet + 1
 
-    def _decide(self, miss_cost: float) -> list[bool]:
+    def _decide(self, miss_cost: float) -> bool:
+        """The rule for the next epoch: decided again after every epoch, on the evidence so far."""
         on, off = self.plan[True], self.plan[False]
         gain = self.gain(miss_cost)
         self._clear = False
         if on is None or gain is None:  # untimed, or no comparing epoch yet: nothing to weigh
             self.last = None
-            return [True] * self.EXPLOIT
+            return True
         saving = on if off is None else on - off  # what LFU's rule could save per layer (at most all of it)
         self.last = (gain, saving)
-        if gain <= saving and off is None:
-            return [False]  # LFU's rule could win: measure its planning
         best = gain > saving
         self._clear = best and gain > self.CLEAR * max(saving, 0.0)
+        if off is None:  # LFU's rule never ran: its planning is measured once it could win
+            return best
+        if best != self._best:
+            self._best, self._since = best, 0
+        self._since += 1
         could_win = not best or gain <= on  # LFU's rule is re-tested only while it could still win
-        return [best] * (self.EXPLOIT * (4 if self._clear else 1)) + ([not best] if could_win else [])
+        if could_win and self._since > self.EXPLOIT * (4 if self._clear else 1):
+            self._since = 0
+            return not best
+        return best
