@@ -86,7 +86,10 @@ class OffloadRuntime:
                  prediction_value=self.offloader.planner.prediction_value() if self.prefetcher else None,
                  keeps=self.offloader.planner.counters.keeps,
                  keep_epochs=None if (ks := self.offloader.planner.keep_switch) is None else
-                 {"recency": ks.epochs[True], "frequency": ks.epochs[False], "recency_now": ks.arm})
+                 {"recency": ks.epochs[True], "frequency": ks.epochs[False], "recency_now": ks.arm},
+                 eviction_epochs=None if (es := self.offloader.planner.eviction_switch) is None else
+                 {"predictive": es.epochs[True], "lfu": es.epochs[False], "predictive_now": es.arm,
+                  "wins": list(self.offloader.planner.policy.ghost_wins)})
         return d
 
     def close(self) -> None:

@@ -145,14 +145,14 @@ class EvictionSwitch:
     rule is tried only where it could win: where the gain is below the predictive rule's whole planning
     time (LFU's rule cannot save more than that), and then its own planning is measured and the two are
     compared, again after every epoch; the other rule is re-tested after EXPLOIT epochs of the better
-    one (4 x as many when the gain is over CLEAR times what LFU's rule could save): the predictive
-    rule, to count its wins afresh; LFU's, only while it could still win. Once the predictive rule is clearly worth its cost, only one
+    one (4 x as many when the predictive rule is clearly better: its gain, taken pessimistically, beats
+    what LFU's rule could save): the predictive rule, to count its wins afresh; LFU's, only while it
+    could still win. Once the predictive rule is clearly worth its cost, only one
     of its epochs in GHOST_EVERY compares victims (the comparison costs planning too). A caller that
     times no plans keeps the predictive rule."""
 
     EPOCH_TOKENS = 8
     EXPLOIT = 7
-    CLEAR = 4.0          # gain over what LFU's rule could save beyond which the predictive rule is kept 4x longer
     GHOST_EVERY = 4      # once it clearly pays: predictive epochs per epoch that compares victims
     DECAY = 0.85         # per comparing epoch: the wins of the last several such epochs count
     Z = 1.0
@@ -201,11 +201,13 @@ class EvictionSwitch:
             self._seconds += seconds
             self._timed = True
 
-    def gain(self, miss_cost: float) -> float | None:
-        """Optimistic seconds the predictive rule saves per layer over LFU's, or None without evidence."""
+    def gain(self, miss_cost: float, z: float | None = None) -> float | None:
+        """Seconds the predictive rule saves per layer over LFU's, optimistically (the net wins z standard
+        errors up, Z by default; pessimistically with -Z), or None without evidence."""
         if not self._layers_on:
             return None
-        return (self._net + self.Z * math.sqrt(self._pairs + 1.0)) / self._layers_on * miss_cost
+        z = self.Z if z is None else z
+        return (self._net + z * math.sqrt(self._pairs + 1.0)) / self._layers_on * miss_cost
 
     def _end_epoch(self, wins, miss_cost: float) -> None:
         arm = self.arm
@@ -240,7 +242,7 @@ class EvictionSwitch:
         saving = on if off is None else on - off  # what LFU's rule could save per layer (at most all of it)
         self.last = (gain, saving)
         best = gain > saving
-        self._clear = best and gain > self.CLEAR * max(saving, 0.0)
+        self._clear = best and self.gain(miss_cost, -self.Z) > max(saving, 0.0)  # even the pessimistic gain
         if off is None:  # LFU's rule never ran: its planning is measured once it could win
             return best
         if best != self._best:

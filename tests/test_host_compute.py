@@ -67,6 +67,26 @@ def test_keep_switch_measures_both_rules_in_decode(ckpt):
         mp.OffloadConfig(keep_rule="newest")
 
 
+def test_auto_eviction_turns_to_lfus_rule_where_misses_are_cheap(ckpt):
+    """Eviction "auto" (the default) in the runtime: with a host that computes a miss in far less time than
+    the predictive rule's planning saves, the runtime's measured planning times turn it to LFU's rule
+    after its first epoch; the output stays the reference's; stats report both rules' epochs."""
+    ref = reference_generate(ckpt, PROMPT, 48, device="cpu")
+    model, _ = mp.load_model(str(ckpt), mp.OffloadConfig(device="cpu", expert_cache=5, predictor="none",
+                                                         link_bandwidth=2e7, host_bandwidth=1e12, show_progress=False))
+    with torch.inference_mode():
+        out = model.generate(PROMPT, max_new_tokens=48, min_new_tokens=48, do_sample=False)
+    st = mp.stats(model)
+    switch = model.moe_runtime.offloader.planner.eviction_switch
+    model.moe_runtime.close()
+    assert torch.equal(out, ref)
+    ep = st["eviction_epochs"]
+    assert ep["predictive"] >= 1 and ep["lfu"] >= 3 and ep["predictive_now"] is False, ep
+    assert switch.plan[True] > 0 and switch.plan[False] > 0, "the runtime reports its planning times"
+    _, st = run(ckpt, 5, predictor="none", eviction="predictive", link_bandwidth=2e7, host_bandwidth=1e12)
+    assert st["eviction_epochs"] is None
+
+
 def test_auto_turns_host_compute_on_only_with_an_emulated_host(ckpt):
     _, st = run(ckpt, 4, predictor="none", link_bandwidth=2e6)
     assert st["host_compute"] is False and st["host_computed"] == 0
