@@ -147,9 +147,9 @@ class EvictionSwitch:
     compared, again after every epoch; the other rule is re-tested after EXPLOIT epochs of the better
     one (4 x as many when the predictive rule is clearly better: its gain, taken pessimistically, beats
     what LFU's rule could save): the predictive rule, to count its wins afresh; LFU's, only while it
-    could still win. Once the predictive rule is clearly worth its cost, only one
-    of its epochs in GHOST_EVERY compares victims (the comparison costs planning too). A caller that
-    times no plans keeps the predictive rule."""
+    could still win. Once the predictive rule is clearly worth its cost, only one of its epochs in
+    GHOST_EVERY compares victims (the comparison costs planning too). A caller that times no plans keeps
+    the predictive rule (and compares victims as rarely)."""
 
     EPOCH_TOKENS = 8
     EXPLOIT = 7
@@ -238,6 +238,7 @@ class EvictionSwitch:
         self._clear = False
         if on is None or gain is None:  # untimed, or no comparing epoch yet: nothing to weigh
             self.last = None
+            self._clear = on is None  # untimed: the rule never changes, so victims are compared rarely
             return True
         saving = on if off is None else on - off  # what LFU's rule could save per layer (at most all of it)
         self.last = (gain, saving)
