@@ -84,7 +84,7 @@ class LFUPolicy(LRUPolicy):
         if isinstance(key, tuple):
             self.group_counts[key[0]] += 1
         if key in self._stamp:
-            heapq.heappush(self._heap, (self.counts[key], self._stamp[key], key))
+            self._heap = push_uses(self._heap, self.counts, self._stamp, key)
 
     def on_access(self, key):
         super().on_access(key)
@@ -126,6 +126,17 @@ def fewest_uses(heap: list, counts, stamps: dict, candidates) -> tuple:
         heap = [(counts[k], t, k) for k, t in stamps.items()]
         heapq.heapify(heap)
     return found, heap
+
+
+def push_uses(heap: list, counts, stamps: dict, key) -> list:
+    """Push resident `key`'s current (uses, stamp) entry into fewest_uses()'s heap. A heap grown mostly stale
+    (no victim asked for a while: a cache that holds every expert never evicts) is rebuilt from the
+    resident keys, so it stays within a few times the cache's size; returns the heap."""
+    heapq.heappush(heap, (counts[key], stamps[key], key))
+    if len(heap) > 4 * len(stamps) + 64:
+        heap = [(counts[k], t, k) for k, t in stamps.items()]
+        heapq.heapify(heap)
+    return heap
 
 
 def fewest_uses_ref(order, counts, candidates):

@@ -28,7 +28,7 @@ from dataclasses import dataclass
 from typing import NamedTuple
 
 from .cache import (CacheFullError, EvictionPolicy, Evictable, ExpertCache, LFUPolicy, LRUPolicy, fewest_uses,
-                    fewest_uses_ref, make_policy)
+                    fewest_uses_ref, make_policy, push_uses)
 from .switch import EvictionSwitch, KeepSwitch, PredictionSwitch
 
 Key = tuple[int, int]
@@ -479,11 +479,10 @@ class PredictivePolicy(LRUPolicy):
     # ---- which rule evicts (a switchable policy) ------------------------------------------------
     def _renew_uses(self, keys) -> None:
         """The resident `keys`' uses or stamps changed: their current entries join the uses heap."""
-        stamps, uses, heap = self._stamp, self.uses, self._by_uses
+        stamps, uses = self._stamp, self.uses
         for key in keys:
-            stamp = stamps.get(key)
-            if stamp is not None:
-                heapq.heappush(heap, (uses[key], stamp, key))
+            if key in stamps:
+                self._by_uses = push_uses(self._by_uses, uses, stamps, key)
 
     def set_rule(self, by_frequency: bool, ghosting: bool = True) -> None:
         """Evict by use count alone (by_frequency) or by the predictive rule, comparing each victim with
@@ -606,7 +605,7 @@ class PredictivePolicy(LRUPolicy):
         self._resident[key[0]].add(key)
         if self.switchable:
             if self._keeping_uses:
-                heapq.heappush(self._by_uses, (self.uses[key], self._stamp[key], key))
+                self._by_uses = push_uses(self._by_uses, self.uses, self._stamp, key)
             self._drop_ghost(key, self._ghost_out, self._ghost_kept)  # back before either was used
             if self.by_frequency:
                 return
@@ -615,7 +614,7 @@ class PredictivePolicy(LRUPolicy):
     def on_access(self, key):
         super().on_access(key)
         if self._keeping_uses:
-            heapq.heappush(self._by_uses, (self.uses[key], self._stamp[key], key))
+            self._by_uses = push_uses(self._by_uses, self.uses, self._stamp, key)
             if self.by_frequency:
                 return
         self._push(key, rerank=False)

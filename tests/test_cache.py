@@ -115,3 +115,28 @@ def test_evictable_is_a_view_of_unpinned_unprotected_experts():
     assert list(view) == ["c"] and view
     c.pin("c")
     assert not view, "the view follows the cache"
+
+
+def test_uses_heaps_stay_bounded_when_nothing_is_evicted():
+    """LFU's heap takes an entry per use; a cache that holds every expert never asks for a victim, so the
+    heap is compacted as entries are pushed (it stays within a few times the cache), for LFUPolicy and for
+    eviction "auto"'s uses heap under LFU's rule, and victims still agree with the plain scan after."""
+    from moe_prefetch.planner import PredictivePolicy
+
+    lfu = LFUPolicy()
+    auto = PredictivePolicy({0: 0, 1: 1}, top_k=2, num_experts=8, switchable=True)
+    auto.set_rule(True)
+    for policy in (lfu, auto):
+        cache = ExpertCache(16, policy)
+        for layer in (0, 1):
+            for e in range(8):
+                cache.insert((layer, e))
+        for step in range(20_000):
+            key = (step % 2, (step * 7) % 8)
+            if policy is auto:
+                auto.start_run(key[0], [key[1]], record=True)
+            cache.touch(key)
+        heap = lfu._heap if policy is lfu else auto._by_uses
+        assert len(heap) <= 4 * 16 + 64 + 1, len(heap)
+        everything = set(cache.keys())
+        assert policy.victim(everything) == policy.victim_ref(everything)
