@@ -67,7 +67,12 @@ def format_summary(d: dict) -> str:
     if d.get("predictor_recall"):
         lines.append("predictor recall   " + "  ".join(f"d={k}: {v:.1%}" for k, v in d["predictor_recall"].items()))
         lines.append("predictor precision " + " ".join(f"d={k}: {v:.1%}" for k, v in d["predictor_precision"].items()))
-    for key in ("device", "backend", "predictor", "lookahead", "expert_cache_slots", "total_experts"):
+    for key in ("device", "backend", "predictor", "lookahead", "eviction", "expert_cache_slots", "total_experts"):
         if key in d:
-            lines.append(f"{key.replace('_', ' '):<18} {d[key]}")
+            value = d[key]
+            if key == "eviction" and d.get("eviction_epochs"):  # auto: which rule evicts now, epochs of each
+                ep = d["eviction_epochs"]
+                value = (f"auto ({'predictive' if ep['predictive_now'] else 'LFU'} now; epochs predictive "
+                         f"{ep['predictive']}, LFU {ep['lfu']})")
+            lines.append(f"{key.replace('_', ' '):<18} {value}")
     return "\n".join(lines)
