@@ -122,10 +122,7 @@ def fewest_uses(heap: list, counts, stamps: dict, candidates) -> tuple:
             aside.append(heapq.heappop(heap))  # pinned or protected now: back in afterwards
     for entry in aside:
         heapq.heappush(heap, entry)
-    if len(heap) > 4 * len(stamps) + 64:
-        heap = [(counts[k], t, k) for k, t in stamps.items()]
-        heapq.heapify(heap)
-    return found, heap
+    return found, _compacted(heap, counts, stamps)
 
 
 def push_uses(heap: list, counts, stamps: dict, key) -> list:
@@ -133,6 +130,11 @@ def push_uses(heap: list, counts, stamps: dict, key) -> list:
     (no victim asked for a while: a cache that holds every expert never evicts) is rebuilt from the
     resident keys, so it stays within a few times the cache's size; returns the heap."""
     heapq.heappush(heap, (counts[key], stamps[key], key))
+    return _compacted(heap, counts, stamps)
+
+
+def _compacted(heap: list, counts, stamps: dict) -> list:
+    """The heap, or, when it is mostly stale entries, one rebuilt from the resident keys' current ones."""
     if len(heap) > 4 * len(stamps) + 64:
         heap = [(counts[k], t, k) for k, t in stamps.items()]
         heapq.heapify(heap)

@@ -384,8 +384,9 @@ class PredictivePolicy(LRUPolicy):
         keys = {(layer, e) for e in experts}
         if self.switchable:
             self._tell_ghosts(keys)
-            if self.by_frequency:
-                return self._start_run_counting(layer, keys, record)
+            if self.by_frequency:  # the fits are left alone
+                self._move_to_newest(layer, keys, record)
+                return
         self._unpick(layer)
         runs, uses, last_of, fits = self._runs, self.uses, self._last, self._fit
         r = runs[layer]
@@ -421,41 +422,26 @@ class PredictivePolicy(LRUPolicy):
             never[0] += n_never
             never[1] += 0.5 * n_never / t1
             never[2] += 0.25 * n_never / (t1 * t1)
-        gaps = self.GAPS
-        for key in keys:
+        for key in keys:  # what this run uses of the never used and the OLD group (the recent ones: above)
             last = last_of.get(key)
             if last is None:  # never used: counted where the layer's experts are known
                 if counted_never:
                     never[3] += 1
                     never[4] += (uses[key] + 0.5) / t1
-                self._ever[layer] += 1
-                self._sq[layer] += (uses[key] + 0.5) ** 2
-            elif r - last >= gaps:  # the OLD group
+            elif r - last >= self.GAPS:
                 fit[3] += 1
                 fit[4] += (uses[key] + 0.5) / t1
-            elif last in recent:
-                recent[last].discard(key)
-            last_of[key] = r
-            if record:  # record_use(): (u + 1.5)^2 - (u + 0.5)^2 added, as the key is in _last now
-                self._sq[layer] += 2.0 * uses[key] + 2.0
-                uses[key] += 1
-        if record:
-            self.layer_uses[layer] += len(keys)
-            if self._keeping_uses:
-                self._renew_uses(keys)
-        recent[r] = keys
-        runs[layer] = r + 1
-        aged = recent.pop(r + 1 - gaps, None)  # now GAPS runs ago: that group joins OLD
+        aged = self._move_to_newest(layer, keys, record)
         if self._heaped:
             if aged is not None:
-                self._heaps[layer].pop(r + 1 - gaps, None)
+                self._heaps[layer].pop(r + 1 - self.GAPS, None)
                 keys = aged | keys
             stamps = self._stamp
             self._dirty[layer].update([key for key in keys if key in stamps])  # their heap entries, renewed lazily
 
-    def _start_run_counting(self, layer, keys, record: bool) -> None:
-        """start_run() while evicting by frequency: the uses counted and the recency groups moved (as the
-        predictive rule will find them when it comes back), the fits and the heaps not kept."""
+    def _move_to_newest(self, layer, keys, record: bool):
+        """The run's `keys` join the layer's newest recency group (and its ever-used totals); record: their
+        uses are counted too (record_use()'s bookkeeping). Returns the group that aged into OLD, if any."""
         runs, uses, last_of, recent = self._runs, self.uses, self._last, self._recent[layer]
         r = runs[layer]
         for key in keys:
@@ -466,15 +452,16 @@ class PredictivePolicy(LRUPolicy):
             elif last in recent:
                 recent[last].discard(key)
             last_of[key] = r
-            if record:
+            if record:  # (u + 1.5)^2 - (u + 0.5)^2 added, as the key is in _last now
                 self._sq[layer] += 2.0 * uses[key] + 2.0
                 uses[key] += 1
         if record:
             self.layer_uses[layer] += len(keys)
-            self._renew_uses(keys)
+            if self._keeping_uses:
+                self._renew_uses(keys)
         recent[r] = keys
         runs[layer] = r + 1
-        recent.pop(r + 1 - self.GAPS, None)
+        return recent.pop(r + 1 - self.GAPS, None)  # now GAPS runs ago: that group joins OLD
 
     # ---- which rule evicts (a switchable policy) ------------------------------------------------
     def _renew_uses(self, keys) -> None:
