@@ -152,6 +152,32 @@ def fewest_uses_ref(order, counts, candidates):
     return best
 
 
+class ShadowLRU:
+    """The keys an LRU cache of `n_slots` would hold, fed the same uses as the real cache, every use a
+    demand fetch (no prefetches, no pins): which of a run's experts LRU's rule would have hit, at a few
+    dictionary operations per use. Eviction `auto` sets the real cache's hits against it (EvictionSwitch):
+    a rule's victims can be compared one at a time with LFU's (a lazy heap finds LFU's choice), but
+    LRU's own choices are what make its cache, and only a cache run by that rule shows them."""
+
+    def __init__(self, n_slots: int):
+        self.n_slots = n_slots
+        self._order: OrderedDict[Key, None] = OrderedDict()
+
+    def __contains__(self, key: Key) -> bool:
+        return key in self._order
+
+    def use(self, keys) -> None:
+        """`keys` are used now: each moves to the newest end, the oldest go past `n_slots`."""
+        order = self._order
+        for key in keys:
+            if key in order:
+                order.move_to_end(key)
+            else:
+                order[key] = None
+        while len(order) > self.n_slots:
+            order.popitem(last=False)
+
+
 POLICIES = {"lru": LRUPolicy, "lfu": LFUPolicy}
 
 

@@ -27,8 +27,8 @@ from collections import Counter, defaultdict
 from dataclasses import dataclass
 from typing import NamedTuple
 
-from .cache import (CacheFullError, EvictionPolicy, Evictable, ExpertCache, LFUPolicy, LRUPolicy, fewest_uses,
-                    fewest_uses_ref, make_policy, push_uses)
+from .cache import (CacheFullError, EvictionPolicy, Evictable, ExpertCache, LFUPolicy, LRUPolicy, ShadowLRU,
+                    fewest_uses, fewest_uses_ref, make_policy, push_uses)
 from .switch import EvictionSwitch, KeepSwitch, PredictionSwitch
 
 Key = tuple[int, int]
@@ -251,8 +251,10 @@ class PredictivePolicy(LRUPolicy):
     when that layer changes. victim_ref() is the plain scan every path must agree with, ties included.
 
     A switchable policy (eviction "auto": the planner's EvictionSwitch decides) can also evict by use
-    count alone, LFU's rule, from a lazy heap of (uses, stamp, key) kept alongside (by_frequency: the
-    recency fits and the rankings are then not kept, so planning costs about what LFU's does). While it
+    count alone, LFU's rule, from a lazy heap of (uses, stamp, key) kept alongside, or by LRU's rule from
+    its recency order (set_rule: under either, the recency fits and the rankings are not kept, so
+    planning costs about what that policy's does; uses are still counted into the recency groups, so
+    the predictive rule finds them when it comes back). While it
     evicts by its own rule it counts what that rule gains over LFU's: each victim is set against the one
     LFU's rule would have picked, and whichever of the two is used first tells which choice saved a miss
     (ghost_wins: the predictive rule's, LFU's; a pair not yet told apart is dropped when its kept key is
@@ -269,9 +271,10 @@ class PredictivePolicy(LRUPolicy):
                  slots: int | None = None, switchable: bool = False):
         super().__init__()
         self.switchable = switchable
-        self.by_frequency = False    # switchable: evicting by use count alone (set_rule)
+        self.rule = "predictive"     # switchable: which rule evicts, one of RULES (set_rule)
+        self._cheap = False          # the rule is LFU's or LRU's: the predictive rule's fits and rankings are not kept
         self.ghosting = switchable   # switchable: each victim compared with LFU's (set_rule)
-        self._keeping_uses = switchable  # the uses heap is kept: by_frequency or ghosting
+        self._keeping_uses = switchable  # the uses heap is kept: LFU's rule or ghosting
         self._by_uses: list = []     # (uses, stamp, key) of resident keys, lazily renewed (fewest_uses)
         self._choice = None          # switchable: (the victim, LFU's victim) of the last victim() where they differ
         self._ghost_out: dict = {}   # evicted by this rule -> the resident key LFU's rule would have evicted instead
@@ -384,7 +387,7 @@ class PredictivePolicy(LRUPolicy):
         keys = {(layer, e) for e in experts}
         if self.switchable:
             self._tell_ghosts(keys)
-            if self.by_frequency:  # the fits are left alone
+            if self._cheap:  # the fits are left alone
                 self._move_to_newest(layer, keys, record)
                 return
         self._unpick(layer)
@@ -471,13 +474,18 @@ class PredictivePolicy(LRUPolicy):
             if key in stamps:
                 self._by_uses = push_uses(self._by_uses, uses, stamps, key)
 
-    def set_rule(self, by_frequency: bool, ghosting: bool = True) -> None:
-        """Evict by use count alone (by_frequency) or by the predictive rule, comparing each victim with
-        LFU's (ghosting) or not. The uses heap is kept only while one of the two needs it (rebuilt from
-        the resident keys when it is needed again); coming back to the predictive rule, every layer is
-        ranked and its heaps are rebuilt afresh, as nothing of them was kept meanwhile."""
+    RULES = ("predictive", "lfu", "lru")
+
+    def set_rule(self, rule: str, ghosting: bool = True) -> None:
+        """Evict by `rule`: "predictive" (this policy's own), "lfu" (use count alone, ties to the least
+        recently used) or "lru"; under the predictive rule, compare each victim with LFU's (ghosting) or
+        not. The uses heap is kept only while LFU's rule or the comparison needs it (rebuilt from the
+        resident keys when it is needed again). Leaving the predictive rule, its layers' picks are dropped
+        (nothing keeps them current meanwhile); coming back, every layer is ranked and its heaps are
+        rebuilt afresh."""
         assert self.switchable, "a policy built without switchable=True has one rule"
-        keeping = by_frequency or ghosting
+        assert rule in self.RULES, f"unknown eviction rule {rule!r}"
+        keeping = rule == "lfu" or (ghosting and rule == "predictive")
         if keeping and not self._keeping_uses:
             self._by_uses = [(self.uses[k], stamp, k) for k, stamp in self._stamp.items()]
             heapq.heapify(self._by_uses)
@@ -485,10 +493,14 @@ class PredictivePolicy(LRUPolicy):
             self._by_uses = []
         self._keeping_uses, self.ghosting = keeping, ghosting
         self._choice = None
-        if by_frequency == self.by_frequency:
+        if rule == self.rule:
             return
-        self.by_frequency = by_frequency
-        if not by_frequency:
+        cheap, self.rule = self._cheap, rule
+        self._cheap = rule != "predictive"
+        if self._cheap and not cheap:  # the position setter would otherwise requeue the stale picks every layer
+            self._picks.clear()
+            self._by_next_use.clear()
+        elif cheap and not self._cheap:
             for layer in list(self._picks):
                 self._unpick(layer)
             for layer, keys in self._resident.items():
@@ -594,7 +606,7 @@ class PredictivePolicy(LRUPolicy):
             if self._keeping_uses:
                 self._by_uses = push_uses(self._by_uses, self.uses, self._stamp, key)
             self._drop_ghost(key, self._ghost_out, self._ghost_kept)  # back before either was used
-            if self.by_frequency:
+            if self._cheap:
                 return
         self._push(key, rerank=False)
 
@@ -602,8 +614,8 @@ class PredictivePolicy(LRUPolicy):
         super().on_access(key)
         if self._keeping_uses:
             self._by_uses = push_uses(self._by_uses, self.uses, self._stamp, key)
-            if self.by_frequency:
-                return
+        if self._cheap:
+            return
         self._push(key, rerank=False)
 
     def on_remove(self, key):
@@ -616,7 +628,7 @@ class PredictivePolicy(LRUPolicy):
                 self._drop_ghost(key, self._ghost_out, self._ghost_kept)
                 self._drop_ghost(choice[1], self._ghost_kept, self._ghost_out)
                 self._ghost_out[key], self._ghost_kept[choice[1]] = choice[1], key
-            if self.by_frequency:
+            if self._cheap:
                 return
         self._unpick(key[0], rerank=False)  # _victim_flat() skips a key no longer resident
 
@@ -629,7 +641,7 @@ class PredictivePolicy(LRUPolicy):
             self._tell_ghosts((key,))
             if self._keeping_uses:
                 self._renew_uses((key,))
-            if self.by_frequency:
+            if self._cheap:
                 return
         self._unpick(key[0])  # its layer's frequencies all moved
         if key in self._stamp:
@@ -776,8 +788,8 @@ class PredictivePolicy(LRUPolicy):
     def victim(self, candidates):
         """The key to evict among `candidates`: by this policy's rule, or by use count alone while evicting
         by frequency. A switchable policy notes LFU's choice beside its own, to tell later which was right."""
-        if self.by_frequency:
-            return self._frequency_victim(candidates)
+        if self._cheap:
+            return self._frequency_victim(candidates) if self.rule == "lfu" else LRUPolicy.victim(self, candidates)
         key = self._predictive_victim(candidates)
         if self.ghosting:
             other = self._frequency_victim(candidates)
@@ -857,8 +869,10 @@ class PredictivePolicy(LRUPolicy):
 
     def victim_ref(self, candidates):
         """The definition: a pass over every resident key, oldest first (by frequency: LFU's)."""
-        if self.by_frequency:
+        if self.rule == "lfu":
             return fewest_uses_ref(self._order, self.uses, candidates)
+        if self.rule == "lru":
+            return min((k for k in self._order if k in candidates), key=self._stamp.__getitem__)
         best, best_t = None, -1.0
         for key in self._order:  # oldest first: ties go to LRU
             if key in candidates:
@@ -908,8 +922,9 @@ class Planner:
     misses are judged for a keep, True with eviction's recency line, False on frequency alone; None
     (the default): measured by a KeepSwitch (predictive eviction with its recency line; other
     policies judge keeps by their own use_probability). eviction "auto" (the default): predictive
-    eviction while it pays for its planning, LFU's rule where it does not (EvictionSwitch, priced from
-    the caller's planning times, observe_plan_cost, and the policy's ghost wins)."""
+    eviction while it pays for its planning, the better of LFU's and LRU's rules where it does not
+    (EvictionSwitch, priced from the caller's planning times, observe_plan_cost, the policy's ghost wins
+    against LFU's victims and a shadow LRU cache's hits)."""
 
     def __init__(self, n_slots: int, layers: list[int], num_experts: int, top_k: int, costs: Costs,
                  eviction: str = "auto", host_compute: bool = False, budget_experts: int | None = None,
@@ -929,6 +944,7 @@ class Planner:
         self.policy = policy
         # eviction "auto": the predictive rule while what it saves beats what its planning costs, else LFU's
         self.eviction_switch = EvictionSwitch() if getattr(policy, "switchable", False) else None
+        self.shadow = ShadowLRU(n_slots) if self.eviction_switch is not None else None  # LRU's rule's cache
         self.cache = ExpertCache(n_slots, policy)
         self.link = link or Link(costs.transfer_s)  # the simulator passes one that also counts copies
         self.calibration = Calibration(top_k)
@@ -1009,10 +1025,13 @@ class Planner:
                         switch.token(now, decode, warm=warm)
                 if self.eviction_switch is not None:
                     rule = self.eviction_switch.token(decode, warm, self.policy.ghost_wins,
-                                                      self._miss_cost_and_saturation()[0])
-                    self.policy.set_rule(not rule, ghosting=self.eviction_switch.ghost)
+                                                      self._miss_cost_and_saturation()[0],
+                                                      lru_ok=not self.host_compute)
+                    self.policy.set_rule(rule, ghosting=self.eviction_switch.ghost)
             if self.eviction_switch is not None:
                 self.eviction_switch.layer()
+                if not self.host_compute:  # what LRU's rule would have held (host compute: not a candidate)
+                    self._shadow_run(layer, experts)
         self._layer_seen = layer
         needed = {(layer, e) for e in experts}
         actions: list[Action] = []
@@ -1070,10 +1089,27 @@ class Planner:
                 self._keep(now, a.key, needed)
         return actions
 
+    def _shadow_run(self, layer: int, experts: list[int]) -> None:
+        """A run of `layer` starts: the shadow LRU cache takes its uses, after telling the eviction switch
+        which of them it and the real cache held."""
+        keys = [(layer, e) for e in experts]
+        if self.eviction_switch.shadowing:
+            won = lost = 0
+            cache, shadow = self.cache, self.shadow
+            for key in keys:
+                real, lru = key in cache, key in shadow
+                if real != lru:
+                    if real:
+                        won += 1
+                    else:
+                        lost += 1
+            self.eviction_switch.shadow(won, lost)
+        self.shadow.use(keys)
+
     def keeps_use_recency(self) -> bool:
         """Whether keeps are judged with the recency line now (keep_recency, else the KeepSwitch's arm)."""
-        if getattr(self.policy, "by_frequency", False):
-            return False  # LFU's rule evicts now (eviction "auto"): keeps are judged on frequency too
+        if getattr(self.policy, "rule", "predictive") != "predictive":
+            return False  # LFU's or LRU's rule evicts now (eviction "auto"): keeps are judged on frequency
         if self._keep_recency is not None:
             return self._keep_recency
         return self.keep_switch is not None and self.keep_switch.arm

@@ -88,8 +88,8 @@ class OffloadRuntime:
                  keep_epochs=None if (ks := self.offloader.planner.keep_switch) is None else
                  {"recency": ks.epochs[True], "frequency": ks.epochs[False], "recency_now": ks.arm},
                  eviction_epochs=None if (es := self.offloader.planner.eviction_switch) is None else
-                 {"predictive": es.epochs[True], "lfu": es.epochs[False], "predictive_now": es.arm,
-                  "wins": list(self.offloader.planner.policy.ghost_wins)})
+                 {**es.epochs, "now": es.rule, "wins": list(self.offloader.planner.policy.ghost_wins),
+                  "shadow_wins": list(es.shadow_wins)})
         return d
 
     def close(self) -> None:

@@ -72,7 +72,8 @@ def format_summary(d: dict) -> str:
             value = d[key]
             if key == "eviction" and d.get("eviction_epochs"):  # auto: which rule evicts now, epochs of each
                 ep = d["eviction_epochs"]
-                value = (f"auto ({'predictive' if ep['predictive_now'] else 'LFU'} now; epochs predictive "
-                         f"{ep['predictive']}, LFU {ep['lfu']})")
+                names = {"predictive": "predictive", "lfu": "LFU", "lru": "LRU"}
+                value = (f"auto ({names[ep['now']]} now; epochs "
+                         + ", ".join(f"{names[r]} {ep[r]}" for r in names) + ")")
             lines.append(f"{key.replace('_', ' '):<18} {value}")
     return "\n".join(lines)

@@ -130,70 +130,127 @@ class KeepSwitch(MeasuredSwitch):
 
 
 class EvictionSwitch:
-    """Whether the predictive eviction rule pays for its planning (arm True) or LFU's rule, by use count
-    alone, evicts instead (False): priced from what each rule is measured to gain and to cost.
+    """Which rule evicts: the predictive one ("predictive") while it pays for its planning, else the
+    cheaper of LFU's ("lfu": use count alone, ties to the least recently used) and LRU's ("lru"), priced
+    from what each is measured to gain and to cost.
 
-    Gain: while the predictive rule evicts, its policy can set each victim against the one LFU's rule
-    would have chosen and count which choice the next use proved right (ghosting; the policy's
-    ghost_wins); the net wins per layer times what a miss costs (the planner's cost model) is the time
-    the rule saves a layer, taken optimistically: the net wins plus Z standard errors of their count,
-    with one pair of doubt added, so that thin evidence favours the predictive rule. Cost: its planning
-    time per layer against LFU's rule's, as the caller measures them (observe_plan_cost: the runtime's
-    wall clock; the simulator's model). The hit rates differ by a point or two, so the wins are counted
-    on the same uses rather than timed (a wall clock's noise over a few tokens is larger than that).
-    Decode runs in epochs of EPOCH_TOKENS tokens on one rule, the first on the predictive rule. LFU's
-    rule is tried only where it could win: where the gain is below the predictive rule's whole planning
-    time (LFU's rule cannot save more than that), and then its own planning is measured and the two are
-    compared, again after every epoch; the other rule is re-tested after EXPLOIT epochs of the better
-    one (4 x as many when the predictive rule is clearly better: its gain, taken pessimistically, beats
-    what LFU's rule could save): the predictive rule, to count its wins afresh; LFU's, only while it
-    could still win. Once the predictive rule is clearly worth its cost, only one of its epochs in
-    GHOST_EVERY compares victims (the comparison costs planning too). A caller that times no plans keeps
-    the predictive rule (and compares victims as rarely)."""
+    Gain: while the predictive rule evicts, what it saves over each cheaper rule is counted on the same
+    uses. Against LFU's, its policy sets each victim against the one LFU's rule would have chosen and
+    counts which choice the next use proved right (ghosting; the policy's ghost_wins). Against LRU's, a
+    shadow LRU cache fed the same uses (cache.ShadowLRU) tells which of a run's experts LRU's rule would
+    have held: a use the real cache holds and the shadow does not is the predictive rule's win, the
+    reverse LRU's (shadow()). A victim at a time says little for LRU, whose own choices make its cache:
+    on the demo's trace at 25% cache the predictive rule won 153 of 175 victim pairs against LRU's while
+    LRU's rule hit 30.6% of uses against its 28.3%. The shadow is not fed where misses run on the host
+    (host compute): a shadow that copies every miss in is not what LRU's rule would do there, so LRU's
+    rule is not a candidate then. The net wins per layer times what a miss costs (the planner's cost
+    model) is the time the predictive rule saves a layer over that rule, taken optimistically: the net
+    wins plus Z standard errors of their count, with one pair of doubt added, so that thin evidence
+    favours the predictive rule. Cost: each rule's planning time per layer, as the caller measures it
+    (observe_plan_cost: the runtime's wall clock; the simulator's model). The hit rates differ by a point
+    or two, so the wins are counted on the same uses rather than timed (a wall clock's noise over a few
+    tokens is larger than that).
+
+    Decode runs in epochs of EPOCH_TOKENS tokens on one rule, the first on the predictive rule. After
+    every epoch each cheaper rule's balance (the planning it would save less the gain) is priced, and the
+    rule with the best balance runs (the predictive rule unless one is positive). A cheaper rule is tried
+    only where it could win, where the gain over it is below the predictive rule's whole planning time
+    (no rule can save more than that), and its own planning is then measured. The other rule is re-tested
+    after EXPLOIT epochs of the better one (4 x as many when the predictive rule is clearly better: its
+    gain over every candidate, taken pessimistically, beats what that rule could save): the predictive
+    rule, to count its wins afresh (4 x as rarely when the cheaper rule is clearly better: the gain taken
+    twice as optimistically is still below what it saves); a cheaper one, only while it could still
+    win. Where LRU's rule could win, the predictive rule runs RETEST_EPOCHS epochs in a row whenever it
+    starts, the first of them settling uncounted (see shadowing), and LRU's rule is chosen only after
+    MIN_COUNTED counted epochs (the predictive rule's fits learn over the first tokens). Once the predictive
+    rule is clearly worth its cost, only one of its epochs in GHOST_EVERY compares victims (the
+    comparison costs planning too; the shadow costs a few dictionary operations per use and runs on).
+    A caller that times no plans keeps the predictive rule (and compares victims as rarely)."""
 
     EPOCH_TOKENS = 8
     EXPLOIT = 7
     GHOST_EVERY = 4      # once it clearly pays: predictive epochs per epoch that compares victims
-    DECAY = 0.85         # per comparing epoch: the wins of the last several such epochs count
+    DECAY = 0.85         # per epoch that gathers evidence: the wins of the last several such epochs count
     Z = 1.0
+    Z_SHADOW = 2.0       # x Z for the shadow's counts: one cache state's uses, correlated from one epoch to the next
+    RETEST_EPOCHS = 3    # predictive epochs in a row once it starts, where LRU's rule is a candidate (one settles)
+    MIN_COUNTED = 4      # epochs counted against the shadow before LRU's rule may be chosen
     WARMUP_TOKENS = MeasuredSwitch.WARMUP_TOKENS
+    RULES = ("predictive", "lfu", "lru")
 
     def __init__(self):
-        self.arm = True
-        self.ghost = True                 # this epoch compares victims (predictive arm)
-        self._best = True                 # the rule the last decision found better
-        self._since = 0                   # epochs since the other rule last ran (or the better one changed)
+        self.rule = "predictive"
+        self.ghost = True                 # this epoch compares victims (predictive rule)
+        self._best = "predictive"         # the rule the last decision found best
+        self._since = 0                   # epochs since the other rule last ran (or the best one changed)
         self._clear = False               # the last decision found the predictive rule clearly worth its cost
         self._quiet = 0                   # predictive epochs since the last that compared victims
-        self.plan = {True: None, False: None}  # decaying mean planning seconds per layer under each rule
+        self.plan = dict.fromkeys(self.RULES)  # rule -> decaying mean planning seconds per layer under it
         self._measuring = False           # the current token counts (decode, the cache full)
         self._tokens = self._layers = 0
         self._seconds = 0.0
         self._timed = False               # a planning time was observed this epoch
         self._seen = (0, 0)               # ghost wins already counted
-        self._net = self._pairs = self._layers_on = 0.0  # decaying over comparing epochs
+        self._shadowed = [0, 0]           # this epoch's uses told apart by the shadow: [predictive's, LRU's]
+        self._settling = True             # this predictive epoch follows another rule's (or opens the run)
+        self._hold = self.RETEST_EPOCHS - 1  # predictive epochs still to run after this one before a decision
+        self._counted = 0                 # epochs counted against the shadow so far
+        self.shadow_wins = [0, 0]         # uses told apart by the shadow, all counted epochs: [predictive's, LRU's]
+        self.lru_ok = True                # LRU's rule is a candidate (the caller feeds the shadow)
+        # cheaper rule -> [net wins, pairs, layers] of the predictive rule against it, decaying over the
+        # epochs that gather them (comparing epochs for LFU's, every predictive epoch for LRU's)
+        self.evidence = {"lfu": [0.0, 0.0, 0.0], "lru": [0.0, 0.0, 0.0]}
         self._warmup = 0
-        self.epochs = {True: 0, False: 0}
-        self.last = None                  # the last decision's (gain, what LFU's rule could save) per layer, seconds
+        self.epochs = dict.fromkeys(self.RULES, 0)
+        self.last = None                  # the last decision's {rule: (gain, what it could save)} per layer, seconds
 
-    def token(self, decode: bool, warm: bool, wins, miss_cost: float) -> bool:
+    @property
+    def arm(self) -> bool:
+        """The predictive rule evicts now."""
+        return self.rule == "predictive"
+
+    def token(self, decode: bool, warm: bool, wins, miss_cost: float, lru_ok: bool = True) -> str:
         """A token's first MoE layer starts (decode: one row; warm: the cache is full); wins: the policy's
-        ghost_wins; miss_cost: seconds a miss costs. Returns the rule for this token (True: predictive);
-        `ghost` says whether it compares victims."""
+        ghost_wins; miss_cost: seconds a miss costs; lru_ok: the shadow LRU cache is fed (misses are copied
+        in). Returns the rule for this token; `ghost` says whether it compares victims."""
         if self._measuring:
             self._tokens += 1
             if self._tokens >= self.EPOCH_TOKENS:
                 self._end_epoch(wins, miss_cost)
+        if not lru_ok and self.lru_ok:  # LRU's rule stops being a candidate: its evidence is void
+            self.evidence["lru"] = [0.0, 0.0, 0.0]
+            if self.rule == "lru":
+                self.rule, self._best, self._since = "predictive", "predictive", 0
+        self.lru_ok = lru_ok
         if decode and not warm and self._warmup < self.WARMUP_TOKENS:
             self._warmup += 1
             decode = False
         self._measuring = decode
-        return self.arm
+        return self.rule
 
     def layer(self) -> None:
         """A layer's run starts."""
         if self._measuring:
             self._layers += 1
+
+    @property
+    def shadowing(self) -> bool:
+        """The current token's uses are told apart against the shadow LRU cache (shadow()): not in the
+        first predictive epoch after another rule's, nor in the run's first. That epoch runs on the cache
+        the other rule left (the shadow's own, after LRU's rule) with fits that have not seen it, and
+        loses to LRU's rule while it reshapes the cache: simulated on the demo's trace at 50% cache, the
+        predictive rule lost 6-16 of its first epoch's told-apart uses and 12-16 of a re-test's, and won
+        by 160 to 90 over the next ten. So that epoch settles, uncounted, and the rule runs again."""
+        return self._measuring and self.lru_ok and self.rule == "predictive" and not self._settling
+
+    def shadow(self, won: int, lost: int) -> None:
+        """Of a run's uses, `won` were held by the real cache and not by the shadow LRU cache, `lost` the
+        reverse."""
+        if self.shadowing:
+            self._shadowed[0] += won
+            self._shadowed[1] += lost
+            self.shadow_wins[0] += won
+            self.shadow_wins[1] += lost
 
     def plan_time(self, seconds: float) -> None:
         """The caller's planning of a layer (or of one round of it) took `seconds`."""
@@ -201,56 +258,93 @@ class EvictionSwitch:
             self._seconds += seconds
             self._timed = True
 
-    def gain(self, miss_cost: float, z: float | None = None) -> float | None:
-        """Seconds the predictive rule saves per layer over LFU's, optimistically (the net wins z standard
-        errors up, Z by default; pessimistically with -Z), or None without evidence."""
-        if not self._layers_on:
+    def gain(self, miss_cost: float, z: float | None = None, rival: str = "lfu") -> float | None:
+        """Seconds the predictive rule saves per layer over `rival`'s, optimistically (the net wins z
+        standard errors up, Z by default; pessimistically with -Z), or None without evidence."""
+        net, pairs, layers = self.evidence[rival]
+        if not layers:
             return None
-        z = self.Z if z is None else z
-        return (self._net + z * math.sqrt(self._pairs + 1.0)) / self._layers_on * miss_cost
+        z = (self.Z if z is None else z) * (self.Z_SHADOW if rival == "lru" else 1.0)
+        return (net + z * math.sqrt(pairs + 1.0)) / layers * miss_cost
 
     def _end_epoch(self, wins, miss_cost: float) -> None:
-        arm = self.arm
+        rule = self.rule
         if self._timed and self._layers:
             t = self._seconds / self._layers
-            m = self.plan[arm]
-            self.plan[arm] = t if m is None else 0.5 * m + 0.5 * t
+            m = self.plan[rule]
+            self.plan[rule] = t if m is None else 0.5 * m + 0.5 * t
         won, lost = wins[0] - self._seen[0], wins[1] - self._seen[1]  # pairs told apart this epoch
         self._seen = (wins[0], wins[1])
-        if arm and self.ghost:
-            d = self.DECAY
-            self._net, self._pairs = d * self._net + won - lost, d * self._pairs + won + lost
-            self._layers_on = d * self._layers_on + self._layers
+        d, ev = self.DECAY, self.evidence["lfu"]
+        if rule == "predictive" and self.ghost:
+            ev[0], ev[1], ev[2] = d * ev[0] + won - lost, d * ev[1] + won + lost, d * ev[2] + self._layers
         else:  # pairs made in a comparing epoch, told apart now
-            self._net, self._pairs = self._net + won - lost, self._pairs + won + lost
-        self.epochs[arm] += 1
+            ev[0], ev[1] = ev[0] + won - lost, ev[1] + won + lost
+        if rule == "predictive" and self.lru_ok and not self._settling:
+            (won, lost), ev = self._shadowed, self.evidence["lru"]
+            ev[0], ev[1], ev[2] = d * ev[0] + won - lost, d * ev[1] + won + lost, d * ev[2] + self._layers
+            self._counted += 1
+        self._shadowed = [0, 0]
+        self.epochs[rule] += 1
         self._tokens = self._layers = 0
         self._seconds, self._timed = 0.0, False
-        self.arm = self._decide(miss_cost)
-        if self.arm:
+        # where LRU's rule is a candidate, the predictive rule runs RETEST_EPOCHS in a row once it starts
+        # (the first settling, uncounted: see shadowing) before anything is decided
+        if rule == "predictive" and self._hold > 0 and self._lru_could_win(miss_cost):
+            self._hold -= 1
+            self.rule = "predictive"
+        else:
+            self.rule = self._decide(miss_cost)
+        self._settling = self.rule == "predictive" and rule != "predictive"
+        if self._settling:
+            self._hold = self.RETEST_EPOCHS - 1
+        if self.rule == "predictive":
             self.ghost = not self._clear or self._quiet >= self.GHOST_EVERY - 1
             self._quiet = 0 if self.ghost else self._quiet + 1
 
-    def _decide(self, miss_cost: float) -> bool:
+    def _lru_could_win(self, miss_cost: float) -> bool:
+        """LRU's rule is a candidate and its evidence is thin or its gain below all of the predictive
+        rule's planning: only then do predictive epochs run in a row to count against the shadow."""
+        if not self.lru_ok:
+            return False
+        gain, on = self.gain(miss_cost, rival="lru"), self.plan["predictive"]
+        return self._counted < self.MIN_COUNTED or gain is None or on is None or gain <= on
+
+    def _decide(self, miss_cost: float) -> str:
         """The rule for the next epoch: decided again after every epoch, on the evidence so far."""
-        on, off = self.plan[True], self.plan[False]
-        gain = self.gain(miss_cost)
-        self._clear = False
-        if on is None or gain is None:  # untimed, or no comparing epoch yet: nothing to weigh
-            self.last = None
-            self._clear = on is None  # untimed: the rule never changes, so victims are compared rarely
-            return True
-        saving = on if off is None else on - off  # what LFU's rule could save per layer (at most all of it)
-        self.last = (gain, saving)
-        best = gain > saving
-        self._clear = best and self.gain(miss_cost, -self.Z) > max(saving, 0.0)  # even the pessimistic gain
-        if off is None:  # LFU's rule never ran: its planning is measured once it could win
-            return best
+        on = self.plan["predictive"]
+        if on is None:  # untimed: nothing to weigh, so the rule never changes and victims are compared rarely
+            self.last, self._clear = None, True
+            return "predictive"
+        rivals = ("lfu", "lru") if self.lru_ok else ("lfu",)
+        self.last, balance = {}, {}
+        for r in rivals:
+            gain = self.gain(miss_cost, rival=r)
+            if gain is None or (r == "lru" and self._counted < self.MIN_COUNTED):
+                continue
+            off = self.plan[r]
+            saving = on if off is None else on - off  # what its rule could save per layer (at most all of it)
+            self.last[r] = (gain, saving)
+            balance[r] = saving - gain
+        best = max(balance, key=balance.get, default="predictive")
+        if best != "predictive" and balance[best] <= 0.0:
+            best = "predictive"
+        # clear: even the pessimistic gain over every candidate beats what it could save
+        self._clear = best == "predictive" and len(balance) == len(rivals) and all(
+            self.gain(miss_cost, -self.Z, r) > max(self.last[r][1], 0.0) for r in balance)
+        if best != "predictive" and self.plan[best] is None:
+            return best  # never ran: its planning is measured once it could win
         if best != self._best:
             self._best, self._since = best, 0
         self._since += 1
-        could_win = not best or gain <= on  # LFU's rule is re-tested only while it could still win
-        if could_win and self._since > self.EXPLOIT * (4 if self._clear else 1):
+        if best != "predictive":
+            other = "predictive"  # to count its wins afresh
+            # clearly better: even a gain twice as optimistic would not pay for the predictive rule's planning
+            self._clear = self.last[best][1] > self.gain(miss_cost, 2.0 * self.Z, best)
+        else:  # a cheaper rule that ran before and could still win (its gain below all of the planning)
+            could = [r for r in balance if self.plan[r] is not None and self.last[r][0] <= on]
+            other = max(could, key=balance.get, default=None)
+        if other is not None and self._since > self.EXPLOIT * (4 if self._clear else 1):
             self._since = 0
-            return not best
+            return other
         return best

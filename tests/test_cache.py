@@ -125,7 +125,7 @@ def test_uses_heaps_stay_bounded_when_nothing_is_evicted():
 
     lfu = LFUPolicy()
     auto = PredictivePolicy({0: 0, 1: 1}, top_k=2, num_experts=8, switchable=True)
-    auto.set_rule(True)
+    auto.set_rule("lfu")
     for policy in (lfu, auto):
         cache = ExpertCache(16, policy)
         for layer in (0, 1):

@@ -95,14 +95,20 @@ def test_minimum_cache_runs_prefill_in_rounds(tiny_mixtral):
 
 @pytest.mark.parametrize("host", [False, True], ids=["copies", "host-compute"])
 def test_greedy_identical_while_the_eviction_rule_changes(tmp_path, host, monkeypatch):
-    """eviction "auto" (the default) changes its rule (predictive or LFU's) between epochs of decode; with
-    one-token epochs the rule changes every few tokens, and output stays the reference's at every cache
-    size (the rule decides only what stays in the cache), as with each rule fixed."""
+    """eviction "auto" (the default) changes its rule (predictive, LFU's or, where misses are copied in,
+    LRU's) between epochs of decode; with one-token epochs and the decision made to cycle through the
+    rules, the rule changes every token, and output stays the reference's at every cache size (the rule
+    decides only what stays in the cache), as with each rule fixed."""
     from moe_prefetch.switch import EvictionSwitch
 
+    def cycle(self, miss_cost):
+        rules = self.RULES if self.lru_ok else ("predictive", "lfu")
+        return rules[(rules.index(self.rule) + 1) % len(rules)] if self.rule in rules else "predictive"
+
     monkeypatch.setattr(EvictionSwitch, "EPOCH_TOKENS", 1)
-    monkeypatch.setattr(EvictionSwitch, "EXPLOIT", 1)
+    monkeypatch.setattr(EvictionSwitch, "RETEST_EPOCHS", 1)
     monkeypatch.setattr(EvictionSwitch, "WARMUP_TOKENS", 0)
+    monkeypatch.setattr(EvictionSwitch, "_decide", cycle)
     path = make_mixtral(tmp_path / "m", layers=3, experts=6, top_k=2, seed=13)
     ref = reference_generate(path, PROMPT, NEW)
     extra = dict(host_compute="on", host_bandwidth=2e9) if host and not TEST_DEVICE.startswith("cuda") else {}
@@ -116,6 +122,7 @@ def test_greedy_identical_while_the_eviction_rule_changes(tmp_path, host, monkey
             model.moe_runtime.close()
             assert torch.equal(out.cpu(), ref), f"{eviction} eviction with {slots} slots diverged"
             if eviction == "auto":
-                assert switch.epochs[True] and switch.epochs[False], "both rules ran"
+                ran = {r for r, n in switch.epochs.items() if n}
+                assert ran == ({"predictive", "lfu"} if extra else set(EvictionSwitch.RULES)), ran
             else:
                 assert switch is None

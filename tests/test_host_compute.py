@@ -81,11 +81,13 @@ def test_auto_eviction_turns_to_lfus_rule_where_misses_are_cheap(ckpt):
     model.moe_runtime.close()
     assert torch.equal(out, ref)
     ep = st["eviction_epochs"]
-    assert ep["predictive"] >= 1 and ep["lfu"] >= 3 and ep["predictive_now"] is False, ep
-    assert switch.plan[True] > 0 and switch.plan[False] > 0, "the runtime reports its planning times"
+    assert ep["predictive"] >= 1 and ep["lfu"] >= 3 and ep["lru"] == 0 and ep["now"] == "lfu", ep
+    assert ep["shadow_wins"] == [0, 0], "host compute: no shadow LRU cache"
+    assert switch.plan["predictive"] > 0 and switch.plan["lfu"] > 0, "the runtime reports its planning times"
     from moe_prefetch.stats import format_summary
 
-    assert f"eviction           auto (LFU now; epochs predictive {ep['predictive']}, LFU {ep['lfu']})" in format_summary(st)
+    assert (f"eviction           auto (LFU now; epochs predictive {ep['predictive']}, LFU {ep['lfu']}, LRU 0)"
+            in format_summary(st))
     _, st = run(ckpt, 5, predictor="none", eviction="predictive", link_bandwidth=2e7, host_bandwidth=1e12)
     assert st["eviction_epochs"] is None
 

@@ -668,9 +668,9 @@ def test_predictive_policy_learns_how_recency_predicts_use():
 
 @pytest.mark.parametrize("flat_max", [10_000, 0], ids=["ranked", "heaps"])
 def test_switchable_policy_agrees_with_its_plain_scan_across_rule_changes(flat_max, monkeypatch):
-    """A switchable PredictivePolicy evicts by its own rule or, by_frequency, by LFU's (fewest uses, ties to
-    the least recently used); victim() picks what victim_ref() picks under either rule as the rule flips
-    back and forth (nothing of the predictive rule's rankings or heaps is kept while LFU's evicts, so
+    """A switchable PredictivePolicy evicts by its own rule, by LFU's (fewest uses, ties to the least
+    recently used) or by LRU's; victim() picks what victim_ref() picks under each rule as the rule cycles
+    through them (nothing of the predictive rule's rankings or heaps is kept while another evicts, so
     coming back must rebuild them), and a policy that stays predictive throughout makes the same
     decisions as one that is not switchable."""
     import random
@@ -683,10 +683,10 @@ def test_switchable_policy_agrees_with_its_plain_scan_across_rule_changes(flat_m
     L, E, k = 4, 10, 2
     pol = PredictivePolicy({j: j for j in range(L)}, top_k=k, num_experts=E, switchable=True)
     cache = ExpertCache(16, pol)
-    checked = {True: 0, False: 0}
-    for step in range(3000):
+    checked = dict.fromkeys(PredictivePolicy.RULES, 0)
+    for step in range(4500):
         if step % 97 == 0:
-            pol.set_rule(not pol.by_frequency, ghosting=step % 3 != 0)
+            pol.set_rule(PredictivePolicy.RULES[step // 97 % 3], ghosting=step % 2 != 0)
             if len(cache) == cache.n_slots:  # at once: what the rule kept meanwhile must not be trusted
                 everything = cache.evictable()
                 assert pol.victim(everything) == pol.victim_ref(set(everything)), step
@@ -699,7 +699,7 @@ def test_switchable_policy_agrees_with_its_plain_scan_across_rule_changes(flat_m
         if key in cache:
             cache.touch(key)
             continue
-        checked[pol.by_frequency] += insert_checking_victim(cache, key, rng, step)
+        checked[pol.rule] += insert_checking_victim(cache, key, rng, step)
     assert min(checked.values()) > 400, checked
 
     def decisions(switchable):
@@ -775,7 +775,7 @@ def test_eviction_switch_prices_the_predictive_rule_against_its_planning():
     def run(plan_on, plan_off, wins_per_epoch, miss_cost, tokens=8 * 40, timed=True, layers=4):
         sw, wins, arms, ghosts = EvictionSwitch(), [0, 0], [], []
         for _ in range(tokens):
-            arm = sw.token(True, True, wins, miss_cost)
+            arm = sw.token(True, True, wins, miss_cost, lru_ok=False) == "predictive"
             arms.append(arm)
             ghosts.append(arm and sw.ghost)
             for _ in range(layers):
@@ -791,15 +791,16 @@ def test_eviction_switch_prices_the_predictive_rule_against_its_planning():
     # misses cost 20x the predictive rule's whole planning and it wins 6 pairs of 10 per epoch: LFU's rule
     # could not win even if it planned for nothing, so it never runs
     sw, arms, ghosts = run(50e-6, 30e-6, (6, 4), miss_cost=1e-3)
-    assert all(arms) and sw.plan[False] is None and sw.epochs[False] == 0
-    assert sw.last[0] > sw.last[1] == pytest.approx(50e-6) and all(ghosts), "not clearly: every epoch compares"
+    assert all(arms) and sw.plan["lfu"] is None and sw.epochs["lfu"] == 0
+    assert sw.last["lfu"][0] > sw.last["lfu"][1] == pytest.approx(50e-6) and all(ghosts), "not clearly: every epoch compares"
     # misses cheap (a fast host): LFU's planning measured once the gain falls below the predictive rule's
-    # planning, then LFU's rule, with one predictive epoch in EXPLOIT + 1 to keep counting wins
+    # planning, then LFU's rule, with one predictive epoch in EXPLOIT + 1 to keep counting wins (in
+    # 4 x EXPLOIT + 1 once LFU's rule is clearly better, as here)
     sw, arms, _ = run(50e-6, 30e-6, (6, 4), miss_cost=50e-6)
     assert arms[:8] == [True] * 8 and arms[8:16] == [False] * 8, "the opening: the predictive rule, then LFU's measured"
     later = arms[16:]
-    assert 0.05 < sum(later) / len(later) < 0.2 and sw.epochs[True] >= 3
-    assert sw.last is not None and sw.last[0] < sw.last[1] and sw.last[1] == pytest.approx(20e-6)
+    assert 0.5 / (4 * EvictionSwitch.EXPLOIT + 1) < sum(later) / len(later) < 0.2 and sw.epochs["predictive"] >= 2
+    assert sw.last is not None and sw.last["lfu"][0] < sw.last["lfu"][1] == pytest.approx(20e-6)
     # LFU's choices prove right more often: LFU's rule even where misses cost a lot
     sw, arms, _ = run(50e-6, 30e-6, (2, 10), miss_cost=2e-3)
     assert sum(arms[16:]) / len(arms[16:]) < 0.2
@@ -819,7 +820,99 @@ def test_eviction_switch_prices_the_predictive_rule_against_its_planning():
         sw.layer(), sw.plan_time(1.0)
         sw.token(False, True, [0, 0], 1.0)
         sw.layer(), sw.plan_time(1.0)
-    assert sw.epochs == {True: 0, False: 0} and sw.plan == {True: None, False: None}
+    assert not any(sw.epochs.values()) and not any(sw.plan.values())
+
+
+def test_eviction_switch_turns_to_lrus_rule_where_the_shadow_cache_hits_more():
+    """Against LRU's rule the evidence is a shadow LRU cache's hits: where it holds more of the uses than
+    the real cache, the switch turns to LRU's rule once MIN_COUNTED epochs have been counted, and
+    re-tests the predictive rule for RETEST_EPOCHS epochs in a row, the first settling uncounted (rarely,
+    once LRU's rule is clearly better); where the real cache holds more, or LRU's rule is not a candidate
+    (host compute), it never runs, and a switch running it leaves it as soon as it stops being one."""
+    from moe_prefetch.switch import EvictionSwitch
+
+    def run(won, lost, tokens=8 * 80, lru_ok=True, plan=(50e-6, 50e-6, 30e-6)):
+        sw, rules, counted = EvictionSwitch(), [], []
+        for _ in range(tokens):
+            rule = sw.token(True, True, [0, 0], 1e-3, lru_ok=lru_ok)
+            rules.append(rule)
+            counted.append(sw.shadowing)
+            for _ in range(4):
+                sw.layer()
+                sw.plan_time(plan[EvictionSwitch.RULES.index(rule)])
+            sw.shadow(won, lost)  # per token: the real cache held `won` uses the shadow did not, `lost` the reverse
+        return sw, rules[::8], counted[::8]  # per epoch
+
+    n = EvictionSwitch.RETEST_EPOCHS
+    for won, lost in ((2, 3), (1, 3)):  # LRU's rule better; clearly so in the second
+        sw, rules, counted = run(won, lost)
+        first = rules.index("lru")
+        assert sum(counted[:first]) >= EvictionSwitch.MIN_COUNTED and rules[:n] == ["predictive"] * n
+        assert sw.plan["lru"] == pytest.approx(30e-6) and sw.shadow_wins[1] > sw.shadow_wins[0]
+        assert sw.last["lru"][0] < 0 < sw.last["lru"][1]
+        blocks = "".join("P" if r == "predictive" else "R" if r == "lru" else "F" for r in rules[first:]).split("R")
+        retests = [b for b in blocks if b]
+        assert retests and all(b == "P" * n for b in retests[:-1]), retests  # (the last may be cut short)
+        for i in range(first + 1, len(rules)):
+            if rules[i] == "predictive" and rules[i - 1] != "predictive":
+                assert not counted[i] and all(counted[i + 1:i + n]), i
+        share = rules[first:].count("predictive") / len(rules[first:])
+        limit = n / (EvictionSwitch.EXPLOIT + n) + 0.05 if won == 2 else n / (4 * EvictionSwitch.EXPLOIT + n) + 0.05
+        assert 0.0 < share < limit, (won, share)
+    # the real cache holds more: LRU's rule never runs, even planning for less (LFU's may: no pairs told apart)
+    sw, rules, _ = run(3, 1)
+    assert "lru" not in rules and sw.epochs["lru"] == 0 and sw.last["lru"][0] > sw.last["lru"][1] > 0
+    # not a candidate: never tried, whatever the counts
+    sw, rules, counted = run(0, 5, lru_ok=False)
+    assert "lru" not in rules and not any(counted) and sw.shadow_wins == [0, 0]
+    # running LRU's rule when it stops being one: the predictive rule at once, its evidence gone
+    sw, rules, _ = run(1, 3, tokens=8 * 12)
+    assert sw.rule == "lru"
+    assert sw.token(True, True, [0, 0], 1e-3, lru_ok=False) == "predictive" and sw.evidence["lru"] == [0, 0, 0]
+
+
+def test_auto_eviction_planner_turns_to_lrus_rule_where_recency_is_all_there_is():
+    """The planner feeds the shadow LRU cache every run (copies only: not with host compute) and the switch
+    its told-apart uses. On routing where every expert is as popular as the next and a tenth of a token's
+    experts are the last token's, in a cache that holds one token's experts, LRU's rule hits more than the
+    predictive one (frequency says nothing there): eviction auto evicts by LRU's rule most of the time
+    and hits more than the predictive rule fixed. The simulator, which drives the same planner, shows it."""
+    import unittest.mock as um
+
+    import numpy as np
+
+    from moe_prefetch.sim import CostModel, Policy, Trace, simulate
+
+    rng = np.random.default_rng(2)
+    L, E, k, n = 6, 8, 2, 300
+    routing = np.zeros((n, L, k), dtype=np.int64)
+    for t in range(n):
+        for i in range(L):
+            keep = [e for e in routing[t - 1, i] if rng.random() < 0.1] if t else []
+            routing[t, i] = keep + [e for e in rng.permutation(E) if e not in keep][:k - len(keep)]
+    trace = Trace(routing, [n], {}, {"experts": E, "top_k": k, "layers": L})
+    cost = CostModel(attn_s=0.8e-3, expert_s=0.1e-3, transfer_s=11e-3, expert_bytes=1)
+    seen = []
+    orig = Planner.__init__
+
+    def keep(self, *a, **kw):
+        orig(self, *a, **kw)
+        seen.append(self)
+
+    with um.patch.object(Planner, "__init__", keep):
+        auto = simulate(trace, cost, L * k, Policy("auto", eviction="auto"))
+        pred = simulate(trace, cost, L * k, Policy("p", eviction="predictive"))
+        lru = simulate(trace, cost, L * k, Policy("l", eviction="lru"))
+    sw = seen[0].eviction_switch
+    assert lru.hit_rate > pred.hit_rate + 0.02, "the premise: LRU's rule hits more here"
+    assert sw.epochs["lru"] > sw.epochs["predictive"] and sw.shadow_wins[1] > sw.shadow_wins[0], sw.epochs
+    assert auto.hit_rate > pred.hit_rate + 0.005, (auto.hit_rate, pred.hit_rate)
+    # host compute: the shadow is not fed and LRU's rule never runs
+    seen.clear()
+    with um.patch.object(Planner, "__init__", keep):
+        simulate(trace, CostModel(attn_s=0.8e-3, expert_s=0.1e-3, transfer_s=11e-3, expert_bytes=1, host_s=4e-3),
+                 L * k, Policy("auto", eviction="auto", host_compute=True))
+    assert seen[0].eviction_switch.epochs["lru"] == 0 and not seen[0].shadow._order
 
 
 def test_auto_eviction_planner_turns_to_lfus_rule_where_planning_outweighs_misses():
@@ -842,14 +935,14 @@ def test_auto_eviction_planner_turns_to_lfus_rule_where_planning_outweighs_misse
             remaining = experts
             while remaining:
                 actions = pl.plan_layer(now, layer, remaining)
-                pl.observe_plan_cost(0.2 if not pl.policy.by_frequency else 0.01)  # planning: 2x a miss's host time
+                pl.observe_plan_cost(0.2 if pl.policy.rule == "predictive" else 0.01)  # planning: 2x a miss's host time
                 pl.release(actions)
                 remaining = [e for e in remaining if e not in {a.key[1] for a in actions}]
             pl.take_keeps()
-        ruled.append(pl.policy.by_frequency)
+        ruled.append(pl.policy.rule == "lfu")
     assert sum(ruled[24:]) / len(ruled[24:]) > 0.8, "LFU's rule after the opening"
     pl.keep_switch.arm = True  # the keep switch's recency arm, which LFU's rule overrides
-    pl.policy.set_rule(True)
+    pl.policy.set_rule("lfu")
     assert pl.keeps_use_recency() is False
-    pl.policy.set_rule(False)
+    pl.policy.set_rule("predictive")
     assert pl.keeps_use_recency() is True
