@@ -162,7 +162,8 @@ class EvictionSwitch:
     twice as optimistically is still below what it saves); a cheaper one, only while it could still
     win. Where LRU's rule could win, the predictive rule runs RETEST_EPOCHS epochs in a row whenever it
     starts, the first of them settling uncounted (see shadowing), and LRU's rule is chosen only after
-    MIN_COUNTED counted epochs (the predictive rule's fits learn over the first tokens). Once the predictive
+    MIN_COUNTED counted epochs (the predictive rule's fits learn over the first tokens), which the
+    opening runs before its first decision, so that it weighs both cheaper rules. Once the predictive
     rule is clearly worth its cost, only one of its epochs in GHOST_EVERY compares victims (the
     comparison costs planning too; the shadow costs a few dictionary operations per use and runs on).
     A caller that times no plans keeps the predictive rule (and compares victims as rarely)."""
@@ -193,7 +194,9 @@ class EvictionSwitch:
         self._seen = (0, 0)               # ghost wins already counted
         self._shadowed = [0, 0]           # this epoch's uses told apart by the shadow: [predictive's, LRU's]
         self._settling = True             # this predictive epoch follows another rule's (or opens the run)
-        self._hold = self.RETEST_EPOCHS - 1  # predictive epochs still to run after this one before a decision
+        # predictive epochs still to run after this one before a decision: at the opening, until LRU's rule
+        # may be chosen, so that the first decision weighs both cheaper rules
+        self._hold = self.MIN_COUNTED
         self._counted = 0                 # epochs counted against the shadow so far
         self.shadow_wins = [0, 0]         # uses told apart by the shadow, all counted epochs: [predictive's, LRU's]
         self.lru_ok = True                # LRU's rule is a candidate (the caller feeds the shadow)
@@ -326,9 +329,11 @@ class EvictionSwitch:
             saving = on if off is None else on - off  # what its rule could save per layer (at most all of it)
             self.last[r] = (gain, saving)
             balance[r] = saving - gain
-        best = max(balance, key=balance.get, default="predictive")
-        if best != "predictive" and balance[best] <= 0.0:
-            best = "predictive"
+        # the predictive rule gives way only to a rule whose balance is positive on the optimistic gain;
+        # of those, the one whose balance is best on the net wins as counted (z = 0: the two cheaper rules'
+        # evidence is weighed alike, where LRU's doubt is twice LFU's)
+        better = [r for r in balance if balance[r] > 0.0]
+        best = max(better, key=lambda r: self.last[r][1] - self.gain(miss_cost, 0.0, r), default="predictive")
         # clear: even the pessimistic gain over every candidate beats what it could save
         self._clear = best == "predictive" and len(balance) == len(rivals) and all(
             self.gain(miss_cost, -self.Z, r) > max(self.last[r][1], 0.0) for r in balance)
