@@ -306,12 +306,16 @@ class EvictionSwitch:
             self._quiet = 0 if self.ghost else self._quiet + 1
 
     def _lru_could_win(self, miss_cost: float) -> bool:
-        """LRU's rule is a candidate and its evidence is thin or its gain below all of the predictive
-        rule's planning: only then do predictive epochs run in a row to count against the shadow."""
+        """LRU's rule is a candidate and the gain over it is below all of the predictive rule's planning
+        (below twice that while fewer than MIN_COUNTED epochs have been counted: early counts favour LRU's
+        rule, so one that is far behind even then is let go): only then do predictive epochs run in a
+        row to count against the shadow."""
         if not self.lru_ok:
             return False
         gain, on = self.gain(miss_cost, rival="lru"), self.plan["predictive"]
-        return self._counted < self.MIN_COUNTED or gain is None or on is None or gain <= on
+        if gain is None or on is None:
+            return True
+        return gain <= (2.0 * on if self._counted < self.MIN_COUNTED else on)
 
     def _decide(self, miss_cost: float) -> str:
         """The rule for the next epoch: decided again after every epoch, on the evidence so far."""
