@@ -6,7 +6,9 @@ eviction on a recorded routing trace and on synthetic traces whose routing stick
     python bench/eviction.py --trace my.trace.npz --sticky               # your model's trace alone
 
 Eviction alone, no predictor (the default planner's prefetches ride on top of it), host compute off
-and on, at each cache fraction, through the runtime's own planner. Besides the three shipped policies:
+and on, at each cache fraction, through the runtime's own planner. Besides the shipped policies (LRU,
+LFU, predictive and auto, the default, which here, where every rule is given the same planning time,
+leaves the predictive rule only for one that hits more):
 `predictive (frequency only)`, the predictive rule without its learnt recency factor (what it was
 before it had one), and Belady's farthest-next-use with the future known, the bound (with host
 compute it also knows which host-computed misses its layer's next run will use again, and copies in
@@ -37,7 +39,7 @@ from moe_prefetch.sim import CostModel, Policy, Trace, load_profiles, simulate, 
 
 DEMO_TRACE = ROOT / "bench" / "results" / "demo.trace.npz"
 EVICTIONS = [("LRU", "lru"), ("LFU", "lfu"), ("predictive (frequency only)", "predictive-frequency"),
-             ("predictive", "predictive"), ("Belady (bound)", "belady")]
+             ("predictive", "predictive"), ("auto (the default)", "auto"), ("Belady (bound)", "belady")]
 #: with host compute, predictive eviction's keep rule fixed either way (the default measures which pays)
 KEEP_RULES = [("predictive, keeps on frequency", False), ("predictive, keeps with recency", True)]
 
@@ -73,6 +75,7 @@ def run(traces: dict[str, Trace], caches: list[float], ratio: float, host_over_l
                 rows.append(dict(trace=name, layers=L, experts=E, top_k=k, tokens=N, stickiness=sticky, chance=k / E,
                                  host_compute=host, cache=frac, slots=slots, tokens_per_s=tps,
                                  predictive_over_best_of_lru_lfu=tps["predictive"] / best,
+                                 auto_over_predictive=tps["auto (the default)"] / tps["predictive"],
                                  predictive_over_frequency_only=tps["predictive"] / tps["predictive (frequency only)"]))
                 print(f"{name:22s} host={'on ' if host else 'off'} cache {frac:.2f}: "
                       + "  ".join(f"{lab} {v:.1f}" for lab, v in tps.items()), flush=True)
@@ -86,13 +89,14 @@ def markdown(rows: list[dict], ratio: float, host_over_link: float, copy_cost: f
              f"{host_over_link:g}x faster than the link, {fixed}), eviction alone, no predictor. With host compute, "
              "`predictive` judges keeps as its keep switch measures pays; the last two columns fix that rule.", "",
              "| trace | stickiness (chance) | host compute | cache | " + " | ".join(labels)
-             + " | predictive / best of LRU, LFU | predictive / frequency only |",
-             "|---|---|---|---|" + "---|" * len(labels) + "---|---|"]
+             + " | predictive / best of LRU, LFU | predictive / frequency only | auto / predictive |",
+             "|---|---|---|---|" + "---|" * len(labels) + "---|---|---|"]
     for r in rows:
         cells = [f"{r['tokens_per_s'][lab]:.1f}" if lab in r["tokens_per_s"] else "-" for lab in labels]
         lines.append(f"| {r['trace']} | {r['stickiness']:.2f} ({r['chance']:.2f}) | {'on' if r['host_compute'] else 'off'} "
                      f"| {r['cache']:.0%} | " + " | ".join(cells)
-                     + f" | {r['predictive_over_best_of_lru_lfu']:.2f} | {r['predictive_over_frequency_only']:.2f} |")
+                     + f" | {r['predictive_over_best_of_lru_lfu']:.2f} | {r['predictive_over_frequency_only']:.2f} "
+                     f"| {r['auto_over_predictive']:.3f} |")
     return lines
 
 

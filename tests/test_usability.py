@@ -438,6 +438,7 @@ def test_eviction_bench_on_a_recorded_trace_and_sticky_routing(tmp_path):
     sticky = rows[2]
     assert sticky["stickiness"] > 0.6 and sticky["slots"] == 32
     assert sticky["predictive_over_frequency_only"] > 1.3, sticky
+    assert sticky["auto_over_predictive"] > 0.98, sticky  # the default keeps the rule that pays there
     # with host compute there, keeps judged with recency pay, and the default's keep switch finds them
     tps = rows[3]["tokens_per_s"]
     assert tps["predictive, keeps with recency"] > 1.2 * tps["predictive, keeps on frequency"], tps
