@@ -80,7 +80,7 @@ def main(argv=None) -> int:
         slots = L * E // 2
         policies = [Policy("LRU, no prefetch", eviction="lru"), Policy("LFU, no prefetch", eviction="lfu"),
                     Policy("predictive eviction, no prefetch", eviction="predictive"),
-                    Policy("default: next-gate K=2, predictive, gated", "next-gate", 2, eviction="predictive"),
+                    Policy("next-gate K=2 (the default's predictor), predictive eviction, gated", "next-gate", 2, eviction="predictive"),
                     # a whole token ahead, on every layer: the most predictions a layer's plan can get
                     Policy(f"history K=L={L}, predictive, gated, always predicting", "history", L,
                            eviction="predictive", adaptive=False)]
