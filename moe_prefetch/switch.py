@@ -222,6 +222,7 @@ class EvictionSwitch:
                 self._end_epoch(wins, miss_cost)
         if not lru_ok and self.lru_ok:  # LRU's rule stops being a candidate: its evidence is void
             self.evidence["lru"] = [0.0, 0.0, 0.0]
+            self._counted = 0
             if self.rule == "lru":
                 self.rule, self._best, self._since = "predictive", "predictive", 0
         self.lru_ok = lru_ok
@@ -349,11 +350,12 @@ class EvictionSwitch:
         if best != "predictive":
             other = "predictive"  # to count its wins afresh
             # clearly better: even a gain twice as optimistic would not pay for the predictive rule's planning
-            self._clear = self.last[best][1] > self.gain(miss_cost, 2.0 * self.Z, best)
+            clear = self.last[best][1] > self.gain(miss_cost, 2.0 * self.Z, best)
         else:  # a cheaper rule that ran before and could still win (its gain below all of the planning)
             could = [r for r in balance if self.plan[r] is not None and self.last[r][0] <= on]
             other = max(could, key=balance.get, default=None)
-        if other is not None and self._since > self.EXPLOIT * (4 if self._clear else 1):
+            clear = self._clear
+        if other is not None and self._since > self.EXPLOIT * (4 if clear else 1):
             self._since = 0
             return other
         return best

@@ -796,8 +796,9 @@ def test_eviction_switch_prices_the_predictive_rule_against_its_planning():
     # misses cheap (a fast host): LFU's planning measured once the gain falls below the predictive rule's
     # planning, then LFU's rule, with one predictive epoch in EXPLOIT + 1 to keep counting wins (in
     # 4 x EXPLOIT + 1 once LFU's rule is clearly better, as here)
-    sw, arms, _ = run(50e-6, 30e-6, (6, 4), miss_cost=50e-6)
+    sw, arms, ghosts = run(50e-6, 30e-6, (6, 4), miss_cost=50e-6)
     assert arms[:8] == [True] * 8 and arms[8:16] == [False] * 8, "the opening: the predictive rule, then LFU's measured"
+    assert all(g for a, g in zip(arms, ghosts) if a), "a re-test of the predictive rule compares victims"
     later = arms[16:]
     assert 0.5 / (4 * EvictionSwitch.EXPLOIT + 1) < sum(later) / len(later) < 0.2 and sw.epochs["predictive"] >= 2
     assert sw.last is not None and sw.last["lfu"][0] < sw.last["lfu"][1] == pytest.approx(20e-6)
