@@ -412,7 +412,8 @@ def test_planner_cost_bench_runs_and_refuses_an_unknown_shape(tmp_path):
                         "--out", str(tmp_path)], capture_output=True, text=True, env=env, timeout=300)
     assert r.returncode == 0, r.stderr[-2000:]
     rows = json.loads((tmp_path / "planner_cost.json").read_text())["rows"]
-    assert [row["policy"].split(",")[0] for row in rows] == ["LRU", "LFU", "predictive eviction", "default: next-gate K=2",
+    assert [row["policy"].split(",")[0] for row in rows] == ["LRU", "LFU", "predictive eviction",
+                                                             "next-gate K=2 (the default's predictor)",
                                                              "history K=L=16"]
     assert all(row["slots"] == 16 * 64 // 2 and row["fast_ms"] > 0 and row["scan_ms"] > 0 for row in rows)
 
