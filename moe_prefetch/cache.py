@@ -166,6 +166,9 @@ class ShadowLRU:
     def __contains__(self, key: Key) -> bool:
         return key in self._order
 
+    def __len__(self) -> int:
+        return len(self._order)
+
     def use(self, keys) -> None:
         """`keys` are used now: each moves to the newest end, the oldest go past `n_slots`."""
         order = self._order

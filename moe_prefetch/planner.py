@@ -786,8 +786,9 @@ class PredictivePolicy(LRUPolicy):
     FLAT_MAX = 64  # resident experts up to which victim() walks each layer's ranking (_victim_flat) instead of the heaps
 
     def victim(self, candidates):
-        """The key to evict among `candidates`: by this policy's rule, or by use count alone while evicting
-        by frequency. A switchable policy notes LFU's choice beside its own, to tell later which was right."""
+        """The key to evict among `candidates`: by this policy's rule, or by LFU's or LRU's while a switchable
+        policy evicts by one of those. Comparing (ghosting), it notes LFU's choice beside its own, to tell
+        later which was right."""
         if self._cheap:
             return self._frequency_victim(candidates) if self.rule == "lfu" else LRUPolicy.victim(self, candidates)
         key = self._predictive_victim(candidates)
@@ -868,7 +869,8 @@ class PredictivePolicy(LRUPolicy):
         return best
 
     def victim_ref(self, candidates):
-        """The definition: a pass over every resident key, oldest first (by frequency: LFU's)."""
+        """The definition: a pass over every resident key, oldest first (under LFU's rule: the fewest uses;
+        under LRU's: the oldest stamp)."""
         if self.rule == "lfu":
             return fewest_uses_ref(self._order, self.uses, candidates)
         if self.rule == "lru":
@@ -942,7 +944,7 @@ class Planner:
             policy = PredictivePolicy(self.positions, top_k, num_experts, slots=n_slots, switchable=eviction == "auto") \
                 if eviction in ("predictive", "auto") else make_policy(eviction)
         self.policy = policy
-        # eviction "auto": the predictive rule while what it saves beats what its planning costs, else LFU's
+        # eviction "auto": the predictive rule while what it saves beats what its planning costs, else LFU's or LRU's
         self.eviction_switch = EvictionSwitch() if getattr(policy, "switchable", False) else None
         self.shadow = ShadowLRU(n_slots) if self.eviction_switch is not None else None  # LRU's rule's cache
         self.cache = ExpertCache(n_slots, policy)

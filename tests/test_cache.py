@@ -140,3 +140,25 @@ def test_uses_heaps_stay_bounded_when_nothing_is_evicted():
         assert len(heap) <= 4 * 16 + 64 + 1, len(heap)
         everything = set(cache.keys())
         assert policy.victim(everything) == policy.victim_ref(everything)
+
+
+def test_shadow_lru_holds_what_an_lru_cache_fed_the_same_uses_holds():
+    """ShadowLRU (eviction auto's view of LRU's rule) against a real ExpertCache run by LRUPolicy, every
+    use a demand fetch: after each run of keys both hold the same keys."""
+    import random
+
+    from moe_prefetch.cache import ShadowLRU
+
+    rng = random.Random(4)
+    for slots in (3, 8, 20):
+        shadow, cache = ShadowLRU(slots), ExpertCache(slots, LRUPolicy())
+        for step in range(2000):
+            layer = step % 4
+            keys = [(layer, e) for e in rng.sample(range(8), 2)]
+            for key in keys:
+                if key in cache:
+                    cache.touch(key)
+                else:
+                    cache.insert(key)
+            shadow.use(keys)
+            assert set(cache.keys()) == {k for k in shadow._order} and len(shadow) == len(cache), (slots, step)

@@ -915,7 +915,7 @@ def test_auto_eviction_planner_turns_to_lrus_rule_where_recency_is_all_there_is(
     with um.patch.object(Planner, "__init__", keep):
         simulate(trace, CostModel(attn_s=0.8e-3, expert_s=0.1e-3, transfer_s=11e-3, expert_bytes=1, host_s=4e-3),
                  L * k, Policy("auto", eviction="auto", host_compute=True))
-    assert seen[0].eviction_switch.epochs["lru"] == 0 and not seen[0].shadow._order
+    assert seen[0].eviction_switch.epochs["lru"] == 0 and len(seen[0].shadow) == 0
 
 
 def test_auto_eviction_planner_turns_to_lfus_rule_where_planning_outweighs_misses():
