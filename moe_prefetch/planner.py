@@ -1244,17 +1244,22 @@ class Planner:
     PROBE_EVERY = 16
     MIN_YIELD = 0.1
 
+    def epoch_without_prediction(self) -> bool:
+        """The prediction switch runs this epoch without prediction: worth_predicting() says no on every
+        layer of it, whatever the link or the evidence."""
+        return self.switch is not None and not self.switch.arm
+
     def worth_predicting(self, now: float, in_flight: int | None = None) -> bool:
         """Could any prefetch be issued now? False when copies in flight fill the budget, when even a
         certain prediction would not pass the gate, or when predictions have lately yielded almost no
         prefetches or (adaptive) saved less time per predicted layer than predicting one costs (but for a
         probe now and then); the runtime then skips the predictor's compute."""
+        if self.epoch_without_prediction():
+            return False  # an epoch without prediction (measured, or the faster arm lately)
         if max(self.link.in_flight(now), in_flight or 0) >= self.budget:
             return False
         if not self.gate:
             return True
-        if self.switch is not None and not self.switch.arm:
-            return False  # an epoch without prediction (measured, or the faster arm lately)
         if self.prediction_yield < self.MIN_YIELD or (self.switch is not None and not self.prediction_pays()):
             self._skipped_in_a_row += 1
             if self._skipped_in_a_row < self.PROBE_EVERY:

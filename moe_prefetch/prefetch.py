@@ -115,8 +115,11 @@ class Prefetcher:
         self._asked[i] = []
         if self.predictor.on_host or h is None:
             return None
-        targets = self._targets(i)
         off = self.offloader
+        if off.planner.epoch_without_prediction():  # (most decode layers where predicting does not pay)
+            off.planner.counters.prediction_skipped += 1
+            return None  # what worth_predicting() would say, without the lookups it makes first
+        targets = self._targets(i)
         if not targets or not off.planner.worth_predicting(off.clock(), off.copies_in_flight()):
             if targets:
                 off.planner.counters.prediction_skipped += 1
