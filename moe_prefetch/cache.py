@@ -169,16 +169,26 @@ class ShadowLRU:
     def __len__(self) -> int:
         return len(self._order)
 
-    def use(self, keys) -> None:
-        """`keys` are used now: each moves to the newest end, the oldest go past `n_slots`."""
+    def use(self, keys, real: Collection[Key] | None = None) -> tuple[int, int]:
+        """`keys` (one run's, distinct) are used now: each moves to the newest end, the oldest go past
+        `n_slots`. real: the real cache, to tell the uses apart first; returns (held by it only, held by
+        the shadow only), (0, 0) without it."""
         order = self._order
+        won = lost = 0
         for key in keys:
-            if key in order:
+            held = key in order
+            if real is not None and held != (key in real):
+                if held:
+                    lost += 1
+                else:
+                    won += 1
+            if held:
                 order.move_to_end(key)
             else:
                 order[key] = None
         while len(order) > self.n_slots:
             order.popitem(last=False)
+        return won, lost
 
 
 POLICIES = {"lru": LRUPolicy, "lfu": LFUPolicy}

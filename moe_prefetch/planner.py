@@ -1094,19 +1094,10 @@ class Planner:
     def _shadow_run(self, layer: int, experts: list[int]) -> None:
         """A run of `layer` starts: the shadow LRU cache takes its uses, after telling the eviction switch
         which of them it and the real cache held."""
-        keys = [(layer, e) for e in experts]
-        if self.eviction_switch.shadowing:
-            won = lost = 0
-            cache, shadow = self.cache, self.shadow
-            for key in keys:
-                real, lru = key in cache, key in shadow
-                if real != lru:
-                    if real:
-                        won += 1
-                    else:
-                        lost += 1
-            self.eviction_switch.shadow(won, lost)
-        self.shadow.use(keys)
+        switch = self.eviction_switch
+        won, lost = self.shadow.use([(layer, e) for e in experts], self.cache if switch.shadowing else None)
+        if won or lost:
+            switch.shadow(won, lost)
 
     def keeps_use_recency(self) -> bool:
         """Whether keeps are judged with the recency line now (keep_recency, else the KeepSwitch's arm)."""

@@ -155,10 +155,14 @@ def test_shadow_lru_holds_what_an_lru_cache_fed_the_same_uses_holds():
         for step in range(2000):
             layer = step % 4
             keys = [(layer, e) for e in rng.sample(range(8), 2)]
+            assert shadow.use(keys, set(cache.keys())) == (0, 0), "the same keys held: no use told apart"
             for key in keys:
                 if key in cache:
                     cache.touch(key)
                 else:
                     cache.insert(key)
-            shadow.use(keys)
             assert set(cache.keys()) == {k for k in shadow._order} and len(shadow) == len(cache), (slots, step)
+    shadow = ShadowLRU(2)
+    shadow.use([(0, 1), (0, 2)])
+    assert shadow.use([(0, 1), (0, 3)], real={(0, 3)}) == (1, 1)  # (0, 3) the real cache's only, (0, 1) the shadow's
+    assert (0, 2) not in shadow and len(shadow) == 2
