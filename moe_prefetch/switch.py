@@ -306,6 +306,10 @@ class EvictionSwitch:
             self.ghost = not self._clear or self._quiet >= self.GHOST_EVERY - 1
             self._quiet = 0 if self.ghost else self._quiet + 1
 
+    def _alike(self, rival: str) -> float:
+        """The z that puts `rival`'s gain one standard error up (gain() scales LRU's by Z_SHADOW)."""
+        return self.Z / self.Z_SHADOW if rival == "lru" else self.Z
+
     def _lru_could_win(self, miss_cost: float) -> bool:
         """LRU's rule is a candidate and the gain over it is below all of the predictive rule's planning
         (below twice that while fewer than MIN_COUNTED epochs have been counted: early counts favour LRU's
@@ -335,10 +339,10 @@ class EvictionSwitch:
             self.last[r] = (gain, saving)
             balance[r] = saving - gain
         # the predictive rule gives way only to a rule whose balance is positive on the optimistic gain;
-        # of those, the one whose balance is best on the net wins as counted (z = 0: the two cheaper rules'
-        # evidence is weighed alike, where LRU's doubt is twice LFU's)
+        # of those, the one whose balance is best with the gain one standard error up for both (the two
+        # cheaper rules' evidence weighed alike, where LRU's doubt is twice LFU's)
         better = [r for r in balance if balance[r] > 0.0]
-        best = max(better, key=lambda r: self.last[r][1] - self.gain(miss_cost, 0.0, r), default="predictive")
+        best = max(better, key=lambda r: self.last[r][1] - self.gain(miss_cost, self._alike(r), r), default="predictive")
         # clear: even the pessimistic gain over every candidate beats what it could save
         self._clear = best == "predictive" and len(balance) == len(rivals) and all(
             self.gain(miss_cost, -self.Z, r) > max(self.last[r][1], 0.0) for r in balance)
