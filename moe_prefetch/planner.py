@@ -1241,7 +1241,8 @@ class Planner:
         return self.switch is not None and not self.switch.arm
 
     def worth_predicting(self, now: float, in_flight: int | None = None) -> bool:
-        """Could any prefetch be issued now? False when copies in flight fill the budget, when even a
+        """Could any prefetch be issued now? False in an epoch the prediction switch runs without
+        prediction, when copies in flight fill the budget, when even a
         certain prediction would not pass the gate, or when predictions have lately yielded almost no
         prefetches or (adaptive) saved less time per predicted layer than predicting one costs (but for a
         probe now and then); the runtime then skips the predictor's compute."""

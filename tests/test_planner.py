@@ -874,6 +874,27 @@ def test_eviction_switch_turns_to_lrus_rule_where_the_shadow_cache_hits_more():
     assert sw.token(True, True, [1e6, 0], 1e-3, lru_ok=False) == "predictive" and sw.evidence["lru"] == [0, 0, 0]
 
 
+def test_eviction_switch_weighs_lfus_and_lrus_evidence_alike_when_both_beat_the_predictive_rule():
+    """Both cheaper rules beat the predictive one (their balances positive on its optimistic gain); the
+    one that runs has the better balance with both gains one standard error up. LRU's counts, a few
+    more net wins on fewer standard errors, would win on the counted wins alone; LFU's, fewer net wins
+    on more certain counts, wins when both are taken alike."""
+    from moe_prefetch.switch import EvictionSwitch
+
+    sw = EvictionSwitch()
+    sw.plan = {"predictive": 60e-6, "lfu": 40e-6, "lru": 30e-6}
+    sw._counted = EvictionSwitch.MIN_COUNTED
+    sw.evidence = {"lfu": [-10.0, 20.0, 300.0], "lru": [-5.0, 100.0, 300.0]}  # [net wins, pairs, layers]
+    miss = 320e-6
+    for r in ("lfu", "lru"):
+        assert sw.plan["predictive"] - sw.plan[r] > sw.gain(miss, rival=r), r  # both beat the predictive rule
+    on_counts = {r: sw.plan["predictive"] - sw.plan[r] - sw.gain(miss, 0.0, r) for r in ("lfu", "lru")}
+    assert on_counts["lru"] > on_counts["lfu"], "the premise: on the counted wins alone, LRU's rule"
+    assert sw._decide(miss) == "lfu"
+    sw.evidence["lfu"] = [-2.0, 20.0, 300.0]  # LFU's edge gone: LRU's rule
+    assert sw._decide(miss) == "lru"
+
+
 def test_auto_eviction_planner_turns_to_lrus_rule_where_recency_is_all_there_is():
     """The planner feeds the shadow LRU cache every run (copies only: not with host compute) and the switch
     its told-apart uses. On routing where every expert is as popular as the next and a tenth of a token's
