@@ -282,7 +282,7 @@ def main(argv=None) -> int:
         rows = [("LRU, no prefetch", none | dict(eviction="lru")),
                 ("LFU, no prefetch", none | dict(eviction="lfu")),
                 ("predictive eviction, no prefetch", none | dict(eviction="predictive")),
-                # the default eviction: predictive while it pays for its planning, else LFU's rule
+                # the default eviction: predictive while it pays for its planning, else LFU's or LRU's rule
                 ("auto eviction, no prefetch", none | dict(eviction="auto"))]
         if not no_routers:
             rows.append(("LRU + next-gate K=1, ungated (mixtral-offloading paper)",

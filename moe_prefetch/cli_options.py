@@ -20,7 +20,8 @@ def add_loading_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--eviction", default="auto", choices=EVICTION_POLICIES,
                    help="expert cache eviction: predictive (evict the expert expected to be needed last, from "
                    "predictions, frequency and recency), lru, lfu, or auto (default: predictive while the misses it "
-                   "saves are worth more than its planning time, LFU's cheaper rule where they are not)")
+                   "saves are worth more than its planning time, else the better of LFU's and LRU's cheaper rules, each measured "
+                   "against it on the same uses)")
     p.add_argument("--predictor", default="auto", choices=PREDICTORS,
                    help="what drives prefetching: none (demand only), next-gate, history, m2r2 (trained, needs "
                    "--predictor-path), oracle (replays a routing trace given by --predictor-path); default auto: "

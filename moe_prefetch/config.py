@@ -65,9 +65,10 @@ class OffloadConfig:
     dtype:          compute dtype; "auto" keeps the checkpoint's (float16 becomes float32 on CPU).
     eviction:       cache eviction policy: "predictive" (expected next use from predictions, frequency and
                     recency, an approximation of Belady), "lru", "lfu", or "auto" (default): predictive while
-                    what it saves beats what its planning costs, LFU's rule where it does not (priced: the
-                    misses it saves over LFU's choices, counted as decode runs, times a miss's cost, against
-                    the measured planning time of each rule; lossless either way).
+                    what it saves beats what its planning costs, else the better of LFU's and LRU's rules
+                    (priced: the misses it saves over each, counted as decode runs against LFU's victims and
+                    a shadow LRU cache, times a miss's cost, against the measured planning time of each rule;
+                    LRU's is a candidate only where misses are copied in; lossless either way).
     max_context:    longest sequence (prompt + new tokens) the KV-cache reserve is sized for.
     reserve:        extra bytes kept free for activations; None estimates it from the model shape.
     pin_memory:     "auto" (default), "on" or "off" (True/False/None are accepted as on/off/auto). On CUDA,

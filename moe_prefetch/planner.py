@@ -500,9 +500,7 @@ class PredictivePolicy(LRUPolicy):
         if self._cheap and not cheap:  # the position setter would otherwise requeue the stale picks every layer
             self._picks.clear()
             self._by_next_use.clear()
-        elif cheap and not self._cheap:
-            for layer in list(self._picks):
-                self._unpick(layer)
+        elif cheap and not self._cheap:  # (no picks are kept meanwhile: every layer holding experts is found afresh)
             for layer, keys in self._resident.items():
                 self._unpick(layer)
                 if self._heaped:

@@ -207,11 +207,6 @@ class EvictionSwitch:
         self.epochs = dict.fromkeys(self.RULES, 0)
         self.last = None                  # the last decision's {rule: (gain, what it could save)} per layer, seconds
 
-    @property
-    def arm(self) -> bool:
-        """The predictive rule evicts now."""
-        return self.rule == "predictive"
-
     def token(self, decode: bool, warm: bool, wins, miss_cost: float, lru_ok: bool = True) -> str:
         """A token's first MoE layer starts (decode: one row; warm: the cache is full); wins: the policy's
         ghost_wins; miss_cost: seconds a miss costs; lru_ok: the shadow LRU cache is fed (misses are copied
