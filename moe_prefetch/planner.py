@@ -15,7 +15,10 @@ when they pay: P(used) x time saved > link time taken from demand copies + the v
 expert. P comes from the predictor's score through an online calibration table (Calibration), so
 raw router probabilities, history frequencies and an oracle's 0/1 all mean the same thing.
 Eviction may use the same predictions (PredictivePolicy): the expert least likely to be used soon,
-per layer distance, goes first, an approximation of Belady's farthest-next-use.
+per layer distance, goes first, an approximation of Belady's farthest-next-use. It takes them for every
+cached expert of a predicted layer, the unlikely ones included (steer_eviction), and on every layer of an
+epoch that predicts, even where no prefetch could be issued: on a saturated link, what a prediction is
+worth is mostly which experts stay, not which copies start early.
 Time is whatever clock the caller passes as `now` (the runtime's wall clock, the simulator's model).
 """
 from __future__ import annotations
@@ -183,6 +186,55 @@ class Calibration:
         return out
 
 
+class SteerCalibration:
+    """P(used at its layer's next run) for a cached expert of a predicted layer, per distance d, whether
+    the prediction put it in its top-k and its score's bin: each cell keeps (uses, seen) plus PRIOR
+    pseudo-observations at `base` (the share of a layer's experts a run uses, top_k / experts). Kept
+    apart from Calibration, which learns from every top-k candidate, most of them not cached: what a
+    score means for an expert the cache holds (often one just used) differs. Updated when the predicted
+    layer runs. (Conditioning on the expert's history as well, a residual per bin of what history
+    alone said, was tried: in simulation its worst case was 0.93 of prefetching alone against this
+    table's 0.97.)"""
+
+    BINS = 5
+    PRIOR = 2.0
+
+    def __init__(self, base: float):
+        self.base = base
+        self.cells: dict[tuple[int, bool, int], list[int]] = {}  # (d, in the top-k, score bin) -> [uses, seen]
+
+    def _key(self, d: int, top: bool, score: float) -> tuple[int, bool, int]:
+        b = int(score * self.BINS)
+        return (d, top, 0 if b < 0 else (self.BINS - 1 if b >= self.BINS else b))
+
+    def p(self, d: int, top: bool, score: float) -> float:
+        cell = self.cells.get(self._key(d, top, score))
+        uses, seen = (cell[0], cell[1]) if cell is not None else (0, 0)
+        return (uses + self.PRIOR * self.base) / (seen + self.PRIOR)
+
+    def update(self, d: int, top: bool, score: float, used: bool) -> None:
+        key = self._key(d, top, score)
+        cell = self.cells.get(key)
+        if cell is None:
+            cell = self.cells[key] = [0, 0]
+        cell[0] += used
+        cell[1] += 1
+
+    def report(self) -> dict[str, dict]:
+        """Per distance, cached experts in the predicted top-k and outside it: how many were seen and how
+        often they were then used."""
+        out = {}
+        for d in sorted({c[0] for c in self.cells}):
+            for top in (True, False):
+                n = used = 0
+                for k, (u, seen) in self.cells.items():
+                    if k[0] == d and k[1] == top:
+                        n, used = n + seen, used + u
+                if n:
+                    out[f"{d} {'top-k' if top else 'others'}"] = dict(n=n, used=used / n)
+        return out
+
+
 class _Predictions(dict):
     """key -> calibrated P, telling its owner which key's entry changed (the planner writes it directly)."""
 
@@ -260,7 +312,14 @@ class PredictivePolicy(LRUPolicy):
     (ghost_wins: the predictive rule's, LFU's; a pair not yet told apart is dropped when its kept key is
     evicted too, or its evicted key comes back, before either is used). That comparison needs the uses
     heap kept, which costs about a tenth more planning on large caches, so the switch asks for it
-    (ghosting) on fewer epochs once the predictive rule is clearly worth its cost."""
+    (ghosting) on fewer epochs once the predictive rule is clearly worth its cost.
+
+    What steering is worth (the predictions Planner.steer_eviction gives the cached experts outside a
+    prediction's top-k: `steered`) is counted the same way (judging, which the planner turns on where
+    predictions may steer eviction): a victim is set against the one this rule would have picked with
+    those predictions set aside (_unsteered_victim, one victim in JUDGE_STRIDE of them, a pass over the
+    cache), and whichever of the two is used first tells whether steering saved a miss or cost one
+    (steer_wins)."""
 
     name = "predictive"
     P_MIN, P_MAX = 1e-3, 1.0  # use_probability's clamp
@@ -280,6 +339,13 @@ class PredictivePolicy(LRUPolicy):
         self._ghost_out: dict = {}   # evicted by this rule -> the resident key LFU's rule would have evicted instead
         self._ghost_kept: dict = {}  # that resident key -> the evicted one
         self.ghost_wins = [0, 0]     # pairs told apart: [this rule's choice saved a miss, LFU's would have]
+        self.judging = False         # set by the planner: victims compared with the rule's own without steering
+        self.steered: dict = {}      # key -> its prediction without steering (None: none) where steering set it (Planner.steer_eviction)
+        self._judge_tick = 0
+        self._steer_choice = None    # (the victim, the victim without predictions) of the last judged victim() where they differ
+        self._steer_out: dict = {}   # evicted on predictions -> the resident key the rule would have evicted without them
+        self._steer_kept: dict = {}  # that resident key -> the evicted one
+        self.steer_wins = [0, 0]     # judged pairs told apart: [the predictions saved a miss, they cost one]
         # slots: the cache's size where known. One of at most FLAT_MAX experts never walks the heaps
         # (victim() ranks each layer instead), so their bookkeeping is not kept
         self._heaped = slots is None or slots > self.FLAT_MAX
@@ -385,6 +451,8 @@ class PredictivePolicy(LRUPolicy):
         each, in the same pass). (Every layer runs it: lookups hoisted.) Evicting by frequency, the fits
         are left as they are: they learn from the runs the predictive rule sees."""
         keys = {(layer, e) for e in experts}
+        if self._steer_out:
+            self._tell_steer(keys)
         if self.switchable:
             self._tell_ghosts(keys)
             if self._cheap:  # the fits are left alone
@@ -550,8 +618,10 @@ class PredictivePolicy(LRUPolicy):
         prediction: a whole token ahead those are thousands)."""
         keys = self._predicted_of.pop(layer, None)
         if keys:
+            steered = self.steered
             for key in keys:
                 dict.__delitem__(self.predicted, key)  # _changed()'s bookkeeping, done here for the layer at once
+                steered.pop(key, None)
             self._unpick(layer)
 
     def _push(self, key, rerank: bool = True) -> None:
@@ -600,6 +670,8 @@ class PredictivePolicy(LRUPolicy):
     def on_insert(self, key):
         super().on_insert(key)
         self._resident[key[0]].add(key)
+        if self._steer_out:
+            self._drop_ghost(key, self._steer_out, self._steer_kept)  # back before either was used
         if self.switchable:
             if self._keeping_uses:
                 self._by_uses = push_uses(self._by_uses, self.uses, self._stamp, key)
@@ -619,6 +691,13 @@ class PredictivePolicy(LRUPolicy):
     def on_remove(self, key):
         super().on_remove(key)
         self._resident[key[0]].discard(key)
+        choice, self._steer_choice = self._steer_choice, None
+        if self._steer_kept:
+            self._drop_ghost(key, self._steer_kept, self._steer_out)  # evicted too before either was used
+        if choice is not None and choice[0] == key:  # the judged victim goes: a pair to tell apart
+            self._drop_ghost(key, self._steer_out, self._steer_kept)
+            self._drop_ghost(choice[1], self._steer_kept, self._steer_out)
+            self._steer_out[key], self._steer_kept[choice[1]] = choice[1], key
         if self.switchable:
             self._drop_ghost(key, self._ghost_kept, self._ghost_out)  # evicted too before either was used
             choice, self._choice = self._choice, None
@@ -793,7 +872,69 @@ class PredictivePolicy(LRUPolicy):
         if self.ghosting:
             other = self._frequency_victim(candidates)
             self._choice = (key, other) if other != key else None
+        self._steer_choice = None
+        if self.judging and self.steered:
+            self._judge_tick += 1
+            if self._judge_tick >= self.JUDGE_STRIDE:
+                self._judge_tick = 0
+                other = self._unsteered_victim(candidates)
+                self._steer_choice = (key, other) if other != key else None
         return key
+
+    JUDGE_STRIDE = 2  # victims per one compared with the rule's choice without predictions (each costs a pass over the cache)
+
+    def _unsteered_victim(self, candidates):
+        """The victim this rule would pick without steering, each steered key given the prediction it would
+        have had without it (its top-k P, or none): a pass over the resident keys (the arithmetic of
+        _scored(), hoisted), the one needed last, ties to the least recently used."""
+        n, pos, positions = self.n, self._position, self.positions
+        stamps, uses, last_of = self._stamp, self.uses, self._last
+        predicted, steered = self.predicted, self.steered
+        gaps, old, never = self.GAPS, self.OLD, self.NEVER
+        p_min, p_max = self.P_MIN, self.P_MAX
+        best, best_t, best_s = None, -1.0, math.inf
+        for layer, keys in self._resident.items():
+            if not keys:
+                continue
+            dist = (positions[layer] - pos) % n or n
+            run = self._runs[layer]
+            t1 = self.layer_uses[layer] / self.top_k + 1.0
+            lines = {}
+            for k in keys:
+                if k not in candidates:
+                    continue
+                last = last_of.get(k)
+                group = never if last is None else (old if run - last >= gaps else last)
+                line = lines.get(group)
+                if line is None:
+                    line = lines[group] = self._line((layer, group if group in (old, never) else run - group))
+                p = line[0] + line[1] * ((uses[k] + 0.5) / t1)
+                if k in steered:
+                    if steered[k] is not None:
+                        p = 0.5 * steered[k] + 0.5 * p
+                elif k in predicted:
+                    p = 0.5 * predicted[k] + 0.5 * p
+                p = p_max if p > p_max else (p_min if p < p_min else p)
+                t, st = dist + n * (1.0 - p) / p, stamps[k]
+                if t > best_t or (t == best_t and st < best_s):
+                    best, best_t, best_s = k, t, st
+        return best
+
+    def _tell_steer(self, keys) -> None:
+        """`keys` are used now: a judged pair whose kept key comes first is a miss the predictions saved,
+        one whose evicted key comes first a miss they cost."""
+        kept, out, wins = self._steer_kept, self._steer_out, self.steer_wins
+        for key in keys:
+            if key in kept:
+                partner = kept.pop(key)
+                del out[partner]
+                if partner not in keys:  # both used at once: a miss either way
+                    wins[0] += 1
+            elif key in out:
+                partner = out.pop(key)
+                del kept[partner]
+                if partner not in keys:
+                    wins[1] += 1
 
     def _predictive_victim(self, candidates):
         """The layers are looked at by when their best key would next be needed, latest first, until no
@@ -948,6 +1089,18 @@ class Planner:
         self.cache = ExpertCache(n_slots, policy)
         self.link = link or Link(costs.transfer_s)  # the simulator passes one that also counts copies
         self.calibration = Calibration(top_k)
+        # P of use for an expert outside the predicted top-k (steer_eviction): calibrated apart, since a
+        # score that misses the top-k means less than the same score within it
+        self.steer_calibration = SteerCalibration(top_k / num_experts)
+        self._steer_pending: dict = defaultdict(list)  # layer -> [(d, in the top-k, expert, raw score)] for its next run
+        self._prefetching = True       # worth_predicting()'s answer for prefetches (it may predict for eviction alone)
+        self._steering = False         # worth_predicting()'s answer for eviction: this layer's predictions steer it
+        # what steering eviction saved (judged victims, net of the misses it caused) per steered layer,
+        # decaying sums: below what predicting costs, a layer is predicted for it only on a probe
+        self._steer_seen = [0, 0]      # the policy's steer_wins already counted into _steer_value
+        self._steer_value = 0.0
+        self._steer_layers = 0.0
+        self._steer_skipped = 0
         self.prefetched: set = set()   # brought in by prefetch, not yet used
         self.host_free = 0.0           # when the host finishes the expert computations queued on it
         self.demand_pressure = 0.0     # EMA of demand copies per layer
@@ -1012,6 +1165,16 @@ class Planner:
         # model with one MoE layer runs the same layer at every token)
         new_run = layer != self._layer_seen or not self._round_left.issuperset(experts)
         if new_run:
+            if predictive and self.policy.steer_wins != self._steer_seen:  # what steering did to eviction
+                (won, lost), (won0, lost0) = self.policy.steer_wins, self._steer_seen
+                self._steer_seen = list(self.policy.steer_wins)
+                self._steer_value += ((won - won0) - (lost - lost0)) * self.policy.JUDGE_STRIDE \
+                    * self._miss_cost_and_saturation()[0]
+            pending = self._steer_pending.pop(layer, None)
+            if pending:  # the first round holds all the run's routed experts
+                used, update = set(experts), self.steer_calibration.update
+                for d, top, e, score in pending:
+                    update(d, top, score, e in used)
             if predictive:  # the first round holds all the layer's routed experts: their uses are counted
                 self.policy.start_run(layer, experts, record=True)  # before any victim, so the layer is ranked once
             if self._layer_start is not None and 0.0 < now - self._layer_start < PredictionSwitch.MAX_GAP_S:
@@ -1238,14 +1401,65 @@ class Planner:
         layer of it, whatever the link or the evidence."""
         return self.switch is not None and not self.switch.arm
 
+    def steers_eviction(self) -> bool:
+        """Whether predictions would rank what eviction keeps: misses are copied in (not host-computed),
+        the predictive rule evicts (eviction "auto" may be running LFU's or LRU's) and the cache is full.
+        With host compute a miss costs the host's time rather than a copy, and in simulation even
+        perfect predictions a token ahead did not reliably pay there (0.96-1.04 of eviction without
+        them, on the demo's trace), so there they act only through prefetches, as before."""
+        return (not self.host_compute and isinstance(self.policy, PredictivePolicy) and not self.policy._cheap
+                and not self.cache.has_free())
+
     def worth_predicting(self, now: float, in_flight: int | None = None) -> bool:
-        """Could any prefetch be issued now? False in an epoch the prediction switch runs without
-        prediction, when copies in flight fill the budget, when even a
-        certain prediction would not pass the gate, or when predictions have lately yielded almost no
-        prefetches or (adaptive) saved less time per predicted layer than predicting one costs (but for a
-        probe now and then); the runtime then skips the predictor's compute."""
+        """Is a prediction worth making now? False in an epoch the prediction switch runs without
+        prediction. Else True if a prefetch could be issued: not when copies in flight fill the budget,
+        when even a certain prediction would not pass the gate, or when predictions have lately yielded
+        almost no prefetches or (adaptive) saved less time per predicted layer than predicting one costs
+        (but for a probe now and then); or if predictions may steer eviction (steering_pays()). The
+        runtime skips the predictor's compute where it says no. Whether the prediction may start
+        prefetches, and whether it steers eviction, is kept for plan_prefetch() and steer_eviction()."""
         if self.epoch_without_prediction():
+            self._prefetching = self._steering = False
             return False  # an epoch without prediction (measured, or the faster arm lately)
+        structural = self.steers_eviction()
+        if isinstance(self.policy, PredictivePolicy):
+            self.policy.judging = structural  # what steering does to its victims is counted (steer_wins)
+        self._prefetching = self._worth_prefetching(now, in_flight)
+        self._steering = structural and not self._prefetching and self._steering_verdict(self._prefetching)
+        if self._steering:
+            # the predictor runs anyway: a prefetch need only pass the gate, whatever prefetches saved lately
+            self._prefetching = self._prefetching or self._could_prefetch(now, in_flight)
+            self._steer_layers = 0.98 * self._steer_layers + 1.0
+            self._steer_value *= 0.98
+        return self._prefetching or self._steering
+
+    MIN_STEERED = 8  # steered layers (decaying) before steering's ledger decides
+
+    def _steering_verdict(self, predicting: bool) -> bool:
+        """Whether this layer's prediction steers eviction (worth_predicting()): while steering's net
+        value per steered layer (judged victims, steering_value()) is unknown or beats the predictor's
+        cost, or is positive on a layer predicted for prefetches anyway; else on a probe, one such
+        layer in PROBE_EVERY, which keeps the ledger current. Always without adaptation."""
+        if self.switch is None:
+            return True
+        value = self.steering_value()
+        if value is None or value > (self.predict_cost or 0.0) or (predicting and value > 0.0):
+            return True
+        self._steer_skipped += 1
+        if self._steer_skipped < self.PROBE_EVERY:
+            return False
+        self._steer_skipped = 0
+        return True
+
+    def steering_value(self) -> float | None:
+        """Seconds of misses that steering eviction lately saved, net, per steered layer (None: too few
+        steered layers yet)."""
+        if self._steer_layers < self.MIN_STEERED:
+            return None
+        return self._steer_value / self._steer_layers
+
+    def _worth_prefetching(self, now: float, in_flight: int | None) -> bool:
+        """Could a prefetch be issued now, and has prefetching lately paid for predicting (worth_predicting())?"""
         if max(self.link.in_flight(now), in_flight or 0) >= self.budget:
             return False
         if not self.gate:
@@ -1255,6 +1469,16 @@ class Planner:
             if self._skipped_in_a_row < self.PROBE_EVERY:
                 return False
             self._skipped_in_a_row = 0
+        return self._gate_open()
+
+    def _could_prefetch(self, now: float, in_flight: int | None) -> bool:
+        """Could a prefetch be issued now (room in the budget and the gate open), whatever prefetches saved lately?"""
+        if max(self.link.in_flight(now), in_flight or 0) >= self.budget:
+            return False
+        return not self.gate or self._gate_open()
+
+    def _gate_open(self) -> bool:
+        """Would even a certain prediction pass the gate, at what prefetches lately delivered?"""
         q = self.realised()
         miss_cost, saturation = self._miss_cost_and_saturation()
         return q * miss_cost > (1.0 - q) * self.costs.transfer_s * saturation
@@ -1273,6 +1497,19 @@ class Planner:
         self._good *= 0.999
         if not predictions:
             return []  # a layer without predictions (most layers, where predicting does not pay): ageing only
+        if not asked and not self.worth_predicting(now, in_flight):
+            self.counters.prediction_skipped += 1
+            return []
+        if not self._prefetching:  # predicted for eviction alone: what the predictions say is noted, no copy starts
+            if isinstance(self.policy, PredictivePolicy):
+                for target, d, scores in predictions:
+                    if d > self.policy.n:
+                        continue  # a later run's, not the next one's (a lookahead past a token)
+                    for e, s in scores.items():
+                        self._note_prediction((target, e), self.calibration.p(d, s))
+            self._predicted = 0.98 * self._predicted + 1.0
+            self._predicted_value *= 0.98
+            return []
         in_flight = 0 if in_flight is None else in_flight
         c = self.costs
         layer_time = self.layer_period()
@@ -1280,9 +1517,6 @@ class Planner:
         miss_cost, saturation = self._miss_cost_and_saturation()
         actions = []
         predictive = isinstance(self.policy, PredictivePolicy)
-        if not asked and not self.worth_predicting(now, in_flight):
-            self.counters.prediction_skipped += 1
-            return []
         realised = self.realised()
         issued_before = self.counters.prefetch_issued
         victim_memo = None
@@ -1291,10 +1525,8 @@ class Planner:
             ranked = sorted(((self.calibration.p(d, s), s, e) for e, s in scores.items()), key=lambda r: (-r[0], -r[1], r[2]))
             for p, _, e in ranked:
                 key = (target, e)
-                if predictive:
-                    known = self.policy.predicted.get(key)
-                    if known is None or p > known:  # unchanged: its layer's cached victim pick still holds
-                        self.policy.predicted[key] = p
+                if predictive and d <= self.policy.n:  # about its next run (further: a later token's)
+                    self._note_prediction(key, p)
                 if key in self.cache:
                     protected.add(key)
                     if key == victim_memo:
@@ -1342,6 +1574,49 @@ class Planner:
         self._predicted = 0.98 * self._predicted + 1.0
         self._predicted_value *= 0.98
         return actions
+
+    def _note_prediction(self, key: Key, p: float) -> None:
+        """A top-k prediction's calibrated P for `key`, for eviction: the highest of its layer's predictions
+        so far, unless this layer's steering has just set it on one scale with its layer's other cached
+        experts; an earlier layer's steering gives way to it (this prediction is nearer)."""
+        policy = self.policy
+        if key in policy.steered:
+            if self._steering:
+                return
+            del policy.steered[key]
+            policy.predicted[key] = p
+            return
+        known = policy.predicted.get(key)
+        if known is None or p > known:  # unchanged: its layer's cached victim pick still holds
+            policy.predicted[key] = p
+
+    def steer_eviction(self, target: int, d: int, scores, chosen) -> None:
+        """A prediction made `d` layers ahead of `target`'s next run, with a raw score for every expert
+        (scores[e]; chosen: the experts offered to plan_prefetch()): each cached expert of `target` gets
+        the P of use its score and its place in or out of the top-k are calibrated to among cached experts
+        (SteerCalibration, learnt when `target` runs), the latest prediction replacing an earlier one.
+        So eviction ranks the cached experts a prediction says will not be needed below those it says
+        might be, where the top-k alone would leave the others to their history. The policy keeps what
+        each key's prediction would have been without steering (steered: the top-k ones' calibrated P,
+        None for the others), which its judge sets against this. Call it before plan_prefetch(), on
+        layers where worth_predicting() said yes; a no-op unless that answer included steering."""
+        if not self._steering or not self.steers_eviction() or d > self.policy.n:  # further: a later run's
+            return
+        policy = self.policy
+        resident = policy._resident.get(target)
+        if not resident:
+            return
+        predicted, steered, cal = policy.predicted, policy.steered, self.steer_calibration
+        pending = self._steer_pending[target]
+        for key in resident:
+            e = key[1]
+            top = e in chosen
+            s = float(scores[e])
+            p = cal.p(d, top, s)
+            pending.append((d, top, e, s))
+            steered[key] = self.calibration.p(d, s) if top else None
+            if predicted.get(key) != p:  # unchanged: its layer's cached victim pick still holds
+                predicted[key] = p
 
     def _victim(self, protected: set[Key]):
         candidates = self.cache.evictable(protected)

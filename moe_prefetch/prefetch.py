@@ -12,9 +12,11 @@ What moves is the planner's decision (planner.plan_prefetch): nearest layer firs
 raw score turned into a calibrated probability of use, and a copy made only when it is expected to
 save more time than it takes from demand copies plus the value of the expert it evicts; it never
 evicts an expert the executing layer needs, nor one planned for a nearer layer, and copies in flight
-stay under the budget. A target layer whose experts are all resident is not predicted at all (with
-every expert cached, prediction costs nothing). The model's router still decides what runs: a wrong
-guess costs link time and a slot, never a different output.
+stay under the budget. Every expert's score also reaches eviction (planner.steer_eviction), on
+every layer of an epoch that predicts while eviction ranks by prediction. Otherwise a target layer
+whose experts are all resident is not predicted at all (with every expert cached, no copy could
+start). The model's router still decides what runs: a wrong guess costs link time and a slot, never a
+different output.
 """
 from __future__ import annotations
 
@@ -72,12 +74,14 @@ class Prefetcher:
 
     def _targets(self, i: int) -> list[int]:
         """Distances worth predicting from layer position i: the target exists (or the predictor can
-        look past the last layer) and it has experts that are not resident."""
+        look past the last layer) and it has experts that are not resident, or eviction ranks its
+        resident ones by prediction."""
         n, out = len(self.view.layers), []
+        steering = self.offloader.planner.steers_eviction()
         for d in self.distances:
             if i + d >= n and not self.predictor.wraps:
                 continue
-            if self.offloader.resident_count(self.view.layers[(i + d) % n]) < self.view.num_experts:
+            if steering or self.offloader.resident_count(self.view.layers[(i + d) % n]) < self.view.num_experts:
                 out.append(d)
         return out
 
@@ -158,6 +162,7 @@ class Prefetcher:
             scores = {e: best[e] for e, c in enumerate(chosen) if c}
             self._pending[(j, d)] = scores
             predictions.append((self.view.layers[j], d, scores))
+            planner.steer_eviction(self.view.layers[j], d, best, scores)  # the others' scores, for eviction
         protected = {(layer, e) for e in experts}
         off.prefetch(planner.plan_prefetch(off.clock(), layer, predictions, protected, in_flight=off.copies_in_flight(),
                                            asked=True))  # worth_predicting() said yes before predicting

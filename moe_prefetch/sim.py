@@ -255,8 +255,9 @@ class _CountingLink(Link):
 
 def _predictions(trace: Trace, policy: Policy, E: int, k: int):
     """Per (t, i, d-1): the top-k experts and their scores as lists, or None where there is no
-    prediction. The runtime's prefetcher offers the planner the union of the tokens' top-k: in
-    decode (one token), the top-k."""
+    prediction, and every expert's score [N, L, K, E] (for eviction: Planner.steer_eviction). The
+    runtime's prefetcher offers the planner the union of the tokens' top-k: in decode (one token), the
+    top-k."""
     K = policy.lookahead
     if not policy.predictor or not K:
         return None
@@ -281,7 +282,7 @@ def _predictions(trace: Trace, policy: Policy, E: int, k: int):
     missing = np.isnan(scores).all(-1)                                    # [N, L, K]
     top = np.argsort(-np.nan_to_num(scores, nan=-np.inf), axis=-1, kind="stable")[..., :k]  # [N, L, K, k]
     values = np.take_along_axis(scores, top, axis=-1)                     # [N, L, K, k]
-    return missing.tolist(), top.tolist(), values.tolist()
+    return missing.tolist(), top.tolist(), values.tolist(), scores
 
 
 def make_planner(trace: Trace, cost: CostModel, slots: int, policy: Policy, priority: bool = True) -> Planner:
@@ -353,16 +354,17 @@ def simulate(trace: Trace, cost: CostModel, slots: int, policy: Policy, priority
                             offered.append(((i + d) % L, d, sc))
                             if g + d < N * L:  # a layer past the trace's end never runs
                                 pending[g + d].append((d, sc))
-                        ran = False
-                        if offered:
-                            skipped = planner.counters.prediction_skipped
-                            sent = planner.plan_prefetch(now, i, offered, {(i, e) for e in needed})
-                            ran = planner.counters.prediction_skipped == skipped  # the predictor ran
-                            if ran:
-                                now += cost.predict_s
-                                planner.observe_predict_cost(cost.predict_s)
-                            now += cost.copy_s * len(sent)
-                        if not ran:
+                        ran = bool(offered) and planner.worth_predicting(now)  # as the runtime asks, before predicting
+                        if ran:
+                            for target, d, sc in offered:  # every expert's score, for eviction
+                                planner.steer_eviction(target, d, preds[3][t, i, d - 1], sc)
+                            sent = planner.plan_prefetch(now, i, offered, {(i, e) for e in needed}, asked=True)
+                            now += cost.predict_s + cost.copy_s * len(sent)
+                            planner.observe_predict_cost(cost.predict_s)
+                        else:
+                            if offered:
+                                planner.counters.prediction_skipped += 1
+                            planner.plan_prefetch(now, i, [], set())  # the evidence still ages
                             now += cost.prefetch_layer_s
                 # the device computes its experts as their bytes land (landed ones first, as the
                 # runtime does), while the host computes its own

@@ -970,3 +970,157 @@ def test_auto_eviction_planner_turns_to_lfus_rule_where_planning_outweighs_misse
     assert pl.keeps_use_recency() is False
     pl.policy.set_rule("predictive")
     assert pl.keeps_use_recency() is True
+
+
+# ---- predictions steering eviction -------------------------------------------------------------
+
+def _full_planner(**kw):
+    """A 4-slot planner over 4 layers of 8 experts, its cache full: (0, 0), (1, 1), (2, 2), (3, 3)."""
+    pl = make_planner(**kw)
+    for layer in range(4):
+        pl.release(pl.plan_layer(float(layer), layer, [layer]))
+    assert not pl.cache.has_free()
+    return pl
+
+
+def _fill_budget(pl, now=10.0):
+    for e in (5, 6):
+        pl.link.send((3, e), now, demand=True)  # the budget (top_k = 2) is full until now + 2 transfers
+
+
+def test_predictions_steer_eviction_where_misses_are_copied_in():
+    """Where no prefetch could start (copies in flight fill the budget) a layer is still predicted, to
+    steer eviction: each cached expert of a predicted layer, in the top-k or not, gets the P its score is
+    calibrated to among cached experts (a prior of top_k / experts until that layer runs, then learnt);
+    a prediction past the target's next run is left alone. Steering needs the predictive rule, a full
+    cache and host compute off."""
+    pl = _full_planner(eviction="predictive")
+    assert pl.steers_eviction()
+    _fill_budget(pl)
+    assert pl.worth_predicting(10.0) and pl._steering and not pl._prefetching
+    pl.steer_eviction(2, 1, [0.1] * 8, chosen={2: 0.1, 6: 0.9})
+    assert pl.policy.predicted == {(2, 2): pytest.approx(2 / 8)}
+    assert pl.policy.steered == {(2, 2): pytest.approx(pl.calibration.p(1, 0.1))}, "what it would be unsteered"
+    pl.steer_eviction(1, 5, [0.0] * 8, chosen={})  # 5 layers ahead on 4: a later run's, not the next
+    assert (1, 1) not in pl.policy.predicted
+    assert pl.plan_prefetch(10.0, 0, [(2, 1, {2: 0.1, 6: 0.9})], set(), asked=True) == []  # no copy starts
+    assert pl.policy.predicted[(2, 2)] == pytest.approx(2 / 8), "steering's P stands on its own layer"
+    pl.release(pl.plan_layer(14.0, 0, [0]))
+    pl.release(pl.plan_layer(15.0, 1, [1]))
+    pl.release(pl.plan_layer(16.0, 2, [4]))  # expert 2, in the top-k with a 0.1, is not used
+    assert pl.steer_calibration.cells[1, True, 0] == [0, 1] and pl.steer_calibration.p(1, True, 0.1) < 2 / 8
+    assert pl.steer_calibration.report() == {"1 top-k": {"n": 1, "used": 0.0}}
+    host = make_planner(eviction="predictive", host_compute=True, costs=Costs(1.0, 0.1, 10.0, host_s=0.5))
+    for layer in range(4):
+        host.cache.insert((layer, layer))
+    for planner in (_full_planner(eviction="lru"), host):
+        _fill_budget(planner)
+        assert not planner.steers_eviction() and not planner.worth_predicting(10.0)
+        planner.steer_eviction(2, 1, [0.1] * 8, chosen={})
+        assert not getattr(planner.policy, "predicted", {})
+    auto = _full_planner()
+    auto.policy.set_rule("lfu")
+    assert not auto.steers_eviction()
+    half = make_planner(eviction="predictive")
+    half.release(half.plan_layer(0.0, 0, [0]))
+    assert not half.steers_eviction(), "a free slot: nothing is evicted"
+    free = _full_planner(eviction="predictive")  # the budget free: the layer predicts for its prefetches
+    assert free.worth_predicting(100.0) and free._prefetching and not free._steering
+
+
+def test_steering_stops_where_it_does_not_pay():
+    """Steering's ledger: what judged victims say it saved, per steered layer, against the predictor's cost.
+    While it is unknown steering goes on; once it is worth less than predicting costs, a layer is
+    predicted for it only on a probe, one in PROBE_EVERY; worth more, on every such layer."""
+    pl = _full_planner(eviction="predictive", costs=Costs(layer_s=1.0, expert_s=0.1, transfer_s=0.5))
+    _fill_budget(pl)
+    pl.observe_predict_cost(1.0)
+    for _ in range(20):  # steered layers that saved nothing
+        assert pl.worth_predicting(10.0) or pl.steering_value() is not None
+    assert pl.steering_value() == 0.0 and pl.prediction_pays()
+    asked = [pl.worth_predicting(10.0) for _ in range(64)]
+    assert sum(asked) == 64 // pl.PROBE_EVERY
+    pl._steer_value = 2.0 * pl._steer_layers  # 2 s saved per steered layer: more than the predictor's 1 s
+    assert all(pl.worth_predicting(10.0) for _ in range(8))
+    always = _full_planner(eviction="predictive", adaptive=False)
+    _fill_budget(always)
+    always._steer_value = -1.0 * 50
+    always._steer_layers = 50.0
+    assert all(always.worth_predicting(10.0) for _ in range(8)), "without adaptation it always steers"
+
+
+def test_steer_wins_count_whether_predictions_saved_a_miss_or_cost_one(monkeypatch):
+    """A judged victim is set against the rule's own choice without predictions; whichever of the two is
+    used first tells whether the predictions saved a miss or cost one, and the planner counts that into
+    what predicting is worth (prediction_pays)."""
+    monkeypatch.setattr(PredictivePolicy, "JUDGE_STRIDE", 1)
+    pl = _full_planner(eviction="predictive")
+    pol = pl.policy
+    pol.judging = True
+    everything = set(pl.cache.keys())
+    unsteered = pol.victim(everything)  # no predictions: nothing to judge
+    assert pol._steer_choice is None
+    pol.predicted[(0, 0)] = 0.0          # steered: it will not be used, so the rule picks it instead
+    pol.steered[(0, 0)] = None
+    steered = pol.victim(everything)
+    assert steered != unsteered and pol._steer_choice == (steered, unsteered)
+    pl.cache.insert((steered[0], 7))    # evicts the steered victim: a pair to tell apart
+    assert pol._steer_out == {steered: unsteered}
+    pol.start_run(unsteered[0], [unsteered[1]])  # the kept one is used first: a miss saved
+    assert pol.steer_wins == [1, 0] and not pol._steer_out and not pol._steer_kept
+    pl.release(pl.plan_layer(20.0, 0, [0]))
+    assert pl._steer_value == pytest.approx(pl.costs.transfer_s)
+    pol._steer_out[(1, 1)], pol._steer_kept[(2, 2)] = (2, 2), (1, 1)
+    pol.start_run(1, [1])  # the evicted one first: the predictions cost a miss
+    assert pol.steer_wins == [1, 1]
+    pol._steer_out[(1, 1)], pol._steer_kept[(2, 2)] = (2, 2), (1, 1)
+    pol._tell_steer({(1, 1), (2, 2)})  # both at once: a miss either way
+    assert pol.steer_wins == [1, 1] and not pol._steer_out
+
+
+def test_the_victim_without_predictions_is_the_rules_own_with_none():
+    """_unsteered_victim (a hoisted pass) is what victim_ref picks once each steered key's prediction is
+    put back to what it would have been without steering (a top-k P, or none), as positions, uses,
+    predictions, pins and protection change."""
+    import random
+
+    from moe_prefetch.cache import ExpertCache
+
+    rng = random.Random(11)
+    L, E, k = 4, 10, 2
+    pol = PredictivePolicy({j: j for j in range(L)}, top_k=k, num_experts=E, slots=16)
+    cache = ExpertCache(16, pol)
+    checked = 0
+    for step in range(3000):
+        pol.position = step % L
+        if rng.random() < 0.4:
+            pol.start_run(pol.position, rng.sample(range(E), k), record=True)
+        if rng.random() < 0.3:
+            key = (rng.randrange(L), rng.randrange(E))
+            pol.predicted[key] = rng.choice([0.0, 0.5, 1.0, rng.random()])
+            if rng.random() < 0.5:
+                pol.steered[key] = rng.choice([None, rng.random()])
+            else:
+                pol.steered.pop(key, None)
+        key = (rng.randrange(L), rng.randrange(E))
+        if key in cache:
+            cache.touch(key)
+            continue
+        if cache.has_free():
+            cache.insert(key)
+            continue
+        protected = set(rng.sample(sorted(cache.keys()), rng.randrange(4)))
+        candidates = cache.evictable(protected)
+        saved = dict(pol.predicted)
+        for steered_key, unsteered in pol.steered.items():  # as they would be without steering
+            if unsteered is None:
+                dict.pop(pol.predicted, steered_key, None)
+            else:
+                dict.__setitem__(pol.predicted, steered_key, unsteered)
+        expected = pol.victim_ref(candidates)
+        dict.clear(pol.predicted)
+        dict.update(pol.predicted, saved)
+        assert pol._unsteered_victim(candidates) == expected, step
+        checked += 1
+        cache.insert(key, protected)
+    assert checked > 1000

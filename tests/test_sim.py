@@ -194,7 +194,7 @@ def test_head_keeps_the_sequences_and_history_resets_at_each(tmp_path):
     cost = CostModel(attn_s=1e-3, expert_s=1e-4, transfer_s=5e-3, expert_bytes=1)
     # history replays from the routing at any K up to a whole token, and refuses more
     r = simulate(head, cost, 8, Policy("h", "history", 4, eviction="predictive", adaptive=False))
-    assert r.prefetch_issued > 0
+    assert r.prefetch_issued + r.prefetch_gated > 0  # its predictions reached the planner's gate
     from moe_prefetch.errors import MoePrefetchError
 
     with pytest.raises(MoePrefetchError, match="at most one token ahead"):
@@ -310,3 +310,29 @@ def test_predictive_eviction_follows_popularity_and_stickiness(host):
     else:
         assert tps[0.6, "predictive"] > 1.3 * tps[0.6, "lfu"], tps
         assert tps[0.6, "predictive"] > 1.1 * tps[0.6, "lru"], tps
+
+
+def test_predictions_steer_eviction_on_a_saturated_link():
+    """On a link ten layer-computes per expert, prefetches cannot hide copies; what a prediction is
+    worth there is which experts stay. A token-ahead oracle steering eviction (every cached expert of a
+    predicted layer gets its P, the unlikely ones included) makes decode far faster than the oracle
+    acting through prefetches alone (steers_eviction off), and a predictor of pure noise, whose steering
+    the planner counts as worthless, costs next to nothing."""
+    import moe_prefetch.planner as planner_mod
+
+    tr = make_trace(N=300, L=4, E=8, k=2, sticky=0.0, seed=1)
+    tr.scores["noise"] = np.random.default_rng(3).random((300, 4, 4, 8)).astype(np.float32)
+    cost = CostModel(attn_s=1e-3, expert_s=1e-4, transfer_s=10e-3, expert_bytes=1, predict_s=0.3e-3)
+    base = simulate(tr, cost, 8, Policy("none", eviction="predictive"))
+    oracle = simulate(tr, cost, 8, Policy("oracle", "oracle", 4, eviction="predictive"))
+    noise = simulate(tr, cost, 8, Policy("noise", "noise", 4, eviction="predictive"))
+    steers = planner_mod.Planner.steers_eviction
+    try:
+        planner_mod.Planner.steers_eviction = lambda self: False
+        unsteered = simulate(tr, cost, 8, Policy("oracle", "oracle", 4, eviction="predictive"))
+    finally:
+        planner_mod.Planner.steers_eviction = steers
+    assert oracle.tokens_per_s > 1.15 * base.tokens_per_s
+    assert oracle.tokens_per_s > 1.1 * unsteered.tokens_per_s
+    assert oracle.bytes_moved < 0.9 * unsteered.bytes_moved, "fewer copies, not earlier ones"
+    assert noise.tokens_per_s > 0.97 * base.tokens_per_s
