@@ -1363,10 +1363,16 @@ class Planner:
         self.predict_cost = seconds if self.predict_cost is None else 0.9 * self.predict_cost + 0.1 * seconds
 
     def prediction_value(self) -> dict:
-        """Per predicted layer, lately: what predicting cost and what its prefetches saved (ms)."""
+        """Per predicted layer, lately: what predicting cost and what its prefetches saved (ms); per layer
+        predicted to steer eviction, what steering saved (ms, net of the misses it caused, from judged
+        victims: steer_wins, saved and caused), and whether the last predicted layer steered."""
         saved = self._predicted_value / self._predicted if self._predicted else None
+        steering = self.steering_value()
+        wins = getattr(self.policy, "steer_wins", None)
         return {"cost_ms": None if self.predict_cost is None else self.predict_cost * 1e3,
-                "saved_ms": None if saved is None else saved * 1e3, "pays": self.prediction_pays()}
+                "saved_ms": None if saved is None else saved * 1e3, "pays": self.prediction_pays(),
+                "steering_saved_ms": None if steering is None else steering * 1e3,
+                "steer_wins": None if wins is None else list(wins), "steering": self._steering}
 
     def prediction_pays(self) -> bool:
         """Whether the time prefetches lately saved per predicted layer beats what predicting a layer costs
@@ -1425,25 +1431,29 @@ class Planner:
         if isinstance(self.policy, PredictivePolicy):
             self.policy.judging = structural  # what steering does to its victims is counted (steer_wins)
         self._prefetching = self._worth_prefetching(now, in_flight)
-        self._steering = structural and not self._prefetching and self._steering_verdict(self._prefetching)
+        # a layer predicted for its prefetches does not steer: where prefetching pays, a prefetch brings
+        # a needed expert back anyway, and steering's changes to what the cache holds and to the victims
+        # the gate prices cost more than they saved (simulated with noisy predictors at link ratio 1: up
+        # to 5% slower than prefetching alone). A steered layer may still start a copy that passes the
+        # gate (its predictor runs anyway); forbidding that cost up to 7% (bench/steering.py's rows).
+        self._steering = structural and not self._prefetching and self._steering_verdict()
         if self._steering:
-            # the predictor runs anyway: a prefetch need only pass the gate, whatever prefetches saved lately
-            self._prefetching = self._prefetching or self._could_prefetch(now, in_flight)
+            self._prefetching = self._could_prefetch(now, in_flight)
             self._steer_layers = 0.98 * self._steer_layers + 1.0
             self._steer_value *= 0.98
         return self._prefetching or self._steering
 
     MIN_STEERED = 8  # steered layers (decaying) before steering's ledger decides
 
-    def _steering_verdict(self, predicting: bool) -> bool:
-        """Whether this layer's prediction steers eviction (worth_predicting()): while steering's net
-        value per steered layer (judged victims, steering_value()) is unknown or beats the predictor's
-        cost, or is positive on a layer predicted for prefetches anyway; else on a probe, one such
+    def _steering_verdict(self) -> bool:
+        """Whether a layer whose prediction starts no copy is predicted to steer eviction
+        (worth_predicting()): while steering's net value per steered layer (judged victims,
+        steering_value()) is unknown or beats what predicting a layer costs; else on a probe, one such
         layer in PROBE_EVERY, which keeps the ledger current. Always without adaptation."""
         if self.switch is None:
             return True
         value = self.steering_value()
-        if value is None or value > (self.predict_cost or 0.0) or (predicting and value > 0.0):
+        if value is None or value > (self.predict_cost or 0.0):
             return True
         self._steer_skipped += 1
         if self._steer_skipped < self.PROBE_EVERY:
@@ -1472,7 +1482,8 @@ class Planner:
         return self._gate_open()
 
     def _could_prefetch(self, now: float, in_flight: int | None) -> bool:
-        """Could a prefetch be issued now (room in the budget and the gate open), whatever prefetches saved lately?"""
+        """Could a prefetch be issued now (room in the budget and the gate open), whatever prefetches
+        saved lately (a layer predicted to steer eviction: its predictor runs anyway)?"""
         if max(self.link.in_flight(now), in_flight or 0) >= self.budget:
             return False
         return not self.gate or self._gate_open()

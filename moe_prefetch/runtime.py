@@ -81,6 +81,7 @@ class OffloadRuntime:
                  prefetch_skipped_budget=self.offloader.planner.counters.prefetch_budget,
                  prediction_skipped=self.offloader.planner.counters.prediction_skipped,
                  predictor_calibration=self.offloader.planner.calibration.report(),
+                 steering_calibration=self.offloader.planner.steer_calibration.report(),
                  prediction_epochs=None if (sw := self.offloader.planner.switch) is None or not self.prefetcher else
                  {"on": sw.epochs[True], "off": sw.epochs[False], "predicting": sw.arm},
                  prediction_value=self.offloader.planner.prediction_value() if self.prefetcher else None,

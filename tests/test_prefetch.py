@@ -184,11 +184,15 @@ def test_every_experts_score_reaches_eviction_and_output_is_unchanged(ckpt, refe
                  adaptive_prediction=False)
     out = generate(model)
     planner = model.moe_runtime.offloader.planner
+    st = mp.stats(model)
     model.moe_runtime.close()
     assert torch.equal(out, reference)
     assert calls and all(n == 8 for n, _ in calls), "every expert's score"
     assert sum(steering for _, steering in calls) > 10
     assert sum(c[1] for c in planner.steer_calibration.cells.values()) > 10
+    assert st["steering_calibration"] == planner.steer_calibration.report() and st["steering_calibration"]
+    value = st["prediction_value"]
+    assert value["steer_wins"] == planner.policy.steer_wins and isinstance(value["steering"], bool)
 
 
 def test_prefetch_budget_caps_bytes_in_flight(ckpt, monkeypatch):
