@@ -15,10 +15,10 @@ when they pay: P(used) x time saved > link time taken from demand copies + the v
 expert. P comes from the predictor's score through an online calibration table (Calibration), so
 raw router probabilities, history frequencies and an oracle's 0/1 all mean the same thing.
 Eviction may use the same predictions (PredictivePolicy): the expert least likely to be used soon,
-per layer distance, goes first, an approximation of Belady's farthest-next-use. It takes them for every
-cached expert of a predicted layer, the unlikely ones included (steer_eviction), and on every layer of an
-epoch that predicts, even where no prefetch could be issued: on a saturated link, what a prediction is
-worth is mostly which experts stay, not which copies start early.
+per layer distance, goes first, an approximation of Belady's farthest-next-use. On a layer where no
+prefetch could start (a saturated link), a prediction is still made, while that pays, to steer
+eviction (steer_eviction): every cached expert of a predicted layer gets a calibrated P, the unlikely
+ones included. There what a prediction is worth is which experts stay, not which copies start early.
 Time is whatever clock the caller passes as `now` (the runtime's wall clock, the simulator's model).
 """
 from __future__ import annotations
@@ -314,12 +314,12 @@ class PredictivePolicy(LRUPolicy):
     heap kept, which costs about a tenth more planning on large caches, so the switch asks for it
     (ghosting) on fewer epochs once the predictive rule is clearly worth its cost.
 
-    What steering is worth (the predictions Planner.steer_eviction gives the cached experts outside a
-    prediction's top-k: `steered`) is counted the same way (judging, which the planner turns on where
-    predictions may steer eviction): a victim is set against the one this rule would have picked with
-    those predictions set aside (_unsteered_victim, one victim in JUDGE_STRIDE of them, a pass over the
-    cache), and whichever of the two is used first tells whether steering saved a miss or cost one
-    (steer_wins)."""
+    What steering is worth (the predictions Planner.steer_eviction gives every cached expert of a
+    predicted layer: `steered`, which keeps what each would have had without it) is counted the same way
+    (judging, which the planner turns on where predictions may steer eviction): a victim is set against
+    the one this rule would have picked without steering (_unsteered_victim, one victim in JUDGE_STRIDE
+    of them, a pass over the cache), and whichever of the two is used first tells whether steering
+    saved a miss or cost one (steer_wins)."""
 
     name = "predictive"
     P_MIN, P_MAX = 1e-3, 1.0  # use_probability's clamp
@@ -342,10 +342,10 @@ class PredictivePolicy(LRUPolicy):
         self.judging = False         # set by the planner: victims compared with the rule's own without steering
         self.steered: dict = {}      # key -> its prediction without steering (None: none) where steering set it (Planner.steer_eviction)
         self._judge_tick = 0
-        self._steer_choice = None    # (the victim, the victim without predictions) of the last judged victim() where they differ
-        self._steer_out: dict = {}   # evicted on predictions -> the resident key the rule would have evicted without them
+        self._steer_choice = None    # (the victim, the victim without steering) of the last judged victim() where they differ
+        self._steer_out: dict = {}   # evicted with steering -> the resident key the rule would have evicted without it
         self._steer_kept: dict = {}  # that resident key -> the evicted one
-        self.steer_wins = [0, 0]     # judged pairs told apart: [the predictions saved a miss, they cost one]
+        self.steer_wins = [0, 0]     # judged pairs told apart: [steering saved a miss, it caused one]
         # slots: the cache's size where known. One of at most FLAT_MAX experts never walks the heaps
         # (victim() ranks each layer instead), so their bookkeeping is not kept
         self._heaped = slots is None or slots > self.FLAT_MAX
@@ -881,7 +881,7 @@ class PredictivePolicy(LRUPolicy):
                 self._steer_choice = (key, other) if other != key else None
         return key
 
-    JUDGE_STRIDE = 2  # victims per one compared with the rule's choice without predictions (each costs a pass over the cache)
+    JUDGE_STRIDE = 2  # victims per one compared with the rule's choice without steering (each costs a pass over the cache)
 
     def _unsteered_victim(self, candidates):
         """The victim this rule would pick without steering, each steered key given the prediction it would
@@ -921,8 +921,8 @@ class PredictivePolicy(LRUPolicy):
         return best
 
     def _tell_steer(self, keys) -> None:
-        """`keys` are used now: a judged pair whose kept key comes first is a miss the predictions saved,
-        one whose evicted key comes first a miss they cost."""
+        """`keys` are used now: a judged pair whose kept key comes first is a miss steering saved, one whose
+        evicted key comes first a miss it caused."""
         kept, out, wins = self._steer_kept, self._steer_out, self.steer_wins
         for key in keys:
             if key in kept:
@@ -1048,7 +1048,7 @@ class PlanCounters:
     prefetch_issued: int = 0
     prefetch_gated: int = 0      # refused by the benefit test
     prefetch_budget: int = 0     # refused by the bytes-in-flight cap
-    prediction_skipped: int = 0  # layers where no prefetch could be issued, so nothing was predicted
+    prediction_skipped: int = 0  # layers where no prefetch could be issued nor eviction steered, so nothing was predicted
     prefetch_used: int = 0
     prefetch_wasted: int = 0
 
@@ -1089,8 +1089,7 @@ class Planner:
         self.cache = ExpertCache(n_slots, policy)
         self.link = link or Link(costs.transfer_s)  # the simulator passes one that also counts copies
         self.calibration = Calibration(top_k)
-        # P of use for an expert outside the predicted top-k (steer_eviction): calibrated apart, since a
-        # score that misses the top-k means less than the same score within it
+        # P of use for a cached expert of a predicted layer, in its top-k or not (steer_eviction)
         self.steer_calibration = SteerCalibration(top_k / num_experts)
         self._steer_pending: dict = defaultdict(list)  # layer -> [(d, in the top-k, expert, raw score)] for its next run
         self._prefetching = True       # worth_predicting()'s answer for prefetches (it may predict for eviction alone)
@@ -1421,7 +1420,7 @@ class Planner:
         prediction. Else True if a prefetch could be issued: not when copies in flight fill the budget,
         when even a certain prediction would not pass the gate, or when predictions have lately yielded
         almost no prefetches or (adaptive) saved less time per predicted layer than predicting one costs
-        (but for a probe now and then); or if predictions may steer eviction (steering_pays()). The
+        (but for a probe now and then); or if predictions may steer eviction (_steering_verdict()). The
         runtime skips the predictor's compute where it says no. Whether the prediction may start
         prefetches, and whether it steers eviction, is kept for plan_prefetch() and steer_eviction()."""
         if self.epoch_without_prediction():
@@ -1434,7 +1433,7 @@ class Planner:
         # a layer predicted for its prefetches does not steer: where prefetching pays, a prefetch brings
         # a needed expert back anyway, and steering's changes to what the cache holds and to the victims
         # the gate prices cost more than they saved (simulated with noisy predictors at link ratio 1: up
-        # to 5% slower than prefetching alone). A steered layer may still start a copy that passes the
+        # to 9% slower than prefetching alone). A steered layer may still start a copy that passes the
         # gate (its predictor runs anyway); forbidding that cost up to 7% (bench/steering.py's rows).
         self._steering = structural and not self._prefetching and self._steering_verdict()
         if self._steering:
@@ -1518,8 +1517,6 @@ class Planner:
                         continue  # a later run's, not the next one's (a lookahead past a token)
                     for e, s in scores.items():
                         self._note_prediction((target, e), self.calibration.p(d, s))
-            self._predicted = 0.98 * self._predicted + 1.0
-            self._predicted_value *= 0.98
             return []
         in_flight = 0 if in_flight is None else in_flight
         c = self.costs
