@@ -36,13 +36,22 @@ EXTRA = {"qwen3-30b-a3b": dict(name="Qwen3-30B-A3B", moe_layers=48, experts=128,
 
 def timed(trace, cost, slots, policy, scan: bool):
     """Seconds to replay `trace`, and the result; scan: every victim is found as before the heaps, by the
-    policy's victim_ref() over a copied set of the evictable experts."""
+    policy's victim_ref() over a copied set of the evictable experts (and then compared, as victim()
+    compares its own, with the choice without steering)."""
     original = sim.make_planner
 
     def with_scan(*a, **kw):
         planner = original(*a, **kw)
         policy, cache = planner.policy, planner.cache
-        policy.victim = getattr(policy, "victim_ref", policy.victim)
+        if hasattr(policy, "victim_ref"):
+            observe = getattr(policy, "_observe_victim", None)  # the comparisons its victim() also notes
+
+            def victim(candidates):
+                key = policy.victim_ref(candidates)
+                if observe is not None:
+                    observe(key, candidates)
+                return key
+            policy.victim = victim
         view = cache.evictable
         cache.evictable = lambda protected=(): set(view(protected))
         return planner

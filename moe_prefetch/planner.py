@@ -17,8 +17,9 @@ raw router probabilities, history frequencies and an oracle's 0/1 all mean the s
 Eviction may use the same predictions (PredictivePolicy): the expert least likely to be used soon,
 per layer distance, goes first, an approximation of Belady's farthest-next-use. On a layer where no
 prefetch could start (a saturated link), a prediction is still made, while that pays, to steer
-eviction (steer_eviction): every cached expert of a predicted layer gets a calibrated P, the unlikely
-ones included. There what a prediction is worth is which experts stay, not which copies start early.
+eviction (steer_eviction): a predicted layer's cached experts outside its top-k share a calibrated P,
+so the ones it passes over go first. There what a prediction is worth is which experts stay, not which
+copies start early.
 Time is whatever clock the caller passes as `now` (the runtime's wall clock, the simulator's model).
 """
 from __future__ import annotations
@@ -187,52 +188,33 @@ class Calibration:
 
 
 class SteerCalibration:
-    """P(used at its layer's next run) for a cached expert of a predicted layer, per distance d, whether
-    the prediction put it in its top-k and its score's bin: each cell keeps (uses, seen) plus PRIOR
-    pseudo-observations at `base` (the share of a layer's experts a run uses, top_k / experts). Kept
-    apart from Calibration, which learns from every top-k candidate, most of them not cached: what a
-    score means for an expert the cache holds (often one just used) differs. Updated when the predicted
-    layer runs. (Conditioning on the expert's history as well, a residual per bin of what history
-    alone said, was tried: in simulation its worst case was 0.93 of prefetching alone against this
-    table's 0.97.)"""
+    """P(used at its layer's next run) for a cached expert of a predicted layer outside the prediction's
+    top-k, per distance d: (uses + PRIOR x base) / (seen + PRIOR), base the share of a layer's experts
+    a run uses (top_k / experts). One rate per distance, not per score: outside the top-k a router's
+    scores are small and close together, and one rate lets a layer's whole cached rest take it at once
+    (PredictivePolicy.set_rest), at no cost per expert, so steering costs a few operations per predicted
+    layer on a 128-expert model as on an 8-expert one. Updated when the predicted layer runs, from the
+    counts of its cached experts outside the top-k and how many of them it used."""
 
-    BINS = 5
     PRIOR = 2.0
 
     def __init__(self, base: float):
         self.base = base
-        self.cells: dict[tuple[int, bool, int], list[int]] = {}  # (d, in the top-k, score bin) -> [uses, seen]
+        self.cells: dict[int, list[int]] = {}  # d -> [uses, seen]
 
-    def _key(self, d: int, top: bool, score: float) -> tuple[int, bool, int]:
-        b = int(score * self.BINS)
-        return (d, top, 0 if b < 0 else (self.BINS - 1 if b >= self.BINS else b))
-
-    def p(self, d: int, top: bool, score: float) -> float:
-        cell = self.cells.get(self._key(d, top, score))
+    def p(self, d: int) -> float:
+        cell = self.cells.get(d)
         uses, seen = (cell[0], cell[1]) if cell is not None else (0, 0)
         return (uses + self.PRIOR * self.base) / (seen + self.PRIOR)
 
-    def update(self, d: int, top: bool, score: float, used: bool) -> None:
-        key = self._key(d, top, score)
-        cell = self.cells.get(key)
-        if cell is None:
-            cell = self.cells[key] = [0, 0]
-        cell[0] += used
-        cell[1] += 1
+    def update(self, d: int, uses: int, seen: int) -> None:
+        cell = self.cells.setdefault(d, [0, 0])
+        cell[0] += uses
+        cell[1] += seen
 
     def report(self) -> dict[str, dict]:
-        """Per distance, cached experts in the predicted top-k and outside it: how many were seen and how
-        often they were then used."""
-        out = {}
-        for d in sorted({c[0] for c in self.cells}):
-            for top in (True, False):
-                n = used = 0
-                for k, (u, seen) in self.cells.items():
-                    if k[0] == d and k[1] == top:
-                        n, used = n + seen, used + u
-                if n:
-                    out[f"{d} {'top-k' if top else 'others'}"] = dict(n=n, used=used / n)
-        return out
+        """Per distance: cached experts outside the predicted top-k seen, and how often they were then used."""
+        return {str(d): dict(n=seen, used=uses / seen) for d, (uses, seen) in sorted(self.cells.items()) if seen}
 
 
 class _Predictions(dict):
@@ -314,12 +296,16 @@ class PredictivePolicy(LRUPolicy):
     heap kept, which costs about a tenth more planning on large caches, so the switch asks for it
     (ghosting) on fewer epochs once the predictive rule is clearly worth its cost.
 
-    What steering is worth (the predictions Planner.steer_eviction gives every cached expert of a
-    predicted layer: `steered`, which keeps what each would have had without it) is counted the same way
-    (judging, which the planner turns on where predictions may steer eviction): a victim is set against
-    the one this rule would have picked without steering (_unsteered_victim, one victim in JUDGE_STRIDE
-    of them, a pass over the cache), and whichever of the two is used first tells whether steering
-    saved a miss or cost one (steer_wins)."""
+    A predicted layer's cached experts without a prediction of their own (outside its top-k) may also
+    share one P from the prediction (set_rest, by Planner.steer_eviction), blended half and half with
+    each one's history as a prediction is: one number per layer, so a victim costs what it did, and
+    within a recency group the order by use count still holds (the blend is increasing in frequency).
+    What that steering is worth is counted the same way as the rules' gains (judging, which the planner
+    turns on where predictions may steer eviction): one victim in JUDGE_STRIDE (or in one per JUDGE_KEYS
+    keys of the steered layers, where those are more) is set against the one this rule would have picked
+    without it (_unsteered_victim: one more victim search and a pass over the steered layers' keys), each
+    pair then weighing the victims it stands for, and whichever of the two is used first tells whether
+    steering saved a miss or cost one (steer_wins)."""
 
     name = "predictive"
     P_MIN, P_MAX = 1e-3, 1.0  # use_probability's clamp
@@ -340,12 +326,12 @@ class PredictivePolicy(LRUPolicy):
         self._ghost_kept: dict = {}  # that resident key -> the evicted one
         self.ghost_wins = [0, 0]     # pairs told apart: [this rule's choice saved a miss, LFU's would have]
         self.judging = False         # set by the planner: victims compared with the rule's own without steering
-        self.steered: dict = {}      # key -> its prediction without steering (None: none) where steering set it (Planner.steer_eviction)
+        self._rest: dict = {}        # layer -> P for its cached experts without a prediction, from steering (set_rest)
         self._judge_tick = 0
-        self._steer_choice = None    # (the victim, the victim without steering) of the last judged victim() where they differ
-        self._steer_out: dict = {}   # evicted with steering -> the resident key the rule would have evicted without it
+        self._steer_choice = None    # (the victim, the victim without steering, weight) of the last judged victim() where they differ
+        self._steer_out: dict = {}   # evicted with steering -> (the resident key the rule would have evicted without it, weight)
         self._steer_kept: dict = {}  # that resident key -> the evicted one
-        self.steer_wins = [0, 0]     # judged pairs told apart: [steering saved a miss, it caused one]
+        self.steer_wins = [0.0, 0.0]  # judged pairs told apart, weighted: [steering saved a miss, it caused one]
         # slots: the cache's size where known. One of at most FLAT_MAX experts never walks the heaps
         # (victim() ranks each layer instead), so their bookkeeping is not kept
         self._heaped = slots is None or slots > self.FLAT_MAX
@@ -617,11 +603,23 @@ class PredictivePolicy(LRUPolicy):
         """`layer` runs now: its predictions are consumed (its own keys only, not a pass over every
         prediction: a whole token ahead those are thousands)."""
         keys = self._predicted_of.pop(layer, None)
+        rest = self._rest.pop(layer, None)
         if keys:
-            steered = self.steered
             for key in keys:
                 dict.__delitem__(self.predicted, key)  # _changed()'s bookkeeping, done here for the layer at once
-                steered.pop(key, None)
+        if keys or rest is not None:
+            self._unpick(layer)
+
+    REST_TOL = 0.02  # a steered P that moves less is left as it is (its layer is not ranked again for it)
+
+    def set_rest(self, layer, p: float) -> None:
+        """`layer`'s cached experts without a prediction are used at its next run with probability p (a
+        steering prediction: Planner.steer_eviction), until that run; blended with each one's history.
+        A change below REST_TOL keeps the last one: a token ahead, each layer is steered from every layer
+        before it, and re-ranking it each time cost more planning than steering saves on a large model."""
+        old = self._rest.get(layer)
+        if old is None or abs(old - p) >= self.REST_TOL:
+            self._rest[layer] = p
             self._unpick(layer)
 
     def _push(self, key, rerank: bool = True) -> None:
@@ -670,8 +668,8 @@ class PredictivePolicy(LRUPolicy):
     def on_insert(self, key):
         super().on_insert(key)
         self._resident[key[0]].add(key)
-        if self._steer_out:
-            self._drop_ghost(key, self._steer_out, self._steer_kept)  # back before either was used
+        if key in self._steer_out:  # back before either was used
+            del self._steer_kept[self._steer_out.pop(key)[0]]
         if self.switchable:
             if self._keeping_uses:
                 self._by_uses = push_uses(self._by_uses, self.uses, self._stamp, key)
@@ -692,12 +690,14 @@ class PredictivePolicy(LRUPolicy):
         super().on_remove(key)
         self._resident[key[0]].discard(key)
         choice, self._steer_choice = self._steer_choice, None
-        if self._steer_kept:
-            self._drop_ghost(key, self._steer_kept, self._steer_out)  # evicted too before either was used
+        out, kept = self._steer_out, self._steer_kept
+        if key in kept:  # evicted too before either was used
+            del out[kept.pop(key)]
         if choice is not None and choice[0] == key:  # the judged victim goes: a pair to tell apart
-            self._drop_ghost(key, self._steer_out, self._steer_kept)
-            self._drop_ghost(choice[1], self._steer_kept, self._steer_out)
-            self._steer_out[key], self._steer_kept[choice[1]] = choice[1], key
+            victim, other, weight = choice
+            if other in kept:
+                del out[kept.pop(other)]
+            out[victim], kept[other] = (other, weight), victim
         if self.switchable:
             self._drop_ghost(key, self._ghost_kept, self._ghost_out)  # evicted too before either was used
             choice, self._choice = self._choice, None
@@ -735,7 +735,11 @@ class PredictivePolicy(LRUPolicy):
     def use_probability(self, key, recency: bool = True) -> float:
         """P(key is used at its layer's next run); recency False: from its frequency alone."""
         history = self._history(key) if recency else self._frequency(key)
-        p = 0.5 * self.predicted[key] + 0.5 * history if key in self.predicted else history
+        if key in self.predicted:
+            p = 0.5 * self.predicted[key] + 0.5 * history
+        else:
+            rest = self._rest.get(key[0])
+            p = history if rest is None else 0.5 * rest + 0.5 * history
         return min(self.P_MAX, max(p, self.P_MIN))
 
     def next_use(self, key) -> float:
@@ -759,6 +763,7 @@ class PredictivePolicy(LRUPolicy):
         last_of, run, gaps, old, never = self._last, self._runs[layer], self.GAPS, self.OLD, self.NEVER
         t1 = self.layer_uses[layer] / self.top_k + 1.0
         p_min, p_max = self.P_MIN, self.P_MAX
+        rest = self._rest.get(layer)
         best = None
         heaps = self._heaps[layer]
         for group, heap in list(heaps.items()):
@@ -783,6 +788,8 @@ class PredictivePolicy(LRUPolicy):
                 continue
             a, slope = self._line((layer, group if group in (old, never) else run - group))
             p = a + slope * ((uses[key] + 0.5) / t1)
+            if rest is not None:
+                p = 0.5 * rest + 0.5 * p
             if p_min < p < p_max:
                 h, s = n * (1.0 - p) / p, stamps[key]
                 if best is None or h > best[0] or (h == best[0] and s < best[1]):
@@ -816,12 +823,13 @@ class PredictivePolicy(LRUPolicy):
     def _scored(self, layer) -> list:
         """The layer's resident keys as (-h, stamp, key), h = L x (1 - p) / p their next use beyond their
         layer's distance, each key's P as use_probability() gives it (its recency group's line at its
-        frequency, blended with its prediction, clamped), with the lookups hoisted out of the pass: the
-        smallest entry is the layer's best victim, ties to the least recently used."""
+        frequency, blended with its prediction or the layer's steered P, clamped), with the lookups hoisted
+        out of the pass: the smallest entry is the layer's best victim, ties to the least recently used."""
         n, stamps, uses, predicted = self.n, self._stamp, self.uses, self.predicted
         last_of, run, gaps, old, never = self._last, self._runs[layer], self.GAPS, self.OLD, self.NEVER
         t1 = self.layer_uses[layer] / self.top_k + 1.0
         p_min, p_max = self.P_MIN, self.P_MAX
+        rest = self._rest.get(layer)
         lines = {}
         scored = []
         for k in self._resident[layer]:
@@ -833,6 +841,8 @@ class PredictivePolicy(LRUPolicy):
             p = line[0] + line[1] * ((uses[k] + 0.5) / t1)
             if k in predicted:
                 p = 0.5 * predicted[k] + 0.5 * p
+            elif rest is not None:
+                p = 0.5 * rest + 0.5 * p
             p = p_max if p > p_max else (p_min if p < p_min else p)
             scored.append((-(n * (1.0 - p) / p), stamps[k], k))
         return scored
@@ -869,31 +879,50 @@ class PredictivePolicy(LRUPolicy):
         if self._cheap:
             return self._frequency_victim(candidates) if self.rule == "lfu" else LRUPolicy.victim(self, candidates)
         key = self._predictive_victim(candidates)
+        self._observe_victim(key, candidates)
+        return key
+
+    def _observe_victim(self, key, candidates) -> None:
+        """`key` is this rule's victim among `candidates`: note what it is compared with, LFU's choice
+        (ghosting) and, on a judged victim, this rule's choice without steering (judging)."""
         if self.ghosting:
             other = self._frequency_victim(candidates)
             self._choice = (key, other) if other != key else None
         self._steer_choice = None
-        if self.judging and self.steered:
+        if self.judging and self._rest:
             self._judge_tick += 1
             if self._judge_tick >= self.JUDGE_STRIDE:
-                self._judge_tick = 0
-                other = self._unsteered_victim(candidates)
-                self._steer_choice = (key, other) if other != key else None
-        return key
+                # the pass over the steered layers' keys is bounded, amortised: a token ahead on a large
+                # model those are most of the cache
+                resident = self._resident
+                stride = max(self.JUDGE_STRIDE, sum(len(resident.get(layer, ())) for layer in self._rest) // self.JUDGE_KEYS)
+                if self._judge_tick >= stride:
+                    self._judge_tick = 0
+                    other = self._unsteered_victim(candidates)
+                    self._steer_choice = (key, other, stride) if other != key else None
 
-    JUDGE_STRIDE = 2  # victims per one compared with the rule's choice without steering (each costs a pass over the cache)
+    JUDGE_STRIDE = 2  # victims per one compared with the rule's choice without steering, at least
+    JUDGE_KEYS = 64   # steered layers' keys per victim that comparison may pass over, amortised
 
     def _unsteered_victim(self, candidates):
-        """The victim this rule would pick without steering, each steered key given the prediction it would
-        have had without it (its top-k P, or none): a pass over the resident keys (the arithmetic of
-        _scored(), hoisted), the one needed last, ties to the least recently used."""
+        """The victim this rule would pick without steering (the layers' steered P set aside): only the
+        steered layers rank differently without it, so the best of the others (the fast search, those
+        layers skipped) is set against a pass over the steered layers' keys alone (a few layers: those
+        predicted since they last ran), the one needed last, ties to the least recently used. As
+        victim_ref() would pick with every steered P dropped (tested)."""
+        rest = self._rest
+        try:
+            best = self._predictive_victim(candidates, skip=rest)
+            best_t, best_s = self.next_use(best), self._stamp[best]  # a layer without a steered P: the same
+        except CacheFullError:
+            best, best_t, best_s = None, -1.0, math.inf
         n, pos, positions = self.n, self._position, self.positions
         stamps, uses, last_of = self._stamp, self.uses, self._last
-        predicted, steered = self.predicted, self.steered
+        predicted = self.predicted
         gaps, old, never = self.GAPS, self.OLD, self.NEVER
         p_min, p_max = self.P_MIN, self.P_MAX
-        best, best_t, best_s = None, -1.0, math.inf
-        for layer, keys in self._resident.items():
+        for layer in rest:
+            keys = self._resident.get(layer)
             if not keys:
                 continue
             dist = (positions[layer] - pos) % n or n
@@ -909,10 +938,7 @@ class PredictivePolicy(LRUPolicy):
                 if line is None:
                     line = lines[group] = self._line((layer, group if group in (old, never) else run - group))
                 p = line[0] + line[1] * ((uses[k] + 0.5) / t1)
-                if k in steered:
-                    if steered[k] is not None:
-                        p = 0.5 * steered[k] + 0.5 * p
-                elif k in predicted:
+                if k in predicted:
                     p = 0.5 * predicted[k] + 0.5 * p
                 p = p_max if p > p_max else (p_min if p < p_min else p)
                 t, st = dist + n * (1.0 - p) / p, stamps[k]
@@ -922,27 +948,28 @@ class PredictivePolicy(LRUPolicy):
 
     def _tell_steer(self, keys) -> None:
         """`keys` are used now: a judged pair whose kept key comes first is a miss steering saved, one whose
-        evicted key comes first a miss it caused."""
+        evicted key comes first a miss it caused (each weighing the victims it stands for)."""
         kept, out, wins = self._steer_kept, self._steer_out, self.steer_wins
         for key in keys:
             if key in kept:
                 partner = kept.pop(key)
-                del out[partner]
+                weight = out.pop(partner)[1]
                 if partner not in keys:  # both used at once: a miss either way
-                    wins[0] += 1
+                    wins[0] += weight
             elif key in out:
-                partner = out.pop(key)
+                partner, weight = out.pop(key)
                 del kept[partner]
                 if partner not in keys:
-                    wins[1] += 1
+                    wins[1] += weight
 
-    def _predictive_victim(self, candidates):
+    def _predictive_victim(self, candidates, skip=()):
         """The layers are looked at by when their best key would next be needed, latest first, until no
         layer left can beat the best candidate found: usually one or two layers, not all of them. A
         layer's best key that may not be evicted now gives way to its best among the candidates, which
-        is needed no later. A cache of at most FLAT_MAX experts is scanned instead (_victim_flat)."""
+        is needed no later. A cache of at most FLAT_MAX experts is scanned instead (_victim_flat).
+        skip: layers left out (_unsteered_victim looks at those itself)."""
         if not self._heaped or len(self._stamp) <= self.FLAT_MAX:
-            return self._victim_flat(candidates)
+            return self._victim_flat(candidates, skip)
         self._refresh()
         heap, picks = self._by_next_use, self._picks
         g, tol = self._g, self.TOL
@@ -959,6 +986,8 @@ class PredictivePolicy(LRUPolicy):
             if best is not None and -neg - g < best_t - tol:
                 break  # no layer left is needed later than the best candidate found
             looked.append(heapq.heappop(heap))
+            if layer in skip:
+                continue
             if entry[2] not in candidates:
                 entry = self._layer_best(layer, candidates)  # for these candidates only
                 if entry is None:
@@ -972,7 +1001,7 @@ class PredictivePolicy(LRUPolicy):
             raise CacheFullError("no evictable expert")
         return best
 
-    def _victim_flat(self, candidates):
+    def _victim_flat(self, candidates, skip=()):
         """victim() for a small cache (tens of slots: an 8-expert model), where the per-layer picks and
         their heap cost more to keep and walk than the layers are to rank: each layer's resident keys
         are ranked once (_scored, sorted) and kept until something of the layer changes, so a victim re-ranks the
@@ -995,6 +1024,8 @@ class PredictivePolicy(LRUPolicy):
         best, best_t, best_s = None, -1.0, math.inf
         stamps = self._stamp
         for layer, ranked in ranks.items():
+            if layer in skip:
+                continue
             for neg_h, s, k in ranked:
                 if stamps.get(k) != s:
                     continue  # evicted or touched since: stale (a key back in has an entry with its new stamp)
@@ -1089,9 +1120,9 @@ class Planner:
         self.cache = ExpertCache(n_slots, policy)
         self.link = link or Link(costs.transfer_s)  # the simulator passes one that also counts copies
         self.calibration = Calibration(top_k)
-        # P of use for a cached expert of a predicted layer, in its top-k or not (steer_eviction)
+        # P of use for a cached expert of a predicted layer outside its top-k (steer_eviction)
         self.steer_calibration = SteerCalibration(top_k / num_experts)
-        self._steer_pending: dict = defaultdict(list)  # layer -> [(d, in the top-k, expert, raw score)] for its next run
+        self._steer_pending: dict = defaultdict(list)  # layer -> [(d, the prediction's top-k)] steering its next run
         self._prefetching = True       # worth_predicting()'s answer for prefetches (it may predict for eviction alone)
         self._steering = False         # worth_predicting()'s answer for eviction: this layer's predictions steer it
         # what steering eviction saved (judged victims, net of the misses it caused) per steered layer,
@@ -1167,13 +1198,13 @@ class Planner:
             if predictive and self.policy.steer_wins != self._steer_seen:  # what steering did to eviction
                 (won, lost), (won0, lost0) = self.policy.steer_wins, self._steer_seen
                 self._steer_seen = list(self.policy.steer_wins)
-                self._steer_value += ((won - won0) - (lost - lost0)) * self.policy.JUDGE_STRIDE \
-                    * self._miss_cost_and_saturation()[0]
+                self._steer_value += ((won - won0) - (lost - lost0)) * self._miss_cost_and_saturation()[0]
             pending = self._steer_pending.pop(layer, None)
-            if pending:  # the first round holds all the run's routed experts
-                used, update = set(experts), self.steer_calibration.update
-                for d, top, e, score in pending:
-                    update(d, top, score, e in used)
+            if pending:  # the first round holds all the run's routed experts; the cache, what it held then, or nearly
+                resident = {key[1] for key in self.policy._resident.get(layer, ())} if predictive else set()
+                used = resident.intersection(experts)
+                for d, chosen in pending:
+                    self.steer_calibration.update(d, len(used - chosen), len(resident - chosen))
             if predictive:  # the first round holds all the layer's routed experts: their uses are counted
                 self.policy.start_run(layer, experts, record=True)  # before any victim, so the layer is ranked once
             if self._layer_start is not None and 0.0 < now - self._layer_start < PredictionSwitch.MAX_GAP_S:
@@ -1442,6 +1473,10 @@ class Planner:
             self._steer_value *= 0.98
         return self._prefetching or self._steering
 
+    def steering_now(self) -> bool:
+        """Whether the layer worth_predicting() last said yes to steers eviction (steer_eviction acts)."""
+        return self._steering
+
     MIN_STEERED = 8  # steered layers (decaying) before steering's ledger decides
 
     def _steering_verdict(self) -> bool:
@@ -1584,47 +1619,24 @@ class Planner:
         return actions
 
     def _note_prediction(self, key: Key, p: float) -> None:
-        """A top-k prediction's calibrated P for `key`, for eviction: the highest of its layer's predictions
-        so far, unless this layer's steering has just set it on one scale with its layer's other cached
-        experts; an earlier layer's steering gives way to it (this prediction is nearer)."""
-        policy = self.policy
-        if key in policy.steered:
-            if self._steering:
-                return
-            del policy.steered[key]
-            policy.predicted[key] = p
-            return
-        known = policy.predicted.get(key)
+        """A top-k prediction's calibrated P for `key`, for eviction: the highest of its layer's so far."""
+        known = self.policy.predicted.get(key)
         if known is None or p > known:  # unchanged: its layer's cached victim pick still holds
-            policy.predicted[key] = p
+            self.policy.predicted[key] = p
 
-    def steer_eviction(self, target: int, d: int, scores, chosen) -> None:
-        """A prediction made `d` layers ahead of `target`'s next run, with a raw score for every expert
-        (scores[e]; chosen: the experts offered to plan_prefetch()): each cached expert of `target` gets
-        the P of use its score and its place in or out of the top-k are calibrated to among cached experts
-        (SteerCalibration, learnt when `target` runs), the latest prediction replacing an earlier one.
-        So eviction ranks the cached experts a prediction says will not be needed below those it says
-        might be, where the top-k alone would leave the others to their history. The policy keeps what
-        each key's prediction would have been without steering (steered: the top-k ones' calibrated P,
-        None for the others), which its judge sets against this. Call it before plan_prefetch(), on
-        layers where worth_predicting() said yes; a no-op unless that answer included steering."""
+    def steer_eviction(self, target: int, d: int, chosen) -> None:
+        """A prediction made `d` layers ahead of `target`'s next run, whose top-k (`chosen`: the experts
+        offered to plan_prefetch(), which gives them their own P) leaves out the rest: `target`'s cached
+        experts outside it all get the P that cached experts outside a top-k at this distance are
+        calibrated to (SteerCalibration, learnt when `target` runs; the latest prediction replaces an
+        earlier one), blended with each one's history. So eviction ranks the cached experts a prediction
+        passes over below those it picks, where the top-k alone would leave the others to their history.
+        Call it before plan_prefetch(), on layers where worth_predicting() said yes; a no-op unless that
+        answer included steering."""
         if not self._steering or not self.steers_eviction() or d > self.policy.n:  # further: a later run's
             return
-        policy = self.policy
-        resident = policy._resident.get(target)
-        if not resident:
-            return
-        predicted, steered, cal = policy.predicted, policy.steered, self.steer_calibration
-        pending = self._steer_pending[target]
-        for key in resident:
-            e = key[1]
-            top = e in chosen
-            s = float(scores[e])
-            p = cal.p(d, top, s)
-            pending.append((d, top, e, s))
-            steered[key] = self.calibration.p(d, s) if top else None
-            if predicted.get(key) != p:  # unchanged: its layer's cached victim pick still holds
-                predicted[key] = p
+        self.policy.set_rest(target, self.steer_calibration.p(d))
+        self._steer_pending[target].append((d, frozenset(chosen)))
 
     def _victim(self, protected: set[Key]):
         candidates = self.cache.evictable(protected)

@@ -12,11 +12,11 @@ What moves is the planner's decision (planner.plan_prefetch): nearest layer firs
 raw score turned into a calibrated probability of use, and a copy made only when it is expected to
 save more time than it takes from demand copies plus the value of the expert it evicts; it never
 evicts an expert the executing layer needs, nor one planned for a nearer layer, and copies in flight
-stay under the budget. Every expert's score also reaches eviction (planner.steer_eviction), on
-every layer of an epoch that predicts while eviction ranks by prediction. Otherwise a target layer
-whose experts are all resident is not predicted at all (with every expert cached, no copy could
-start). The model's router still decides what runs: a wrong guess costs link time and a slot, never a
-different output.
+stay under the budget. Where no copy could start, a layer may still be predicted to steer eviction
+(planner.steer_eviction: a target's cached experts outside the top-k are ranked as unlikely), and
+then a target layer whose experts are all resident is predicted too; otherwise it is not (with every
+expert cached, no copy could start). The model's router still decides what runs: a wrong guess costs
+link time and a slot, never a different output.
 """
 from __future__ import annotations
 
@@ -72,12 +72,11 @@ class Prefetcher:
         if begin is not None:
             begin()
 
-    def _targets(self, i: int) -> list[int]:
+    def _targets(self, i: int, steering: bool) -> list[int]:
         """Distances worth predicting from layer position i: the target exists (or the predictor can
-        look past the last layer) and it has experts that are not resident, or eviction ranks its
-        resident ones by prediction."""
+        look past the last layer) and it has experts that are not resident, or (steering) the
+        prediction would steer eviction among its resident ones."""
         n, out = len(self.view.layers), []
-        steering = self.offloader.planner.steers_eviction()
         for d in self.distances:
             if i + d >= n and not self.predictor.wraps:
                 continue
@@ -123,11 +122,16 @@ class Prefetcher:
         if off.planner.epoch_without_prediction():  # (most decode layers where predicting does not pay)
             off.planner.counters.prediction_skipped += 1
             return None  # what worth_predicting() would say, without the lookups it makes first
-        targets = self._targets(i)
-        if not targets or not off.planner.worth_predicting(off.clock(), off.copies_in_flight()):
+        planner = off.planner
+        targets = self._targets(i, planner.steers_eviction())
+        if not targets or not planner.worth_predicting(off.clock(), off.copies_in_flight()):
             if targets:
-                off.planner.counters.prediction_skipped += 1
-            return None  # nothing could be prefetched: the predictor's compute is skipped
+                planner.counters.prediction_skipped += 1
+            return None  # nothing could be prefetched nor steered: the predictor's compute is skipped
+        if not planner.steering_now():
+            targets = self._targets(i, False)
+            if not targets:
+                return None
         self._asked[i], scores = self.predictor.predict_stacked(i, h.reshape(-1, h.shape[-1]), targets)  # [D, T, E]
         return summarise(scores, self.view.top_k) if self._asked[i] else None
 
@@ -148,7 +152,7 @@ class Prefetcher:
         if self.predictor.on_host:
             self.predictor.observe_rows(i, routing)  # [T][k] host lists
             worth = planner.worth_predicting(off.clock(), off.copies_in_flight())
-            distances = self._targets(i) if worth else []
+            distances = self._targets(i, planner.steering_now()) if worth else []
             if distances:
                 distances, scores = self.predictor.predict_stacked(i, torch.empty(len(routing), 0), distances)
                 summary = host_list(summarise(scores, self.view.top_k)) if distances else None
@@ -162,7 +166,7 @@ class Prefetcher:
             scores = {e: best[e] for e, c in enumerate(chosen) if c}
             self._pending[(j, d)] = scores
             predictions.append((self.view.layers[j], d, scores))
-            planner.steer_eviction(self.view.layers[j], d, best, scores)  # the others' scores, for eviction
+            planner.steer_eviction(self.view.layers[j], d, scores)  # its cached others, for eviction
         protected = {(layer, e) for e in experts}
         off.prefetch(planner.plan_prefetch(off.clock(), layer, predictions, protected, in_flight=off.copies_in_flight(),
                                            asked=True))  # worth_predicting() said yes before predicting

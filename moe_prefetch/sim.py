@@ -255,9 +255,8 @@ class _CountingLink(Link):
 
 def _predictions(trace: Trace, policy: Policy, E: int, k: int):
     """Per (t, i, d-1): the top-k experts and their scores as lists, or None where there is no
-    prediction, and every expert's score [N, L, K, E] (for eviction: Planner.steer_eviction). The
-    runtime's prefetcher offers the planner the union of the tokens' top-k: in decode (one token), the
-    top-k."""
+    prediction. The runtime's prefetcher offers the planner the union of the tokens' top-k: in
+    decode (one token), the top-k."""
     K = policy.lookahead
     if not policy.predictor or not K:
         return None
@@ -282,7 +281,7 @@ def _predictions(trace: Trace, policy: Policy, E: int, k: int):
     missing = np.isnan(scores).all(-1)                                    # [N, L, K]
     top = np.argsort(-np.nan_to_num(scores, nan=-np.inf), axis=-1, kind="stable")[..., :k]  # [N, L, K, k]
     values = np.take_along_axis(scores, top, axis=-1)                     # [N, L, K, k]
-    return missing.tolist(), top.tolist(), values.tolist(), scores
+    return missing.tolist(), top.tolist(), values.tolist()
 
 
 def make_planner(trace: Trace, cost: CostModel, slots: int, policy: Policy, priority: bool = True) -> Planner:
@@ -356,8 +355,8 @@ def simulate(trace: Trace, cost: CostModel, slots: int, policy: Policy, priority
                                 pending[g + d].append((d, sc))
                         ran = bool(offered) and planner.worth_predicting(now)  # as the runtime asks, before predicting
                         if ran:
-                            for target, d, sc in offered:  # every expert's score, for eviction
-                                planner.steer_eviction(target, d, preds[3][t, i, d - 1], sc)
+                            for target, d, sc in offered:  # the top-k's cached others, for eviction
+                                planner.steer_eviction(target, d, sc)
                             sent = planner.plan_prefetch(now, i, offered, {(i, e) for e in needed}, asked=True)
                             now += cost.predict_s + cost.copy_s * len(sent)
                             planner.observe_predict_cost(cost.predict_s)

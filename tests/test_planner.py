@@ -543,9 +543,9 @@ def test_predictive_policy_per_layer_heaps_agree_with_the_plain_scan(scan_max, f
     """PredictivePolicy.victim (one heap per layer plus the predicted keys, or a scan of a layer holding few
     experts: SCAN_MAX, or for a small cache each layer's keys ranked: FLAT_MAX) picks what victim_ref (a
     pass over every resident key) picks, ties and clamped probabilities included, as positions, uses,
-    predictions, pins and protected keys change; "ranked-and-heaps" switches between the two as the
-    cache fills past FLAT_MAX and drains below it; "ranked-sized" is told the cache's size (as the planner
-    tells it), which never exceeds FLAT_MAX, so it keeps no heaps at all."""
+    predictions (a layer's steered P too), pins and protected keys change; "ranked-and-heaps" switches
+    between the two as the cache fills past FLAT_MAX and drains below it; "ranked-sized" is told the
+    cache's size (as the planner tells it), which never exceeds FLAT_MAX, so it keeps no heaps at all."""
     import random
 
     monkeypatch.setattr(PredictivePolicy, "SCAN_MAX", scan_max)
@@ -568,6 +568,10 @@ def test_predictive_policy_per_layer_heaps_agree_with_the_plain_scan(scan_max, f
                 pol.predicted[key] = rng.choice([0.0, 0.5, 0.999, 1.0, rng.random()])
         if rng.random() < 0.2 and pol.predicted:
             del pol.predicted[rng.choice(list(pol.predicted))]
+        if rng.random() < 0.1:  # a steering prediction for a layer's cached experts without one of their own
+            pol.set_rest(rng.randrange(L), rng.choice([0.0, 0.2, 0.999, 1.0, rng.random()]))
+        if rng.random() < 0.05:
+            pol.drop_predictions(rng.randrange(L))
         if step % 400 == 200:  # failed copies: the cache drains below FLAT_MAX and refills past it
             for gone in rng.sample(sorted(cache.keys()), 6):
                 cache.remove(gone)
@@ -990,34 +994,37 @@ def _fill_budget(pl, now=10.0):
 
 def test_predictions_steer_eviction_where_misses_are_copied_in():
     """Where no prefetch could start (copies in flight fill the budget) a layer is still predicted, to
-    steer eviction: each cached expert of a predicted layer, in the top-k or not, gets the P its score is
-    calibrated to among cached experts (a prior of top_k / experts until that layer runs, then learnt);
-    a prediction past the target's next run is left alone. Steering needs the predictive rule, a full
-    cache and host compute off."""
+    steer eviction: a predicted layer's cached experts outside the top-k share the P that such experts
+    are calibrated to (a prior of top_k / experts until that layer runs, then learnt), blended with each
+    one's history; a prediction past the target's next run is left alone. Steering needs the predictive
+    rule, a full cache and host compute off."""
     pl = _full_planner(eviction="predictive")
     assert pl.steers_eviction()
     _fill_budget(pl)
-    assert pl.worth_predicting(10.0) and pl._steering and not pl._prefetching
-    pl.steer_eviction(2, 1, [0.1] * 8, chosen={2: 0.1, 6: 0.9})
-    assert pl.policy.predicted == {(2, 2): pytest.approx(2 / 8)}
-    assert pl.policy.steered == {(2, 2): pytest.approx(pl.calibration.p(1, 0.1))}, "what it would be unsteered"
-    pl.steer_eviction(1, 5, [0.0] * 8, chosen={})  # 5 layers ahead on 4: a later run's, not the next
-    assert (1, 1) not in pl.policy.predicted
-    assert pl.plan_prefetch(10.0, 0, [(2, 1, {2: 0.1, 6: 0.9})], set(), asked=True) == []  # no copy starts
-    assert pl.policy.predicted[(2, 2)] == pytest.approx(2 / 8), "steering's P stands on its own layer"
+    assert pl.worth_predicting(10.0) and pl.steering_now() and not pl._prefetching
+    pol = pl.policy
+    history = pol.use_probability((2, 2))
+    pl.steer_eviction(2, 1, {6: 0.9})
+    assert pol._rest == {2: pytest.approx(2 / 8)}
+    assert pol.use_probability((2, 2)) == pytest.approx(0.5 * 2 / 8 + 0.5 * history)
+    pl.steer_eviction(1, 5, {})  # 5 layers ahead on 4: a later run's, not the next
+    assert 1 not in pol._rest
+    assert pl.plan_prefetch(10.0, 0, [(2, 1, {6: 0.9})], set(), asked=True) == []  # no copy starts
+    assert pol.predicted == {(2, 6): pytest.approx(pl.calibration.p(1, 0.9))}, "the top-k: its own P"
     pl.release(pl.plan_layer(14.0, 0, [0]))
     pl.release(pl.plan_layer(15.0, 1, [1]))
-    pl.release(pl.plan_layer(16.0, 2, [4]))  # expert 2, in the top-k with a 0.1, is not used
-    assert pl.steer_calibration.cells[1, True, 0] == [0, 1] and pl.steer_calibration.p(1, True, 0.1) < 2 / 8
-    assert pl.steer_calibration.report() == {"1 top-k": {"n": 1, "used": 0.0}}
+    pl.release(pl.plan_layer(16.0, 2, [4]))  # expert 2, cached outside the top-k, is not used
+    assert 2 not in pol._rest, "consumed by the run"
+    assert pl.steer_calibration.cells == {1: [0, 1]} and pl.steer_calibration.p(1) < 2 / 8
+    assert pl.steer_calibration.report() == {"1": {"n": 1, "used": 0.0}}
     host = make_planner(eviction="predictive", host_compute=True, costs=Costs(1.0, 0.1, 10.0, host_s=0.5))
     for layer in range(4):
         host.cache.insert((layer, layer))
     for planner in (_full_planner(eviction="lru"), host):
         _fill_budget(planner)
         assert not planner.steers_eviction() and not planner.worth_predicting(10.0)
-        planner.steer_eviction(2, 1, [0.1] * 8, chosen={})
-        assert not getattr(planner.policy, "predicted", {})
+        planner.steer_eviction(2, 1, {})
+        assert not getattr(planner.policy, "_rest", {})
     auto = _full_planner()
     auto.policy.set_rule("lfu")
     assert not auto.steers_eviction()
@@ -1025,7 +1032,9 @@ def test_predictions_steer_eviction_where_misses_are_copied_in():
     half.release(half.plan_layer(0.0, 0, [0]))
     assert not half.steers_eviction(), "a free slot: nothing is evicted"
     free = _full_planner(eviction="predictive")  # the budget free: the layer predicts for its prefetches
-    assert free.worth_predicting(100.0) and free._prefetching and not free._steering
+    assert free.worth_predicting(100.0) and free._prefetching and not free.steering_now()
+    free.steer_eviction(2, 1, {})
+    assert not free.policy._rest, "a layer predicted for its prefetches does not steer"
 
 
 def test_steering_stops_where_it_does_not_pay():
@@ -1050,42 +1059,50 @@ def test_steering_stops_where_it_does_not_pay():
 
 
 def test_steer_wins_count_whether_predictions_saved_a_miss_or_cost_one(monkeypatch):
-    """A judged victim is set against the rule's own choice without predictions; whichever of the two is
-    used first tells whether the predictions saved a miss or cost one, and the planner counts that into
-    what predicting is worth (prediction_pays)."""
+    """A judged victim is set against the rule's own choice without steering; whichever of the two is used
+    first tells whether steering saved a miss or caused one, weighted by the victims each judged one stands
+    for, and the planner counts that into steering's ledger."""
     monkeypatch.setattr(PredictivePolicy, "JUDGE_STRIDE", 1)
     pl = _full_planner(eviction="predictive")
     pol = pl.policy
     pol.judging = True
     everything = set(pl.cache.keys())
-    unsteered = pol.victim(everything)  # no predictions: nothing to judge
+    unsteered = pol.victim(everything)  # nothing steered: nothing to judge
     assert pol._steer_choice is None
-    pol.predicted[(0, 0)] = 0.0          # steered: it will not be used, so the rule picks it instead
-    pol.steered[(0, 0)] = None
+    pol.set_rest(0, 0.0)                # steered: layer 0's cached experts will not be used
     steered = pol.victim(everything)
-    assert steered != unsteered and pol._steer_choice == (steered, unsteered)
+    assert steered == (0, 0) != unsteered and pol._steer_choice == (steered, unsteered, 1)
     pl.cache.insert((steered[0], 7))    # evicts the steered victim: a pair to tell apart
-    assert pol._steer_out == {steered: unsteered}
+    assert pol._steer_out == {steered: (unsteered, 1)} and pol._steer_kept == {unsteered: steered}
     pol.start_run(unsteered[0], [unsteered[1]])  # the kept one is used first: a miss saved
     assert pol.steer_wins == [1, 0] and not pol._steer_out and not pol._steer_kept
-    pl.release(pl.plan_layer(20.0, 0, [0]))
+    pl.release(pl.plan_layer(20.0, 1, [1]))
     assert pl._steer_value == pytest.approx(pl.costs.transfer_s)
-    pol._steer_out[(1, 1)], pol._steer_kept[(2, 2)] = (2, 2), (1, 1)
-    pol.start_run(1, [1])  # the evicted one first: the predictions cost a miss
-    assert pol.steer_wins == [1, 1]
-    pol._steer_out[(1, 1)], pol._steer_kept[(2, 2)] = (2, 2), (1, 1)
+    pol._steer_out[(1, 1)], pol._steer_kept[(2, 2)] = ((2, 2), 3), (1, 1)
+    pol.start_run(1, [1])  # the evicted one first: steering caused a miss, one judged of every three
+    assert pol.steer_wins == [1, 3]
+    pol._steer_out[(1, 1)], pol._steer_kept[(2, 2)] = ((2, 2), 1), (1, 1)
     pol._tell_steer({(1, 1), (2, 2)})  # both at once: a miss either way
-    assert pol.steer_wins == [1, 1] and not pol._steer_out
+    assert pol.steer_wins == [1, 3] and not pol._steer_out
+    monkeypatch.setattr(PredictivePolicy, "JUDGE_STRIDE", 2)  # one victim in two judged, weighing two
+    pol._judge_tick = 0
+    pol.victim(set(pl.cache.keys()))
+    assert pol._steer_choice is None and pol._judge_tick == 1
+    pol.victim(set(pl.cache.keys()))
+    assert pol._judge_tick == 0 and (pol._steer_choice is None or pol._steer_choice[2] == 2)
 
 
-def test_the_victim_without_predictions_is_the_rules_own_with_none():
-    """_unsteered_victim (a hoisted pass) is what victim_ref picks once each steered key's prediction is
-    put back to what it would have been without steering (a top-k P, or none), as positions, uses,
-    predictions, pins and protection change."""
+@pytest.mark.parametrize("flat_max,scan_max", [(64, 8), (4, 8), (4, 0)], ids=["ranked", "heaps-and-scans", "heaps"])
+def test_the_victim_without_predictions_is_the_rules_own_with_none(flat_max, scan_max, monkeypatch):
+    """_unsteered_victim (the fast search with the steered layers left out, and a pass over those) is what
+    victim_ref picks once the layers' steered P are set aside, as positions, uses, predictions, steering,
+    pins and protection change, on each of the fast search's paths."""
     import random
 
     from moe_prefetch.cache import ExpertCache
 
+    monkeypatch.setattr(PredictivePolicy, "FLAT_MAX", flat_max)
+    monkeypatch.setattr(PredictivePolicy, "SCAN_MAX", scan_max)
     rng = random.Random(11)
     L, E, k = 4, 10, 2
     pol = PredictivePolicy({j: j for j in range(L)}, top_k=k, num_experts=E, slots=16)
@@ -1096,12 +1113,11 @@ def test_the_victim_without_predictions_is_the_rules_own_with_none():
         if rng.random() < 0.4:
             pol.start_run(pol.position, rng.sample(range(E), k), record=True)
         if rng.random() < 0.3:
-            key = (rng.randrange(L), rng.randrange(E))
-            pol.predicted[key] = rng.choice([0.0, 0.5, 1.0, rng.random()])
-            if rng.random() < 0.5:
-                pol.steered[key] = rng.choice([None, rng.random()])
-            else:
-                pol.steered.pop(key, None)
+            pol.predicted[(rng.randrange(L), rng.randrange(E))] = rng.choice([0.0, 0.5, 1.0, rng.random()])
+        if rng.random() < 0.2:
+            pol.set_rest(rng.randrange(L), rng.choice([0.0, 0.3, 1.0, rng.random()]))
+        if rng.random() < 0.1:
+            pol.drop_predictions(rng.randrange(L))
         key = (rng.randrange(L), rng.randrange(E))
         if key in cache:
             cache.touch(key)
@@ -1111,15 +1127,9 @@ def test_the_victim_without_predictions_is_the_rules_own_with_none():
             continue
         protected = set(rng.sample(sorted(cache.keys()), rng.randrange(4)))
         candidates = cache.evictable(protected)
-        saved = dict(pol.predicted)
-        for steered_key, unsteered in pol.steered.items():  # as they would be without steering
-            if unsteered is None:
-                dict.pop(pol.predicted, steered_key, None)
-            else:
-                dict.__setitem__(pol.predicted, steered_key, unsteered)
+        rest, pol._rest = pol._rest, {}  # steering set aside
         expected = pol.victim_ref(candidates)
-        dict.clear(pol.predicted)
-        dict.update(pol.predicted, saved)
+        pol._rest = rest
         assert pol._unsteered_victim(candidates) == expected, step
         checked += 1
         cache.insert(key, protected)

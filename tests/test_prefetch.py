@@ -165,30 +165,28 @@ def test_oracle_removes_decode_misses(ckpt, trace):
     assert mp.stats(plain)["misses"] > 4 * 8
 
 
-def test_every_experts_score_reaches_eviction_and_output_is_unchanged(ckpt, reference, trace, monkeypatch):
-    """With predictive eviction and a full cache, each predicted layer hands eviction the score of every
-    expert of its targets (Planner.steer_eviction), the ones outside the top-k included; where that layer
-    steers eviction (no prefetch could start), the planner calibrates the cached ones' scores when their
-    layer runs. Tokens are unchanged."""
+def test_predictions_steer_eviction_and_output_is_unchanged(ckpt, reference, trace, monkeypatch):
+    """With predictive eviction and a full cache, a layer whose prediction starts no copy still predicts,
+    to steer eviction (Planner.steer_eviction: its targets' cached experts outside the top-k ranked as
+    unlikely), and the planner calibrates that when those layers run; tokens are unchanged."""
     from moe_prefetch.planner import Planner
 
     calls = []
     steer = Planner.steer_eviction
 
-    def counting(self, target, d, scores, chosen):
-        calls.append((len(scores), self.steers_eviction()))
-        return steer(self, target, d, scores, chosen)
+    def counting(self, target, d, chosen):
+        calls.append(self.steering_now())
+        return steer(self, target, d, chosen)
 
     monkeypatch.setattr(Planner, "steer_eviction", counting)
-    model = load(ckpt, 5, predictor="oracle", predictor_path=str(trace), lookahead=4, eviction="predictive",
-                 adaptive_prediction=False)
+    model = load(ckpt, 16, predictor="oracle", predictor_path=str(trace), lookahead=4, eviction="predictive",
+                 adaptive_prediction=False, link_bandwidth=2e6)  # a slow link: copies fill the budget
     out = generate(model)
     planner = model.moe_runtime.offloader.planner
     st = mp.stats(model)
     model.moe_runtime.close()
     assert torch.equal(out, reference)
-    assert calls and all(n == 8 for n, _ in calls), "every expert's score"
-    assert sum(steering for _, steering in calls) > 10
+    assert sum(calls) > 10, "layers predicted to steer"
     assert sum(c[1] for c in planner.steer_calibration.cells.values()) > 10
     assert st["steering_calibration"] == planner.steer_calibration.report() and st["steering_calibration"]
     value = st["prediction_value"]

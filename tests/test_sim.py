@@ -314,10 +314,10 @@ def test_predictive_eviction_follows_popularity_and_stickiness(host):
 
 def test_predictions_steer_eviction_on_a_saturated_link():
     """On a link ten layer-computes per expert, prefetches cannot hide copies; what a prediction is
-    worth there is which experts stay. A token-ahead oracle steering eviction (every cached expert of a
-    predicted layer gets its P, the unlikely ones included) makes decode far faster than the oracle
-    acting through prefetches alone (steers_eviction off), and a predictor of pure noise, whose steering
-    the planner counts as worthless, costs next to nothing."""
+    worth there is which experts stay. A token-ahead oracle steering eviction (a predicted layer's cached
+    experts outside its top-k ranked as unlikely) makes decode faster than the oracle acting through
+    prefetches alone (steers_eviction off), with fewer copies, and a predictor of pure noise, whose
+    steering the planner counts as worthless, costs next to nothing."""
     import moe_prefetch.planner as planner_mod
 
     tr = make_trace(N=300, L=4, E=8, k=2, sticky=0.0, seed=1)
@@ -332,7 +332,7 @@ def test_predictions_steer_eviction_on_a_saturated_link():
         unsteered = simulate(tr, cost, 8, Policy("oracle", "oracle", 4, eviction="predictive"))
     finally:
         planner_mod.Planner.steers_eviction = steers
-    assert oracle.tokens_per_s > 1.15 * base.tokens_per_s
-    assert oracle.tokens_per_s > 1.1 * unsteered.tokens_per_s
-    assert oracle.bytes_moved < 0.9 * unsteered.bytes_moved, "fewer copies, not earlier ones"
+    assert oracle.tokens_per_s > 1.08 * base.tokens_per_s
+    assert oracle.tokens_per_s > 1.06 * unsteered.tokens_per_s
+    assert oracle.bytes_moved < 0.96 * unsteered.bytes_moved, "fewer copies, not earlier ones"
     assert noise.tokens_per_s > 0.97 * base.tokens_per_s
