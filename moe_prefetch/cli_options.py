@@ -46,8 +46,9 @@ def add_loading_flags(p: argparse.ArgumentParser) -> None:
                    "frequency, recency (pays where routing sticks across tokens), or auto (default: measure both, "
                    "keep the faster)")
     p.add_argument("--always-predict", action="store_true",
-                   help="predict on every layer where a prefetch could be issued, even where predicting has not "
-                   "lately sped decoding up (default: measure, and predict only while it pays)")
+                   help="predict on every layer where a prefetch could be issued or (predictive eviction, no host "
+                   "compute) the prediction would steer eviction, even where predicting has not lately sped decoding "
+                   "up (default: measure, and predict only while it pays)")
     p.add_argument("--no-prefetch-gate", action="store_true",
                    help="issue every predicted prefetch that fits the budget, even when it is not expected to pay")
     p.add_argument("--pin-memory", default="auto", choices=PIN_MODES,

@@ -97,7 +97,9 @@ class OffloadConfig:
                     not bit-identical anyway; exact on the CPU backend).
     adaptive_prediction: predict only while predicting measurably speeds decode up (default): decode
                     alternates short epochs with and without prediction and keeps the faster, re-testing
-                    the other now and then; False predicts wherever a prefetch could be issued.
+                    the other now and then, and predicts a layer only to steer eviction while steering's
+                    counted value beats the predictor's cost; False predicts wherever a prefetch could be
+                    issued or a prediction would steer eviction.
     keep_rule:      with host compute and predictive eviction, how a host-computed miss is judged for a
                     background copy into the cache (a keep): "frequency" (its use count against its
                     victim's), "recency" (with the recency line eviction uses: pays where routing sticks
