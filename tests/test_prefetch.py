@@ -76,6 +76,15 @@ def test_every_predictor_and_lookahead_is_lossless(ckpt, reference, trace, predi
         # on a run this short (a fresh-clone CI run saw none at K=1); the other predictors must act
         if predictor not in ("none", "history") and slots >= 5:
             assert st["prefetch_issued"] > 0
+    for slots in (5, 12):  # a slow link: copies in flight fill the default budget, and predictions steer eviction
+        model = load(ckpt, slots, predictor="none" if predictor == "m2r2" else predictor,
+                     predictor_path=str(trace) if predictor == "oracle" else None, lookahead=lookahead,
+                     eviction="predictive", link_bandwidth=2e6, adaptive_prediction=False)
+        if predictor == "m2r2":
+            mp.set_predictor(model, random_m2r2(model), lookahead=lookahead)
+        out = generate(model)
+        model.moe_runtime.close()
+        assert torch.equal(out, reference), f"{predictor} K={lookahead} slots={slots}, steering, changed the output"
 
 
 @pytest.mark.parametrize("predictor", ["history", "oracle"])
