@@ -295,6 +295,8 @@ def main(argv=None) -> int:
             rows += [(f"ours: m2r2 K={K}, predictive, gated", dict(m2r2, lookahead=K)) for K in (1, 2, 3)]
         oracle = dict(predictor="oracle", predictor_path=str(trace_path), lookahead=2, eviction="predictive")
         rows.append(("oracle K=2, predictive, gated", oracle))
+        # perfect predictions a whole token ahead: on a saturated link, what steering eviction can be worth
+        rows.append((f"oracle K={L} (a whole token ahead), predictive, gated", dict(oracle, lookahead=L)))
         rows += [("LFU, no prefetch, host compute", none | dict(eviction="lfu") | host),
                  ("predictive eviction, no prefetch, host compute", none | dict(eviction="predictive") | host),
                  ("auto eviction, no prefetch, host compute", none | dict(eviction="auto") | host),
