@@ -822,16 +822,17 @@ class PredictivePolicy(LRUPolicy):
         best = min((e for e in self._scored(layer) if candidates is None or e[2] in candidates), default=None)
         return None if best is None else (-best[0], best[1], best[2])
 
-    def _scored(self, layer) -> list:
+    def _scored(self, layer, steered: bool = True) -> list:
         """The layer's resident keys as (-h, stamp, key), h = L x (1 - p) / p their next use beyond their
         layer's distance, each key's P as use_probability() gives it (its recency group's line at its
         frequency, blended with its prediction or the layer's steered P, clamped), with the lookups hoisted
-        out of the pass: the smallest entry is the layer's best victim, ties to the least recently used."""
+        out of the pass: the smallest entry is the layer's best victim, ties to the least recently used.
+        steered False: the layer's steered P set aside (_unsteered_victim)."""
         n, stamps, uses, predicted = self.n, self._stamp, self.uses, self.predicted
         last_of, run, gaps, old, never = self._last, self._runs[layer], self.GAPS, self.OLD, self.NEVER
         t1 = self.layer_uses[layer] / self.top_k + 1.0
         p_min, p_max = self.P_MIN, self.P_MAX
-        rest = self._rest.get(layer)
+        rest = self._rest.get(layer) if steered else None
         lines = {}
         scored = []
         for k in self._resident[layer]:
@@ -910,9 +911,9 @@ class PredictivePolicy(LRUPolicy):
     def _unsteered_victim(self, candidates):
         """The victim this rule would pick without steering (the layers' steered P set aside): only the
         steered layers rank differently without it, so the best of the others (the fast search, those
-        layers skipped) is set against a pass over the steered layers' keys alone (a few layers: those
-        predicted since they last ran), the one needed last, ties to the least recently used. As
-        victim_ref() would pick with every steered P dropped (tested)."""
+        layers skipped) is set against a pass over the steered layers' keys alone (_scored() without their
+        steered P; a few layers: those predicted since they last ran), the one needed last, ties to the
+        least recently used. As victim_ref() would pick with every steered P dropped (tested)."""
         rest = self._rest
         try:
             best = self._predictive_victim(candidates, skip=rest)
@@ -920,33 +921,15 @@ class PredictivePolicy(LRUPolicy):
         except CacheFullError:
             best, best_t, best_s = None, -1.0, math.inf
         n, pos, positions = self.n, self._position, self.positions
-        stamps, uses, last_of = self._stamp, self.uses, self._last
-        predicted = self.predicted
-        gaps, old, never = self.GAPS, self.OLD, self.NEVER
-        p_min, p_max = self.P_MIN, self.P_MAX
         for layer in rest:
-            keys = self._resident.get(layer)
-            if not keys:
+            if not self._resident.get(layer):
                 continue
             dist = (positions[layer] - pos) % n or n
-            run = self._runs[layer]
-            t1 = self.layer_uses[layer] / self.top_k + 1.0
-            lines = {}
-            for k in keys:
-                if k not in candidates:
-                    continue
-                last = last_of.get(k)
-                group = never if last is None else (old if run - last >= gaps else last)
-                line = lines.get(group)
-                if line is None:
-                    line = lines[group] = self._line((layer, group if group in (old, never) else run - group))
-                p = line[0] + line[1] * ((uses[k] + 0.5) / t1)
-                if k in predicted:
-                    p = 0.5 * predicted[k] + 0.5 * p
-                p = p_max if p > p_max else (p_min if p < p_min else p)
-                t, st = dist + n * (1.0 - p) / p, stamps[k]
-                if t > best_t or (t == best_t and st < best_s):
-                    best, best_t, best_s = k, t, st
+            for neg_h, st, k in self._scored(layer, steered=False):
+                if k in candidates:
+                    t = dist - neg_h
+                    if t > best_t or (t == best_t and st < best_s):
+                        best, best_t, best_s = k, t, st
         return best
 
     def _tell_steer(self, keys) -> None:

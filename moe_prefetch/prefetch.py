@@ -123,12 +123,13 @@ class Prefetcher:
             off.planner.counters.prediction_skipped += 1
             return None  # what worth_predicting() would say, without the lookups it makes first
         planner = off.planner
-        targets = self._targets(i, planner.steers_eviction())
+        may_steer = planner.steers_eviction()
+        targets = self._targets(i, may_steer)
         if not targets or not planner.worth_predicting(off.clock(), off.copies_in_flight()):
             if targets:
                 planner.counters.prediction_skipped += 1
             return None  # nothing could be prefetched nor steered: the predictor's compute is skipped
-        if not planner.steering_now():
+        if may_steer and not planner.steering_now():  # for its prefetches only: fully resident targets go
             targets = self._targets(i, False)
             if not targets:
                 return None
