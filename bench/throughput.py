@@ -320,10 +320,14 @@ def main(argv=None) -> int:
         plan += [(name, slots, kw) for name, kw in policies(slots)]
     # --repeats rounds, each running every row once in turn, so that a stretch of a slow machine (a noisy
     # neighbour on a VM) hits one round of a few rows rather than all of one row; each row reports its
-    # median round (tokens/s and the counters of that same run) and every round's tokens/s
+    # median round (tokens/s and the counters of that same run) and every round's tokens/s. Each round
+    # starts a further 1/repeats of the way down the list (and wraps round), so that no row always runs
+    # early or late in a round, while neighbours in the list still run close in time
     runs: list[list[dict]] = [[] for _ in plan]
     for rep in range(args.repeats):
-        for i, (name, slots, kw) in enumerate(plan):
+        start = rep * len(plan) // args.repeats
+        for i in [*range(start, len(plan)), *range(start)]:
+            name, slots, kw = plan[i]
             r = run_policy(args.model, seqs, **kw)
             runs[i].append(r)
             print(f"  {'' if args.repeats == 1 else f'round {rep + 1}  '}cache {slots / (L * E):4.0%}  {name:<24} "

@@ -324,6 +324,14 @@ def test_throughput_bench_with_one_cache_and_its_model_named(tmp_path):
     for row in report["results"]:
         rounds = row["tokens_per_s_rounds"]
         assert len(rounds) == 2 and row["tokens_per_s"] == min(rounds), row["policy"]
+    # the second round runs the same rows starting half way down the list (no row always runs first)
+    order = {1: [], 2: []}
+    for line in r.stdout.splitlines():
+        m = re.match(r"\s+round (\d)\s+(cache .*?)\s+[\d.]+ tok/s", line)
+        if m:
+            order[int(m.group(1))].append(m.group(2))
+    half = len(order[1]) // 2
+    assert len(order[1]) > 4 and order[2] == order[1][half:] + order[1][:half], order
     # the default with --host-compute on against the best host-compute row without prediction
     t = report["targets"][0]
     assert t["default_host_vs_best_no_prediction"] > 0
