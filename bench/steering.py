@@ -51,8 +51,9 @@ def predictors(trace: Trace, demo: bool) -> list[tuple[str, str, int]]:
     """(label, score name, lookahead); noisy oracles are added to the trace's scores."""
     L = trace.routing.shape[1]
     out = []
-    if demo:
-        out += [("next-gate K=2 (the default's)", "next-gate", 2), ("m2r2 K=3", "m2r2", 3)]
+    if demo:  # a recorded trace: m2r2's scores where it was recorded with a trained predictor
+        out += [("next-gate K=2 (the default's)", "next-gate", 2)]
+        out += [("m2r2 K=3", "m2r2", 3)] if "m2r2" in trace.scores else []
     else:
         out += [("next-gate-like K=2", "next-gate", 2)]
     out += [(f"history K={L} (a token)", "history", L)]
@@ -145,7 +146,8 @@ def main(argv=None) -> int:
         ap.error("--tokens must be at least 2, --ratios positive, --predict-costs at least 0 and --caches in (0, 1]")
     demo = Trace.load(args.trace)  # a missing or unreadable file: one line (run_main)
     demo = demo.head(min(args.tokens, demo.routing.shape[0]))
-    traces = [("demo trace", demo, True),
+    label = "demo trace" if Path(args.trace).resolve() == DEMO_TRACE.resolve() else Path(args.trace).name
+    traces = [(label, demo, True),
               ("synthetic, 8 layers, sticky 0.3", synthetic_trace(8, 8, 2, args.tokens, seed=8, repeat=0.3), False)]
     rows = run(traces, args.ratios, args.caches, args.predict_costs)
     lines = markdown(rows)

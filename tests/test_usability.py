@@ -344,6 +344,8 @@ def test_throughput_bench_with_one_cache_and_its_model_named(tmp_path):
     assert t["default_vs_best_no_prediction_rounds"] == pytest.approx([a / b for a, b in zip(rows[default], rows[best])])
     assert len(t["default_host_vs_best_no_prediction_rounds"]) == 2
     assert all("prefetch_layer_ms" in c for c in report["sim_check"])
+    # the simulator's compute costs: the median of as many resident runs as rows have rounds
+    assert all(c["resident_rounds"] == 2 for c in report["sim_check"])
     # --replot rewrites the report from the JSON (the ratios recomputed), without running anything
     md = tmp_path / "out" / "throughput.md"
     md.write_text("stale")
