@@ -461,6 +461,27 @@ def test_eviction_bench_on_a_recorded_trace_and_sticky_routing(tmp_path):
     assert "| synthetic, sticky 0.6 |" in (tmp_path / "eviction.md").read_text()
 
 
+def test_steering_bench_on_a_recorded_trace(tmp_path):
+    """bench/steering.py on a trace file of another model: its rows carry the file's name, and a trace
+    recorded without a trained predictor has no m2r2 row; a missing trace is one line."""
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    bench = str(ROOT / "bench" / "steering.py")
+    r = subprocess.run([sys.executable, bench, "--trace", str(tmp_path / "none.npz")], capture_output=True, text=True,
+                       env=env, timeout=120)
+    assert r.returncode == 2 and r.stderr.startswith("error: trace ") and len(r.stderr.splitlines()) == 1
+    from test_sim import make_trace
+
+    make_trace(N=60, L=4, E=8, k=2, seed=0).save(tmp_path / "other.npz")  # next-gate scores only
+    r = subprocess.run([sys.executable, bench, "--trace", str(tmp_path / "other.npz"), "--tokens", "60", "--ratios", "11.2",
+                        "--caches", "0.5", "--predict-costs", "0", "--out", str(tmp_path)],
+                       capture_output=True, text=True, env=env, timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    rows = json.loads((tmp_path / "steering.json").read_text())["rows"]
+    mine = [row["predictor"] for row in rows if row["trace"] == "other.npz"]
+    assert mine and mine[0].startswith("next-gate K=2") and not any("m2r2" in p for p in mine), mine
+    assert "oracle K=4" in mine and all(row["trace"] != "demo trace" for row in rows)
+
+
 def test_switch_bench_on_a_recorded_trace(tmp_path):
     """bench/switch.py on a trace file: every (trace, link, host, cache, predictor) row with the three
     arms, the file's own name on its rows; a missing trace is one line."""
