@@ -24,8 +24,8 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 import dataclasses  # noqa: E402
 import json
 import math
-import sys
 import statistics
+import sys
 import time
 from pathlib import Path
 
@@ -537,8 +537,10 @@ def render(r: dict, L: int, E: int) -> str:
                          f"{'-' if keep is None else f'{keep:.2f}'} |")
     if r["sim_check"]:
         ov = r.get("sim_overheads", {})
+        n_res = r["sim_check"][0].get("resident_rounds", 1)  # (reports written before it: one resident run)
         lines += ["", "Simulator vs measurement (same routing, cache and policy, through the same planner; compute "
-                  "costs measured on this CPU with every expert resident, link time per expert as the engine measured "
+                  "costs measured on this CPU with every expert resident"
+                  f"{f', the median of {n_res} interleaved runs' if n_res > 1 else ''}, link time per expert as the engine measured "
                   "it in the row's run, the predictor's time per predicted layer and the prefetcher's per other layer "
                   "as the row's run measured them, and the planner's time per layer beyond a layer of hits' (the row's "
                   "run against its resident run); the "

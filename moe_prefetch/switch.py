@@ -176,7 +176,8 @@ class EvictionSwitch:
     # x Z for the shadow's counts: one cache state's uses, correlated from one epoch to the next. At 1 Z,
     # simulated, auto gained 1-2% at 25% cache where LRU's rule hits more, but on a second trained model
     # (8 layers, Python code) it ran LRU's rule on early counts for 8 of 23 epochs at 50% cache, where
-    # the predictive rule hits 60.1% against LRU's 57.3%: 0.97 of 2 Z in the real runtime (2026-12-06)
+    # the predictive rule hits 60.1% against LRU's 57.3%: 0.93-0.98 of 2 Z in the real runtime at 50 and
+    # 75% cache (one run each, 2026-12-06)
     Z_SHADOW = 2.0
     RETEST_EPOCHS = 3    # predictive epochs in a row once it starts, where LRU's rule is a candidate (one settles)
     MIN_COUNTED = 4      # epochs counted against the shadow before LRU's rule may be chosen
