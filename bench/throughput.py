@@ -517,7 +517,8 @@ def render(r: dict, L: int, E: int) -> str:
                   "with no predictor, host compute on and off; worst predictor row / its no-predictor twin; default "
                   "config / best no-prediction config, without host compute and with it (--host-compute on, every "
                   "other option at its default), each followed by the same ratio in every round where rows ran in "
-                  "rounds (the rounds interleave, so each round's pair ran close in time: how far this machine's noise "
+                  "rounds (the rounds interleave, so each round's pair ran close in time unless that round started "
+                  "between them: how far this machine's noise "
                   "moves the ratio); with host compute and no predictor, the measured keep rule / keeps on "
                   "frequency):", "",
                   "| cache | best ours / LRU | prediction, host on | prediction, host off | worst row / twin | default / best no-prediction | the same, host compute on | keep switch / frequency keeps |",
