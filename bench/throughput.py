@@ -382,11 +382,11 @@ def main(argv=None) -> int:
         # row, a ratio-1 check on a second trained model was off by +25% and +15% on two rows (a row lasts
         # about a second there, and this VM's speed moves by 10-40% between runs); with the median of 3,
         # the next run's check was within -4.4..+3.6% (2026-12-06)
-        rounds: dict[str, list] = {name: [] for name, _, _ in check_set}
+        resident_runs: dict[str, list] = {name: [] for name, _, _ in check_set}
         for _ in range(args.repeats):
             for name, _, kw in check_set:
-                rounds[name].append(measure_costs(args.model, seqs, k, expert_cache=L * E, **kw))
-        measured_costs = {name: tuple(statistics.median(part) for part in zip(*rs)) for name, rs in rounds.items()}
+                resident_runs[name].append(measure_costs(args.model, seqs, k, expert_cache=L * E, **kw))
+        measured_costs = {name: tuple(statistics.median(part) for part in zip(*rs)) for name, rs in resident_runs.items()}
 
         def sim_row(name, pol, kw, overheads):
             attn, expert, tail, resident_plan = measured_costs[name]
@@ -419,7 +419,7 @@ def main(argv=None) -> int:
             checks.append(dict(policy=name, cache=slots / (L * E), measured=meas, simulated=sim, error=sim / meas - 1,
                                link_ms=cost.transfer_s * 1e3, nominal_link_ms=expert_bytes / link_bw * 1e3,
                                predict_ms=cost.predict_s * 1e3, prefetch_layer_ms=cost.prefetch_layer_s * 1e3,
-                               plan_ms=cost.plan_s * 1e3, resident_rounds=len(rounds[name]),
+                               plan_ms=cost.plan_s * 1e3, resident_rounds=len(resident_runs[name]),
                                fitted=calibrate_on.get(name)))
 
     for r in results:
@@ -452,7 +452,8 @@ def targets(results: list[dict]) -> list[dict]:
 
         def paired(row, against):
             """row / against in each round (the rounds interleave, so round i of both ran minutes apart at
-            most): how far the machine's noise moves the ratio; None with one round or a row missing."""
+            most, unless that round started between them): how far the machine's noise moves the ratio; None
+            with one round or a row missing."""
             a, b = rounds.get(row), rounds.get(against)
             if not a or not b or len(a) < 2 or len(a) != len(b):
                 return None
