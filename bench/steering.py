@@ -10,9 +10,10 @@ there is keep the experts that will be needed and evict the ones that will not. 
 off): a layer computes in 1 unit, an expert crosses the link in --ratio units, and each predicted
 layer costs the predictor --predict-costs units (0: a GPU, where the predictor is a few small matmuls
 among a layer's work; 0.5: about what it costs the CPU backend on the demo model, whose layers are
-tiny). Predictors: the trace's own (next-gate at the default lookahead 2, m2r2 at 3, history a whole
-token ahead), the oracle a whole token ahead, and the oracle made noisy (each distance's true top-k
-scored 1 with probability q, every expert given uniform noise: top-k recall well below the oracle's),
+tiny). Predictors: the trace's own (next-gate at the default lookahead 2, m2r2 at 3, and a whole
+token ahead where its maps were trained into the next token, history a whole token ahead), the
+oracle a whole token ahead, and the oracle made noisy (each distance's true top-k scored 1 with
+probability q, every expert given uniform noise: top-k recall well below the oracle's),
 so the figures span predictor quality, not only the demo model's predictors. Traces: the demo model's
 and a synthetic one (8 layers x 8 experts, a third of each token's experts kept from the last).
 """
@@ -47,6 +48,13 @@ def noisy_oracle(trace: Trace, K: int, q: float, seed: int) -> np.ndarray:
     return scores / np.nansum(scores, -1, keepdims=True)
 
 
+def reaches_next_token(trace: Trace, name: str) -> bool:
+    """Whether the trace's `name` scores reach a whole token ahead: the last layer's distance 1 (the next
+    token's first layer) is recorded and every distance up to the number of layers is there."""
+    s, L = trace.scores.get(name), trace.routing.shape[1]
+    return s is not None and s.shape[2] >= L and not np.isnan(s[:, L - 1, 0]).all()
+
+
 def predictors(trace: Trace, demo: bool) -> list[tuple[str, str, int]]:
     """(label, score name, lookahead); noisy oracles are added to the trace's scores."""
     L = trace.routing.shape[1]
@@ -54,6 +62,8 @@ def predictors(trace: Trace, demo: bool) -> list[tuple[str, str, int]]:
     if demo:  # a recorded trace: m2r2's scores where it was recorded with a trained predictor
         out += [("next-gate K=2 (the default's)", "next-gate", 2)]
         out += [("m2r2 K=3", "m2r2", 3)] if "m2r2" in trace.scores else []
+        if reaches_next_token(trace, "m2r2"):  # recorded with maps trained by calibrate --next-token
+            out += [(f"m2r2 K={L} (a token)", "m2r2", L)]
     else:
         out += [("next-gate-like K=2", "next-gate", 2)]
     out += [(f"history K={L} (a token)", "history", L)]

@@ -133,6 +133,15 @@ class Prefetcher:
             targets = self._targets(i, False)
             if not targets:
                 return None
+        n = len(self.view.layers)
+        within = [d for d in targets if i + d < n]
+        if h.dim() == 3 and h.shape[1] > 1 and len(within) < len(targets):
+            # prefill: the next token's layers follow each sequence's last position, not every prompt token's
+            parts = [self.predictor.predict_stacked(i, x.reshape(-1, x.shape[-1]), ds)
+                     for x, ds in ((h, within), (h[:, -1], targets[len(within):])) if ds]  # [D, T, E] each
+            self._asked[i] = [d for done, _ in parts for d in done]
+            summaries = [summarise(sc, self.view.top_k) for done, sc in parts if done]
+            return torch.cat(summaries) if summaries else None  # [D, 2, E], in the order of the distances
         self._asked[i], scores = self.predictor.predict_stacked(i, h.reshape(-1, h.shape[-1]), targets)  # [D, T, E]
         return summarise(scores, self.view.top_k) if self._asked[i] else None
 

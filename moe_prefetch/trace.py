@@ -121,7 +121,7 @@ def record_trace(model, tokenizer, text: str, lookahead: int, seq_len: int, max_
             s = np.full((N, L, K, E), np.nan, dtype=np.float32)
             for i in range(L):
                 for d in range(1, K + 1):
-                    if i + d >= L:
+                    if i + d >= L and not getattr(pred, "wraps", False):  # m2r2 --next-token maps reach on
                         continue
                     if pred is None:
                         s[:, i, d - 1] = view.router_probs(i + d, H[i].to(dtype)).float().numpy()

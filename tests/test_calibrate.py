@@ -30,6 +30,9 @@ def test_calibrate_trains_saves_and_improves_on_next_gate(setup, capsys):
     assert rc == 0
     report = json.loads(capsys.readouterr().out)
     assert out.is_file()
+    plain = root / "plain.txt"
+    plain.write_text("x")  # the predictor file is as readable as any file written here (not 0600)
+    assert out.stat().st_mode & 0o777 == plain.stat().st_mode & 0o777
     for d in ("1", "2"):
         assert report["recall_m2r2"][d] > report["recall_next_gate"][d], report
 
@@ -111,3 +114,95 @@ def test_calibrate_other_families(tmp_path, capsys, model_type):
         got = model.generate(prompt, max_new_tokens=8, min_new_tokens=8, do_sample=False)
     model.moe_runtime.close()
     assert torch.equal(got, ref)
+
+
+def test_next_token_maps_learn_the_next_tokens_routing(tmp_path, capsys):
+    """calibrate --next-token fits the maps past the last layer to each token's *next* token's routing.
+    On a text whose next word follows from the current one (a fixed successor 9 times in 10), the
+    trained maps predict the next token's experts far better than the untrained ones (next-gate's
+    guess: this token's residual through the target layer's router), and the predictor then runs a
+    whole token ahead through the runtime, token-identical to transformers."""
+    ckpt = make_mixtral(tmp_path / "m", layers=3, experts=8, top_k=2, seed=5)
+
+    def chain(path, words, seed):
+        rng, out, w = random.Random(seed), [], 10
+        for _ in range(words):
+            w = (7 * w + 11) % 90 + 3 if rng.random() < 0.9 else rng.randrange(3, 93)
+            out.append(f"w{w}")
+        path.write_text(" ".join(out))
+        return path
+
+    text, unseen = chain(tmp_path / "chain.txt", 5000, 3), chain(tmp_path / "unseen.txt", 1200, 4)
+    out = tmp_path / "wrap.safetensors"
+    args = ["--model", str(ckpt), "--data", str(text), "--out", str(out), "--lookahead", "3", "--next-token",
+            "--rank", "8", "--steps", "200", "--seq-len", "64", "--device", "cpu", "--json", "--no-progress"]
+    assert calibrate_main(args) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert set(report["recall_m2r2_next_token"]) == {"1", "2", "3"}  # d=1 from the last layer, d=3 from every one
+    assert set(report["recall_next_gate"]) == {"1", "2"}
+
+    from moe_prefetch.calibrate import collect_residuals, recall_by_distance, true_topk
+    from moe_prefetch.predictors.accelerated import AcceleratedPredictor, AcceleratedResidual, load
+    model, tok = mp.load_model(str(ckpt), mp.OffloadConfig(device="cpu", predictor="none", show_progress=False))
+    view, H, lengths = collect_residuals(model, tok, unseen.read_text(), 64, 1500, progress=False)
+    truth = true_topk(view, H)
+    trained = recall_by_distance(AcceleratedPredictor(view, load(view, out)), view, H, lengths, truth, [1, 2, 3], "next")
+    untrained = recall_by_distance(AcceleratedPredictor(view, AcceleratedResidual(3, 3, view.hidden_size, 8, wraps=True)),
+                                   view, H, lengths, truth, [1, 2, 3], "next")
+    model.moe_runtime.close()
+    gains = [trained[d] - untrained[d] for d in (1, 2, 3)]  # seeded: 0.12, 0.11, 0.06 when written
+    assert min(gains) > 0.03 and sum(gains) / 3 > 0.07, (trained, untrained)
+
+    prompt = torch.tensor([[5, 9, 44, 12, 80, 31]])
+    ref = reference_generate(ckpt, prompt, 12)
+    model, _ = mp.load_model(str(ckpt), mp.OffloadConfig(device="cpu", expert_cache=6, predictor="m2r2",
+                                                          predictor_path=str(out), lookahead=3, show_progress=False,
+                                                          adaptive_prediction=False))  # predict on every layer
+    assert model.moe_runtime.prefetcher.lookahead == 3 and model.moe_runtime.lookahead_note is None
+    with torch.inference_mode():
+        got = model.generate(prompt, max_new_tokens=12, min_new_tokens=12, do_sample=False)
+    assert torch.equal(got, ref)
+    st = mp.stats(model)
+    model.moe_runtime.close()
+    assert st["prefetch_issued"] > 0 and "3" in st["predictor_recall"]
+
+
+def test_maps_without_next_token_stop_at_the_last_layer(setup, tmp_path, capsys):
+    """A file trained without --next-token never predicts past the last layer (its maps there were never
+    trained), and calibrate refuses a lookahead each mode cannot reach, in one line."""
+    from moe_prefetch.predictors.accelerated import AcceleratedPredictor, load
+    root, ckpt, text = setup
+    common = ["--model", str(ckpt), "--data", str(text), "--rank", "4", "--steps", "5", "--seq-len", "64",
+              "--device", "cpu", "--json", "--no-progress"]
+    plain, wrap = tmp_path / "plain.safetensors", tmp_path / "wrap.safetensors"
+    assert calibrate_main(common + ["--lookahead", "3", "--out", str(plain)]) == 0
+    assert calibrate_main(common + ["--lookahead", "4", "--next-token", "--out", str(wrap)]) == 0
+    capsys.readouterr()
+    model, tok = mp.load_model(str(ckpt), mp.OffloadConfig(device="cpu", predictor="none", show_progress=False))
+    from moe_prefetch.predictors import ModelView
+    view = ModelView.of(model, model.moe_runtime.adapter)
+    h = torch.randn(1, view.hidden_size)
+    p_plain, p_wrap = AcceleratedPredictor(view, load(view, plain)), AcceleratedPredictor(view, load(view, wrap))
+    assert not p_plain.wraps and p_plain.max_lookahead()[0] == 3
+    assert p_wrap.wraps and p_wrap.max_lookahead()[0] == 4
+    assert set(p_plain.predict(3, h, [1, 2])) == set() and set(p_wrap.predict(3, h, [1, 2])) == {1, 2}
+    done, scores = p_wrap.predict_stacked(2, h, [1, 2, 3, 4])
+    assert done == [1, 2, 3, 4] and scores.shape == (4, 1, view.num_experts)
+    for n, d in enumerate(done):  # the batched scores are predict()'s, wrapped targets included
+        torch.testing.assert_close(scores[n], p_wrap.predict(2, h, [d])[d].float())
+    # the simulator's trace holds the wrapped scores too: layer 3's distance 1 is the next token's layer 0
+    import numpy as np
+    from moe_prefetch.trace import record_trace
+    for path, wraps in ((plain, False), (wrap, True)):
+        tr = record_trace(model, tok, text.read_text(), lookahead=4, seq_len=32,
+                          max_tokens=64, predictor_path=str(path), progress=False)
+        m2r2 = tr.scores["m2r2"]  # [N, L, K, E]
+        assert not np.isnan(m2r2[:, 0, :3]).any()
+        assert np.isnan(m2r2[:, 3, 0]).all() != wraps and np.isnan(m2r2[:, 1, 3]).all() != wraps
+        assert np.isnan(tr.scores["next-gate"][:, 3, 0]).all(), "next-gate does not reach into the next token"
+    model.moe_runtime.close()
+    for extra, says in ((["--lookahead", "4"], "--next-token"), (["--lookahead", "5", "--next-token"], "one token ahead")):
+        rc = calibrate_main(common + extra + ["--out", str(tmp_path / "x.safetensors")])
+        err = capsys.readouterr().err.strip().splitlines()
+        assert rc != 0 and len(err) == 1 and says in err[0], err
+        assert not (tmp_path / "x.safetensors").exists()

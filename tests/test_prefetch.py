@@ -104,6 +104,59 @@ def test_a_whole_token_ahead_is_lossless(ckpt, reference, trace, predictor):
         model.moe_runtime.close()
 
 
+def random_next_token_m2r2(model, lookahead=4):
+    """m2r2 maps that reach into the next token (as calibrate --next-token writes), arbitrary ones."""
+    view = ModelView.of(model, model.moe_runtime.adapter)
+    torch.manual_seed(2)
+    maps = AcceleratedResidual(len(view.layers), lookahead, view.hidden_size, 4, wraps=True)
+    with torch.no_grad():
+        maps.U.normal_(0, 0.5)
+    return AcceleratedPredictor(view, maps)
+
+
+def test_m2r2_a_whole_token_ahead_is_lossless(ckpt, reference):
+    """m2r2 maps trained past the last layer predict the next token's layers (K = the 4 MoE layers):
+    output unchanged, and the wrapped distances are predicted and scored."""
+    for slots in (5, 12):
+        model = load(ckpt, slots, predictor="none", prefetch_budget="1GiB", adaptive_prediction=False)
+        assert mp.set_predictor(model, random_next_token_m2r2(model), lookahead=40) == 4
+        assert "one token ahead" in model.moe_runtime.lookahead_note
+        out = generate(model)
+        assert torch.equal(out, reference), f"m2r2 next token, slots={slots} changed the output"
+        st = mp.stats(model)
+        assert st["prefetch_issued"] > 0 and set(st["predictor_recall"]) == {"1", "2", "3", "4"}
+        model.moe_runtime.close()
+
+
+@torch.inference_mode()
+def test_prefill_predicts_the_next_token_from_the_last_position(ckpt):
+    """In a prefill the next token follows each sequence's last position: the wrapped distances are
+    summarised from those rows only (every prompt token's own next token is already in the prompt), the
+    others from every row."""
+    from moe_prefetch.prefetch import summarise
+
+    model = load(ckpt, 2, predictor="none", adaptive_prediction=False)
+    pred = random_next_token_m2r2(model)
+    mp.set_predictor(model, pred, lookahead=4)
+    pf, view = model.moe_runtime.prefetcher, pred.view
+    torch.manual_seed(3)
+    h = 2 * torch.randn(2, 5, view.hidden_size)  # [B, S, H]: two prompts of five tokens
+    i = 2  # distances 1 (layer 3) in this token, 2..4 (layers 0..2) in the next one
+    pf._residual[i] = h
+    got = pf.device_scores(view.layers[i])
+    assert pf._asked[i] == [1, 2, 3, 4] and got.shape == (4, 2, view.num_experts)
+    _, this = pred.predict_stacked(i, h.reshape(-1, view.hidden_size), [1])
+    _, nxt = pred.predict_stacked(i, h[:, -1], [2, 3, 4])
+    assert torch.equal(got, torch.cat([summarise(this, view.top_k), summarise(nxt, view.top_k)]))
+    _, every = pred.predict_stacked(i, h.reshape(-1, view.hidden_size), [2, 3, 4])
+    assert not torch.equal(got[1:], summarise(every, view.top_k)), "every row's guess would differ"
+    pf._residual[i] = h[:1, -1:]  # decode: one row, every distance from it
+    got = pf.device_scores(view.layers[i])
+    _, ref = pred.predict_stacked(i, h[0, -1:], [1, 2, 3, 4])
+    assert torch.equal(got, summarise(ref, view.top_k))
+    model.moe_runtime.close()
+
+
 def test_history_scores_every_distance_at_once_as_one_at_a_time(ckpt):
     model = load(ckpt, 32, predictor="none")
     view = ModelView.of(model, model.moe_runtime.adapter)

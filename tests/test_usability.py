@@ -482,6 +482,30 @@ def test_steering_bench_on_a_recorded_trace(tmp_path):
     assert "oracle K=4" in mine and all(row["trace"] != "demo trace" for row in rows)
 
 
+def test_steering_bench_rows_for_m2r2_a_token_ahead():
+    """bench/steering.py adds m2r2 a whole token ahead only where the trace's m2r2 scores reach past the
+    last layer (maps trained with calibrate --next-token), m2r2 K=3 wherever it has m2r2 scores."""
+    import numpy as np
+
+    sys.path.insert(0, str(ROOT / "bench"))
+    try:
+        import steering
+    finally:
+        sys.path.remove(str(ROOT / "bench"))
+    from test_sim import make_trace
+
+    tr = make_trace(N=30, L=4, E=8, k=2, seed=0)
+    within = np.random.default_rng(1).random((30, 4, 4, 8)).astype(np.float32)
+    for i in range(4):
+        within[:, i, 3 - i:] = np.nan  # distance d = index + 1 reaches layer i + d: NaN from the next token on
+    for scores, want in ((within, ["m2r2 K=3"]), (np.nan_to_num(within, nan=0.1), ["m2r2 K=3", "m2r2 K=4 (a token)"])):
+        tr.scores["m2r2"] = scores
+        got = [label for label, name, K in steering.predictors(tr, demo=True) if name == "m2r2"]
+        assert got == want, got
+        assert steering.reaches_next_token(tr, "m2r2") == (len(want) == 2)
+    assert not steering.reaches_next_token(tr, "next-gate")  # two distances: not a whole token
+
+
 def test_switch_bench_on_a_recorded_trace(tmp_path):
     """bench/switch.py on a trace file: every (trace, link, host, cache, predictor) row with the three
     arms, the file's own name on its rows; a missing trace is one line."""

@@ -4,6 +4,9 @@ For MoE layer i and distance d a low-rank map  A(h) = h + U V^T rmsnorm(h)  move
 stream at layer i towards where it will be at layer i+d, so that layer i+d's own norm and router,
 applied to A(h_i), reproduce that layer's routing ahead of time. U starts at zero, so an untrained
 map is exactly next-gate; training (calibrate.py) can only move it towards the true routing.
+Maps trained across the token boundary (calibrate --next-token) also cover i+d >= L, the layer
+(i+d) - L of the *next* token, up to d = L: the residual at layer i carries what the model is about
+to emit, and the next token's routing follows from that (next-gate applied there is near chance).
 The file is a small safetensors holding U and V, tied to its model by a fingerprint of the routers.
 """
 from __future__ import annotations
@@ -56,9 +59,11 @@ def read(path: str | Path, expected_fingerprint: str | None = None) -> tuple[dic
 class AcceleratedResidual(nn.Module):
     """Maps for all (layer, distance) pairs: U, V [L, K, H, r]."""
 
-    def __init__(self, n_layers: int, lookahead: int, hidden: int, rank: int, eps: float = 1e-6):
+    def __init__(self, n_layers: int, lookahead: int, hidden: int, rank: int, eps: float = 1e-6,
+                 wraps: bool = False):
         super().__init__()
         self.lookahead, self.rank, self.eps = lookahead, rank, eps
+        self.wraps = wraps  # maps with i + d >= n_layers are trained for the next token's layer i + d - n_layers
         self.U = nn.Parameter(torch.zeros(n_layers, lookahead, hidden, rank))
         self.V = nn.Parameter(torch.randn(n_layers, lookahead, hidden, rank) / hidden**0.5)
 
@@ -85,6 +90,10 @@ class AcceleratedPredictor(Predictor):
     def __init__(self, view: ModelView, maps: AcceleratedResidual):
         super().__init__(view)
         self.maps = maps
+        self.wraps = maps.wraps  # the next token's layers too (trained with calibrate --next-token)
+
+    def _reach(self, i: int, d: int) -> bool:
+        return d <= self.maps.lookahead and (i + d < len(self.view.layers) or self.wraps)
 
     def max_lookahead(self):
         limit, why = super().max_lookahead()
@@ -96,39 +105,42 @@ class AcceleratedPredictor(Predictor):
         n = len(self.view.layers)
         out = {}
         for d in distances:
-            if i + d < n and d <= self.maps.lookahead:
+            if self._reach(i, d):
                 a = self.maps(i, d, h).to(h.dtype)
-                out[d] = self.view.router_probs(i + d, a)  # [T, E]
+                out[d] = self.view.router_probs((i + d) % n, a)  # [T, E]: row t's own next token past the last layer
         return out
 
     def predict_stacked(self, i, h, distances):
         n = len(self.view.layers)
-        done = tuple(d for d in distances if i + d < n and d <= self.maps.lookahead)
+        done = tuple(d for d in distances if self._reach(i, d))
         if not done:
             return [], None
         a = self.maps.many(i, done, h).to(h.dtype)  # [D, T, H]
-        return list(done), self.view.router_probs_many([i + d for d in done], a)  # [D, T, E]
+        return list(done), self.view.router_probs_many([(i + d) % n for d in done], a)  # [D, T, E]
 
 
 def save(maps: AcceleratedResidual, view: ModelView, path: str | Path, extra: dict | None = None) -> None:
-    from safetensors.torch import save_file
+    from safetensors.torch import save as to_bytes
 
     meta = {"format": FORMAT, "fingerprint": view.fingerprint, "lookahead": str(maps.lookahead),
             "rank": str(maps.rank), "layers": str(len(view.layers)), "hidden": str(view.hidden_size),
+            "next_token": "1" if maps.wraps else "0",
             "extra": json.dumps(extra or {})}
     path = Path(path)
     tmp = path.with_name(path.name + ".tmp")
-    save_file({"U": maps.U.detach().contiguous(), "V": maps.V.detach().contiguous()}, str(tmp), metadata=meta)
+    # written by open(), so the file gets the usual permissions (safetensors' save_file makes it 0600)
+    tmp.write_bytes(to_bytes({"U": maps.U.detach().contiguous(), "V": maps.V.detach().contiguous()}, metadata=meta))
     tmp.replace(path)  # never leave a half-written predictor behind
 
 
 def load(view: ModelView, path: str | Path, device: torch.device | str = "cpu") -> AcceleratedResidual:
-    _meta, U, V = read(path, view.fingerprint)
+    meta, U, V = read(path, view.fingerprint)
     n, K, H, r = U.shape
     if (n, H) != (len(view.layers), view.hidden_size):
         raise MoePrefetchError(f"predictor {path} has maps for {n} layers of width {H}; this model has "
                                f"{len(view.layers)} MoE layers of width {view.hidden_size}")
-    maps = AcceleratedResidual(n, K, H, r)
+    # files written before --next-token have no such field: their maps past the last layer were never trained
+    maps = AcceleratedResidual(n, K, H, r, wraps=meta.get("next_token") == "1")
     with torch.no_grad():
         maps.U.copy_(U)
         maps.V.copy_(V)
