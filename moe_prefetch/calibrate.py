@@ -35,6 +35,18 @@ def read_text(path: str, what: str = "calibration text") -> str:
     return text
 
 
+def text_chunks(tokenizer, text: str, seq_len: int, max_tokens: int, skip_tokens: int = 0,
+                min_tokens: int | None = None, what: str = "calibration text") -> list[torch.Tensor]:
+    """The token ids collect_residuals runs, as its sequences: contiguous chunks [S] of the text."""
+    ids = tokenizer(text, return_tensors="pt")["input_ids"][0]
+    ids = ids[skip_tokens:skip_tokens + max_tokens]
+    need = 2 * seq_len if min_tokens is None else min_tokens
+    if ids.numel() < need:
+        raise MoePrefetchError(f"{what} has {ids.numel()} tokens; at least {need} are needed")
+    shortest = min(9, need)  # a stub at the end of the text is dropped, unless the text is that short
+    return [ids[s:s + seq_len] for s in range(0, ids.numel() - 1, seq_len) if ids[s:s + seq_len].numel() >= shortest]
+
+
 @torch.inference_mode()
 def collect_residuals(model, tokenizer, text: str, seq_len: int, max_tokens: int, progress: bool = True,
                       skip_tokens: int = 0, min_tokens: int | None = None, what: str = "calibration text"):
@@ -44,13 +56,7 @@ def collect_residuals(model, tokenizer, text: str, seq_len: int, max_tokens: int
     rt = model.moe_runtime
     view = ModelView.of(model, rt.adapter)
     view.need_routers("calibrate")
-    ids = tokenizer(text, return_tensors="pt")["input_ids"][0]
-    ids = ids[skip_tokens:skip_tokens + max_tokens]
-    need = 2 * seq_len if min_tokens is None else min_tokens
-    if ids.numel() < need:
-        raise MoePrefetchError(f"{what} has {ids.numel()} tokens; at least {need} are needed")
-    shortest = min(9, need)  # a stub at the end of the text is dropped, unless the text is that short
-    chunks = [ids[s:s + seq_len] for s in range(0, ids.numel() - 1, seq_len) if ids[s:s + seq_len].numel() >= shortest]
+    chunks = text_chunks(tokenizer, text, seq_len, max_tokens, skip_tokens, min_tokens, what)
     store: list[list[torch.Tensor]] = [[] for _ in view.layers]
     handles = []
     for i, norm in enumerate(view.taps):

@@ -599,3 +599,50 @@ def test_readme_sample_summary_has_the_lines_the_cli_prints(ckpt, capsys):
     def labels(lines):  # format_summary pads every label to 18 characters, then a space
         return [ln[:19].strip() for ln in lines if ln.strip()]
     assert labels(sample) == labels(printed)
+
+
+def test_next_token_bench(tmp_path, capsys):
+    """bench/next_token.py: per layer of the next token, recall from the true next token's table, the
+    logit lens, an m2r2 --next-token file and the previous token. The table is looked up with the token
+    that really comes next: on a text whose words each follow from the last, that is far above the
+    previous token's experts (a table misaligned by one token would score like them). A file without
+    --next-token, and a bad --table, are one line each."""
+    import random
+
+    from conftest import make_mixtral
+    from moe_prefetch.calibrate import main as calibrate_main
+
+    sys.path.insert(0, str(ROOT / "bench"))
+    try:
+        import next_token
+    finally:
+        sys.path.remove(str(ROOT / "bench"))
+    ckpt = make_mixtral(tmp_path / "m", layers=3, experts=8, top_k=2, seed=5)
+    rng, words, w = random.Random(3), [], 10
+    for _ in range(3000):
+        w = (7 * w + 11) % 90 + 3 if rng.random() < 0.9 else rng.randrange(3, 93)
+        words.append(f"w{w}")
+    text = tmp_path / "chain.txt"
+    text.write_text(" ".join(words))
+    common = ["--model", str(ckpt), "--data", str(text), "--rank", "4", "--steps", "30", "--seq-len", "64",
+              "--device", "cpu", "--json", "--no-progress", "--max-tokens", "2400"]
+    wrap, plain = tmp_path / "wrap.safetensors", tmp_path / "plain.safetensors"
+    assert calibrate_main(common + ["--lookahead", "3", "--next-token", "--out", str(wrap)]) == 0
+    assert calibrate_main(common + ["--lookahead", "2", "--out", str(plain)]) == 0
+    capsys.readouterr()
+    bench = ["--model", str(ckpt), "--data", str(text), "--seq-len", "64", "--skip-tokens", "2400", "--table", "0.5"]
+    assert next_token.main(bench + ["--predictor-path", str(wrap), "--out", str(tmp_path / "r")]) == 0
+    r = json.loads((tmp_path / "r" / "next_token.json").read_text())
+    assert [row["layer"] for row in r["rows"]] == [0, 1, 2] and r["chance"] == 0.25 and 0 <= r["lens_top1"] <= 1
+    first = r["rows"][0]
+    assert first["true_next_token"] > first["previous_token"] + 0.2, first
+    for row in r["rows"]:
+        assert all(0 <= row[c] <= 1 for c in ("true_next_token", "lens_and_table", "m2r2_from_last_layer", "m2r2_best"))
+    assert r["rows"][2]["m2r2_best_layer"] in (0, 1, 2)  # layer 2 of the next token: d = 1..3 from layers 2..0
+    assert "| 0 | " in (tmp_path / "r" / "next_token.md").read_text()
+    capsys.readouterr()
+    for extra, says in ((["--predictor-path", str(plain)], "was not calibrated with --next-token"),
+                        (["--table", "1.5"], "--table is a fraction")):
+        assert next_token.run_main(next_token.main, bench + extra) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and says in err[0], err
