@@ -87,10 +87,12 @@ def test_calibrate_bad_input_is_one_line(setup, tmp_path, capsys):
     assert not (tmp_path / "x").exists()
 
 
-@pytest.mark.parametrize("model_type", ["deepseek_v3", "qwen2_moe", "gpt_oss"])
-def test_calibrate_other_families(tmp_path, capsys, model_type):
+@pytest.mark.parametrize("model_type,next_token", [("deepseek_v3", False), ("qwen2_moe", False), ("gpt_oss", False),
+                                                   ("deepseek_v3", True), ("gpt_oss", True)])
+def test_calibrate_other_families(tmp_path, capsys, model_type, next_token):
     """calibrate trains m2r2 maps through each family's own routers (DeepSeek's grouped top-k with score
-    bias, Qwen's shared expert, GPT-OSS's biased router) and the maps drive generation losslessly."""
+    bias, Qwen's shared expert, GPT-OSS's biased router), into the next token's layers too, and the maps
+    drive generation losslessly."""
     from conftest import save_tokenizer
     from moe_families import make_family
 
@@ -101,15 +103,20 @@ def test_calibrate_other_families(tmp_path, capsys, model_type):
     text = tmp_path / "text.txt"
     text.write_text(" ".join(f"w{rng.randrange(3, 96)}" for _ in range(1500)))
     out = tmp_path / "pred.safetensors"
-    rc = calibrate_main(["--model", str(ckpt), "--data", str(text), "--out", str(out), "--lookahead", "1",
-                         "--rank", "4", "--steps", "40", "--seq-len", "64", "--device", "cpu", "--json", "--no-progress"])
+    K = 2 if next_token else 1
+    rc = calibrate_main(["--model", str(ckpt), "--data", str(text), "--out", str(out), "--lookahead", str(K),
+                         "--rank", "4", "--steps", "40", "--seq-len", "64", "--device", "cpu", "--json", "--no-progress"]
+                        + (["--next-token"] if next_token else []))
     assert rc == 0, capsys.readouterr().err
     report = json.loads(capsys.readouterr().out)
     assert 0 < report["recall_m2r2"]["1"] <= 1 and out.is_file()
+    assert bool(report["recall_m2r2_next_token"]) == next_token
     prompt = torch.tensor([[5, 9, 44, 12, 80, 31]])
     ref = reference_generate(ckpt, prompt, 8, device="cpu")
     model, _ = mp.load_model(str(ckpt), mp.OffloadConfig(device="cpu", expert_cache=4, predictor="m2r2",
-                                                          predictor_path=str(out), lookahead=1, show_progress=False))
+                                                          predictor_path=str(out), lookahead=K, show_progress=False,
+                                                          adaptive_prediction=not next_token))
+    assert model.moe_runtime.prefetcher.lookahead == K
     with torch.inference_mode():
         got = model.generate(prompt, max_new_tokens=8, min_new_tokens=8, do_sample=False)
     model.moe_runtime.close()
