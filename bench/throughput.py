@@ -9,7 +9,8 @@ decoder layer's compute, R taken from a GPU profile (default: Mixtral-8x7B int4 
 RTX 4090 over PCIe 4.0), so the CPU reproduces that GPU's compute-to-transfer ratio.
 Also measured: the all-resident upper bound (plain transformers) and HF accelerate's offloading of the
 same experts over the same emulated link. Then the simulator is checked against these measurements.
-A predictor trained with `calibrate --next-token` also gets rows a whole token ahead (K = the MoE layers).
+A predictor trained with `calibrate --next-token` also gets rows at its full reach (K = the MoE layers
+for one trained a whole token ahead).
 --repeats N runs every row N times in interleaved rounds and reports each row's median round, which
 keeps a slow stretch of a shared machine from deciding one row's figure.
 Writes throughput.md, throughput.json and throughput.png to --out.
@@ -226,11 +227,12 @@ def main(argv=None) -> int:
         return 0
     if args.predictor_path and not Path(args.predictor_path).is_file():
         p.error(f"--predictor-path {args.predictor_path} does not exist (train one with python -m moe_prefetch.calibrate)")
-    next_token = False  # whether the predictor's maps reach into the next token (rows a whole token ahead)
+    next_token = 0  # how far the predictor's maps reach when they reach into the next token (its own rows)
     if args.predictor_path:
         from moe_prefetch.predictors.accelerated import read as read_predictor
 
-        next_token = read_predictor(args.predictor_path)[0].get("next_token") == "1"
+        meta = read_predictor(args.predictor_path)[0]
+        next_token = int(meta.get("lookahead", 0)) if meta.get("next_token") == "1" else 0
     if args.repeats < 1:
         p.error(f"--repeats must be at least 1, got {args.repeats}")
     if not all(0 < c <= 1 for c in args.caches):
@@ -282,6 +284,8 @@ def main(argv=None) -> int:
     save_routing(trace, trace_path, meta=routing_meta(rec))
 
     DEFAULT = f"default (no flags): {auto} K=2, auto eviction, gated"
+    KN = min(next_token, L)  # an m2r2 file's reach into the next token (0: it stops at the last layer)
+    reach = "a whole token ahead" if KN == L else "into the next token"
     def policies(slots):
         """(name, predictor, eviction, host compute, loading kwargs); default-config row flagged by name."""
         none = dict(predictor="none")
@@ -300,8 +304,8 @@ def main(argv=None) -> int:
         if args.predictor_path and not no_routers:
             m2r2 = dict(predictor="m2r2", predictor_path=args.predictor_path, eviction="predictive")
             rows += [(f"ours: m2r2 K={K}, predictive, gated", dict(m2r2, lookahead=K)) for K in (1, 2, 3)]
-            if next_token:  # maps trained into the next token's layers (calibrate --next-token)
-                rows.append((f"ours: m2r2 K={L} (a whole token ahead), predictive, gated", dict(m2r2, lookahead=L)))
+            if KN > 3:  # maps trained into the next token's layers (calibrate --next-token), beyond the rows above
+                rows.append((f"ours: m2r2 K={KN} ({reach}), predictive, gated", dict(m2r2, lookahead=KN)))
         oracle = dict(predictor="oracle", predictor_path=str(trace_path), lookahead=2, eviction="predictive")
         rows.append(("oracle K=2, predictive, gated", oracle))
         # perfect predictions a whole token ahead: on a saturated link, what steering eviction can be worth
@@ -318,9 +322,9 @@ def main(argv=None) -> int:
                   dict(predictor="history", lookahead=L, eviction="predictive") | host)]
         if args.predictor_path and not no_routers:
             rows.append(("ours: m2r2 K=2, predictive, gated, host compute", dict(m2r2, lookahead=2) | host))
-            if next_token:
-                rows.append((f"ours: m2r2 K={L} (a whole token ahead), predictive, gated, host compute",
-                             dict(m2r2, lookahead=L) | host))
+            if KN > 3:
+                rows.append((f"ours: m2r2 K={KN} ({reach}), predictive, gated, host compute",
+                             dict(m2r2, lookahead=KN) | host))
         rows.append(("oracle K=2, predictive, gated, host compute", oracle | host))
         return [(n, dict(kw, expert_cache=slots, link_bandwidth=link_bw)) for n, kw in rows]
 

@@ -361,6 +361,29 @@ def test_throughput_bench_with_one_cache_and_its_model_named(tmp_path):
 
 
 
+def test_throughput_bench_rows_for_maps_into_the_next_token(tmp_path):
+    """An m2r2 file calibrated with --next-token gets its own rows at its full reach, a whole token ahead
+    here (4 MoE layers), with host compute off and on; the K = 1-3 rows stay."""
+    from moe_prefetch.calibrate import main as calibrate_main
+
+    small = make_mixtral(tmp_path / "small", layers=4, experts=4, top_k=2, seed=1)
+    text = tmp_path / "text.txt"
+    text.write_text(" ".join(f"w{(7 * i) % 90 + 3}" for i in range(600)))
+    pred = tmp_path / "next.safetensors"
+    assert calibrate_main(["--model", str(small), "--data", str(text), "--out", str(pred), "--lookahead", "4",
+                           "--next-token", "--rank", "4", "--steps", "5", "--seq-len", "64", "--device", "cpu",
+                           "--json", "--no-progress"]) == 0
+    env = dict(os.environ, HF_HUB_OFFLINE="1", PYTHONPATH=str(ROOT))
+    r = subprocess.run([sys.executable, str(ROOT / "bench" / "throughput.py"), "--model", str(small), "--data", str(text),
+                        "--predictor-path", str(pred), "--sequences", "1", "--seq-len", "6", "--caches", "0.5",
+                        "--out", str(tmp_path / "out")], capture_output=True, text=True, env=env, timeout=600)
+    assert r.returncode == 0, r.stderr[-2000:]
+    names = [x["policy"] for x in json.loads((tmp_path / "out" / "throughput.json").read_text())["results"]]
+    assert "ours: m2r2 K=4 (a whole token ahead), predictive, gated" in names
+    assert "ours: m2r2 K=4 (a whole token ahead), predictive, gated, host compute" in names
+    assert "ours: m2r2 K=3, predictive, gated" in names
+
+
 def test_throughput_replot_of_a_missing_or_foreign_file_is_one_line(tmp_path):
     env = dict(os.environ, HF_HUB_OFFLINE="1", PYTHONPATH=str(ROOT))
     (tmp_path / "other.json").write_text('{"a": 1}')
