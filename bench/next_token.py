@@ -145,6 +145,12 @@ def main(argv=None) -> int:
         p.error(f"--table is a fraction in (0, 1), got {args.table}")
     if args.predictor_path and not Path(args.predictor_path).is_file():
         p.error(f"--predictor-path {args.predictor_path} does not exist (train one with calibrate --next-token)")
+    if args.predictor_path:  # refused before the model loads, as measure() would after
+        from moe_prefetch.predictors.accelerated import read
+
+        if read(args.predictor_path)[0].get("next_token") != "1":
+            raise MoePrefetchError(f"{args.predictor_path} was not calibrated with --next-token: it does not reach "
+                                   "the next token")
     if args.skip_tokens is None:
         args.skip_tokens = 2000 if Path(args.data).resolve() == (DEMO_DIR / "heldout.txt").resolve() else 0
     text = read_text(args.data, "text")
