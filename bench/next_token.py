@@ -59,13 +59,17 @@ def measure(model, tok, text: str, seq_len: int, max_tokens: int, skip: int, tab
     def recall(scores, j):  # scores [M, E] for the next token's layer j
         return float(_overlap(scores, truth[j][rows + 1], k).sum()) / (rows.numel() * k)
 
+    seen = torch.unique(ids[:split])  # the table's tokens [U]
     lens = lens_modules(model)
-    p_next = top1 = None
-    if lens is not None:  # the model's next-token distribution at the last MoE layer's input, [M, V]
-        norm, head = lens
-        p_next = torch.cat([torch.softmax(head(norm(H[n - 1][rows[b:b + 512]].to(head.weight.dtype))).float(), -1)
-                            for b in range(0, rows.numel(), 512)])
-        top1 = float((p_next.argmax(-1) == nxt).float().mean())
+    mass = top1 = None
+    if lens is not None:  # the model's next-token distribution at the last MoE layer's input, kept on the
+        norm, head = lens  # table's tokens only ([M, U]): a whole vocabulary per row would not fit on big ones
+        parts, hits = [], 0
+        for b in range(0, rows.numel(), 512):
+            p = torch.softmax(head(norm(H[n - 1][rows[b:b + 512]].to(head.weight.dtype))).float(), -1)  # [B, V]
+            hits += int((p.argmax(-1) == nxt[b:b + 512]).sum())
+            parts.append(p[:, seen])
+        mass, top1 = torch.cat(parts), hits / rows.numel()
     m2r2 = None
     if predictor_path:
         from moe_prefetch.predictors.accelerated import AcceleratedPredictor, load
@@ -73,7 +77,6 @@ def measure(model, tok, text: str, seq_len: int, max_tokens: int, skip: int, tab
         m2r2 = AcceleratedPredictor(view, load(view, predictor_path))
         if not m2r2.wraps:
             raise MoePrefetchError(f"{predictor_path} was not calibrated with --next-token: it does not reach the next token")
-    seen = torch.unique(ids[:split])  # the table's tokens
     out = []
     dtype = view.routers[0].dtype
     for j in range(n):
@@ -88,8 +91,7 @@ def measure(model, tok, text: str, seq_len: int, max_tokens: int, skip: int, tab
         guess_true = torch.where(known[:, None], table[pos], prior)
         row = dict(layer=j, true_next_token=recall(guess_true, j),
                    previous_token=recall(torch.zeros(rows.numel(), E).scatter_(1, truth[j][rows], 1.0) + 1e-3 * prior, j))
-        if p_next is not None:
-            mass = p_next[:, seen]  # [M, U]
+        if mass is not None:
             row["lens_and_table"] = recall(mass @ table + (1 - mass.sum(-1, keepdim=True)) * prior, j)
         if m2r2 is not None:
             by_source = {}

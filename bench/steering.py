@@ -52,7 +52,8 @@ def reaches_next_token(trace: Trace, name: str) -> bool:
     """Whether the trace's `name` scores reach a whole token ahead: the last layer's distance 1 (the next
     token's first layer) is recorded and every distance up to the number of layers is there."""
     s, L = trace.scores.get(name), trace.routing.shape[1]
-    return s is not None and s.shape[2] >= L and not np.isnan(s[:, L - 1, 0]).all()
+    return (s is not None and s.shape[2] >= L and not np.isnan(s[:, L - 1, 0]).all()
+            and not np.isnan(s[:, 0, L - 1]).all())  # and the farthest: layer 0 to the next token's layer 0
 
 
 def predictors(trace: Trace, demo: bool) -> list[tuple[str, str, int]]:

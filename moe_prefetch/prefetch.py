@@ -137,6 +137,7 @@ class Prefetcher:
         within = [d for d in targets if i + d < n]
         if h.dim() == 3 and h.shape[1] > 1 and len(within) < len(targets):
             # prefill: the next token's layers follow each sequence's last position, not every prompt token's
+            # (the last column: generate() pads batched prompts on the left)
             parts = [self.predictor.predict_stacked(i, x.reshape(-1, x.shape[-1]), ds)
                      for x, ds in ((h, within), (h[:, -1], targets[len(within):])) if ds]  # [D, T, E] each
             self._asked[i] = [d for done, _ in parts for d in done]

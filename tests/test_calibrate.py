@@ -197,6 +197,10 @@ def test_maps_without_next_token_stop_at_the_last_layer(setup, tmp_path, capsys)
     assert done == [1, 2, 3, 4] and scores.shape == (4, 1, view.num_experts)
     for n, d in enumerate(done):  # the batched scores are predict()'s, wrapped targets included
         torch.testing.assert_close(scores[n], p_wrap.predict(2, h, [d])[d].float())
+    from moe_prefetch.predictors.accelerated import AcceleratedResidual
+    too_far = AcceleratedPredictor(view, AcceleratedResidual(4, 6, view.hidden_size, 4, wraps=True))
+    assert set(too_far.predict(0, h, [4, 5, 6])) == {4} and too_far.max_lookahead()[0] == 4  # one token at most
+    assert too_far.predict_stacked(1, h, [4, 5])[0] == [4]
     # the simulator's trace holds the wrapped scores too: layer 3's distance 1 is the next token's layer 0
     import numpy as np
     from moe_prefetch.trace import record_trace

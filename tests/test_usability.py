@@ -521,7 +521,10 @@ def test_steering_bench_rows_for_m2r2_a_token_ahead():
     within = np.random.default_rng(1).random((30, 4, 4, 8)).astype(np.float32)
     for i in range(4):
         within[:, i, 3 - i:] = np.nan  # distance d = index + 1 reaches layer i + d: NaN from the next token on
-    for scores, want in ((within, ["m2r2 K=3"]), (np.nan_to_num(within, nan=0.1), ["m2r2 K=3", "m2r2 K=4 (a token)"])):
+    partial = np.nan_to_num(within, nan=0.1)
+    partial[:, :, 2:] = np.nan  # maps into the next token, but only two layers ahead (calibrate --lookahead 2)
+    for scores, want in ((within, ["m2r2 K=3"]), (partial, ["m2r2 K=3"]),
+                         (np.nan_to_num(within, nan=0.1), ["m2r2 K=3", "m2r2 K=4 (a token)"])):
         tr.scores["m2r2"] = scores
         got = [label for label, name, K in steering.predictors(tr, demo=True) if name == "m2r2"]
         assert got == want, got
@@ -661,7 +664,9 @@ def test_next_token_bench(tmp_path, capsys):
     assert first["true_next_token"] > first["previous_token"] + 0.2, first
     for row in r["rows"]:
         assert all(0 <= row[c] <= 1 for c in ("true_next_token", "lens_and_table", "m2r2_from_last_layer", "m2r2_best"))
-    assert r["rows"][2]["m2r2_best_layer"] in (0, 1, 2)  # layer 2 of the next token: d = 1..3 from layers 2..0
+    # the next token's layer j is reached from layer i at d = 3 - i + j <= 3: layer 0 from layers 0-2, layer 2
+    # from layer 2 only
+    assert r["rows"][2]["m2r2_best_layer"] == 2 and r["rows"][2]["m2r2_best"] == r["rows"][2]["m2r2_from_last_layer"]
     assert "| 0 | " in (tmp_path / "r" / "next_token.md").read_text()
     capsys.readouterr()
     for extra, says in ((["--predictor-path", str(plain)], "was not calibrated with --next-token"),

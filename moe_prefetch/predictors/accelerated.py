@@ -93,7 +93,8 @@ class AcceleratedPredictor(Predictor):
         self.wraps = maps.wraps  # the next token's layers too (trained with calibrate --next-token)
 
     def _reach(self, i: int, d: int) -> bool:
-        return d <= self.maps.lookahead and (i + d < len(self.view.layers) or self.wraps)
+        n = len(self.view.layers)
+        return d <= self.maps.lookahead and (i + d < n or (self.wraps and d <= n))  # at most one token ahead
 
     def max_lookahead(self):
         limit, why = super().max_lookahead()
