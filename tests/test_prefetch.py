@@ -128,6 +128,28 @@ def test_m2r2_a_whole_token_ahead_is_lossless(ckpt, reference):
         model.moe_runtime.close()
 
 
+def test_batched_generation_a_whole_token_ahead_is_lossless(ckpt):
+    """Two prompts of different lengths, left-padded as generate() pads a batch: with m2r2 maps into
+    the next token (predicted in the prefill from each prompt's last position), the batch's greedy
+    tokens are transformers' own."""
+    from transformers import AutoModelForCausalLM
+
+    ids = torch.tensor([[2, 2, 2, 5, 17, 33, 8], [61, 42, 11, 90, 23, 7, 40]])  # 2 = </s>, the padding
+    mask = (torch.arange(7) >= torch.tensor([[3], [0]])).long()
+    ref_model = AutoModelForCausalLM.from_pretrained(ckpt)
+    with torch.inference_mode():
+        ref = ref_model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=10, min_new_tokens=10,
+                                 do_sample=False, pad_token_id=2)
+    model = load(ckpt, 6, predictor="none", prefetch_budget="1GiB", adaptive_prediction=False)
+    mp.set_predictor(model, random_next_token_m2r2(model), lookahead=4)
+    with torch.inference_mode():
+        got = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=10, min_new_tokens=10,
+                             do_sample=False, pad_token_id=2)
+    st = mp.stats(model)
+    model.moe_runtime.close()
+    assert torch.equal(got, ref) and st["prefetch_issued"] > 0
+
+
 @torch.inference_mode()
 def test_prefill_predicts_the_next_token_from_the_last_position(ckpt):
     """In a prefill the next token follows each sequence's last position: the wrapped distances are
