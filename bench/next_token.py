@@ -44,8 +44,9 @@ def lens_modules(model):
 @torch.no_grad()
 def measure(model, tok, text: str, seq_len: int, max_tokens: int, skip: int, table_frac: float,
             predictor_path: str | None = None) -> dict:
-    view, H, lengths = collect_residuals(model, tok, text, seq_len, max_tokens, False, skip, what="text")
-    ids = torch.cat(text_chunks(tok, text, seq_len, max_tokens, skip, what="text"))  # [N], aligned with H
+    chunks = text_chunks(tok, text, seq_len, max_tokens, skip, what="text")
+    view, H, lengths = collect_residuals(model, tok, text, seq_len, max_tokens, False, chunks=chunks)
+    ids = torch.cat(chunks)  # [N], aligned with H
     n, k, E = len(H), view.top_k, view.num_experts
     truth = true_topk(view, H)
     n_table = max(1, min(len(lengths) - 1, round(len(lengths) * table_frac)))

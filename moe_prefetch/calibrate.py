@@ -49,14 +49,17 @@ def text_chunks(tokenizer, text: str, seq_len: int, max_tokens: int, skip_tokens
 
 @torch.inference_mode()
 def collect_residuals(model, tokenizer, text: str, seq_len: int, max_tokens: int, progress: bool = True,
-                      skip_tokens: int = 0, min_tokens: int | None = None, what: str = "calibration text"):
+                      skip_tokens: int = 0, min_tokens: int | None = None, what: str = "calibration text",
+                      chunks: list[torch.Tensor] | None = None):
     """Residuals entering each MoE block: list over MoE layers of [N, H] (float32, CPU), plus the
     number of tokens per sequence (sequences are contiguous chunks of the text, in order).
-    The text must have min_tokens tokens (default: two sequences, enough to hold one out)."""
+    The text must have min_tokens tokens (default: two sequences, enough to hold one out).
+    chunks: the sequences text_chunks() made of the text already, if the caller needs their ids too."""
     rt = model.moe_runtime
     view = ModelView.of(model, rt.adapter)
     view.need_routers("calibrate")
-    chunks = text_chunks(tokenizer, text, seq_len, max_tokens, skip_tokens, min_tokens, what)
+    if chunks is None:
+        chunks = text_chunks(tokenizer, text, seq_len, max_tokens, skip_tokens, min_tokens, what)
     store: list[list[torch.Tensor]] = [[] for _ in view.layers]
     handles = []
     for i, norm in enumerate(view.taps):

@@ -133,9 +133,8 @@ class Prefetcher:
             targets = self._targets(i, False)
             if not targets:
                 return None
-        n = len(self.view.layers)
-        within = [d for d in targets if i + d < n]
-        if h.dim() == 3 and h.shape[1] > 1 and len(within) < len(targets):
+        within = [d for d in targets if i + d < len(self.view.layers)] if h.dim() == 3 and h.shape[1] > 1 else targets
+        if len(within) < len(targets):
             # prefill: the next token's layers follow each sequence's last position, not every prompt token's
             # (the last column: generate() pads batched prompts on the left)
             parts = [self.predictor.predict_stacked(i, x.reshape(-1, x.shape[-1]), ds)

@@ -77,3 +77,16 @@ def reference_generate(path, ids, new_tokens, dtype=torch.float32, device=None, 
     with torch.inference_mode():
         out = model.generate(ids.to(device), max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False)
     return out.cpu()
+
+
+def chain_text(path: Path, words: int, seed: int) -> Path:
+    """A text of conftest-tokenizer words where each word follows from the last (a fixed successor 9 times
+    in 10, else a random word): its next token is predictable from the current one."""
+    import random
+
+    rng, out, w = random.Random(seed), [], 10
+    for _ in range(words):
+        w = (7 * w + 11) % 90 + 3 if rng.random() < 0.9 else rng.randrange(3, 93)
+        out.append(f"w{w}")
+    path.write_text(" ".join(out))
+    return path

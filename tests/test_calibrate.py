@@ -130,16 +130,9 @@ def test_next_token_maps_learn_the_next_tokens_routing(tmp_path, capsys):
     guess: this token's residual through the target layer's router), and the predictor then runs a
     whole token ahead through the runtime, token-identical to transformers."""
     ckpt = make_mixtral(tmp_path / "m", layers=3, experts=8, top_k=2, seed=5)
+    from conftest import chain_text
 
-    def chain(path, words, seed):
-        rng, out, w = random.Random(seed), [], 10
-        for _ in range(words):
-            w = (7 * w + 11) % 90 + 3 if rng.random() < 0.9 else rng.randrange(3, 93)
-            out.append(f"w{w}")
-        path.write_text(" ".join(out))
-        return path
-
-    text, unseen = chain(tmp_path / "chain.txt", 5000, 3), chain(tmp_path / "unseen.txt", 1200, 4)
+    text, unseen = chain_text(tmp_path / "chain.txt", 5000, 3), chain_text(tmp_path / "unseen.txt", 1200, 4)
     out = tmp_path / "wrap.safetensors"
     args = ["--model", str(ckpt), "--data", str(text), "--out", str(out), "--lookahead", "3", "--next-token",
             "--rank", "8", "--steps", "200", "--seq-len", "64", "--device", "cpu", "--json", "--no-progress"]

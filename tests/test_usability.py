@@ -633,9 +633,7 @@ def test_next_token_bench(tmp_path, capsys):
     that really comes next: on a text whose words each follow from the last, that is far above the
     previous token's experts (a table misaligned by one token would score like them). A file without
     --next-token, and a bad --table, are one line each."""
-    import random
-
-    from conftest import make_mixtral
+    from conftest import chain_text, make_mixtral
     from moe_prefetch.calibrate import main as calibrate_main
 
     sys.path.insert(0, str(ROOT / "bench"))
@@ -644,12 +642,7 @@ def test_next_token_bench(tmp_path, capsys):
     finally:
         sys.path.remove(str(ROOT / "bench"))
     ckpt = make_mixtral(tmp_path / "m", layers=3, experts=8, top_k=2, seed=5)
-    rng, words, w = random.Random(3), [], 10
-    for _ in range(3000):
-        w = (7 * w + 11) % 90 + 3 if rng.random() < 0.9 else rng.randrange(3, 93)
-        words.append(f"w{w}")
-    text = tmp_path / "chain.txt"
-    text.write_text(" ".join(words))
+    text = chain_text(tmp_path / "chain.txt", 3000, 3)
     common = ["--model", str(ckpt), "--data", str(text), "--rank", "4", "--steps", "30", "--seq-len", "64",
               "--device", "cpu", "--json", "--no-progress", "--max-tokens", "2400"]
     wrap, plain = tmp_path / "wrap.safetensors", tmp_path / "plain.safetensors"
