@@ -1145,6 +1145,8 @@ class Planner:
         self._reused: set = set()
         self._expected = 0.0
         self._good = 0.0
+        self._expected_d: defaultdict = defaultdict(float)  # the same per distance
+        self._good_d: defaultdict = defaultdict(float)
         # adaptive: predict only while it measurably speeds decode up (PredictionSwitch); ungated: the
         # peers' behaviour, always predicting
         self.switch = PredictionSwitch() if gate and adaptive else None
@@ -1355,11 +1357,14 @@ class Planner:
             self._outcome(key, 0.0, wasted=True)
 
     def _outcome(self, key: Key, good: float, wasted: bool = False) -> None:
-        p = self._issued_p.pop(key, None)
-        if p is None:
+        issued = self._issued_p.pop(key, None)
+        if issued is None:
             return  # a keep, not a prediction
+        p, d = issued
         self._expected = 0.98 * self._expected + p
         self._good = 0.98 * self._good + good
+        self._expected_d[d] = 0.98 * self._expected_d[d] + p
+        self._good_d[d] = 0.98 * self._good_d[d] + good
         # the time it saved (a miss's cost, in the share `good`), less the link time a wasted one took from
         # demand copies: what the gate expected of it, now realised
         miss_cost, saturation = self._miss_cost_and_saturation()
@@ -1397,9 +1402,19 @@ class Planner:
             return True
         return self._predicted_value / self._predicted > self.predict_cost
 
-    def realised(self) -> float:
-        """Good prefetch outcomes per unit of expected P (1 until there is evidence)."""
-        return min(1.0, (self._good + 2.0) / (self._expected + 2.0))
+    def realised(self, d: int | None = None) -> float:
+        """Good prefetch outcomes per unit of expected P (1 until there is evidence). With host compute, per
+        distance d (None: the best distance): there a copy still in flight when its layer starts saves
+        nothing, so copies for the next layer or two land late on a slow link while those for the next
+        token land in time, and one record for all distances made the late ones close the gate for the
+        timely ones (README, "the planner"). Without host compute a late copy still shortens the wait (it
+        counts half) and one record serves: per distance, perfect predictions lost 2% there (simulated)."""
+        overall = min(1.0, (self._good + 2.0) / (self._expected + 2.0))
+        if not self.host_compute:
+            return overall
+        if d is None:
+            return max([overall] + [self.realised(d) for d in self._expected_d])
+        return min(1.0, (self._good_d[d] + 2.0) / (self._expected_d[d] + 2.0))
 
     # ---- ahead of time ------------------------------------------------------------------------
     def observe_prediction(self, d: int, scores: dict[int, float], used: set[int]) -> None:
@@ -1527,6 +1542,9 @@ class Planner:
         # re-tests the regime (the cache, the link and the predictor's accuracy all change over a run)
         self._expected *= 0.999
         self._good *= 0.999
+        for d in self._expected_d:
+            self._expected_d[d] *= 0.999
+            self._good_d[d] *= 0.999
         if not predictions:
             return []  # a layer without predictions (most layers, where predicting does not pay): ageing only
         if not asked and not self.worth_predicting(now, in_flight):
@@ -1547,7 +1565,7 @@ class Planner:
         miss_cost, saturation = self._miss_cost_and_saturation()
         actions = []
         predictive = isinstance(self.policy, PredictivePolicy)
-        realised = self.realised()
+        realised = {d: self.realised(d) for _, d, _ in predictions}  # as the call starts
         issued_before = self.counters.prefetch_issued
         victim_memo = None
         for target, d, scores in predictions:
@@ -1581,7 +1599,7 @@ class Planner:
                     late = max(0.0, eta - need_at)
                     # with a host, a copy that is still in flight when needed saves nothing: that use
                     # runs on the host anyway; without one it still shortens the demand wait
-                    q = p * realised  # what a prefetch of this P has really delivered lately
+                    q = p * realised[d]  # what a prefetch of this P has really delivered lately
                     saving = q * (miss_cost if late <= 0 else 0.0) if self.host_compute else q * max(0.0, miss_cost - late)
                     victim_value = 0.0
                     if victim is not None:
@@ -1594,7 +1612,7 @@ class Planner:
                 self.link.send(key, now, demand=False)
                 self.prefetched.add(key)
                 victim_memo = None
-                self._issued_p[key] = p
+                self._issued_p[key] = (p, d)
                 self.counters.prefetch_issued += 1
                 self._sent += 1
                 in_flight += 1

@@ -380,12 +380,32 @@ def test_prefetches_that_do_not_deliver_close_the_gate_and_it_reopens():
     assert pl.realised() == 1.0
     for i in range(40):  # issued with high P, every one evicted unused
         key = (1, i % 8)
-        pl._issued_p[key] = 0.9
+        pl._issued_p[key] = (0.9, 1)
         pl._outcome(key, 0.0)
-    assert pl.realised() < 0.1
+    assert pl.realised() < 0.1 and pl.realised(1) < 0.1
     for _ in range(8000):  # no evidence for a long while: the correction fades
         pl.plan_prefetch(0.0, 0, [], set())
-    assert pl.realised() > 0.9
+    assert pl.realised() > 0.9 and pl.realised(1) > 0.9
+
+
+def test_what_prefetches_deliver_is_learnt_per_distance():
+    """With host compute a prefetch that lands after its layer starts saves nothing (the host runs that
+    use). Near layers' copies land late, far ones in time: the near ones' record must not close the gate
+    for the far ones, which pay."""
+    costs = Costs(layer_s=1.0, expert_s=0.1, transfer_s=3.0, host_s=2.0)
+    pl = make_planner(slots=16, layers=8, costs=costs, host_compute=True, eviction="predictive", budget_experts=8)
+    pl.link_traffic = 1.0  # a copy per layer: every wasted byte is taken from demand copies
+    for i in range(60):
+        near, far = (1, i % 8), (5, i % 8)
+        pl._issued_p[near], pl._issued_p[far] = (0.9, 1), (0.9, 5)
+        pl._outcome(near, 0.0)  # landed late: the host ran the use
+        pl._outcome(far, 1.0)   # landed in time
+    assert pl.realised(1) < 0.1 and pl.realised(5) > 0.95
+    assert pl.realised() == pl.realised(5), "the gate stays open for the distance that delivers"
+    acts = pl.plan_prefetch(0.0, 0, [(1, 1, {5: 0.9}), (5, 5, {6: 0.9})], protected=set())
+    # (1, 5) would land at 3, after its layer starts at 1: refused; (5, 6) lands in time, and what
+    # prefetches 5 layers ahead delivered says it pays (over all distances, half of them did)
+    assert [a.key for a in acts] == [(5, 6)] and pl.counters.prefetch_gated == 1
 
 
 def test_a_predictor_that_yields_nothing_is_only_probed():
