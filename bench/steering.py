@@ -16,6 +16,11 @@ oracle a whole token ahead, and the oracle made noisy (each distance's true top-
 probability q, every expert given uniform noise: top-k recall well below the oracle's),
 so the figures span predictor quality, not only the demo model's predictors. Traces: the demo model's
 and a synthetic one (8 layers x 8 experts, a third of each token's experts kept from the last).
+
+--host-compute runs the same rows with host compute on (the host computes an expert in ratio / 2.4
+units: dual-channel DDR5 over PCIe 4.0, as bench/switch.py), where predictions act through prefetches
+only (the planner steers eviction only where misses are copied in), so its two predictor columns are
+one run; it writes steering_host.*.
 """
 from __future__ import annotations
 
@@ -76,19 +81,19 @@ def predictors(trace: Trace, demo: bool) -> list[tuple[str, str, int]]:
     return out
 
 
-def simulate_mode(trace, cost, slots, predictor, K, mode):
+def simulate_mode(trace, cost, slots, predictor, K, mode, host=False):
     if mode == "none":
-        return simulate(trace, cost, slots, Policy("none", eviction="predictive"))
+        return simulate(trace, cost, slots, Policy("none", eviction="predictive", host_compute=host))
     steers = planner_mod.Planner.steers_eviction
     try:
         if mode == "prefetch only":
             planner_mod.Planner.steers_eviction = lambda self: False
-        return simulate(trace, cost, slots, Policy(mode, predictor, K, eviction="predictive"))
+        return simulate(trace, cost, slots, Policy(mode, predictor, K, eviction="predictive", host_compute=host))
     finally:
         planner_mod.Planner.steers_eviction = steers
 
 
-def run(traces, ratios, caches, predict_costs) -> list[dict]:
+def run(traces, ratios, caches, predict_costs, host=False) -> list[dict]:
     rows = []
     for name, trace, demo in traces:
         _, L, k = trace.routing.shape
@@ -96,12 +101,14 @@ def run(traces, ratios, caches, predict_costs) -> list[dict]:
         preds = predictors(trace, demo)
         for ratio in ratios:
             for pc in predict_costs:
-                cost = CostModel(1e-3 - k * 1e-4, 1e-4, ratio * 1e-3, 1000, predict_s=pc * 1e-3)
+                cost = CostModel(1e-3 - k * 1e-4, 1e-4, ratio * 1e-3, 1000, predict_s=pc * 1e-3,
+                                 host_s=ratio / 2.4 * 1e-3 if host else None)
                 for frac in caches:
                     slots = max(k, int(L * E * frac))
-                    base = simulate_mode(trace, cost, slots, None, 0, "none")
+                    base = simulate_mode(trace, cost, slots, None, 0, "none", host)
                     for label, pname, K in preds:
-                        res = {m: simulate_mode(trace, cost, slots, pname, K, m) for m in MODES[1:]}
+                        res = {m: simulate_mode(trace, cost, slots, pname, K, m, host) for m in MODES[1:2 if host else 3]}
+                        res.setdefault("steering", res["prefetch only"])  # host compute: nothing steers
                         rows.append(dict(trace=name, ratio=ratio, predict_cost=pc, cache=frac, predictor=label,
                                          tokens_per_s={"none": base.tokens_per_s,
                                                        **{m: r.tokens_per_s for m, r in res.items()}},
@@ -114,8 +121,10 @@ def run(traces, ratios, caches, predict_costs) -> list[dict]:
     return rows
 
 
-def markdown(rows: list[dict]) -> list[str]:
-    lines = ["Simulated tok/s ratios over predictive eviction with no predictor (host compute off, cold cache): "
+def markdown(rows: list[dict], host: bool = False) -> list[str]:
+    mode = ("host compute on (the host 2.4x the link's rate), where nothing steers eviction: the two predictor "
+            "columns are one run" if host else "host compute off")
+    lines = [f"Simulated tok/s ratios over predictive eviction with no predictor ({mode}, cold cache): "
              "each predictor through prefetches only (the planner before) and also steering eviction (now). "
              "Per trace, link ratio and predictor cost (layers per predicted layer): the mean and range over "
              "25/50/75% cache.", "",
@@ -150,7 +159,8 @@ def main(argv=None) -> int:
     ap.add_argument("--caches", type=float, nargs="+", default=[0.25, 0.5, 0.75], help="cache fractions (default: 0.25 0.5 0.75)")
     ap.add_argument("--predict-costs", type=float, nargs="+", default=[0.0, 0.5],
                     help="predictor time per predicted layer, in layers (default: 0 0.5)")
-    ap.add_argument("--out", default=None, help="folder for steering.md and .json")
+    ap.add_argument("--host-compute", action="store_true", help="host compute on (steering_host.*)")
+    ap.add_argument("--out", default=None, help="folder for steering.md and .json (steering_host.* with --host-compute)")
     args = ap.parse_args(argv)
     if args.tokens < 2 or any(r <= 0 for r in args.ratios) or any(c < 0 for c in args.predict_costs) \
             or not all(0 < c <= 1 for c in args.caches):
@@ -160,12 +170,13 @@ def main(argv=None) -> int:
     label = "demo trace" if Path(args.trace).resolve() == DEMO_TRACE.resolve() else Path(args.trace).name
     traces = [(label, demo, True),
               ("synthetic, 8 layers, sticky 0.3", synthetic_trace(8, 8, 2, args.tokens, seed=8, repeat=0.3), False)]
-    rows = run(traces, args.ratios, args.caches, args.predict_costs)
-    lines = markdown(rows)
+    rows = run(traces, args.ratios, args.caches, args.predict_costs, args.host_compute)
+    lines = markdown(rows, args.host_compute)
     n = len(dict.fromkeys((r["trace"], r["ratio"], r["predict_cost"], r["predictor"]) for r in rows))
     print("\n".join(lines[:4 + n]))
     if args.out:
-        write_report(args.out, "steering", lines, dict(rows=rows))
+        write_report(args.out, "steering_host" if args.host_compute else "steering", lines,
+                     dict(rows=rows, host_compute=args.host_compute))
     return 0
 
 

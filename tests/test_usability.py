@@ -503,6 +503,16 @@ def test_steering_bench_on_a_recorded_trace(tmp_path):
     mine = [row["predictor"] for row in rows if row["trace"] == "other.npz"]
     assert mine and mine[0].startswith("next-gate K=2") and not any("m2r2" in p for p in mine), mine
     assert "oracle K=4" in mine and all(row["trace"] != "demo trace" for row in rows)
+    r = subprocess.run([sys.executable, bench, "--trace", str(tmp_path / "other.npz"), "--tokens", "60", "--ratios", "11.2",
+                        "--caches", "0.5", "--predict-costs", "0", "--host-compute", "--out", str(tmp_path)],
+                       capture_output=True, text=True, env=env, timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    host = json.loads((tmp_path / "steering_host.json").read_text())
+    assert host["host_compute"] and "host compute on" in (tmp_path / "steering_host.md").read_text()
+    assert [row["predictor"] for row in host["rows"]] == [row["predictor"] for row in rows]
+    # nothing steers with host compute: its two predictor columns are the one run
+    assert all(row["tokens_per_s"]["steering"] == row["tokens_per_s"]["prefetch only"] for row in host["rows"])
+    assert any(row["tokens_per_s"]["none"] != row["tokens_per_s"]["prefetch only"] for row in host["rows"])
 
 
 def test_steering_bench_rows_for_m2r2_a_token_ahead():
