@@ -1386,14 +1386,20 @@ class Planner:
     def prediction_value(self) -> dict:
         """Per predicted layer, lately: what predicting cost and what its prefetches saved (ms); per layer
         predicted to steer eviction, what steering saved (ms, net of the misses it caused, from judged
-        victims: steer_wins, saved and caused), and whether the last predicted layer steered."""
+        victims: steer_wins, saved and caused), and whether the last predicted layer steered; and
+        `delivered`, what prefetches delivered per unit of the P they were issued at, the factor the gate
+        scales P by (realised()): {"all": ...} and, with host compute, one per distance."""
         saved = self._predicted_value / self._predicted if self._predicted else None
+        delivered = {"all": min(1.0, (self._good + 2.0) / (self._expected + 2.0))}
+        if self.host_compute:
+            delivered.update({str(d): self.realised(d) for d in sorted(self._expected_d)})
         steering = self.steering_value()
         wins = getattr(self.policy, "steer_wins", None)
         return {"cost_ms": None if self.predict_cost is None else self.predict_cost * 1e3,
                 "saved_ms": None if saved is None else saved * 1e3, "pays": self.prediction_pays(),
                 "steering_saved_ms": None if steering is None else steering * 1e3,
-                "steer_wins": None if wins is None else list(wins), "steering": self._steering}
+                "steer_wins": None if wins is None else list(wins), "steering": self._steering,
+                "delivered": delivered}
 
     def prediction_pays(self) -> bool:
         """Whether the time prefetches lately saved per predicted layer beats what predicting a layer costs

@@ -264,3 +264,18 @@ def test_large_experts_copy_on_a_worker_and_stay_token_identical(ckpt, slots, mo
         assert st["backend"].startswith("cpu-link/") and st["backend"].endswith("+thread")
         assert st["misses"] > 0
         assert st["host_computed"] > 0 or kw["predictor"] != "none"
+
+
+def test_what_prefetches_delivered_is_reported_per_distance_with_host_compute(ckpt):
+    """stats: prediction_value["delivered"], the factor the gate scales P by, per distance with host compute
+    (a late copy saves nothing there) and as one record without it; the output stays the reference's."""
+    ref = reference_generate(ckpt, PROMPT, NEW, device="cpu")
+    for host in ("on", "off"):
+        out, st = run(ckpt, 6, predictor="next-gate", lookahead=2, adaptive_prediction=False, host_compute=host,
+                      link_bandwidth=2e7, host_bandwidth=4e7)
+        assert torch.equal(out, ref), host
+        assert st["prefetch_issued"] > 0, "prefetches must have been tried for their record to exist"
+        delivered = st["prediction_value"]["delivered"]
+        assert 0.0 < delivered["all"] <= 1.0 and all(0.0 < v <= 1.0 for v in delivered.values())
+        distances = set(delivered) - {"all"}
+        assert (distances and distances <= {"1", "2"}) if host == "on" else not distances, (host, delivered)

@@ -402,6 +402,8 @@ def test_what_prefetches_deliver_is_learnt_per_distance():
         pl._outcome(far, 1.0)   # landed in time
     assert pl.realised(1) < 0.1 and pl.realised(5) > 0.95
     assert pl.realised() == pl.realised(5), "the gate stays open for the distance that delivers"
+    delivered = pl.prediction_value()["delivered"]
+    assert set(delivered) == {"all", "1", "5"} and delivered["1"] < 0.1 < 0.4 < delivered["all"] < 0.7
     acts = pl.plan_prefetch(0.0, 0, [(1, 1, {5: 0.9}), (5, 5, {6: 0.9})], protected=set())
     # (1, 5) would land at 3, after its layer starts at 1: refused; (5, 6) lands in time, and what
     # prefetches 5 layers ahead delivered says it pays (over all distances, half of them did)
