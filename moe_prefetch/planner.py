@@ -1145,8 +1145,10 @@ class Planner:
         self._reused: set = set()
         self._expected = 0.0
         self._good = 0.0
-        self._expected_d: defaultdict = defaultdict(float)  # the same per distance
-        self._good_d: defaultdict = defaultdict(float)
+        # the same per distance: {d: [expected, good, the age tick they were last brought up to]}, aged
+        # lazily (0.999 per tick, as the two above), so that ageing stays one step whatever the lookahead
+        self._by_distance: dict[int, list] = {}
+        self._ticks = 0
         # adaptive: predict only while it measurably speeds decode up (PredictionSwitch); ungated: the
         # peers' behaviour, always predicting
         self.switch = PredictionSwitch() if gate and adaptive else None
@@ -1363,8 +1365,8 @@ class Planner:
         p, d = issued
         self._expected = 0.98 * self._expected + p
         self._good = 0.98 * self._good + good
-        self._expected_d[d] = 0.98 * self._expected_d[d] + p
-        self._good_d[d] = 0.98 * self._good_d[d] + good
+        expected, good_d = self._distance_record(d)
+        self._by_distance[d] = [0.98 * expected + p, 0.98 * good_d + good, self._ticks]
         # the time it saved (a miss's cost, in the share `good`), less the link time a wasted one took from
         # demand copies: what the gate expected of it, now realised
         miss_cost, saturation = self._miss_cost_and_saturation()
@@ -1392,7 +1394,7 @@ class Planner:
         saved = self._predicted_value / self._predicted if self._predicted else None
         delivered = {"all": min(1.0, (self._good + 2.0) / (self._expected + 2.0))}
         if self.host_compute:
-            delivered.update({str(d): self.realised(d) for d in sorted(self._expected_d)})
+            delivered.update({str(d): self.realised(d) for d in sorted(self._by_distance)})
         steering = self.steering_value()
         wins = getattr(self.policy, "steer_wins", None)
         return {"cost_ms": None if self.predict_cost is None else self.predict_cost * 1e3,
@@ -1419,8 +1421,17 @@ class Planner:
         if not self.host_compute:
             return overall
         if d is None:
-            return max([overall] + [self.realised(d) for d in self._expected_d])
-        return min(1.0, (self._good_d[d] + 2.0) / (self._expected_d[d] + 2.0))
+            return max([overall] + [self.realised(d) for d in self._by_distance])
+        expected, good = self._distance_record(d)
+        return min(1.0, (good + 2.0) / (expected + 2.0))
+
+    def _distance_record(self, d: int) -> tuple[float, float]:
+        """(expected, good) of the prefetches issued `d` layers ahead, aged to now."""
+        record = self._by_distance.get(d)
+        if record is None:
+            return 0.0, 0.0
+        fade = 0.999 ** (self._ticks - record[2])
+        return record[0] * fade, record[1] * fade
 
     # ---- ahead of time ------------------------------------------------------------------------
     def observe_prediction(self, d: int, scores: dict[int, float], used: set[int]) -> None:
@@ -1548,9 +1559,7 @@ class Planner:
         # re-tests the regime (the cache, the link and the predictor's accuracy all change over a run)
         self._expected *= 0.999
         self._good *= 0.999
-        for d in self._expected_d:
-            self._expected_d[d] *= 0.999
-            self._good_d[d] *= 0.999
+        self._ticks += 1  # the records per distance age as they are read
         if not predictions:
             return []  # a layer without predictions (most layers, where predicting does not pay): ageing only
         if not asked and not self.worth_predicting(now, in_flight):
