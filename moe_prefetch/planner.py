@@ -1392,7 +1392,7 @@ class Planner:
         `delivered`, what prefetches delivered per unit of the P they were issued at, the factor the gate
         scales P by (realised()): {"all": ...} and, with host compute, one per distance."""
         saved = self._predicted_value / self._predicted if self._predicted else None
-        delivered = {"all": min(1.0, (self._good + 2.0) / (self._expected + 2.0))}
+        delivered = {"all": self._delivered(self._expected, self._good)}
         if self.host_compute:
             delivered.update({str(d): self.realised(d) for d in sorted(self._by_distance)})
         steering = self.steering_value()
@@ -1417,12 +1417,16 @@ class Planner:
         token land in time, and one record for all distances made the late ones close the gate for the
         timely ones (README, "the planner"). Without host compute a late copy still shortens the wait (it
         counts half) and one record serves: per distance, perfect predictions lost 2% there (simulated)."""
-        overall = min(1.0, (self._good + 2.0) / (self._expected + 2.0))
+        overall = self._delivered(self._expected, self._good)
         if not self.host_compute:
             return overall
         if d is None:
             return max([overall] + [self.realised(d) for d in self._by_distance])
-        expected, good = self._distance_record(d)
+        return self._delivered(*self._distance_record(d))
+
+    @staticmethod
+    def _delivered(expected: float, good: float) -> float:
+        """Good outcomes per unit of expected P, pulled towards 1 by two pseudo-outcomes (no evidence: 1)."""
         return min(1.0, (good + 2.0) / (expected + 2.0))
 
     def _distance_record(self, d: int) -> tuple[float, float]:
