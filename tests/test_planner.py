@@ -99,6 +99,28 @@ def test_predictive_policy_uses_frequency_and_breaks_ties_by_recency():
     assert pol.victim({(0, 0), (0, 1)}) == (0, 1), "three uses in four beat a prediction blended with none"
 
 
+
+def test_predictive_policy_learns_returns_beyond_the_last_token():
+    """Trained routing remembers more than one token: an expert's chance of use depends on how many runs
+    ago it was last used, not only on whether that was the last run. Here four equally frequent experts
+    take turns (each returns exactly four runs after its last use): the rule must learn that the expert
+    used four runs ago is the one about to return, and keep it, where two recency buckets (the last run,
+    the rest) cannot tell it from those used two and three runs ago and evict it as the least recent."""
+    pol = PredictivePolicy({0: 0}, top_k=1, num_experts=8)
+    cache = ExpertCache(4, pol)
+    for run in range(40):
+        e = run % 4
+        pol.start_run(0, [e], record=True)
+        if (0, e) not in cache:
+            cache.insert((0, e))
+        else:
+            cache.touch((0, e))
+    # run 40 will use expert 0, last used 4 runs ago; 1, 2 and 3 were used 3, 2 and 1 runs ago
+    p = {e: pol.use_probability((0, e)) for e in range(4)}
+    assert p[0] > 0.8 and max(p[1], p[2], p[3]) < 0.2, p
+    assert pol.victim({(0, e) for e in range(4)}) != (0, 0), "evicted the expert about to return"
+
+
 # ---- the executing layer ----------------------------------------------------------------------
 
 def test_plan_layer_hits_copies_and_never_evicts_what_the_layer_needs():
