@@ -261,11 +261,11 @@ class PredictivePolicy(LRUPolicy):
     evictions), recalibrated by how recently it was used. That recalibration is learnt online per
     layer and recency bucket (experts used at the layer's last run, at each of the GAPS - 2 runs before
     it, earlier, or never): a least-squares line P = a + b f fitted to what each run then used, pulled
-    towards P = f by PRIOR pseudo-observations. Stickiness adds to frequency (a just-used rare expert returns about as often
-    as a just-used popular one), so a line fits where a factor on f would not: where routing sticks
-    from one token to the next, the last run's bucket gets a > 0 and the rule leans towards LRU; where
-    it does not, every line tends to P = f and the rule is frequency's (LFU's). Ties go to the least
-    recently used.
+    towards P = f by PRIOR pseudo-observations. Stickiness adds to frequency (a just-used rare expert
+    returns about as often as a just-used popular one), so a line fits where a factor on f would not:
+    where routing sticks from one token to the next, the recent buckets get a > 0 and the rule leans
+    towards LRU; where it does not, every line tends to P = f and the rule is frequency's (LFU's). Ties
+    go to the least recently used.
 
     Within a layer, experts last used at the same run share a line whose slope is kept positive, so
     those without a prediction rank by their use count alone: each layer keeps a heap of
@@ -313,8 +313,8 @@ class PredictivePolicy(LRUPolicy):
     # remembers more than one token: on a second trained model (8 layers, Python code) the chance of an
     # expert's use falls from 0.36 one token after its last use to 0.31, 0.25, 0.23, 0.22 at 2-5 tokens
     # and 0.13 at 16. Simulated over 4096 tokens, 6 buckets instead of 2 (the last run and the rest)
-    # gained 7% and 15% at 50 and 75% cache there (link 11.2, 6-13% with host compute), within 1% on the
-    # demo's trace and on synthetic ones; 9 or 17 buckets, log-spaced, within 1-2% of 6
+    # gained 7% and 15% at 50 and 75% cache there (link 11.2, 6-13% with host compute), within 1-2% on
+    # the demo's trace and on synthetic ones; 9 or 17 buckets, log-spaced, within 1-2% of 6
     GAPS = 6
     OLD, NEVER = "old", "never"
 

@@ -677,3 +677,34 @@ def test_next_token_bench(tmp_path, capsys):
         assert next_token.run_main(next_token.main, bench + extra) == 2
         err = capsys.readouterr().err.strip().splitlines()
         assert len(err) == 1 and says in err[0], err
+
+
+def test_paired_bench_reports_the_default_against_each_row_with_its_noise(tmp_path):
+    """bench/paired.py: per mode and cache, every row's rounds, the default over each row with a 95%
+    interval that holds its mean, and over the best row picked on the other half of the rounds; bad
+    input is one line."""
+    env = dict(os.environ, HF_HUB_OFFLINE="1", PYTHONPATH=str(ROOT))
+    bench = str(ROOT / "bench" / "paired.py")
+    for bad, said in ((["--rounds", "0"], "--rounds"), (["--caches", "1.5"], "--caches"),
+                      (["--data", str(tmp_path / "none.txt")], "--data")):
+        r = subprocess.run([sys.executable, bench, *bad], capture_output=True, text=True, env=env, timeout=120)
+        assert r.returncode == 2 and said in r.stderr and len(r.stderr.strip().splitlines()) == 1, r.stderr
+    r = subprocess.run([sys.executable, bench, "--rounds", "3", "--caches", "0.5", "--sequences", "1", "--seq-len", "6",
+                        "--host-compute", "both", "--out", str(tmp_path), "--tag", "_t"],
+                       capture_output=True, text=True, env=env, timeout=600)
+    assert r.returncode == 0, r.stderr[-2000:]
+    results = json.loads((tmp_path / "paired_t.json").read_text())["results"]
+    assert [(x["host_compute"], x["cache"]) for x in results] == [(False, 0.5), (True, 0.5)]
+    for x in results:
+        names = list(x["rounds"])
+        assert names[0].startswith("default") and len(names) == (6 if x["host_compute"] else 5)
+        assert all(len(v) == 3 and min(v) > 0 for v in x["rounds"].values())
+        assert set(x["default_over"]) == set(names[1:])
+        for name, a in x["default_over"].items():
+            ratios = [d / o for d, o in zip(x["rounds"][names[0]], x["rounds"][name])]
+            assert abs(a["mean"] - sum(ratios) / 3) < 1e-9 and a["low"] <= a["mean"] <= a["high"]
+            assert a["slower_beyond_noise"] == (a["high"] < 1.0)
+        best = x["default_over_best"]
+        assert {h["best"] for h in best["halves"]} <= set(names[1:]) and best["ratio"] > 0
+    md = (tmp_path / "paired_t.md").read_text()
+    assert "split halves" in md and md.count("| on | 50% |") == 7
