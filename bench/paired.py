@@ -114,8 +114,7 @@ def main(argv=None) -> int:
     if not Path(args.data).is_file():
         p.error(f"--data {args.data} does not exist")
     hw, shape, dtype = (args.profile.split(":") + ["", "", ""])[:3]
-    hardware, hosts = load_profiles("hardware"), load_profiles("hosts")
-    if hw not in hardware or args.host not in hosts:
+    if hw not in load_profiles("hardware") or args.host not in load_profiles("hosts"):
         p.error(f"unknown --profile hardware {hw!r} or --host {args.host!r} (see moe_prefetch/profiles)")
     torch.manual_seed(0)
     torch.set_num_threads(args.threads)
@@ -127,10 +126,8 @@ def main(argv=None) -> int:
     rt.close()
     seqs = T.sequences(tok, Path(args.data), args.sequences, args.seq_len)
     ratio = args.ratio or T.gpu_ratio(hw, shape, dtype)
-    attn, expert, _, _ = T.measure_costs(args.model, seqs, k, predictor="none", expert_cache=L * E)
-    layer_s = attn + k * expert
-    link_bw = expert_bytes / (ratio * layer_s)
-    host_bw = link_bw * hosts[args.host]["read_gbps"] / hardware[hw]["h2d_gbps"]
+    layer_s, link_bw, host_over_link = T.emulated_speeds(args.model, seqs, k, L * E, expert_bytes, ratio, hw, args.host)
+    host_bw = link_bw * host_over_link
     print(f"{args.model}: {L} MoE layers x {E} experts (top-{k}); layer {layer_s * 1e3:.3f} ms; link "
           f"{link_bw / 1e9:.3f} GB/s ({ratio:.1f} layer-computes per expert); host {host_bw / 1e9:.3f} GB/s")
     modes = {"off": [None], "on": [dict(host_bandwidth=host_bw, host_compute="on")]}

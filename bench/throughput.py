@@ -146,6 +146,17 @@ def measure_costs(model_name, seqs, top_k, **kw) -> tuple[float, float, float, f
     return attn, expert, tail, plan
 
 
+def emulated_speeds(model_name, seqs, top_k: int, all_experts: int, expert_bytes: int, ratio: float, hw: str,
+                    host: str) -> tuple[float, float, float]:
+    """(a layer's compute in s at top-k, measured all-resident; the emulated link in bytes/s, so that one
+    full-precision expert takes `ratio` layer-computes; the host profile's expert read rate over the
+    hardware profile's link rate)."""
+    attn, expert, _, _ = measure_costs(model_name, seqs, top_k, predictor="none", expert_cache=all_experts)
+    layer_s = attn + top_k * expert
+    host_over_link = load_profiles("hosts")[host]["read_gbps"] / load_profiles("hardware")[hw]["h2d_gbps"]
+    return layer_s, expert_bytes / (ratio * layer_s), host_over_link
+
+
 def experts_modules(model) -> list[torch.nn.Module]:
     """Every MoE layer's experts module, in any family (dense layers and shared experts are not experts)."""
     return [m for m in model.modules() if is_experts_module(m)]
@@ -255,9 +266,7 @@ def main(argv=None) -> int:
     seqs = sequences(tok, Path(args.data), args.sequences, args.seq_len)
     hw, shape, dtype = args.profile.split(":")
     ratio = args.ratio or gpu_ratio(hw, shape, dtype)
-    attn0, expert0, tail0, _ = measure_costs(args.model, seqs, k, predictor="none", expert_cache=L * E)
-    layer_s = attn0 + k * expert0
-    link_bw = expert_bytes / (ratio * layer_s)  # the emulated GPU link, from the full-precision experts
+    layer_s, link_bw, host_over_link = emulated_speeds(args.model, seqs, k, L * E, expert_bytes, ratio, hw, args.host)
     if args.expert_dtype != "auto":
         EXPERT.update(expert_dtype=args.expert_dtype)
         probe, _ = load(args.model, predictor="none")
@@ -265,8 +274,6 @@ def main(argv=None) -> int:
         probe.moe_runtime.close()
         print(f"experts as {args.expert_dtype}: {expert_bytes / 1e6:.3f} MB each, one copy takes "
               f"{expert_bytes / link_bw / layer_s:.2f} full-precision layer-computes")
-    host_profile = load_profiles("hosts")[args.host]
-    host_over_link = host_profile["read_gbps"] / load_profiles("hardware")[hw]["h2d_gbps"]
     host_bw = link_bw * host_over_link
     print(f"{args.model}: {L} MoE layers x {E} experts (top-{k}), expert {expert_bytes / 1e6:.2f} MB; CPU layer compute "
           f"{layer_s * 1e3:.3f} ms; emulated link {link_bw / 1e9:.3f} GB/s so one expert takes {ratio:.1f} layer-computes "

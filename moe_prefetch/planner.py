@@ -1590,10 +1590,9 @@ class Planner:
         miss_cost, saturation = self._miss_cost_and_saturation()
         actions = []
         predictive = isinstance(self.policy, PredictivePolicy)
-        # what prefetches delivered: per distance with host compute (read once per call, where a candidate
-        # reaches the gate), else one record
-        realised: dict | None = {} if self.host_compute else None
-        overall = self.realised() if realised is None else 1.0
+        # what prefetches delivered, per distance with host compute, else one record (realised): read once
+        # per distance per call, where a candidate reaches the gate
+        realised: dict = {}
         issued_before = self.counters.prefetch_issued
         victim_memo = None
         for target, d, scores in predictions:
@@ -1627,13 +1626,10 @@ class Planner:
                     late = max(0.0, eta - need_at)
                     # with a host, a copy that is still in flight when needed saves nothing: that use
                     # runs on the host anyway; without one it still shortens the demand wait
-                    if realised is None:
-                        q = p * overall  # what a prefetch of this P has really delivered lately
-                    else:
-                        q = realised.get(d)
-                        if q is None:
-                            q = realised[d] = self.realised(d)
-                        q *= p
+                    q = realised.get(d)
+                    if q is None:
+                        q = realised[d] = self.realised(d)
+                    q *= p  # what a prefetch of this P has really delivered lately
                     saving = q * (miss_cost if late <= 0 else 0.0) if self.host_compute else q * max(0.0, miss_cost - late)
                     victim_value = 0.0
                     if victim is not None:
