@@ -86,7 +86,11 @@ class ExpertOffloader:
             self._abandon([a for a in actions[started + 1:] if a.kind == "copy"] + self.planner.take_keeps())
             self.planner.release(actions)
             raise
-        self.prefetch(self.planner.take_keeps())  # host-computed misses copied in while the link is idle
+        keeps = self.planner.take_keeps()  # host-computed misses copied in while the link is idle
+        if keeps:
+            t0 = self.clock()
+            self.prefetch(keeps)
+            self.planner.observe_keep_cost(self.clock() - t0)  # the compute thread's share of them
         return actions
 
     def _abandon(self, actions: list[Action]) -> None:

@@ -1163,6 +1163,13 @@ class Planner:
         self._keep_recency = keep_recency
         self.keep_switch = KeepSwitch() if (keep_recency is None and host_compute
                                             and isinstance(policy, PredictivePolicy) and policy.recency) else None
+        # The keep switch's clock: what a keep rule changes, in seconds, and little else. Per layer run, the
+        # device's work as the starting cost model has it (fixed: the measured layer time includes the waits
+        # for the host); per host job, the host's measured time per job; per keep, the time starting it took
+        # the caller (observe_keep_cost). On the wall clock an epoch's time also moves with the prediction
+        # switch's epochs, the eviction rule's planning and the machine's noise
+        self.keep_clock = 0.0
+        self._keep_layer_s = costs.layer_time(top_k)
         self._layer_seen = None
         self._round_left: set = set()  # experts of the executing layer's run not granted yet (its next round's)
         # wall time per MoE layer as the caller's clock shows it (EMA over decode and prefill layers): with
@@ -1209,14 +1216,16 @@ class Planner:
             self._layer_start = now
             if self.positions[layer] == 0:
                 decode, warm = all(n <= 1 for n in rows.values()), not self.cache.has_free()
-                for switch in (self.switch, self.keep_switch):
-                    if switch is not None:
-                        switch.token(now, decode, warm=warm)
+                if self.switch is not None:
+                    self.switch.token(now, decode, warm=warm)
                 if self.eviction_switch is not None:
                     rule = self.eviction_switch.token(decode, warm, self.policy.ghost_wins,
                                                       self._miss_cost_and_saturation()[0],
                                                       lru_ok=not self.host_compute)
                     self.policy.set_rule(rule, ghosting=self.eviction_switch.ghost)
+                if self.keep_switch is not None:  # on the keep clock; only where keeps follow its arm (under
+                    # LFU's or LRU's eviction rule, eviction "auto", they are judged on frequency whatever it says)
+                    self.keep_switch.token(self.keep_clock, decode and self.policy.rule == "predictive", warm=warm)
             if self.eviction_switch is not None:
                 self.eviction_switch.layer()
                 if not self.host_compute:  # what LRU's rule would have held (host compute: not a candidate)
@@ -1273,9 +1282,13 @@ class Planner:
         if new_run:  # once per layer, not per round
             self.link_traffic = 0.9 * self.link_traffic + 0.1 * (copies + self._sent)
             self._sent = 0
+        host = 0
         for a in actions:
             if a.kind == "host":
+                host += a.rows
                 self._keep(now, a.key, needed)
+        if self.keep_switch is not None:  # the device's layer once (fixed), the host's jobs (measured per job)
+            self.keep_clock += (self._keep_layer_s if new_run else 0.0) + (self.costs.host_s * host if host else 0.0)
         return actions
 
     def _shadow_run(self, layer: int, experts: list[int]) -> None:
@@ -1386,6 +1399,12 @@ class Planner:
         """plan_layer() took `seconds` of the caller's critical path (what the eviction rule is priced on)."""
         if self.eviction_switch is not None:
             self.eviction_switch.plan_time(seconds)
+
+    def observe_keep_cost(self, seconds: float) -> None:
+        """Starting the last plan's keeps took `seconds` of the caller's critical path (on the CPU backend
+        the copies themselves, on CUDA their launch): it runs on the keep clock."""
+        if self.keep_switch is not None:
+            self.keep_clock += seconds
 
     def observe_predict_cost(self, seconds: float) -> None:
         """A predicted layer's predictor and prefetch planning took `seconds` of the caller's critical path."""

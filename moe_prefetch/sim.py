@@ -375,7 +375,10 @@ def simulate(trace: Trace, cost: CostModel, slots: int, policy: Policy, priority
                 on_host = any(a.kind == "host" for a in actions)
                 # fixed costs of this round's copies and host jobs: paid on the compute thread after the
                 # work they hand off (the CPU backend's wake-ups and hand-offs), so they add, not overlap
-                overhead = cost.copy_s * (sum(a.kind == "copy" for a in actions) + len(planner.take_keeps())) \
+                keeps = len(planner.take_keeps())
+                if keeps:
+                    planner.observe_keep_cost(cost.copy_s * keeps)  # as the runtime times starting its keeps
+                overhead = cost.copy_s * (sum(a.kind == "copy" for a in actions) + keeps) \
                     + cost.host_job_s * sum(a.kind == "host" for a in actions)
                 end = max(device_end, planner.host_free if on_host else now)
                 stall += end - now - work  # waiting for copies, or for the host's share

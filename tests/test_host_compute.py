@@ -55,7 +55,10 @@ def test_every_keep_rule_is_token_identical(ckpt, rule):
 
 
 def test_keep_switch_measures_both_rules_in_decode(ckpt):
+    """With the predictive rule evicting (eviction "auto" may run LFU's, under which keeps are on frequency
+    and the keep switch measures nothing), the opening epochs try both keep rules."""
     model, _ = mp.load_model(str(ckpt), mp.OffloadConfig(device="cpu", expert_cache=5, predictor="none",
+                                                         eviction="predictive",
                                                          link_bandwidth=2e7, host_bandwidth=4e7, show_progress=False))
     with torch.inference_mode():
         model.generate(PROMPT, max_new_tokens=48, min_new_tokens=48, do_sample=False)

@@ -341,24 +341,101 @@ def test_keep_switch_does_not_measure_the_tokens_after_a_change():
     assert sw.mean[True] == pytest.approx(2e-3), "the settling tokens were measured"
 
 
-def test_a_change_of_mind_is_confirmed_before_it_is_kept():
-    """KeepSwitch: a decision that reverses the last one (one re-test epoch's evidence, which may have run
-    on the cache the incumbent left) runs one epoch each way and is decided again, not kept for EXPLOIT."""
-    from moe_prefetch.switch import KeepSwitch, PredictionSwitch
+def _run_epochs(sw, epoch_seconds, rng, noise):
+    """Drive a MeasuredSwitch through decode: each epoch's tokens last epoch_seconds[arm] x (1 +- noise)
+    (one draw per epoch, as a run of tokens with heavier or lighter routing). Returns the arm per epoch."""
+    now, arms = 0.0, []
+    for _ in range(epoch_seconds["epochs"]):
+        arm = sw.arm
+        per_token = epoch_seconds[arm] * (1.0 + rng.uniform(-noise, noise))
+        for _ in range(sw.SETTLE_TOKENS if sw._settling else 0):
+            sw.token(now, decode=True)
+            now += per_token
+        for _ in range(sw.EPOCH_TOKENS):
+            sw.token(now, decode=True)
+            now += per_token
+        arms.append(arm)
+    return arms
 
-    assert KeepSwitch.CONFIRM and not PredictionSwitch.CONFIRM
-    sw = KeepSwitch()
+
+def _recency_share(t95, recency_s, seeds=20, epochs=80):
+    """Mean share of epochs after the opening (and its rounds) that a KeepSwitch ran recency, over seeds,
+    epochs spreading +-30%, frequency 1 ms a token."""
+    import random
+
+    from moe_prefetch.switch import KeepSwitch
+
+    shares = []
+    for seed in range(seeds):
+        sw = KeepSwitch()
+        sw.T95 = t95
+        arms = _run_epochs(sw, {True: recency_s, False: 1e-3, "epochs": epochs}, random.Random(seed), 0.3)
+        after = arms[3 + 2 * sw.EXPLORE:]
+        shares.append(sum(after) / len(after))
+    return sum(shares) / len(shares)
+
+
+def test_keep_switch_keeps_frequency_where_the_rules_differ_by_less_than_the_noise():
+    """Epochs whose token times spread by +-30% with their routing, recency 1% slower: comparing plain
+    means, whichever rule had the luckier epochs won (recency 41% of the time over 20 runs); with the
+    significance test the opening explores a few more rounds and then runs frequency, re-testing recency
+    one epoch in EXPLOIT + 1 (a false verdict now and then: 14%)."""
+    from moe_prefetch.switch import KeepSwitch
+
+    assert _recency_share(KeepSwitch.T95, 1.01e-3) < 0.2
+    assert _recency_share(None, 1.01e-3) > 0.3  # the same epochs, plain means
+
+
+def test_keep_switch_finds_recency_where_it_pays_beyond_the_noise():
+    """Recency keeps 25% faster (routing that sticks: simulated 1.25-1.4x), epochs spreading +-30%: the
+    test finds it, most often within the opening's rounds, and runs it."""
+    from moe_prefetch.switch import KeepSwitch
+
+    assert _recency_share(KeepSwitch.T95, 0.75e-3) > 0.85
+
+
+def test_without_a_significance_test_the_faster_mean_wins():
+    """PredictionSwitch keeps plain means (no T95): the faster mean after the opening, by MARGIN."""
+    from moe_prefetch.switch import PredictionSwitch
+
+    assert PredictionSwitch.T95 is None
+    sw = PredictionSwitch()
     sw.mean = {True: 1.0, False: 2.0}
-    sw._schedule, sw._decision, sw.arm = [], True, False  # recency was chosen; frequency is being re-tested
-    sw._tokens, sw._seconds = 1, 0.01  # and looks so fast that the means flip
+    sw._schedule, sw.arm = [], False
+    sw._tokens, sw._seconds = 1, 1.9
     sw._end_epoch()
-    assert sw._decision is False and sw.arm is False and sw._schedule == [True]  # one epoch each way
-    sw._tokens, sw._seconds = 1, 1.0
-    sw._end_epoch()
-    assert sw.arm is True and sw._schedule == []  # then decided again
-    sw._tokens, sw._seconds = 1, 1.5
-    sw._end_epoch()  # frequency still wins: the same decision twice is kept for EXPLOIT epochs or more
-    assert sw._decision is False and sw.arm is False and len(sw._schedule) >= sw.EXPLOIT
+    assert sw.arm is True and len(sw._schedule) >= sw.EXPLOIT
+
+
+def test_keep_switch_runs_on_the_keep_clock_not_the_callers():
+    """The keep switch times tokens on the planner's keep clock: per layer run the starting cost model's
+    device time, per host job the host's time per job, per keep what starting it took the caller. Wall
+    time the caller spends elsewhere (a predictor, a slow machine) does not count; nor do tokens run
+    under LFU's eviction rule, where keeps are judged on frequency whatever the switch says."""
+    costs = Costs(layer_s=1.0, expert_s=0.1, transfer_s=10.0, host_s=2.0)
+    pl = make_planner(slots=2, layers=2, top_k=1, costs=costs, host_compute=True, eviction="auto")
+    sw = pl.keep_switch
+    assert sw is not None and pl.keep_clock == 0.0
+    seen = []
+    sw.token = lambda now, decode, warm=True: seen.append((now, decode))
+    now = 0.0
+    for t, experts in enumerate([[0, 1], [2, 3], [4, 5]]):  # a token: layer 0 then layer 1, one expert each
+        for layer, e in enumerate(experts):
+            acts = pl.plan_layer(now, layer, [e])
+            pl.release(acts)
+            keeps = pl.take_keeps()
+            if keeps:
+                pl.observe_keep_cost(0.25 * len(keeps))
+            now += 100.0  # the caller's clock runs far ahead: it must not matter
+    host_jobs = pl.counters.host
+    assert host_jobs > 0
+    expected = 6 * costs.layer_time(1) + host_jobs * costs.host_s + 0.25 * pl.counters.keeps
+    assert pl.keep_clock == pytest.approx(expected)
+    assert [n for n, _ in seen] == sorted(n for n, _ in seen) and seen[-1][0] < expected  # clock, not `now`
+    pl.policy.set_rule("lfu")
+    pl.eviction_switch.token = lambda *a, **k: "lfu"
+    pl.release(pl.plan_layer(now, 0, [6]))
+    assert seen[-1][1] is False, "a token under LFU's rule is not measured"
 
 
 def test_keep_switch_unmeasured_keeps_frequency():
