@@ -12,6 +12,10 @@ import math
 from collections import deque
 
 
+# one-sided 95% Student t quantiles by degrees of freedom (1-14): a MeasuredSwitch's significance test
+T95_ONE_SIDED = (6.314, 2.920, 2.353, 2.132, 2.015, 1.943, 1.895, 1.860, 1.833, 1.812, 1.796, 1.782, 1.771, 1.761)
+
+
 class MeasuredSwitch:
     """A choice between two ways of running (arms True and False), decided by what each does to decode
     time, measured on the caller's clock (wall time in the runtime, modelled time in the simulator).
@@ -177,7 +181,7 @@ class KeepSwitch(MeasuredSwitch):
     EPOCH_TOKENS = 8    # a keep rule acts through the cache it leaves, which outlasts a short epoch:
     SETTLE_TOKENS = 8   # the first tokens after a change still run on the other arm's cache
     EXPLOIT = 15        # stickiness and the cost of a copy belong to the model and the machine: re-test rarely
-    T95 = (6.314, 2.920, 2.353, 2.132, 2.015, 1.943, 1.895, 1.860, 1.833, 1.812, 1.796, 1.782, 1.771, 1.761)
+    T95 = T95_ONE_SIDED
     EXPLORE = 4         # opening rounds while neither rule is faster beyond noise
 
     def __init__(self):
