@@ -40,7 +40,8 @@ class MeasuredSwitch:
     EXPLORE = 0         # with the test: rounds of one epoch per arm the opening may add while neither arm wins
 
     def __init__(self, opening: tuple[bool, ...] = (True, False)):
-        self.mean = {True: None, False: None}  # arm -> decaying mean seconds per decode token
+        # arm -> mean seconds per decode token: decaying, or (with the test) over its last WINDOW epochs
+        self.mean = {True: None, False: None}
         self._schedule = list(opening)  # epochs still to run before the next decision
         self.arm = self._schedule.pop(0)  # the current epoch's arm
         self._t0 = None           # when the current token started (its first MoE layer)
