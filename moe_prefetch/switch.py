@@ -68,7 +68,7 @@ class MeasuredSwitch:
         dof = len(a) + len(b) - 2
         if not a or not b or dof < 1:
             return None
-        on, off = sum(a) / len(a), sum(b) / len(b)
+        on, off = self.mean[True], self.mean[False]  # the windows' means
         var = (sum((x - on) ** 2 for x in a) + sum((x - off) ** 2 for x in b)) / dof
         margin = self.T95[min(dof, len(self.T95)) - 1] * math.sqrt(var * (1.0 / len(a) + 1.0 / len(b)))
         if on < off * (1.0 - self.MARGIN) and off - on > margin:
@@ -109,13 +109,11 @@ class MeasuredSwitch:
         self._tokens, self._seconds = 0, 0.0
         if not self._schedule and None in (self.mean[True], self.mean[False]):
             self._schedule = [self.mean[True] is None]  # an opening without both arms: measure the other first
-        if not self._schedule and self.T95:
-            self._decide_tested()
         if not self._schedule:
-            best = self.best()
-            on, off = self.mean[True], self.mean[False]
-            wide = abs(on - off) > self.WIDE * min(on, off)
-            self._schedule = [best] * (self.EXPLOIT * (4 if wide else 1)) + [not best]
+            if self.T95:
+                self._decide_tested()
+            else:
+                self._exploit(self.best(), wide=True)
         arm = self._schedule.pop(0)
         self._settling = self.SETTLE_TOKENS if arm != self.arm else 0
         self.arm = arm
@@ -131,9 +129,13 @@ class MeasuredSwitch:
             self._schedule = [not self.arm, self.arm]
             return
         self._explore = 0
-        best = bool(verdict)
+        self._exploit(bool(verdict), wide=verdict is not None)
+
+    def _exploit(self, best: bool, wide: bool) -> None:
+        """Run `best` for EXPLOIT epochs (4 x as many where `wide` may apply and the arms' means differ by
+        more than WIDE), then re-test the other arm."""
         on, off = self.mean[True], self.mean[False]
-        wide = verdict is not None and abs(on - off) > self.WIDE * min(on, off)
+        wide = wide and abs(on - off) > self.WIDE * min(on, off)
         self._schedule = [best] * (self.EXPLOIT * (4 if wide else 1)) + [not best]
 
 
