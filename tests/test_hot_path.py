@@ -132,10 +132,11 @@ def test_one_device_read_per_moe_layer_in_decode(ckpt, counter, tmp_path, predic
     view = ModelView.of(model, model.moe_runtime.adapter)
     # The planner prices prefetches with the link time per copy that the engine measures, and its benefit
     # gate refuses them where the link is busier than the layers (at 3 slots every token misses most of
-    # its experts; measured here: none issued once a copy is priced above about 1.5 ms). A bare memcpy of
-    # these tiny experts takes microseconds, but one descheduled worker thread on a loaded 2-core machine
-    # can lift the measured mean past that (CI once saw no prefetch for history at 3 slots). So a copy is
-    # priced at a fixed 0.1 ms, well below a layer here: the copies and the hot path are unchanged.
+    # its experts; measured here: prefetches issued with a copy priced at up to 1 ms, none for most
+    # predictors at 2 ms). A bare memcpy of these tiny experts takes microseconds, but one descheduled
+    # worker thread on a loaded 2-core machine can lift the measured mean past that (CI once saw no
+    # prefetch for history at 3 slots). So a copy is priced at a fixed 0.1 ms, well below a layer here:
+    # the copies and the hot path are unchanged.
     model.moe_runtime.offloader.engine.seconds_per_copy = lambda: 1e-4
     if predictor == "m2r2":
         from moe_prefetch.predictors.accelerated import AcceleratedResidual, save
