@@ -28,7 +28,8 @@ def main(argv=None) -> int:
     ap.add_argument("--host-over-link", type=float, default=2.4, help="host expert rate / link rate (default 2.4: DDR5-2ch / PCIe 4)")
     ap.add_argument("--slots", type=int, help="cache slots (default: half the experts)")
     ap.add_argument("--tokens", type=int, default=600, help="tokens of the trace to replay (default 600)")
-    ap.add_argument("--lookahead", type=int, default=4, help="K for the predictor rows (default 4)")
+    ap.add_argument("--lookahead", type=int, default=None,
+                    help="K for the predictor rows (default: 4, or the trace's recorded lookahead if less)")
     args = ap.parse_args(argv)
     tr = Trace.load(args.trace)
     n = min(args.tokens, tr.routing.shape[0])
@@ -38,7 +39,13 @@ def main(argv=None) -> int:
     slots = args.slots or L * E // 2
     layer, expert = 1e-3, 0.1e-3
     transfer = args.ratio * layer
-    K = args.lookahead
+    recorded = min((s.shape[2] for s in tr.scores.values()), default=4)  # [N, L, K, E] per predictor
+    K = args.lookahead if args.lookahead is not None else min(4, recorded)
+    if K < 1:
+        ap.error(f"--lookahead must be at least 1, got {K}")
+    if tr.scores and K > recorded:  # before any row is printed
+        ap.error(f"the trace has predictor scores for a lookahead of at most {recorded}, --lookahead asks {K} "
+                 "(record it with a larger --lookahead, or ask for less)")
     print(f"{args.trace}: {n} tokens, {L} layers x {E} experts (top-{k}), {slots} slots; link {args.ratio} "
           f"layer-computes per expert, host {args.host_over_link}x the link\n")
     print("| policy | host compute | tokens per 1000 layer-computes | x no predictor | hit rate | prefetches issued |")

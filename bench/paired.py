@@ -129,7 +129,7 @@ def main(argv=None) -> int:
     layer_s, link_bw, host_over_link = T.emulated_speeds(args.model, seqs, k, L * E, expert_bytes, ratio, hw, args.host)
     host_bw = link_bw * host_over_link
     print(f"{args.model}: {L} MoE layers x {E} experts (top-{k}); layer {layer_s * 1e3:.3f} ms; link "
-          f"{link_bw / 1e9:.3f} GB/s ({ratio:.1f} layer-computes per expert); host {host_bw / 1e9:.3f} GB/s")
+          f"{T.rate(link_bw)} ({ratio:.1f} layer-computes per expert); host {T.rate(host_bw)}")
     modes = {"off": [None], "on": [dict(host_bandwidth=host_bw, host_compute="on")]}
     modes["both"] = modes["off"] + modes["on"]
 

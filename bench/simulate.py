@@ -72,6 +72,11 @@ def main(argv=None) -> int:
     p.add_argument("--md", help="also write the tables to this Markdown file")
     p.add_argument("--json", help="also write all rows to this JSON file")
     args = p.parse_args(argv)
+    bad = [c for c in args.cache or [] if not 0.0 < c <= 1.0]
+    if bad:
+        p.error(f"--cache takes fractions of all experts in (0, 1], got {bad[0]:g}")
+    if args.max_lookahead < 1:
+        p.error(f"--max-lookahead must be at least 1, got {args.max_lookahead}")
 
     trace = Trace.load(args.trace)
     N, L, k = trace.shape

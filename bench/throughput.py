@@ -38,6 +38,7 @@ sys.path.insert(0, str(ROOT))
 
 import moe_prefetch as mp  # noqa: E402
 from moe_prefetch.cli_common import ArgumentParser, run_main  # noqa: E402
+from moe_prefetch.errors import MoePrefetchError  # noqa: E402
 from moe_prefetch.families.adapter import is_experts_module  # noqa: E402
 from moe_prefetch.hub import DEMO_DIR, resolve_model  # noqa: E402
 from moe_prefetch.predictors import ModelView, resolve_auto  # noqa: E402
@@ -45,7 +46,12 @@ from moe_prefetch.sim import CostModel, Policy, load_profiles, simulate  # noqa:
 
 
 def sequences(tokenizer, path: Path, n: int, length: int) -> list[torch.Tensor]:
-    ids = tokenizer(path.read_text(encoding="utf-8"), return_tensors="pt")["input_ids"][0]
+    """`n` consecutive sequences of `length` tokens from the start of the text file at `path`."""
+    # verbose=False: the whole file is one long sequence here, which is not a model input
+    ids = tokenizer(path.read_text(encoding="utf-8"), return_tensors="pt", verbose=False)["input_ids"][0]
+    if ids.numel() < n * length:
+        raise MoePrefetchError(f"{path} has {ids.numel()} tokens, fewer than the {n} x {length} asked for "
+                               "(fewer or shorter sequences, or a longer text)")
     return [ids[s * length:(s + 1) * length] for s in range(n)]
 
 
@@ -60,11 +66,21 @@ def teacher_forced(model, seqs, device="cpu") -> tuple[float, int]:
             t0 = time.perf_counter()
             out = model(seq[t:t + 1][None].to(device), use_cache=True,
                         **(mp.cache_kwargs(model, cache) if cache is not None else {}))
-            cache = out.get("past_key_values", out.get("cache"))  # renamed `cache` in newer transformers
+            # renamed `cache` in newer transformers, which warn when the old name is asked for
+            cache = out["cache"] if "cache" in out else out.get("past_key_values")
             if t:
                 seconds += time.perf_counter() - t0
                 steps += 1
     return seconds, steps
+
+
+def rate(bytes_per_s: float) -> str:
+    """A transfer rate with a unit that keeps three significant digits (a tiny model's emulated link is
+    a few MB/s: "0.000 GB/s" would read as no link at all)."""
+    for unit, scale in (("GB/s", 1e9), ("MB/s", 1e6), ("kB/s", 1e3)):
+        if bytes_per_s >= scale:
+            return f"{bytes_per_s / scale:.3g} {unit}"
+    return f"{bytes_per_s:.3g} B/s"
 
 
 def gpu_ratio(hw_name: str, shape_name: str, dtype: str) -> float:
@@ -255,6 +271,8 @@ def main(argv=None) -> int:
 
     probe, tok = load(args.model, predictor="none")
     rt = probe.moe_runtime
+    if args.predictor_path:  # a file trained for another model: refused now, not at its first row minutes in
+        read_predictor(args.predictor_path, rt.fingerprint)
     L, E, k = len(rt.adapter.moe_layers()), rt.adapter.num_experts, rt.adapter.top_k
     view = ModelView.of(probe, rt.adapter)
     no_routers = view.routers_unavailable  # next-gate and m2r2 cannot run then
@@ -276,8 +294,8 @@ def main(argv=None) -> int:
               f"{expert_bytes / link_bw / layer_s:.2f} full-precision layer-computes")
     host_bw = link_bw * host_over_link
     print(f"{args.model}: {L} MoE layers x {E} experts (top-{k}), expert {expert_bytes / 1e6:.2f} MB; CPU layer compute "
-          f"{layer_s * 1e3:.3f} ms; emulated link {link_bw / 1e9:.3f} GB/s so one expert takes {ratio:.1f} layer-computes "
-          f"(the ratio of {args.profile}); emulated host {host_bw / 1e9:.3f} GB/s ({args.host} reads experts "
+          f"{layer_s * 1e3:.3f} ms; emulated link {rate(link_bw)} so one expert takes {ratio:.1f} layer-computes "
+          f"(the ratio of {args.profile}); emulated host {rate(host_bw)} ({args.host} reads experts "
           f"{host_over_link:.2f}x as fast as {hw}'s link)")
 
     # oracle trace: routing of exactly these sequences
@@ -511,7 +529,7 @@ def targets(results: list[dict]) -> list[dict]:
 
 def render(r: dict, L: int, E: int) -> str:
     lines = [f"Decode tokens/s, {r.get('model', 'demo')} ({L} MoE layers x {E} experts), CPU "
-             f"({r['steps']} teacher-forced decode steps per row), emulated link {r['link_gbps']:.3f} GB/s = {r['ratio']:.1f} layer-computes per "
+             f"({r['steps']} teacher-forced decode steps per row), emulated link {rate(r['link_gbps'] * 1e9)} = {r['ratio']:.1f} layer-computes per "
              f"full-precision expert (ratio of {r['profile']})"
              + (f"; experts kept as {r['expert_dtype']} ({r['expert_mb']:.3f} MB: one copy takes "
                 f"{r['expert_mb'] * 1e6 / (r['link_gbps'] * 1e9) / (r['layer_ms'] / 1e3):.1f} full-precision layer-computes; "

@@ -276,7 +276,8 @@ def _predictions(trace: Trace, policy: Policy, E: int, k: int):
         raise MoePrefetchError(f"trace has no {policy.predictor} scores (it has: {', '.join(sorted(trace.scores)) or 'none'}; "
                                "oracle and history need none)")
     if scores.shape[2] < K:
-        raise ValueError(f"trace has scores for lookahead {scores.shape[2]}, policy asks {K}")
+        raise MoePrefetchError(f"the trace has {policy.predictor} scores for a lookahead of at most {scores.shape[2]}, "
+                               f"policy {policy.name!r} asks {K} (record it with a larger --lookahead, or ask for less)")
     scores = scores[:, :, :K]                                             # [N, L, K, E]
     missing = np.isnan(scores).all(-1)                                    # [N, L, K]
     top = np.argsort(-np.nan_to_num(scores, nan=-np.inf), axis=-1, kind="stable")[..., :k]  # [N, L, K, k]

@@ -604,6 +604,49 @@ def test_every_bench_refuses_a_bad_flag_in_one_line():
         assert r.stderr.startswith("error: ") and len(r.stderr.strip().splitlines()) == 1, (bench, r.stderr)
 
 
+def test_throughput_bench_refuses_another_models_predictor_and_a_short_text_before_any_row(tmp_path, ckpt):
+    """A predictor trained for another model is refused when the model is first loaded, not at its first row
+    minutes into the run; so is a text with fewer tokens than the sequences asked for. One line each, and no
+    report written."""
+    env = dict(os.environ, HF_HUB_OFFLINE="1", PYTHONPATH=str(ROOT))
+    bench = str(ROOT / "bench" / "throughput.py")
+    r = subprocess.run([sys.executable, bench, "--model", str(ckpt), "--predictor-path",
+                        str(ROOT / "bench/results/demo.m2r2.safetensors"), "--out", str(tmp_path / "a")],
+                       capture_output=True, text=True, env=env, timeout=300)
+    assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1, r.stderr
+    assert "trained for a different model" in r.stderr and "round" not in r.stdout
+    assert not list((tmp_path / "a").glob("*"))
+    text = tmp_path / "short.txt"
+    text.write_text("a short text")
+    r = subprocess.run([sys.executable, bench, "--model", str(ckpt), "--data", str(text), "--out", str(tmp_path / "b")],
+                       capture_output=True, text=True, env=env, timeout=300)
+    assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1, r.stderr
+    assert "fewer than the 3 x 64 asked for" in r.stderr and not list((tmp_path / "b").glob("*"))
+
+
+def test_trace_benches_check_their_numbers_in_one_line(tmp_path):
+    """bench/simulate.py refuses a cache fraction outside (0, 1]; bench/ceiling.py asks a trace recorded with
+    a lookahead below its default for no more than that, and refuses a larger one in one line."""
+    from test_sim import make_trace
+
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    make_trace(N=40, L=4, E=8, k=2, seed=0).save(tmp_path / "t.npz")  # next-gate scores for 2 layers ahead
+    for bad in ("1.5", "-0.5", "0"):
+        r = subprocess.run([sys.executable, str(ROOT / "bench" / "simulate.py"), "--trace", str(tmp_path / "t.npz"),
+                            "--cache", bad], capture_output=True, text=True, env=env, timeout=120)
+        assert r.returncode == 2 and not r.stdout and len(r.stderr.strip().splitlines()) == 1, r.stderr
+        assert "--cache takes fractions" in r.stderr
+    ceiling = str(ROOT / "bench" / "ceiling.py")
+    r = subprocess.run([sys.executable, ceiling, "--trace", str(tmp_path / "t.npz"), "--tokens", "20"],
+                       capture_output=True, text=True, env=env, timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert "| next-gate K=2 | off |" in r.stdout and "| oracle K=2 + Belady eviction | on |" in r.stdout
+    r = subprocess.run([sys.executable, ceiling, "--trace", str(tmp_path / "t.npz"), "--tokens", "20", "--lookahead", "3"],
+                       capture_output=True, text=True, env=env, timeout=300)
+    assert r.returncode == 2 and not r.stdout and len(r.stderr.strip().splitlines()) == 1, r.stderr
+    assert "lookahead of at most 2" in r.stderr
+
+
 def test_predictors_bench_says_what_the_skip_left(tmp_path):
     text = tmp_path / "short.txt"
     text.write_text("a short text")
