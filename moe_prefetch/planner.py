@@ -1321,7 +1321,10 @@ class Planner:
         if not self.cache.has_free():
             victim = self._victim(needed)
             frequency = not self.keeps_use_recency()
-            if victim is False or (self._use_probability(key, keep=frequency)
+            # under LRU's own policy the expert just used outranks the least recently used one, always: judged
+            # by a probability it has none of, no keep ever passed and the cache froze once full
+            recency_only = type(self.policy) is LRUPolicy
+            if victim is False or (not recency_only and self._use_probability(key, keep=frequency)
                                    <= self._use_probability(victim, keep=frequency)):
                 return
         slot, evicted = self.cache.insert(key, protected=needed, victim=victim)

@@ -310,6 +310,24 @@ def test_host_computed_miss_is_kept_on_frequency_or_with_recency_as_the_keep_swi
         assert pl.counters.keeps == 1 and (0, 5) in pl.cache and (0, 3) not in pl.cache
 
 
+def test_lru_with_host_compute_keeps_the_expert_just_used():
+    """Under LRU's own policy a host-computed miss is copied in on an idle link in place of the least recently
+    used expert: recency is LRU's whole rule. (Judged by a probability of use, which LRU has none of, no keep
+    ever passed and the cache froze once full: simulated on a sticky 8-layer trace at 50% cache with host
+    compute, 58% hits against LRU's 84% without host compute.)"""
+    costs = Costs(layer_s=1.0, expert_s=0.1, transfer_s=10.0, host_s=1.0)
+    pl = make_planner(slots=2, layers=1, top_k=1, costs=costs, host_compute=True, eviction="lru")
+    now = 0.0
+    kinds = []
+    for e in (0, 1, 2, 2):  # each miss runs on the host and is kept: 0 and 1 into free slots, 2 over 0; then a hit
+        acts = pl.plan_layer(now, 0, [e])
+        kinds.append(acts[0].kind)
+        pl.release(acts)
+        now += 20.0  # the link idle again
+    assert kinds == ["host", "host", "host", "hit"] and pl.counters.keeps == 3
+    assert (0, 2) in pl.cache and (0, 1) in pl.cache and (0, 0) not in pl.cache
+
+
 def test_keep_switch_exists_only_where_keeps_have_two_rules():
     host = Costs(layer_s=1.0, expert_s=0.1, transfer_s=10.0, host_s=1.0)
     assert make_planner(costs=host, host_compute=True, eviction="predictive").keep_switch is not None
