@@ -26,12 +26,36 @@ from moe_prefetch.sim import CostModel, Policy, Trace, simulate, synthetic_trace
 DEMO_TRACE = ROOT / "bench/results/demo.trace.npz"
 
 
+def noisy_clock(sigma: float, seed: int = 0) -> None:
+    """Every PredictionSwitch sees each token last its modelled time times a lognormal factor (sigma): the
+    machine's noise on a wall clock, which the simulator's modelled time lacks (its only noise is the
+    tokens' routing). The same seed for every simulated run, so variants meet the same noise."""
+    import random
+
+    from moe_prefetch.switch import PredictionSwitch
+
+    plain = PredictionSwitch.token
+
+    def token(self, now: float, decode: bool, warm: bool = True) -> None:
+        state = self.__dict__.setdefault("_noise", [None, 0.0, random.Random(seed)])  # last real, noisy, rng
+        last, noisy, rng = state
+        if last is not None:
+            noisy += (now - last) * rng.lognormvariate(0.0, sigma)
+        state[0], state[1] = now, noisy
+        plain(self, noisy, decode, warm)
+
+    PredictionSwitch.token = token
+
+
 def main(argv=None) -> int:
     ap = ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--trace", default=str(DEMO_TRACE), help="recorded trace (moe_prefetch.trace --data)")
     ap.add_argument("--tokens", type=int, default=300, help="tokens per synthetic trace (default 300)")
     ap.add_argument("--predict-cost", type=float, default=0.05,
                     help="the predictor's cost per predicted layer, in layer computes (default 0.05)")
+    ap.add_argument("--clock-noise", type=float, default=0.0,
+                    help="sigma of a lognormal factor on each token's time as the prediction switch sees it "
+                         "(default 0: the modelled time; 0.2 is about a shared CPU VM's wall clock)")
     ap.add_argument("--out", default=None, help="folder for switch.md and .json (switch_predictN.* with a cost "
                     "other than the default)")
     args = ap.parse_args(argv)
@@ -39,6 +63,10 @@ def main(argv=None) -> int:
         ap.error("--tokens must be at least 2")
     if args.predict_cost < 0:
         ap.error(f"--predict-cost must be at least 0, got {args.predict_cost}")
+    if args.clock_noise < 0:
+        ap.error(f"--clock-noise must be at least 0, got {args.clock_noise}")
+    if args.clock_noise:
+        noisy_clock(args.clock_noise)
     tr = Trace.load(args.trace)  # a missing or unreadable file: one line (run_main)
     n = min(400, tr.routing.shape[0])
     demo = tr.head(n)
@@ -72,8 +100,9 @@ def main(argv=None) -> int:
             print(f"{name}, link {ratio}: done", flush=True)
     vs_best = [r["adaptive"] / max(r["none"], r["always"]) for r in rows]
     vs_none = [r["adaptive"] / r["none"] for r in rows]
+    noise = f", each token's time seen by the switch x lognormal(0, {args.clock_noise:g})" if args.clock_noise else ""
     lines = [f"{len(rows)} simulated configurations, the predictor at {args.predict_cost} layer computes per predicted "
-             f"layer. Adaptive / better of never and always predicting: mean "
+             f"layer{noise}. Adaptive / better of never and always predicting: mean "
              f"{statistics.mean(vs_best):.3f}, worst {min(vs_best):.3f}; adaptive / never: worst {min(vs_none):.3f}.", "",
              "Where always predicting gains 10% or more:", "",
              "| trace | link | host compute | cache | predictor | always / never | adaptive / never |",
@@ -84,6 +113,7 @@ def main(argv=None) -> int:
     print("\n".join(lines))
     if args.out:
         stem = "switch" if args.predict_cost == 0.05 else f"switch_predict{args.predict_cost:g}"
+        stem += f"_noise{args.clock_noise:g}" if args.clock_noise else ""
         write_report(args.out, stem, lines, dict(predict_cost=args.predict_cost, rows=rows))
     return 0
 

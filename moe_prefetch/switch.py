@@ -20,12 +20,13 @@ class MeasuredSwitch:
     """A choice between two ways of running (arms True and False), decided by what each does to decode
     time, measured on the caller's clock (wall time in the runtime, modelled time in the simulator).
 
-    Decode runs in epochs of EPOCH_TOKENS tokens on one arm at a time; the switch keeps a decaying mean
-    token time per arm and runs the faster arm, re-testing the slower one every EXPLOIT epochs (so a
-    regime change is seen; the cost is one epoch in EXPLOIT + 1 on the worse arm), or every
-    4 x EXPLOIT when the two differ by more than WIDE (a re-test then costs more and is less likely
-    to change the answer). True must win by MARGIN to be chosen: within noise, False (the simpler arm)
-    is kept. `opening` is the order of the first epochs, before any decision."""
+    Decode runs in epochs of EPOCH_TOKENS tokens on one arm at a time; the switch keeps a mean token
+    time per arm (decaying by DECAY per epoch, or over the arm's last WINDOW epochs) and runs the faster
+    arm, re-testing the slower one every EXPLOIT epochs (so a regime change is seen; the cost is one
+    epoch in EXPLOIT + 1 on the worse arm), or every 4 x EXPLOIT when the two differ by more than WIDE
+    (a re-test then costs more and is less likely to change the answer), and, with WIDE_T95, by more
+    than the epochs' noise too. True must win by MARGIN to be chosen: within noise, False (the simpler
+    arm) is kept. `opening` is the order of the first epochs, before any decision."""
 
     EPOCH_TOKENS = 4
     EXPLOIT = 7
@@ -36,7 +37,11 @@ class MeasuredSwitch:
     SETTLE_TOKENS = 0   # decode tokens not measured after the arm changes (what the last arm left behind)
     # a significance test (one-sided 95% Student t quantiles by degrees of freedom), or None: the faster mean
     T95: tuple | None = None
-    WINDOW = 8          # with the test: epochs of each arm it weighs (the latest)
+    # without T95: the quantiles a WIDE difference between the plain means must also pass, beyond the
+    # epochs' noise, before it holds the faster arm for 4 x EXPLOIT epochs (None: the difference alone)
+    WIDE_T95: tuple | None = None
+    WINDOW = 8          # with a test: epochs of each arm it weighs (the latest)
+    DECAY = 0.5         # without a test: each arm's mean keeps this share of its last value per epoch (None: WINDOW's mean)
     EXPLORE = 0         # with the test: rounds of one epoch per arm the opening may add while neither arm wins
 
     def __init__(self, opening: tuple[bool, ...] = (True, False)):
@@ -49,7 +54,8 @@ class MeasuredSwitch:
         self._warmup = 0          # decode tokens not measured because the cache was still filling
         self._settling = 0        # decode tokens still to run unmeasured since the arm changed
         self.epochs = {True: 0, False: 0}
-        # with a significance test (T95 set): each arm's last WINDOW epoch times, and opening rounds still allowed
+        # each arm's last WINDOW epoch times (for a significance test: T95's or WIDE_T95's), and opening rounds
+        # still allowed (T95)
         self._recent = {True: deque(maxlen=self.WINDOW), False: deque(maxlen=self.WINDOW)}
         self._explore = self.EXPLORE
 
@@ -59,18 +65,19 @@ class MeasuredSwitch:
             return True
         return on < off * (1.0 - self.MARGIN)
 
-    def _significant(self) -> bool | None:
+    def _significant(self, quantiles: tuple | None = None) -> bool | None:
         """With a significance test: the arm that is faster beyond the epochs' noise (True must also win by
         MARGIN), or None while neither is. The noise is the epochs' spread about their arm's mean, pooled
         over both arms (a token's time varies with its routing whichever arm runs), and the difference
-        must exceed one-sided 95% Student t standard errors of it."""
+        must exceed one-sided 95% Student t standard errors of it. quantiles: T95 unless given."""
+        quantiles = quantiles or self.T95
         a, b = self._recent[True], self._recent[False]
         dof = len(a) + len(b) - 2
         if not a or not b or dof < 1:
             return None
-        on, off = self.mean[True], self.mean[False]  # the windows' means
+        on, off = sum(a) / len(a), sum(b) / len(b)  # the windows' means
         var = (sum((x - on) ** 2 for x in a) + sum((x - off) ** 2 for x in b)) / dof
-        margin = self.T95[min(dof, len(self.T95)) - 1] * math.sqrt(var * (1.0 / len(a) + 1.0 / len(b)))
+        margin = quantiles[min(dof, len(quantiles)) - 1] * math.sqrt(var * (1.0 / len(a) + 1.0 / len(b)))
         if on < off * (1.0 - self.MARGIN) and off - on > margin:
             return True
         if off < on and on - off > margin:
@@ -98,13 +105,13 @@ class MeasuredSwitch:
 
     def _end_epoch(self) -> None:
         t = self._seconds / self._tokens
-        if self.T95:
-            recent = self._recent[self.arm]
-            recent.append(t)
+        recent = self._recent[self.arm]
+        recent.append(t)
+        if self.T95 or self.DECAY is None:
             self.mean[self.arm] = sum(recent) / len(recent)
         else:
             m = self.mean[self.arm]
-            self.mean[self.arm] = t if m is None else 0.5 * m + 0.5 * t
+            self.mean[self.arm] = t if m is None else self.DECAY * m + (1.0 - self.DECAY) * t
         self.epochs[self.arm] += 1
         self._tokens, self._seconds = 0, 0.0
         if not self._schedule and None in (self.mean[True], self.mean[False]):
@@ -136,6 +143,8 @@ class MeasuredSwitch:
         more than WIDE), then re-test the other arm."""
         on, off = self.mean[True], self.mean[False]
         wide = wide and abs(on - off) > self.WIDE * min(on, off)
+        if wide and not self.T95 and self.WIDE_T95:  # a wide gap between plain means holds only beyond noise
+            wide = self._significant(self.WIDE_T95) is best
         self._schedule = [best] * (self.EXPLOIT * (4 if wide else 1)) + [not best]
 
 
@@ -146,7 +155,22 @@ class PredictionSwitch(MeasuredSwitch):
     whole effect of predicting on this machine: the predictor's own compute, the planning, copies that
     land but save less than their transfer (a layer computes its landed experts while the rest copy).
     So decode alternates epochs with and without prediction and keeps the faster (MeasuredSwitch),
-    opening with two epochs of prediction and one without."""
+    opening with two epochs of prediction and one without.
+
+    Each arm's mean is over its last WINDOW epochs, and a gap wider than WIDE holds the faster arm for
+    4 x EXPLOIT epochs only when a Student t test says it is beyond the epochs' noise (else EXPLOIT, then
+    a re-test). Before 2026-12-07 the means decayed by half each epoch and any wide gap held: a 4-token
+    epoch's time varies by 20-30% with its tokens' routing, so one lucky epoch could hold the wrong arm
+    for 28 epochs (on a second trained model with host compute at 75% cache, predicting ran 36-37 of a
+    192-token run's 45 epochs where predicting on every layer was 0.88-1.00 of not predicting).
+    Choosing the arm by the test alone was tried and kept prediction off too long where it pays
+    (bench/switch.py: worst 0.820 of the better fixed arm against 0.894). Simulated (bench/switch.py,
+    180 configurations, the adaptive planner over the better of never and always predicting): mean
+    0.988 and worst 0.895 before, 0.988 and 0.906 now; with each token's time seen x lognormal(0, 0.2)
+    (`--clock-noise 0.2`, a wall clock's noise), 0.985 / 0.876 before, 0.988 / 0.893 now."""
+
+    DECAY = None
+    WIDE_T95 = T95_ONE_SIDED
 
     def __init__(self):
         super().__init__(opening=(True, True, False))

@@ -425,6 +425,51 @@ def test_without_a_significance_test_the_faster_mean_wins():
     assert sw.arm is True and len(sw._schedule) >= sw.EXPLOIT
 
 
+def _epochs(sw, per_token: list[float]) -> None:
+    """Drive a MeasuredSwitch through one epoch per entry of `per_token` (seconds a token), whatever its arm."""
+    now = getattr(sw, "_test_now", None)
+    if now is None:
+        now = 0.0
+        sw.token(now, decode=True)
+    for seconds in per_token:
+        for _ in range(sw.EPOCH_TOKENS):
+            now += seconds
+            sw.token(now, decode=True)
+    sw._test_now = now
+
+
+@pytest.mark.parametrize("second_epoch, held", [(1.4e-3, False), (1.02e-3, True)])
+def test_prediction_switch_holds_a_wide_gap_long_only_beyond_the_noise(second_epoch, held):
+    """The opening's two predicting epochs and one without: predicting 20-25% faster on the means. Where its
+    two epochs spread (1.0 and 1.4 ms a token) that is within the noise, and the faster arm runs EXPLOIT
+    epochs before the other is tested again; where they agree (1.0 and 1.02), 4 x EXPLOIT."""
+    from moe_prefetch.switch import PredictionSwitch
+
+    sw = PredictionSwitch()
+    assert sw.DECAY is None and sw.WIDE_T95 is not None
+    _epochs(sw, [1.0e-3, second_epoch, 1.5e-3])  # opening: True, True, False
+    assert sw.mean[True] == pytest.approx((1.0e-3 + second_epoch) / 2) and sw.mean[False] == pytest.approx(1.5e-3)
+    plan = [sw.arm] + sw._schedule
+    hold = sw.EXPLOIT * (4 if held else 1)
+    assert plan == [True] * hold + [False]
+
+
+def test_prediction_switch_means_are_over_each_arms_last_epochs():
+    """Each arm's mean is over its last WINDOW epochs, not a mean that halves its past each epoch."""
+    from moe_prefetch.switch import PredictionSwitch
+
+    sw = PredictionSwitch()
+    times = []
+    for _ in range(40):
+        t = 1e-3 * (1 + 0.05 * len(times))
+        arm = sw.arm
+        _epochs(sw, [t])
+        if arm:
+            times.append(t)
+    assert len(times) > sw.WINDOW
+    assert sw.mean[True] == pytest.approx(sum(times[-sw.WINDOW:]) / sw.WINDOW)
+
+
 def test_keep_switch_runs_on_the_keep_clock_not_the_callers():
     """The keep switch times tokens on the planner's keep clock: per layer run the starting cost model's
     device time, per host job the host's time per job, per keep what starting it took the caller. Wall

@@ -569,6 +569,14 @@ def test_switch_bench_on_a_recorded_trace(tmp_path):
                                               "16 layers, sticky 0.3", "32 layers, sticky 0.6"}
     assert all(row[arm] > 0 for row in rows for arm in ("none", "always", "adaptive"))
     assert "simulated configurations" in (tmp_path / "switch.md").read_text()
+    # the switch seeing each token's time through a noisy clock: its own report; a negative sigma is one line
+    r = subprocess.run([sys.executable, bench, "--trace", str(tmp_path / "t.npz"), "--tokens", "12", "--clock-noise",
+                        "0.2", "--out", str(tmp_path)], capture_output=True, text=True, env=env, timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert "x lognormal(0, 0.2)" in (tmp_path / "switch_noise0.2.md").read_text()
+    r = subprocess.run([sys.executable, bench, "--clock-noise", "-1"], capture_output=True, text=True, env=env,
+                       timeout=120)
+    assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1 and "--clock-noise" in r.stderr, r.stderr
 
 
 def test_keep_switch_bench_on_a_recorded_trace(tmp_path):
