@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -207,6 +208,12 @@ def main_body(argv=None) -> int:
         trace.save(args.out)
     finally:
         model.moe_runtime.close()
+    if "m2r2" in trace.scores:  # distances the predictor file has no map for are left empty (NaN): say so
+        m2r2, L = trace.scores["m2r2"], trace.header["layers"]  # [N, L, K, E]
+        empty = [d for d in range(1, m2r2.shape[2] + 1) if d < L and np.isnan(m2r2[:, :, d - 1]).all()]
+        if empty:
+            print(f"note: the m2r2 predictor has no map for distance {', '.join(map(str, empty))} (trained with a "
+                  f"smaller --lookahead); the trace's m2r2 scores there are empty", file=sys.stderr)
     print(f"wrote {args.out}: {trace.header['tokens']} tokens x {trace.header['layers']} layers, "
           f"predictors {', '.join(trace.header['predictors'])}")
     return 0
@@ -219,6 +226,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    import sys
-
     sys.exit(main())

@@ -57,6 +57,14 @@ def test_calibrate_trains_saves_and_improves_on_next_gate(setup, capsys):
     m2r2, gate = tr.scores["m2r2"], tr.scores["next-gate"]  # [N, L, K, E]
     assert not np.isnan(m2r2[:, 0, :2]).any() and np.isnan(m2r2[:, 0, 2]).all()
     assert not np.isnan(gate[:, 0, 2]).any(), "next-gate reaches every later layer"
+    # the trace command says so
+    from moe_prefetch.trace import main as trace_main
+    capsys.readouterr()
+    assert trace_main(["--model", str(ckpt), "--data", str(text), "--out", str(root / "t3.npz"), "--lookahead", "3",
+                       "--predictor-path", str(out), "--seq-len", "32", "--max-tokens", "64", "--device", "cpu",
+                       "--no-progress"]) == 0
+    err = capsys.readouterr().err
+    assert "note: the m2r2 predictor has no map for distance 3 (trained with a smaller --lookahead)" in err, err
 
 
 def test_predictor_refuses_another_model(setup, tmp_path, capsys):
