@@ -38,6 +38,7 @@ sys.path.insert(0, str(ROOT))
 
 import moe_prefetch as mp  # noqa: E402
 from moe_prefetch.cli_common import ArgumentParser, run_main  # noqa: E402
+from moe_prefetch.config import format_size  # noqa: E402
 from moe_prefetch.errors import MoePrefetchError  # noqa: E402
 from moe_prefetch.families.adapter import is_experts_module  # noqa: E402
 from moe_prefetch.hub import DEMO_DIR, resolve_model  # noqa: E402
@@ -75,12 +76,9 @@ def teacher_forced(model, seqs, device="cpu") -> tuple[float, int]:
 
 
 def rate(bytes_per_s: float) -> str:
-    """A transfer rate with a unit that keeps three significant digits (a tiny model's emulated link is
-    a few MB/s: "0.000 GB/s" would read as no link at all)."""
-    for unit, scale in (("GB/s", 1e9), ("MB/s", 1e6), ("kB/s", 1e3)):
-        if bytes_per_s >= scale:
-            return f"{bytes_per_s / scale:.3g} {unit}"
-    return f"{bytes_per_s:.3g} B/s"
+    """A transfer rate in the unit that suits it (a tiny model's emulated link is a few hundred KiB/s:
+    "0.000 GB/s" would read as no link at all)."""
+    return f"{format_size(int(bytes_per_s))}/s"
 
 
 def gpu_ratio(hw_name: str, shape_name: str, dtype: str) -> float:

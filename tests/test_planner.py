@@ -425,9 +425,9 @@ def test_without_a_significance_test_the_faster_mean_wins():
     assert sw.arm is True and len(sw._schedule) >= sw.EXPLOIT
 
 
-def _epochs(sw, per_token: list[float]) -> None:
-    """Drive a MeasuredSwitch through one epoch per entry of `per_token` (seconds a token), whatever its arm."""
-    now = getattr(sw, "_test_now", None)
+def _epochs(sw, per_token: list[float], now: float | None = None) -> float:
+    """Drive a MeasuredSwitch through one epoch per entry of `per_token` (seconds a token), whatever its arm,
+    from `now` (None: a fresh switch, whose first token starts at 0); returns the clock after them."""
     if now is None:
         now = 0.0
         sw.token(now, decode=True)
@@ -435,7 +435,7 @@ def _epochs(sw, per_token: list[float]) -> None:
         for _ in range(sw.EPOCH_TOKENS):
             now += seconds
             sw.token(now, decode=True)
-    sw._test_now = now
+    return now
 
 
 @pytest.mark.parametrize("second_epoch, held", [(1.4e-3, False), (1.02e-3, True)])
@@ -459,11 +459,11 @@ def test_prediction_switch_means_are_over_each_arms_last_epochs():
     from moe_prefetch.switch import PredictionSwitch
 
     sw = PredictionSwitch()
-    times = []
+    times, now = [], None
     for _ in range(40):
         t = 1e-3 * (1 + 0.05 * len(times))
         arm = sw.arm
-        _epochs(sw, [t])
+        now = _epochs(sw, [t], now)
         if arm:
             times.append(t)
     assert len(times) > sw.WINDOW
