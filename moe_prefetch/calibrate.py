@@ -38,7 +38,7 @@ def read_text(path: str, what: str = "calibration text") -> str:
 def text_chunks(tokenizer, text: str, seq_len: int, max_tokens: int, skip_tokens: int = 0,
                 min_tokens: int | None = None, what: str = "calibration text") -> list[torch.Tensor]:
     """The token ids collect_residuals runs, as its sequences: contiguous chunks [S] of the text."""
-    ids = tokenizer(text, return_tensors="pt")["input_ids"][0]
+    ids = tokenizer(text, return_tensors="pt", verbose=False)["input_ids"][0]  # chunked below: no length warning
     ids = ids[skip_tokens:skip_tokens + max_tokens]
     need = 2 * seq_len if min_tokens is None else min_tokens
     if ids.numel() < need:

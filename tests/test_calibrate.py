@@ -218,3 +218,19 @@ def test_maps_without_next_token_stop_at_the_last_layer(setup, tmp_path, capsys)
         err = capsys.readouterr().err.strip().splitlines()
         assert rc != 0 and len(err) == 1 and says in err[0], err
         assert not (tmp_path / "x.safetensors").exists()
+
+
+def test_text_chunks_of_a_long_text_do_not_warn_about_its_length(capfd):
+    """The text is tokenized whole and then cut into chunks the model's context holds, so transformers'
+    "longer than the maximum sequence length ... indexing errors" warning would be wrong (calibrate,
+    trace --data and the throughput bench's simulator check all read text this way)."""
+    from transformers import AutoTokenizer
+
+    from moe_prefetch.calibrate import text_chunks
+    from moe_prefetch.hub import DEMO_DIR
+
+    tok = AutoTokenizer.from_pretrained(DEMO_DIR)
+    text = (DEMO_DIR / "heldout.txt").read_text(encoding="utf-8")[:20 * tok.model_max_length * 4]
+    chunks = text_chunks(tok, text, 64, 1024)
+    assert len(chunks) == 16 and all(c.numel() == 64 for c in chunks)
+    assert "maximum sequence length" not in capfd.readouterr().err
