@@ -291,6 +291,20 @@ def load_model(model: str, config: OffloadConfig | None = None, **overrides):
     Returns (model, tokenizer): a regular transformers causal LM (use `.generate` or your own loop)
     whose MoE blocks fetch experts through the cache. `moe_prefetch.stats(model)` reads its counters.
     """
+    # transformers' loading warnings about the skeleton (weights it finds on the meta device, keys it
+    # leaves for the runtime to fill) are quieted while it is built, and the level restored after: a
+    # level left set would quiet the user's own later loads and, as transformers reads any explicit level
+    # as "verify the tensor-parallel plan", make them warn about layers "not sharded"
+    quiet = logging.getLogger("transformers.modeling_utils")
+    level = quiet.level
+    quiet.setLevel(logging.ERROR)
+    try:
+        return _load_model(model, config, overrides)
+    finally:
+        quiet.setLevel(level)
+
+
+def _load_model(model: str, config: OffloadConfig | None, overrides: dict):
     cfg = (config or OffloadConfig()).replace(**overrides) if overrides else (config or OffloadConfig())
     path = resolve_model(model)
     model_config = _load_config(path)
@@ -299,7 +313,6 @@ def load_model(model: str, config: OffloadConfig | None = None, **overrides):
     if cfg.link_bandwidth is not None and device.type == "cuda":
         raise MoePrefetchError("--link-gbps / link_bandwidth emulates a link on the CPU backend only; drop it for a CUDA device")
     dtype = _resolve_dtype(cfg.dtype, model_config, device)
-    logging.getLogger("transformers.modeling_utils").setLevel(logging.ERROR)
     skeleton = build_skeleton(model_config, dtype)
     adapter = adapter_for(model_config, ckpt, skeleton)
     from .predictors.accelerated import fingerprint, read

@@ -759,3 +759,21 @@ def test_paired_bench_reports_the_default_against_each_row_with_its_noise(tmp_pa
         assert {h["best"] for h in best["halves"]} <= set(names[1:]) and best["ratio"] > 0
     md = (tmp_path / "paired_t.md").read_text()
     assert "split halves" in md and md.count("| on | 50% |") == 7
+
+
+def test_load_model_leaves_transformers_logging_as_it_found_it(ckpt, capfd):
+    """Loading quiets transformers' warnings about the skeleton only while it loads: a level left set
+    on transformers' logger would quiet the user's own later loads, and (transformers reads an explicit
+    level as "verify the tensor-parallel plan") make a plain from_pretrained warn "not sharded"."""
+    import logging
+
+    from transformers import AutoModelForCausalLM
+
+    log = logging.getLogger("transformers.modeling_utils")
+    before = log.level
+    model, _ = mp.load_model(str(ckpt), mp.OffloadConfig(device="cpu", show_progress=False))
+    model.moe_runtime.close()
+    assert log.level == before
+    capfd.readouterr()
+    AutoModelForCausalLM.from_pretrained(ckpt)
+    assert "not sharded" not in capfd.readouterr().err
