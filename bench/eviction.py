@@ -40,7 +40,7 @@ from moe_prefetch.sim import CostModel, Policy, Trace, load_profiles, simulate, 
 DEMO_TRACE = ROOT / "bench" / "results" / "demo.trace.npz"
 EVICTIONS = [("LRU", "lru"), ("LFU", "lfu"), ("predictive (frequency only)", "predictive-frequency"),
              ("predictive", "predictive"), ("auto (the default)", "auto"), ("Belady (bound)", "belady")]
-#: with host compute, predictive eviction's keep rule fixed either way (the default measures which pays)
+#: with host compute, predictive eviction's keep rule fixed either way (the default counts which pays)
 KEEP_RULES = [("predictive, keeps on frequency", False), ("predictive, keeps with recency", True)]
 
 
@@ -87,7 +87,7 @@ def markdown(rows: list[dict], ratio: float, host_over_link: float, copy_cost: f
     fixed = f"{copy_cost:g} layer per copy on the compute thread" if copy_cost else "no fixed costs"
     lines = [f"Simulated tok/s (a GPU's costs in units of a layer's compute: link {ratio:g} layers per expert, host "
              f"{host_over_link:g}x faster than the link, {fixed}), eviction alone, no predictor. With host compute, "
-             "`predictive` judges keeps as its keep switch measures pays; the last two columns fix that rule.", "",
+             "`predictive` judges keeps as its keep ledger counts pays; the last two columns fix that rule.", "",
              "| trace | stickiness (chance) | host compute | cache | " + " | ".join(labels)
              + " | predictive / best of LRU, LFU | predictive / frequency only | auto / predictive |",
              "|---|---|---|---|" + "---|" * len(labels) + "---|---|---|"]

@@ -1,19 +1,20 @@
-"""Does the keep switch find the keep rule that pays? With host compute, predictive eviction's default
-(KeepSwitch: measured) against its two fixed rules, keeps judged on frequency and with recency.
+"""Does the keep ledger find the keep rule that pays? With host compute, predictive eviction's default
+(KeepLedger: counted) against its two fixed rules, keeps judged on frequency and with recency.
 
     python bench/keep_switch.py --out bench/results      # ~75 s on 2 cores
 
 A keep copies a host-computed miss into the cache behind its layer when it is likelier to be used at
 its layer's next run than the expert it evicts. Judged with the recency line, that pays where routing
-sticks across tokens and costs copies where it does not; the switch measures which. Time is modelled
+sticks across tokens and costs copies where it does not; the ledger counts which, on the uses where the
+two rules' keeps differ. Time is modelled
 (moe_prefetch.sim replays each trace through the runtime's planner from a cold cache, no predictor): a
 layer computes in 1 unit, an expert crosses the link in --ratio units, the host computes one in
 ratio / 2.4 (dual-channel DDR5 over PCIe 4.0), and each copy costs the compute thread 0 units (a GPU's
 DMA engine) or --copy-cost units (the CPU backend's hand-offs; bench/throughput.py fits it on a run).
 Two sets of traces: `tuning`, the demo's trace and synthetic ones of 8 layers at stickiness 0, 0.3,
-0.6 and 16 layers at 0.6, on which the switch's settings were chosen; `held-out`, synthetic ones of
-12 layers at 0.45, 24 at 0.6, 8 at 0.15 and 6 at 0.8 with other seeds, which were not looked at
-until the settings were fixed. Stickiness: the share of a token's experts kept from the previous token.
+0.6 and 16 layers at 0.6, on which the settings of the epoch-timing switch it replaced were chosen;
+`held-out`, synthetic ones of 12 layers at 0.45, 24 at 0.6, 8 at 0.15 and 6 at 0.8 with other seeds,
+which were not looked at until those settings were fixed. Stickiness: the share of a token's experts kept from the previous token.
 """
 from __future__ import annotations
 
@@ -28,7 +29,7 @@ from moe_prefetch.cli_common import ArgumentParser, run_main, write_report  # no
 from moe_prefetch.sim import CostModel, Policy, Trace, simulate, synthetic_trace  # noqa: E402
 
 DEMO_TRACE = ROOT / "bench" / "results" / "demo.trace.npz"
-RULES = {"frequency": False, "recency": True, "switch": None}  # Policy.keep_recency; None: the KeepSwitch
+RULES = {"frequency": False, "recency": True, "ledger": None}  # Policy.keep_recency; None: the KeepLedger
 
 
 def trace_sets(demo: Trace, tokens: int) -> dict[str, list[tuple[str, Trace]]]:
@@ -56,29 +57,29 @@ def run(sets, ratios, caches, copy_costs) -> list[dict]:
                                                                          keep_recency=keep)).tokens_per_s
                                for rule, keep in RULES.items()}
                         rows.append(dict(set=kind, trace=name, copy_cost=copy, ratio=ratio, cache=frac, tokens_per_s=tps,
-                                         switch_over_best=tps["switch"] / max(tps["frequency"], tps["recency"]),
-                                         switch_over_frequency=tps["switch"] / tps["frequency"]))
+                                         ledger_over_best=tps["ledger"] / max(tps["frequency"], tps["recency"]),
+                                         ledger_over_frequency=tps["ledger"] / tps["frequency"]))
                 print(f"{kind}: {name}, copy cost {copy:g}: done", flush=True)
     return rows
 
 
 def markdown(rows: list[dict]) -> list[str]:
-    lines = ["Simulated, no predictor, predictive eviction, host compute: the keep switch against the better of "
-             "the two fixed keep rules, and against keeps on frequency (the rule before the switch).", "",
-             "| traces | copy cost (layers) | configurations | switch / better rule, mean | worst | "
-             "switch / frequency, min | max |", "|---|---|---|---|---|---|---|"]
+    lines = ["Simulated, no predictor, predictive eviction, host compute: the keep ledger against the better of "
+             "the two fixed keep rules, and against keeps on frequency (the rule before it chose).", "",
+             "| traces | copy cost (layers) | configurations | ledger / better rule, mean | worst | "
+             "ledger / frequency, min | max |", "|---|---|---|---|---|---|---|"]
     for kind in dict.fromkeys(r["set"] for r in rows):
         for copy in dict.fromkeys(r["copy_cost"] for r in rows):
             sel = [r for r in rows if r["set"] == kind and r["copy_cost"] == copy]
-            best = [r["switch_over_best"] for r in sel]
-            freq = [r["switch_over_frequency"] for r in sel]
+            best = [r["ledger_over_best"] for r in sel]
+            freq = [r["ledger_over_frequency"] for r in sel]
             lines.append(f"| {kind} | {copy:g} | {len(sel)} | {statistics.mean(best):.3f} | {min(best):.3f} | "
                          f"{min(freq):.2f} | {max(freq):.2f} |")
-    lines += ["", "| traces | trace | copy cost | link | cache | frequency | recency | switch | switch / better |",
+    lines += ["", "| traces | trace | copy cost | link | cache | frequency | recency | ledger | ledger / better |",
               "|---|---|---|---|---|---|---|---|---|"]
     lines += [f"| {r['set']} | {r['trace']} | {r['copy_cost']:g} | {r['ratio']:g} | {r['cache']:.0%} | "
               f"{r['tokens_per_s']['frequency']:.1f} | {r['tokens_per_s']['recency']:.1f} | "
-              f"{r['tokens_per_s']['switch']:.1f} | {r['switch_over_best']:.3f} |" for r in rows]
+              f"{r['tokens_per_s']['ledger']:.1f} | {r['ledger_over_best']:.3f} |" for r in rows]
     return lines
 
 

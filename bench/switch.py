@@ -9,7 +9,7 @@ in ratio / 2.4, the predictor costs --predict-cost units a predicted layer (defa
 kernels; the CPU backend's Python predictors cost about 0.4 of its layer compute). `history` is replayed at a lookahead of L (the
 simulator computes its scores from the routing, as the runtime's history predictor does), so the next
 token's layers are predicted a whole token ahead. Host-computed misses are kept on frequency in every
-arm, so that the rows measure the prediction switch alone (bench/eviction.py measures the keep switch).
+arm, so that the rows measure the prediction switch alone (bench/keep_switch.py measures the keep ledger).
 """
 from __future__ import annotations
 
@@ -86,7 +86,7 @@ def main(argv=None) -> int:
                                  host_s=ratio * 1e-3 / 2.4 if host else None, predict_s=args.predict_cost * 1e-3)
                 for frac in (0.25, 0.5, 0.75):
                     slots = int(L * E * frac)
-                    # keeps on frequency in all three: the keep switch is bench/eviction.py's subject
+                    # keeps on frequency in all three: the keep ledger is bench/keep_switch.py's subject
                     none = simulate(t, cost, slots, Policy("none", eviction="predictive", host_compute=host,
                                                            keep_recency=False)).tokens_per_s
                     for p, K in preds:

@@ -336,7 +336,7 @@ def main(argv=None) -> int:
         rows += [("LFU, no prefetch, host compute", none | dict(eviction="lfu") | host),
                  ("predictive eviction, no prefetch, host compute", none | dict(eviction="predictive") | host),
                  ("auto eviction, no prefetch, host compute", none | dict(eviction="auto") | host),
-                 # its twin with the keep rule fixed (the row above measures which keep rule pays: KeepSwitch)
+                 # its twin with the keep rule fixed (the row above counts which keep rule pays: KeepLedger)
                  ("predictive eviction, no prefetch, host compute, keeps on frequency",
                   none | dict(eviction="predictive", keep_rule="frequency") | host),
                  (f"{auto} K=2, auto eviction, gated, host compute", dict(predictor=auto, lookahead=2) | host),
@@ -560,7 +560,7 @@ def render(r: dict, L: int, E: int) -> str:
                   "between them: how far this machine's noise "
                   "moves the ratio); with host compute and no predictor, the measured keep rule / keeps on "
                   "frequency):", "",
-                  "| cache | best ours / LRU | prediction, host on | prediction, host off | worst row / twin | default / best no-prediction | the same, host compute on | keep switch / frequency keeps |",
+                  "| cache | best ours / LRU | prediction, host on | prediction, host off | worst row / twin | default / best no-prediction | the same, host compute on | keep rule chosen / frequency keeps |",
                   "|---|---|---|---|---|---|---|---|"]
         for t in r["targets"]:
             keep, host = t.get("keep_switch_over_frequency"), t.get("default_host_vs_best_no_prediction")

@@ -43,8 +43,8 @@ def add_loading_flags(p: argparse.ArgumentParser) -> None:
                    "ulp), or auto (default: fused on CUDA, exact on the CPU backend)")
     p.add_argument("--keep-rule", default="auto", choices=KEEP_RULES,
                    help="with host compute: how a host-computed miss is judged for a background copy into the cache: "
-                   "frequency, recency (pays where routing sticks across tokens), or auto (default: measure both, "
-                   "keep the faster)")
+                   "frequency, recency (pays where routing sticks across tokens), or auto (default: count, on the uses "
+                   "where the two differ, which saves more host time than its keeps cost)")
     p.add_argument("--always-predict", action="store_true",
                    help="predict on every layer where a prefetch could be issued or (predictive eviction, no host "
                    "compute) the prediction would steer eviction, even where predicting has not lately sped decoding "

@@ -103,7 +103,8 @@ class OffloadConfig:
     keep_rule:      with host compute and predictive eviction, how a host-computed miss is judged for a
                     background copy into the cache (a keep): "frequency" (its use count against its
                     victim's), "recency" (with the recency line eviction uses: pays where routing sticks
-                    across tokens), or "auto" (default: decode measures both in epochs and keeps the faster).
+                    across tokens), or "auto" (default: the uses where the two rules' keeps differ are
+                    counted as decode runs, and the rule that saves more host time than its keeps cost runs).
     prefetch_gate:  issue a prefetch only when its expected saving beats its cost (default); False issues
                     every predicted expert that fits the budget (the ungated behaviour, for comparison).
     expert_dtype:   how experts are kept, moved and cached: "auto" (the compute dtype, lossless), "bf16" or

@@ -33,7 +33,7 @@ from typing import NamedTuple
 
 from .cache import (CacheFullError, EvictionPolicy, Evictable, ExpertCache, LFUPolicy, LRUPolicy, ShadowLRU,
                     fewest_uses, fewest_uses_ref, make_policy, push_uses)
-from .switch import EvictionSwitch, KeepSwitch, PredictionSwitch
+from .switch import EvictionSwitch, KeepLedger, PredictionSwitch
 
 Key = tuple[int, int]
 
@@ -1084,8 +1084,8 @@ class Planner:
     behaviour, for comparison). adaptive=False predicts on every layer where a prefetch could be
     issued, whether or not predicting has lately paid (PredictionSwitch). keep_recency: how host-computed
     misses are judged for a keep, True with eviction's recency line, False on frequency alone; None
-    (the default): measured by a KeepSwitch (predictive eviction with its recency line; other
-    policies judge keeps by their own use_probability). eviction "auto" (the default): predictive
+    (the default): counted by a KeepLedger on the uses where the two rules' keeps differ (predictive
+    eviction with its recency line; other policies judge keeps by their own use_probability). eviction "auto" (the default): predictive
     eviction while it pays for its planning, the better of LFU's and LRU's rules where it does not
     (EvictionSwitch, priced from the caller's planning times, observe_plan_cost, the policy's ghost wins
     against LFU's victims and a shadow LRU cache's hits)."""
@@ -1158,18 +1158,14 @@ class Planner:
         # adaptive: predict only while it measurably speeds decode up (PredictionSwitch); ungated: the
         # peers' behaviour, always predicting
         self.switch = PredictionSwitch() if gate and adaptive else None
-        # with host compute and predictive eviction: keeps judged with recency only while that measurably
-        # speeds decode up (KeepSwitch), unless keep_recency fixes the rule; other policies have no recency
+        # with host compute and predictive eviction: keeps judged with recency only while the uses where the
+        # two rules' keeps differ say it pays (KeepLedger), unless keep_recency fixes the rule; other
+        # policies have no recency line
         self._keep_recency = keep_recency
-        self.keep_switch = KeepSwitch() if (keep_recency is None and host_compute
-                                            and isinstance(policy, PredictivePolicy) and policy.recency) else None
-        # The keep switch's clock: what a keep rule changes, in seconds, and little else. Per layer run, the
-        # device's work as the starting cost model has it (fixed: the measured layer time includes the waits
-        # for the host); per host job, the host's measured time per job; per keep, the time starting it took
-        # the caller (observe_keep_cost). On the wall clock an epoch's time also moves with the prediction
-        # switch's epochs, the eviction rule's planning and the machine's noise
-        self.keep_clock = 0.0
-        self._keep_layer_s = costs.layer_time(top_k)
+        two_rules = keep_recency is None and host_compute and isinstance(policy, PredictivePolicy) and policy.recency
+        self.keep_ledger = KeepLedger() if two_rules else None
+        self._taken = 0            # keeps handed to the caller by the last take_keeps() (observe_keep_cost)
+        self._virtual_end = 0.0    # when the keeps the rule not running would have made are through the link
         self._layer_seen = None
         self._round_left: set = set()  # experts of the executing layer's run not granted yet (its next round's)
         # wall time per MoE layer as the caller's clock shows it (EMA over decode and prefill layers): with
@@ -1210,6 +1206,9 @@ class Planner:
                     self.steer_calibration.update(d, len(used - chosen), len(resident - chosen))
             if predictive:  # the first round holds all the layer's routed experts: their uses are counted
                 self.policy.start_run(layer, experts, record=True)  # before any victim, so the layer is ranked once
+            if self.keep_ledger is not None:  # what the keep rule not running would have changed
+                self.keep_ledger.run(layer, {(layer, e) for e in experts}, now, self.cache.__contains__,
+                                     lambda key: self.link.landed(key, now))
             if self._layer_start is not None and 0.0 < now - self._layer_start < PredictionSwitch.MAX_GAP_S:
                 gap = now - self._layer_start
                 self.layer_wall = gap if self.layer_wall is None else 0.9 * self.layer_wall + 0.1 * gap
@@ -1223,9 +1222,8 @@ class Planner:
                                                       self._miss_cost_and_saturation()[0],
                                                       lru_ok=not self.host_compute)
                     self.policy.set_rule(rule, ghosting=self.eviction_switch.ghost)
-                if self.keep_switch is not None:  # on the keep clock; only where keeps follow its arm (under
-                    # LFU's or LRU's eviction rule, eviction "auto", they are judged on frequency whatever it says)
-                    self.keep_switch.token(self.keep_clock, decode and self.policy.rule == "predictive", warm=warm)
+                if self.keep_ledger is not None:
+                    self.keep_ledger.token(self.costs.host_s)
             if self.eviction_switch is not None:
                 self.eviction_switch.layer()
                 if not self.host_compute:  # what LRU's rule would have held (host compute: not a candidate)
@@ -1282,13 +1280,9 @@ class Planner:
         if new_run:  # once per layer, not per round
             self.link_traffic = 0.9 * self.link_traffic + 0.1 * (copies + self._sent)
             self._sent = 0
-        host = 0
         for a in actions:
             if a.kind == "host":
-                host += a.rows
                 self._keep(now, a.key, needed)
-        if self.keep_switch is not None:  # the device's layer once (fixed), the host's jobs (measured per job)
-            self.keep_clock += (self._keep_layer_s if new_run else 0.0) + (self.costs.host_s * host if host else 0.0)
         return actions
 
     def _shadow_run(self, layer: int, experts: list[int]) -> None:
@@ -1300,33 +1294,44 @@ class Planner:
             switch.shadow(won, lost)
 
     def keeps_use_recency(self) -> bool:
-        """Whether keeps are judged with the recency line now (keep_recency, else the KeepSwitch's arm)."""
+        """Whether keeps are judged with the recency line now (keep_recency, else the KeepLedger's choice)."""
         if getattr(self.policy, "rule", "predictive") != "predictive":
             return False  # LFU's or LRU's rule evicts now (eviction "auto"): keeps are judged on frequency
         if self._keep_recency is not None:
             return self._keep_recency
-        return self.keep_switch is not None and self.keep_switch.arm
+        return self.keep_ledger is not None and self.keep_ledger.arm
 
     def _keep(self, now: float, key: Key, needed: set[Key]) -> None:
         """A host-computed miss is also copied in, in the background, when the link is idle and it is
         more likely to be used again than the expert it would evict: host compute must not leave the
         cache cold (otherwise every later use of a popular expert goes to the host as well).
-        "More likely" is judged with the recency line eviction uses while the KeepSwitch measures that
-        it pays (routing that sticks across tokens), else on frequency alone: with recency, nearly every
+        "More likely" is judged with the recency line eviction uses while the KeepLedger counts that it
+        pays (routing that sticks across tokens), else on frequency alone: with recency, nearly every
         host-computed miss beats its victim by a little, and where routing barely sticks such a copy
-        gains little and costs its transfer plus, on the CPU backend, the compute thread's time."""
+        gains little and costs its transfer plus, on the CPU backend, the compute thread's time. Where
+        the two rules judge it differently the ledger records the pair (_pair_keep)."""
         if key in self.cache or self.link.in_flight(now) >= self.budget:
             return
         victim = None
         if not self.cache.has_free():
             victim = self._victim(needed)
             frequency = not self.keeps_use_recency()
+            if victim is False:
+                return
             # under LRU's own policy the expert just used outranks the least recently used one, always: judged
             # by a probability it has none of, no keep ever passed and the cache froze once full
-            recency_only = type(self.policy) is LRUPolicy
-            if victim is False or (not recency_only and self._use_probability(key, keep=frequency)
-                                   <= self._use_probability(victim, keep=frequency)):
-                return
+            if type(self.policy) is not LRUPolicy:
+                ledger = self.keep_ledger
+                pair = ledger is not None and not self.policy._cheap and not ledger.standing(key)
+                by_frequency = by_recency = None
+                if frequency or pair:
+                    by_frequency = self._use_probability(key, keep=True) > self._use_probability(victim, keep=True)
+                if not frequency or pair:
+                    by_recency = self._use_probability(key) > self._use_probability(victim)
+                if pair and by_recency != by_frequency:
+                    self._pair_keep(now, key, victim, by_recency)
+                if not (by_frequency if frequency else by_recency):
+                    return
         slot, evicted = self.cache.insert(key, protected=needed, victim=victim)
         self._forget(now, evicted)
         self.link.send(key, now, demand=False)
@@ -1335,9 +1340,26 @@ class Planner:
         self.counters.keeps += 1
         self.keeps.append(Action("prefetch", key, slot, evicted))
 
+    def _pair_keep(self, now: float, key: Key, victim: Key, recency: bool) -> None:
+        """The keep rules disagree on `key` over `victim`: the ledger records the pair. Where the rule not
+        running would keep, its copy goes on a virtual link, the real one's queue plus that rule's own
+        keeps: a keep it could not start (its link full) is not one it makes, and one it makes lands when
+        that link says."""
+        ledger = self.keep_ledger
+        kept = recency == ledger.arm
+        eta = now
+        if not kept:
+            t = self.costs.transfer_s
+            end = max(self._virtual_end, self.link.prefetch_eta(now) - t, now)
+            if end - now > (self.budget - 1) * t:  # budget copies or more in flight there
+                return
+            eta = self._virtual_end = end + t
+        ledger.pair(key, victim, recency, kept=kept, eta=eta)
+
     def take_keeps(self) -> list[Action]:
         """The background copies the last plan_layer decided on (the runtime starts them)."""
         keeps, self.keeps = self.keeps, []
+        self._taken = len(keeps)
         return keeps
 
     def layer_period(self) -> float:
@@ -1405,9 +1427,9 @@ class Planner:
 
     def observe_keep_cost(self, seconds: float) -> None:
         """Starting the last plan's keeps took `seconds` of the caller's critical path (on the CPU backend
-        the copies themselves, on CUDA their launch): it runs on the keep clock."""
-        if self.keep_switch is not None:
-            self.keep_clock += seconds
+        the copies themselves, on CUDA their launch): the keep ledger's price of a keep."""
+        if self.keep_ledger is not None and self._taken:
+            self.keep_ledger.observe_keep(seconds, self._taken)
 
     def observe_predict_cost(self, seconds: float) -> None:
         """A predicted layer's predictor and prefetch planning took `seconds` of the caller's critical path."""

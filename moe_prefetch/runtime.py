@@ -86,8 +86,7 @@ class OffloadRuntime:
                  {"on": sw.epochs[True], "off": sw.epochs[False], "predicting": sw.arm},
                  prediction_value=self.offloader.planner.prediction_value() if self.prefetcher else None,
                  keeps=self.offloader.planner.counters.keeps,
-                 keep_epochs=None if (ks := self.offloader.planner.keep_switch) is None else
-                 {"recency": ks.epochs[True], "frequency": ks.epochs[False], "recency_now": ks.arm},
+                 keep_ledger=None if (kl := self.offloader.planner.keep_ledger) is None else kl.report(),
                  eviction_epochs=None if (es := self.offloader.planner.eviction_switch) is None else
                  {**es.epochs, "now": es.rule, "wins": list(self.offloader.planner.policy.ghost_wins),
                   "shadow_wins": list(es.shadow_wins)})

@@ -1,10 +1,12 @@
-"""Measured choices: two ways of running, chosen by what each does to decode time on this machine.
+"""Choices between ways of running, made on what each does on this machine and this model's routing.
 
 The planner prices what it can model (a copy's link time, the host's compute); what it cannot model is
 the whole effect of a choice on the machine at hand: the predictor's own compute, a copy's hand-off on
-the CPU backend, copies that land but save less than their transfer. Two such choices are measured:
-whether to predict at all (PredictionSwitch) and how to judge a host-computed miss for a keep
-(KeepSwitch). Pure Python, no tensors; time is the caller's clock.
+the CPU backend, copies that land but save less than their transfer. Whether to predict at all is
+measured, in epochs of each way (PredictionSwitch); which eviction rule runs (EvictionSwitch) and how a
+host-computed miss is judged for a keep (KeepLedger) are counted on the same uses, where the rules'
+choices differ, so that no tokens are spent running the worse rule to learn it. Pure Python, no
+tensors; time is the caller's clock.
 """
 from __future__ import annotations
 
@@ -12,7 +14,7 @@ import math
 from collections import deque
 
 
-# one-sided 95% Student t quantiles by degrees of freedom (1-14): a MeasuredSwitch's significance test
+# one-sided 95% Student t quantiles by degrees of freedom (1-14): a MeasuredSwitch's test of a wide gap
 T95_ONE_SIDED = (6.314, 2.920, 2.353, 2.132, 2.015, 1.943, 1.895, 1.860, 1.833, 1.812, 1.796, 1.782, 1.771, 1.761)
 
 
@@ -34,30 +36,23 @@ class MeasuredSwitch:
     MARGIN = 0.01
     MAX_GAP_S = 1.0  # longer between two tokens: an idle pause between generate calls, not a token
     WARMUP_TOKENS = 32  # a cache that is still not full after these decode tokens is measured as it is
-    SETTLE_TOKENS = 0   # decode tokens not measured after the arm changes (what the last arm left behind)
-    # a significance test (one-sided 95% Student t quantiles by degrees of freedom), or None: the faster mean
-    T95: tuple | None = None
-    # without T95: the quantiles a WIDE difference between the plain means must also pass, beyond the
-    # epochs' noise, before it holds the faster arm for 4 x EXPLOIT epochs (None: the difference alone)
+    # the quantiles a WIDE difference between the plain means must also pass, beyond the epochs' noise,
+    # before it holds the faster arm for 4 x EXPLOIT epochs (None: the difference alone)
     WIDE_T95: tuple | None = None
-    WINDOW = 8          # with a test: epochs of each arm it weighs (the latest)
-    DECAY = 0.5         # without a test: each arm's mean keeps this share of its last value per epoch (None: WINDOW's mean)
-    EXPLORE = 0         # with the test: rounds of one epoch per arm the opening may add while neither arm wins
+    WINDOW = 8          # epochs of each arm the test weighs (the latest)
+    DECAY = 0.5         # each arm's mean keeps this share of its last value per epoch (None: the mean of its last WINDOW)
 
     def __init__(self, opening: tuple[bool, ...] = (True, False)):
-        # arm -> mean seconds per decode token: decaying, or (with the test) over its last WINDOW epochs
+        # arm -> mean seconds per decode token: decaying, or over its last WINDOW epochs
         self.mean = {True: None, False: None}
         self._schedule = list(opening)  # epochs still to run before the next decision
         self.arm = self._schedule.pop(0)  # the current epoch's arm
         self._t0 = None           # when the current token started (its first MoE layer)
         self._tokens, self._seconds = 0, 0.0
         self._warmup = 0          # decode tokens not measured because the cache was still filling
-        self._settling = 0        # decode tokens still to run unmeasured since the arm changed
         self.epochs = {True: 0, False: 0}
-        # each arm's last WINDOW epoch times (for a significance test: T95's or WIDE_T95's), and opening rounds
-        # still allowed (T95)
+        # each arm's last WINDOW epoch times (the means without DECAY, and WIDE_T95's test)
         self._recent = {True: deque(maxlen=self.WINDOW), False: deque(maxlen=self.WINDOW)}
-        self._explore = self.EXPLORE
 
     def best(self) -> bool:
         on, off = self.mean[True], self.mean[False]
@@ -65,12 +60,11 @@ class MeasuredSwitch:
             return True
         return on < off * (1.0 - self.MARGIN)
 
-    def _significant(self, quantiles: tuple | None = None) -> bool | None:
-        """With a significance test: the arm that is faster beyond the epochs' noise (True must also win by
-        MARGIN), or None while neither is. The noise is the epochs' spread about their arm's mean, pooled
-        over both arms (a token's time varies with its routing whichever arm runs), and the difference
-        must exceed one-sided 95% Student t standard errors of it. quantiles: T95 unless given."""
-        quantiles = quantiles or self.T95
+    def _significant(self, quantiles: tuple) -> bool | None:
+        """The arm that is faster beyond the epochs' noise (True must also win by MARGIN), or None while
+        neither is. The noise is the epochs' spread about their arm's mean, pooled over both arms (a
+        token's time varies with its routing whichever arm runs), and the difference must exceed
+        `quantiles` (one-sided Student t, by degrees of freedom) standard errors of it."""
         a, b = self._recent[True], self._recent[False]
         dof = len(a) + len(b) - 2
         if not a or not b or dof < 1:
@@ -94,11 +88,8 @@ class MeasuredSwitch:
             self._warmup += 1
             decode = False
         if self._t0 is not None and decode and 0.0 < now - self._t0 < self.MAX_GAP_S:
-            if self._settling:
-                self._settling -= 1
-            else:
-                self._tokens += 1
-                self._seconds += now - self._t0
+            self._tokens += 1
+            self._seconds += now - self._t0
         self._t0 = now if decode else None
         if self._tokens >= self.EPOCH_TOKENS:
             self._end_epoch()
@@ -107,7 +98,7 @@ class MeasuredSwitch:
         t = self._seconds / self._tokens
         recent = self._recent[self.arm]
         recent.append(t)
-        if self.T95 or self.DECAY is None:
+        if self.DECAY is None:
             self.mean[self.arm] = sum(recent) / len(recent)
         else:
             m = self.mean[self.arm]
@@ -117,33 +108,15 @@ class MeasuredSwitch:
         if not self._schedule and None in (self.mean[True], self.mean[False]):
             self._schedule = [self.mean[True] is None]  # an opening without both arms: measure the other first
         if not self._schedule:
-            if self.T95:
-                self._decide_tested()
-            else:
-                self._exploit(self.best(), wide=True)
-        arm = self._schedule.pop(0)
-        self._settling = self.SETTLE_TOKENS if arm != self.arm else 0
-        self.arm = arm
-
-    def _decide_tested(self) -> None:
-        """The next schedule under a significance test: the significantly faster arm for EXPLOIT epochs (4 x
-        as many when it is faster by more than WIDE), then a re-test of the other; while neither is, one
-        more epoch of each (at most EXPLORE such rounds, in the run's opening), then False (the simpler
-        arm), whose re-tests of True add to the evidence one epoch at a time."""
-        verdict = self._significant()
-        if verdict is None and self._explore > 0:
-            self._explore -= 1
-            self._schedule = [not self.arm, self.arm]
-            return
-        self._explore = 0
-        self._exploit(bool(verdict), wide=verdict is not None)
+            self._exploit(self.best(), wide=True)
+        self.arm = self._schedule.pop(0)
 
     def _exploit(self, best: bool, wide: bool) -> None:
         """Run `best` for EXPLOIT epochs (4 x as many where `wide` may apply and the arms' means differ by
         more than WIDE), then re-test the other arm."""
         on, off = self.mean[True], self.mean[False]
         wide = wide and abs(on - off) > self.WIDE * min(on, off)
-        if wide and not self.T95 and self.WIDE_T95:  # a wide gap between plain means holds only beyond noise
+        if wide and self.WIDE_T95:  # a wide gap between plain means holds only beyond noise
             wide = self._significant(self.WIDE_T95) is best
         self._schedule = [best] * (self.EXPLOIT * (4 if wide else 1)) + [not best]
 
@@ -174,45 +147,6 @@ class PredictionSwitch(MeasuredSwitch):
 
     def __init__(self):
         super().__init__(opening=(True, True, False))
-
-
-class KeepSwitch(MeasuredSwitch):
-    """How a host-computed miss is judged for a keep (arm True: with recency, False: on frequency
-    alone), measured.
-
-    Where routing sticks from one token to the next, a just-used expert is likelier to return than its
-    frequency says, and judging keeps with the recency line eviction uses fills the cache with what the
-    next token needs (simulated with a GPU's costs, 60% of a token's experts kept from the last: 1.25-1.4x).
-    Where it barely sticks, nearly every just-used expert beats its victim by a little, and each such
-    keep costs a copy that gains little: free on a GPU's DMA engine, but on the CPU backend the copy
-    and its hand-off take compute from the layer (measured on the demo: 8x the keeps, 2-9% slower).
-    That cost is the machine's, not the model's, so it is measured rather than priced. The opening
-    epochs are (False, True, False) against the prediction switch's (True, True, False), so both
-    switches' first decisions see more than one arm of the other, and their later re-tests fall on
-    different epochs. Frequency first: decode that is never measured (every layer computing several
-    rows for some expert: a batch) keeps the rule that cannot churn.
-
-    The planner times it on its keep clock (Planner.keep_clock: per layer a fixed device time, per host
-    job the host's measured time, per keep what starting it took the caller), not the wall clock, and
-    only while the predictive rule evicts. A rule is chosen only when it is faster beyond the epochs'
-    noise (a Student t test on each arm's last WINDOW epochs); while neither is, the opening runs up to
-    EXPLORE more rounds of one epoch each, then frequency runs, re-testing recency one epoch in EXPLOIT
-    + 1. An 8-token epoch's time varies by 20-30% with its tokens' routing: on the demo with host compute
-    (4 x 128 tokens, 75% cache, six paired rounds, 2026-12-07), comparing plain means, one slow opening
-    epoch (26 against 17 ms a token) chose recency, the gap, counted as wide, held it for 60 epochs, and
-    recency keeps moved 2-6x the bytes for no hits: 0.95 of LFU's decode where keeps on frequency gave
-    0.98 (the keep clock alone: 0.945; with the test: 0.970). Simulated, where a token's routing is the
-    only noise, the test costs 1-2% of the better rule on average against plain means
-    (bench/keep_switch.py)."""
-
-    EPOCH_TOKENS = 8    # a keep rule acts through the cache it leaves, which outlasts a short epoch:
-    SETTLE_TOKENS = 8   # the first tokens after a change still run on the other arm's cache
-    EXPLOIT = 15        # stickiness and the cost of a copy belong to the model and the machine: re-test rarely
-    T95 = T95_ONE_SIDED
-    EXPLORE = 4         # opening rounds while neither rule is faster beyond noise
-
-    def __init__(self):
-        super().__init__(opening=(False, True, False))
 
 
 class EvictionSwitch:
@@ -449,3 +383,122 @@ class EvictionSwitch:
             self._since = 0
             return other
         return best
+
+
+class KeepLedger:
+    """How a host-computed miss is judged for a keep (arm True: with recency, False: on frequency alone),
+    counted on the keeps where the two rules disagree rather than timed in epochs of each.
+
+    Where routing sticks from one token to the next, a just-used expert is likelier to return than its
+    frequency says, and judging keeps with the recency line eviction uses fills the cache with what the
+    next token needs (simulated with a GPU's costs, 60% of a token's experts kept from the last:
+    1.25-1.4x). Where it barely sticks, nearly every just-used expert beats its victim by a little, and
+    each such keep is a copy that gains little: free on a GPU's DMA engine, but on the CPU backend the
+    copy and its hand-off take compute from the layer (measured on the demo: 8x the keeps, 2-9% slower).
+
+    Whenever the rules judge a keep differently (recency would copy the miss in over its victim and
+    frequency would not, or, rarely, the reverse), the planner records the pair (pair()): the keep's
+    expert, its victim, which of the two the running rule left resident, and, where the running rule does
+    not keep, when the other rule's copy would land (the planner queues it on a virtual link: the real
+    link's queue plus that rule's own keeps, and records no pair where that link would be full). For
+    HORIZON runs of each one's layer, every use while the two caches still differ there (its residency is
+    what the running rule made it) is a host job one rule's choice saved: a use of the kept expert, once
+    its copy has landed, counts for the rule that keeps it, a use of the victim for the other. An expert
+    whose earlier pair still stands is not paired again (the other rule's cache holds it already).
+    Recency's balance is its net uses times the host's time per job, less its extra keeps times what
+    starting a keep takes the caller (observe_keep: measured, per keep), on sums that decay by DECAY per
+    token; recency runs while that balance is positive by Z standard errors of the counts, frequency
+    (the rule that cannot churn) otherwise and until MIN_KEEPS keeps have been timed. Both rules'
+    evidence gathers whichever runs, so no tokens are spent running the worse one to measure it.
+
+    It replaced a switch that timed 8-token epochs of each rule (2026-12-07). Simulated (bench/keep_switch.py,
+    no predictor, 300-400 tokens from a cold cache, against the better fixed rule): 0.995-0.999 on average
+    (worst 0.968) over the traces the epochs' settings were chosen on and 0.996-0.998 (worst 0.966) on
+    the others, where the epochs gave 0.953-0.985 (worst 0.872) and 0.972-0.983 (worst 0.902): an
+    8-token epoch's time varies by 20-30% with its tokens' routing, so the epochs needed a significance
+    test, a few rounds of each rule to pass it, and settling tokens after each change, and over a few
+    hundred tokens the rounds on the worse rule cost more than the choice won."""
+
+    HORIZON = 4      # runs of a side's layer over which its uses count
+    DECAY = 0.98     # per token: about the last 50 tokens' evidence
+    Z = 1.645        # one-sided 95%
+    MIN_KEEPS = 4    # keeps timed before the balance is trusted (the cost per keep unknown until then)
+
+    def __init__(self):
+        self.arm = False
+        self._sides: dict = {}   # layer -> {key: [[sign, resident, runs left, counts every use]]}
+        self.won = self.lost = 0.0   # decaying: uses where recency's choice saved / cost a host job
+        self.extra = 0.0             # decaying: keeps recency makes that frequency does not, net
+        self.pairs = 0
+        self.keep_s: float | None = None  # seconds a keep takes the caller (EMA)
+        self._keeps_timed = 0
+        self.tokens = {True: 0, False: 0}
+
+    def standing(self, key) -> bool:
+        sides = self._sides.get(key[0])
+        return bool(sides and key in sides and any(s[3] for s in sides[key]))
+
+    def pair(self, key, victim, recency_keeps: bool, kept: bool, eta: float) -> None:
+        """The rules disagree on keeping `key` over `victim`; the running rule `kept` it or not; a keep
+        started now would land at `eta` (the other rule's, where the running one does not keep)."""
+        s = 1 if recency_keeps else -1
+        self._sides.setdefault(key[0], {}).setdefault(key, []).append([s, kept, self.HORIZON, True, eta])
+        self._sides.setdefault(victim[0], {}).setdefault(victim, []).append([-s, not kept, self.HORIZON, False, None])
+        self.extra += s
+        self.pairs += 1
+
+    def run(self, layer, used, now: float, resident, landed) -> None:
+        """A run of `layer` starts at `now` using the keys `used`; resident(key): whether the cache holds
+        it (its copy may be in flight), landed(key): whether its bytes are there. A kept expert used
+        before its copy lands saves nothing (the host computes that use anyway)."""
+        sides = self._sides.get(layer)
+        if not sides:
+            return
+        for key in list(sides):
+            entries = sides[key]
+            hit = key in used
+            r = resident(key) if hit else None
+            left = []
+            for e in entries:
+                if hit:
+                    if r != e[1]:
+                        continue  # the caches agree on it now: what follows is not this pair's doing
+                    if not e[3] or (landed(key) if e[1] else e[4] <= now):
+                        if e[0] > 0:
+                            self.won += 1
+                        else:
+                            self.lost += 1
+                e[2] -= 1
+                if e[2] > 0:
+                    left.append(e)
+            if left:
+                sides[key] = left
+            else:
+                del sides[key]
+
+    def observe_keep(self, seconds: float, keeps: int) -> None:
+        per = seconds / keeps
+        self.keep_s = per if self.keep_s is None else 0.9 * self.keep_s + 0.1 * per
+        self._keeps_timed += keeps
+
+    def report(self) -> dict:
+        """For stats(): the rule now, tokens run under each, pairs recorded, the decaying counts (uses
+        recency's choice saved and cost, its extra keeps) and what a keep costs the caller (ms)."""
+        return {"recency_now": self.arm, "recency_tokens": self.tokens[True], "frequency_tokens": self.tokens[False],
+                "pairs": self.pairs, "recency_saved": round(self.won, 2), "recency_cost": round(self.lost, 2),
+                "recency_extra_keeps": round(self.extra, 2),
+                "keep_ms": None if self.keep_s is None else round(self.keep_s * 1e3, 4)}
+
+    def balance(self, host_s: float) -> float:
+        """Recency's gain over frequency, seconds over the decaying window (negative: frequency's)."""
+        return (self.won - self.lost) * host_s - self.extra * (self.keep_s or 0.0)
+
+    def token(self, host_s: float | None) -> None:
+        """A token starts: decay the evidence and choose the rule."""
+        self.tokens[self.arm] += 1
+        if host_s is not None and self._keeps_timed >= self.MIN_KEEPS:
+            noise = self.Z * host_s * math.sqrt(self.won + self.lost + 1.0)
+            self.arm = self.balance(host_s) > noise
+        self.won *= self.DECAY
+        self.lost *= self.DECAY
+        self.extra *= self.DECAY

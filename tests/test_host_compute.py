@@ -51,12 +51,13 @@ def test_every_keep_rule_is_token_identical(ckpt, rule):
     out, st = run(ckpt, 5, predictor="none", link_bandwidth=2e7, host_bandwidth=4e7, keep_rule=rule)
     assert torch.equal(out, ref), f"keep rule {rule} changed the output"
     assert st["host_computed"] > 0 and st["keeps"] > 0
-    assert (st["keep_epochs"] is None) == (rule != "auto")
+    assert (st["keep_ledger"] is None) == (rule != "auto")
 
 
-def test_keep_switch_measures_both_rules_in_decode(ckpt):
+def test_keep_ledger_counts_the_keeps_the_rules_disagree_on_in_decode(ckpt):
     """With the predictive rule evicting (eviction "auto" may run LFU's, under which keeps are on frequency
-    and the keep switch measures nothing), the opening epochs try both keep rules."""
+    and nothing is paired), the keeps the two rules judge differently are paired and their uses counted;
+    stats report it, and what a keep cost the caller, measured."""
     model, _ = mp.load_model(str(ckpt), mp.OffloadConfig(device="cpu", expert_cache=5, predictor="none",
                                                          eviction="predictive",
                                                          link_bandwidth=2e7, host_bandwidth=4e7, show_progress=False))
@@ -64,8 +65,10 @@ def test_keep_switch_measures_both_rules_in_decode(ckpt):
         model.generate(PROMPT, max_new_tokens=48, min_new_tokens=48, do_sample=False)
     st = mp.stats(model)
     model.moe_runtime.close()
-    ep = st["keep_epochs"]
-    assert ep["recency"] >= 1 and ep["frequency"] >= 1, ep  # the opening epochs try both rules
+    led = st["keep_ledger"]
+    assert led["pairs"] > 0 and led["recency_saved"] + led["recency_cost"] > 0, led
+    assert led["keep_ms"] is not None and led["keep_ms"] >= 0.0
+    assert led["recency_tokens"] + led["frequency_tokens"] >= 48
     with pytest.raises(MoePrefetchError, match="keep_rule"):
         mp.OffloadConfig(keep_rule="newest")
 

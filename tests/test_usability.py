@@ -580,7 +580,7 @@ def test_switch_bench_on_a_recorded_trace(tmp_path):
 
 
 def test_keep_switch_bench_on_a_recorded_trace(tmp_path):
-    """bench/keep_switch.py: both trace sets, every configuration with the two fixed keep rules and the switch;
+    """bench/keep_switch.py: both trace sets, every configuration with the two fixed keep rules and the ledger;
     a missing trace is one line."""
     env = dict(os.environ, PYTHONPATH=str(ROOT))
     bench = str(ROOT / "bench" / "keep_switch.py")
@@ -596,7 +596,7 @@ def test_keep_switch_bench_on_a_recorded_trace(tmp_path):
     assert r.returncode == 0, r.stderr[-2000:]
     rows = json.loads((tmp_path / "keep_switch.json").read_text())["rows"]
     assert [row["set"] for row in rows] == ["tuning"] * 5 + ["held-out"] * 4
-    assert all(set(row["tokens_per_s"]) == {"frequency", "recency", "switch"} and row["switch_over_best"] > 0
+    assert all(set(row["tokens_per_s"]) == {"frequency", "recency", "ledger"} and row["ledger_over_best"] > 0
                for row in rows)
     assert "| tuning | 0 | 5 |" in (tmp_path / "keep_switch.md").read_text()
 
