@@ -1085,8 +1085,9 @@ class Planner:
     issued, whether or not predicting has lately paid (PredictionSwitch). keep_recency: how host-computed
     misses are judged for a keep, True with eviction's recency line, False on frequency alone; None
     (the default): counted by a KeepLedger on the uses where the two rules' keeps differ (predictive
-    eviction with its recency line; other policies judge keeps by their own use_probability). eviction "auto" (the default): predictive
-    eviction while it pays for its planning, the better of LFU's and LRU's rules where it does not
+    eviction with its recency line; other policies judge keeps by their own use_probability). eviction
+    "auto" (the default): predictive eviction while it pays for its planning, the better of LFU's and
+    LRU's rules where it does not
     (EvictionSwitch, priced from the caller's planning times, observe_plan_cost, the policy's ghost wins
     against LFU's victims and a shadow LRU cache's hits)."""
 
