@@ -1,7 +1,7 @@
 """Does the keep ledger find the keep rule that pays? With host compute, predictive eviction's default
 (KeepLedger: counted) against its two fixed rules, keeps judged on frequency and with recency.
 
-    python bench/keep_switch.py --out bench/results      # ~75 s on 2 cores
+    python bench/keep_switch.py --out bench/results      # ~5 min on 2 cores
 
 A keep copies a host-computed miss into the cache behind its layer when it is likelier to be used at
 its layer's next run than the expert it evicts. Judged with the recency line, that pays where routing
