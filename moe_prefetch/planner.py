@@ -1194,6 +1194,7 @@ class Planner:
         # another round of the same run asks for what the last round left; anything else starts a run (a
         # model with one MoE layer runs the same layer at every token)
         new_run = layer != self._layer_seen or not self._round_left.issuperset(experts)
+        needed = {(layer, e) for e in experts}
         if new_run:
             if predictive and self.policy.steer_wins != self._steer_seen:  # what steering did to eviction
                 (won, lost), (won0, lost0) = self.policy.steer_wins, self._steer_seen
@@ -1208,7 +1209,7 @@ class Planner:
             if predictive:  # the first round holds all the layer's routed experts: their uses are counted
                 self.policy.start_run(layer, experts, record=True)  # before any victim, so the layer is ranked once
             if self.keep_ledger is not None:  # what the keep rule not running would have changed
-                self.keep_ledger.run(layer, {(layer, e) for e in experts}, now, self.cache.__contains__,
+                self.keep_ledger.run(layer, needed, now, self.cache.__contains__,
                                      lambda key: self.link.landed(key, now))
             if self._layer_start is not None and 0.0 < now - self._layer_start < PredictionSwitch.MAX_GAP_S:
                 gap = now - self._layer_start
@@ -1230,7 +1231,6 @@ class Planner:
                 if not self.host_compute:  # what LRU's rule would have held (host compute: not a candidate)
                     self._shadow_run(layer, experts)
         self._layer_seen = layer
-        needed = {(layer, e) for e in experts}
         actions: list[Action] = []
         copies = 0
         order = experts if in_order else sorted(experts, key=lambda e: (layer, e) not in self.cache)  # hits first

@@ -426,7 +426,9 @@ class KeepLedger:
 
     def __init__(self):
         self.arm = False
-        self._sides: dict = {}   # layer -> {key: [[sign, resident, runs left, counts every use]]}
+        # layer -> {key: [[sign, resident, runs left, eta]]}: a use while the key's residency is `resident` counts
+        # for recency (sign 1) or against it (-1); eta: when the kept expert's copy lands (None: a victim's side)
+        self._sides: dict = {}
         self.won = self.lost = 0.0   # decaying: uses where recency's choice saved / cost a host job
         self.extra = 0.0             # decaying: keeps recency makes that frequency does not, net
         self.pairs = 0
@@ -436,14 +438,14 @@ class KeepLedger:
 
     def standing(self, key) -> bool:
         sides = self._sides.get(key[0])
-        return bool(sides and key in sides and any(s[3] for s in sides[key]))
+        return bool(sides and key in sides and any(s[3] is not None for s in sides[key]))
 
     def pair(self, key, victim, recency_keeps: bool, kept: bool, eta: float) -> None:
         """The rules disagree on keeping `key` over `victim`; the running rule `kept` it or not; a keep
         started now would land at `eta` (the other rule's, where the running one does not keep)."""
         s = 1 if recency_keeps else -1
-        self._sides.setdefault(key[0], {}).setdefault(key, []).append([s, kept, self.HORIZON, True, eta])
-        self._sides.setdefault(victim[0], {}).setdefault(victim, []).append([-s, not kept, self.HORIZON, False, None])
+        self._sides.setdefault(key[0], {}).setdefault(key, []).append([s, kept, self.HORIZON, eta])
+        self._sides.setdefault(victim[0], {}).setdefault(victim, []).append([-s, not kept, self.HORIZON, None])
         self.extra += s
         self.pairs += 1
 
@@ -463,7 +465,7 @@ class KeepLedger:
                 if hit:
                     if r != e[1]:
                         continue  # the caches agree on it now: what follows is not this pair's doing
-                    if not e[3] or (landed(key) if e[1] else e[4] <= now):
+                    if e[3] is None or (landed(key) if e[1] else e[3] <= now):
                         if e[0] > 0:
                             self.won += 1
                         else:
