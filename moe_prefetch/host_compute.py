@@ -18,6 +18,7 @@ without a dequantized copy. Errors are raised by result() in the caller.
 """
 from __future__ import annotations
 
+import math
 import queue
 import threading
 import time
@@ -40,7 +41,8 @@ class HostJob:
     out: torch.Tensor | None = None
     error: BaseException | None = None
     seconds: float = 0.0           # how long the host took (throttle included; an emulated host: bytes / its bandwidth)
-    ready_at: float = 0.0          # inline (an emulated host): when its result is ready (perf_counter)
+    ready_at: float = 0.0          # when its result is ready (perf_counter): inline (an emulated host), known at
+                                   # submit; on the worker thread, set when the job finishes
     done: threading.Event = field(default_factory=threading.Event)
 
 
@@ -119,6 +121,12 @@ class HostExecutor:
         slow enough never to be chosen again, and so never measured again."""
         return self._warm_seconds / self._warm_jobs if self._warm_jobs else None
 
+    def ready_at(self, jobs) -> float:
+        """When the last of `jobs` has its result ready (perf_counter); inf while one is still running."""
+        if self.inline:
+            return max((job.ready_at for job in jobs), default=-math.inf)
+        return max((job.ready_at if job.done.is_set() else math.inf for job in jobs), default=-math.inf)
+
     def result(self, job: HostJob) -> torch.Tensor:
         """The job's output on the compute device; waits for it (interruptibly)."""
         if self.inline:
@@ -167,7 +175,8 @@ class HostExecutor:
             except BaseException as e:  # noqa: BLE001 - handed to the caller by result()
                 job.error = e
             finally:
-                job.seconds = time.perf_counter() - t0
+                job.ready_at = time.perf_counter()
+                job.seconds = job.ready_at - t0
                 self._count(job)
                 job.done.set()
 

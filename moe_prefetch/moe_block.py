@@ -203,7 +203,8 @@ class OffloadedExperts:
     def _run(self, counts: list[int], device_fn, host_fn, host_store, routing, summary) -> None:
         """Run the layer's routed experts (counts[e] rows each) as the planner decides, in as many rounds
         as the cache needs: host experts are queued on the host executor first, then the device computes
-        its landed experts, then the missed ones as their copies land, then the host results are stored.
+        its landed experts, then the missed ones as their copies land, then the keeps of the host's experts
+        are decided and started (while the host still works), then the host results are stored.
         device_fn(e, views) computes on a slot; host_fn(e) -> (mlp, rows) is what the host runs;
         host_store(e, out) stores its result. The prefetcher plans once, after the demand copies are
         queued and, on an asynchronous device, after the landed experts' compute is enqueued, so the
@@ -235,6 +236,8 @@ class OffloadedExperts:
                 if plan is not None:
                     plan()
                     plan = None
+                if jobs:  # while the host still computes: what is worth keeping of its experts
+                    off.start_keeps(jobs.values())
                 for e, job in jobs.items():
                     host_store(e, off.host.result(job))
             finally:

@@ -7,7 +7,8 @@ acquire(): the planner answers with one action per expert (hit, wait, copy, host
 demand copies, promotes a late prefetch still queued to a demand copy, and withdraws the queued copy
 of any expert the planner evicted. ready() waits for one expert's copy only; release() unpins and, on
 CUDA, records when the compute stream is done reading the slots so a later copy never overwrites them
-early. prefetch() executes the planner's prefetch actions. The planner's clock is perf_counter, and
+early. prefetch() executes the planner's prefetch actions; start_keeps() its copies of host-computed
+misses worth keeping, decided while the layer waits for the host. The planner's clock is perf_counter, and
 its cost model is refreshed from what the engine and the host executor measured.
 """
 from __future__ import annotations
@@ -83,15 +84,29 @@ class ExpertOffloader:
                     self._used_prefetch(a.key)
                 started += 1
         except BaseException:  # e.g. Ctrl-C in a copy made on this thread: the caller never gets these actions
-            self._abandon([a for a in actions[started + 1:] if a.kind == "copy"] + self.planner.take_keeps())
+            self._abandon([a for a in actions[started + 1:] if a.kind == "copy"])
+            self.planner.cancel_keeps()
             self.planner.release(actions)
             raise
-        keeps = self.planner.take_keeps()  # host-computed misses copied in while the link is idle
-        if keeps:
-            t0 = self.clock()
-            self.prefetch(keeps)
-            self.planner.observe_keep_cost(self.clock() - t0)  # the compute thread's share of them
         return actions
+
+    def start_keeps(self, jobs=()) -> None:
+        """Decide and start the copies of the last acquire()'s host-computed misses that are worth keeping
+        (planner.take_keeps). The layer calls this once its device work is done, before it waits for the
+        host's `jobs`: the decisions and the copies' hand-offs then cost it only what runs past the host's
+        results, and only that part is charged to planning and to the keeps (the keep ledger's price of one)."""
+        t0 = self.clock()
+        keeps = self.planner.take_keeps(t0)
+        t1 = self.clock()
+        if keeps:
+            self.prefetch(keeps)
+        t2 = self.clock()
+        ready = self.host.ready_at(jobs) if self.host is not None and jobs else -float("inf")
+        planning = max(0.0, t1 - max(t0, ready))  # what the host's wait did not cover
+        self.stats.plan_seconds += planning
+        self.planner.observe_plan_cost(planning)
+        if keeps:
+            self.planner.observe_keep_cost(max(0.0, t2 - max(t1, ready)))
 
     def _abandon(self, actions: list[Action]) -> None:
         """Copies the planner decided on that were never submitted: their slots hold nothing, so the
@@ -145,6 +160,8 @@ class ExpertOffloader:
         for a in actions:
             if a.kind != "host" and self.cache.is_pinned(a.key) and done is not None:
                 self._slot_free[self.cache.lookup(a.key)] = done
+        if self.planner.keeps_undecided:
+            self.start_keeps()  # where the layer did not (a caller of acquire() that never waits on the host)
         self.planner.release(actions)  # a copy that failed was already dropped by ready()
 
     # ---- ahead of time -------------------------------------------------------------------------

@@ -1130,6 +1130,10 @@ class Planner:
         self.link_traffic = 0.0        # EMA of all copies (demand + prefetch) per layer: link utilisation
         self._sent = 0                 # prefetches sent since the last layer
         self.keeps: list[Action] = []  # background copies of host-computed experts (take_keeps())
+        # the last plan_layer's host-computed misses and its run's keys, whose keeps take_keeps() decides
+        self._keep_pending: list[Key] = []
+        self._keep_needed: set = set()
+        self._keep_now = 0.0
         # Realised value of the planner's own prefetches, against the P it expected (decaying sums):
         # a prefetch counts as good when it is used with its bytes landed (with host compute a late
         # one saves nothing; without, half), bad when evicted unused. P is scaled by good / expected,
@@ -1281,9 +1285,10 @@ class Planner:
         if new_run:  # once per layer, not per round
             self.link_traffic = 0.9 * self.link_traffic + 0.1 * (copies + self._sent)
             self._sent = 0
-        for a in actions:
-            if a.kind == "host":
-                self._keep(now, a.key, needed)
+        # the keeps of this round's host-computed misses are decided when the caller takes them (take_keeps),
+        # while it waits for the host's results, not here on the way to the layer's compute
+        self._keep_pending = [a.key for a in actions if a.kind == "host"]
+        self._keep_needed, self._keep_now = needed, now
         return actions
 
     def _shadow_run(self, layer: int, experts: list[int]) -> None:
@@ -1357,11 +1362,33 @@ class Planner:
             eta = self._virtual_end = end + t
         ledger.pair(key, victim, recency, kept=kept, eta=eta)
 
-    def take_keeps(self) -> list[Action]:
-        """The background copies the last plan_layer decided on (the runtime starts them)."""
+    def take_keeps(self, now: float | None = None) -> list[Action]:
+        """The background copies of the last plan_layer's host-computed misses, decided now (at `now`, by
+        default the plan's time), for the caller to start. The runtime asks once the layer's device work is
+        done and it would otherwise wait for the host's results: a keep's victim search (with the
+        predictive rule, most of a host-computed layer's planning) and, on the CPU backend, its copy's
+        hand-off then cost the layer nothing while the host is still busy. Before the run's experts are
+        released, as they stay protected; release() decides any the caller has not taken (for its next
+        take_keeps())."""
+        self._decide_keeps(now)
         keeps, self.keeps = self.keeps, []
         self._taken = len(keeps)
         return keeps
+
+    def _decide_keeps(self, now: float | None = None) -> None:
+        pending, self._keep_pending = self._keep_pending, []
+        now = self._keep_now if now is None else max(now, self._keep_now)
+        for key in pending:
+            self._keep(now, key, self._keep_needed)
+
+    @property
+    def keeps_undecided(self) -> bool:
+        """The last plan's host-computed misses wait for take_keeps() to decide their keeps."""
+        return bool(self._keep_pending)
+
+    def cancel_keeps(self) -> None:
+        """Forget the last plan's keeps not yet decided (its actions were never carried out)."""
+        self._keep_pending = []
 
     def layer_period(self) -> float:
         """Seconds from one MoE layer to the next: measured wall time, at least the device's own work."""
@@ -1379,7 +1406,10 @@ class Planner:
         return Action("host", key, rows=rows)
 
     def release(self, actions: list[Action]) -> None:
-        """The layer has finished with the slots it was granted."""
+        """The layer has finished with the slots it was granted (keeps not taken yet are decided first, for
+        the caller's next take_keeps())."""
+        if self._keep_pending:
+            self._decide_keeps()
         for a in actions:
             if a.kind in ("hit", "wait", "copy") and self.cache.is_pinned(a.key):
                 self.cache.unpin(a.key)

@@ -374,16 +374,20 @@ def simulate(trace: Trace, cost: CostModel, slots: int, policy: Policy, priority
                     device_end = max(device_end, ready) + expert_s
                 work = sum(a.kind != "host" for a in actions) * expert_s
                 on_host = any(a.kind == "host" for a in actions)
+                # the keeps of host-computed misses are decided and started once the device's work is done,
+                # while the host's goes on (as the runtime does): their hand-offs cost the layer only past
+                # the host's end
+                keeps = len(planner.take_keeps(device_end))
+                keep_end = device_end + cost.copy_s * keeps
+                if keeps:  # as the runtime times them: the part past the host's results
+                    planner.observe_keep_cost(max(0.0, keep_end - max(device_end, planner.host_free)))
                 # fixed costs of this round's copies and host jobs: paid on the compute thread after the
                 # work they hand off (the CPU backend's wake-ups and hand-offs), so they add, not overlap
-                keeps = len(planner.take_keeps())
-                if keeps:
-                    planner.observe_keep_cost(cost.copy_s * keeps)  # as the runtime times starting its keeps
-                overhead = cost.copy_s * (sum(a.kind == "copy" for a in actions) + keeps) \
+                overhead = cost.copy_s * sum(a.kind == "copy" for a in actions) \
                     + cost.host_job_s * sum(a.kind == "host" for a in actions)
                 end = max(device_end, planner.host_free if on_host else now)
                 stall += end - now - work  # waiting for copies, or for the host's share
-                end += overhead
+                end = max(end, keep_end) + overhead
                 now = end
                 planner.release(actions)
                 if no_reuse:

@@ -203,8 +203,11 @@ def test_host_or_copy_by_which_finishes_first(host_s, expected):
     assert [a.kind for a in acts] == [expected]
     if expected == "host":
         assert pl.host_free == pytest.approx(host_s)
-        # the link is idle and a slot is free: the expert is also copied in, in the background
-        assert (0, 3) in pl.cache and pl.counters.keeps == 1 and [a.key for a in pl.take_keeps()] == [(0, 3)]
+        # the link is idle and a slot is free: the expert is also copied in, in the background, decided
+        # when the caller takes the keeps (while it waits for the host)
+        assert (0, 3) not in pl.cache and pl.counters.keeps == 0
+        assert [a.key for a in pl.take_keeps()] == [(0, 3)]
+        assert (0, 3) in pl.cache and pl.counters.keeps == 1
         assert pl.take_keeps() == []
         assert pl.link.in_flight(0.0) == 1, "only the background copy moves"
 
@@ -279,10 +282,11 @@ def test_host_computed_miss_is_kept_only_when_the_link_is_idle_and_it_beats_the_
     pl = make_planner(costs=costs, host_compute=True, eviction="predictive")
     pl.budget = 1
     first = pl.plan_layer(0.0, 0, [3])
-    assert first[0].kind == "host" and pl.counters.keeps == 1  # idle link, free slot
+    assert first[0].kind == "host" and len(pl.take_keeps()) == 1 and pl.counters.keeps == 1  # idle link, free slot
     pl.release(first)
     second = pl.plan_layer(0.5, 1, [4])
-    assert second[0].kind == "host" and pl.counters.keeps == 1, "the link is busy with the first keep"
+    assert second[0].kind == "host" and pl.take_keeps() == [] and pl.counters.keeps == 1, \
+        "the link is busy with the first keep"
 
 
 @pytest.mark.parametrize("recency", [False, True])
@@ -304,6 +308,7 @@ def test_host_computed_miss_is_kept_on_frequency_or_with_recency_as_the_keep_led
     assert pl.policy.use_probability((0, 3)) > pl.policy.use_probability((0, 5))
     acts = pl.plan_layer(now, 0, [3])
     assert [a.kind for a in acts] == ["host"]
+    pl.take_keeps()
     if recency:
         assert pl.counters.keeps == 2 and (0, 3) in pl.cache and (0, 5) not in pl.cache
     else:
@@ -480,8 +485,8 @@ def test_keep_ledger_finds_recency_keeps_where_routing_sticks(sticky):
     """Simulated with a GPU's costs (link 11.2 layers per expert, host 2.4x faster, no fixed costs): where
     60% of a token's experts are the last token's, judging keeps with recency is much faster and the
     ledger finds it; where routing does not stick, it costs little against frequency keeps. With the CPU
-    backend's fixed cost per copy (half or two layers), recency keeps lose where routing barely sticks,
-    and the ledger keeps the better rule's speed."""
+    backend's fixed cost per copy (half or two layers) the ledger keeps the better rule's speed; those
+    hand-offs run while the host computes, so even there recency keeps cost little."""
     from moe_prefetch.sim import CostModel, Policy, simulate, synthetic_trace
 
     trace = synthetic_trace(8, 8, 2, 300, seed=8, repeat=sticky)
@@ -499,8 +504,10 @@ def test_keep_ledger_finds_recency_keeps_where_routing_sticks(sticky):
     for copy_s in (0.5e-3, 2e-3):
         frequency, recency, switched = run(False, copy_s), run(True, copy_s), run(None, copy_s)
         assert switched > 0.98 * max(frequency, recency), (copy_s, frequency, recency, switched)
-    if not sticky:
-        assert recency < 0.95 * frequency, "two layers a copy: recency keeps must lose here"
+    if not sticky:  # keeps are started while the host computes: even at two layers a copy, their
+        # hand-offs cost little (when the keep went with the plan, before the layer's compute, recency
+        # keeps lost 5% or more here)
+        assert 0.97 * frequency < recency < frequency, "two layers a copy: mostly hidden by the host's work"
 
 
 def test_prefetches_that_do_not_deliver_close_the_gate_and_it_reopens():
