@@ -73,6 +73,46 @@ def test_keep_ledger_counts_the_keeps_the_rules_disagree_on_in_decode(ckpt):
         mp.OffloadConfig(keep_rule="newest")
 
 
+def test_keeps_are_decided_while_the_host_computes_and_charged_only_past_it(ckpt, monkeypatch):
+    """A layer's keeps are not decided with its plan: acquire() leaves them to start_keeps(), which the
+    layer calls after its device work while the (emulated) host still computes its misses. Decided and
+    started there, they cost the layer nothing while the host is busy: neither planning nor the keep
+    ledger's price of a keep is charged for them. The output stays the reference's."""
+    from moe_prefetch.offloader import ExpertOffloader
+    from moe_prefetch.planner import Planner
+
+    calls, charged = [], []
+    acquire, start_keeps = ExpertOffloader.acquire, ExpertOffloader.start_keeps
+    plan_cost, keep_cost = Planner.observe_plan_cost, Planner.observe_keep_cost
+
+    def acquire_spy(self, *a, **kw):
+        actions = acquire(self, *a, **kw)
+        if any(x.kind == "host" for x in actions):
+            assert self.planner.keeps_undecided, "the keeps of host-computed misses wait for start_keeps()"
+        return actions
+
+    def start_keeps_spy(self, jobs=()):
+        jobs = list(jobs)
+        before, charged[:] = self.planner.counters.keeps, []
+        start_keeps(self, jobs)
+        busy = bool(jobs) and self.host.ready_at(jobs) > self.clock()  # the host still computes after them
+        calls.append((busy, self.planner.counters.keeps - before, list(charged)))
+
+    monkeypatch.setattr(ExpertOffloader, "acquire", acquire_spy)
+    monkeypatch.setattr(ExpertOffloader, "start_keeps", start_keeps_spy)
+    monkeypatch.setattr(Planner, "observe_plan_cost", lambda self, s: (charged.append(s), plan_cost(self, s))[1])
+    monkeypatch.setattr(Planner, "observe_keep_cost", lambda self, s: (charged.append(s), keep_cost(self, s))[1])
+    ref = reference_generate(ckpt, PROMPT, NEW, device="cpu")
+    # a host job takes 18 ms (the test experts are 18 kB), far longer than the layer's device work
+    out, st = run(ckpt, 5, predictor="none", eviction="predictive", link_bandwidth=1e6, host_bandwidth=1e6)
+    assert torch.equal(out, ref)
+    assert st["keeps"] == sum(n for _, n, _ in calls) > 0, "every keep is started by start_keeps()"
+    # (a layer whose device work waited on a copy longer than its host jobs took finds the host done)
+    hidden = [costs for busy, n, costs in calls if busy and n]
+    assert len(hidden) >= 3, calls
+    assert all(c == 0.0 for costs in hidden for c in costs), "a keep inside the host's work is charged nothing"
+
+
 def test_auto_eviction_turns_to_lfus_rule_where_misses_are_cheap(ckpt):
     """Eviction "auto" (the default) in the runtime: with a host that computes a miss in far less time than
     the predictive rule's planning saves, the runtime's measured planning times turn it to LFU's rule
