@@ -1288,7 +1288,8 @@ class Planner:
         # the keeps of this round's host-computed misses are decided when the caller takes them (take_keeps),
         # while it waits for the host's results, not here on the way to the layer's compute
         self._keep_pending = [a.key for a in actions if a.kind == "host"]
-        self._keep_needed, self._keep_now = needed, now
+        if self._keep_pending:
+            self._keep_needed, self._keep_now = needed, now
         return actions
 
     def _shadow_run(self, layer: int, experts: list[int]) -> None:
@@ -1457,8 +1458,9 @@ class Planner:
             self.eviction_switch.plan_time(seconds)
 
     def observe_keep_cost(self, seconds: float) -> None:
-        """Starting the last plan's keeps took `seconds` of the caller's critical path (on the CPU backend
-        the copies themselves, on CUDA their launch): the keep ledger's price of a keep."""
+        """Starting the keeps the last take_keeps() handed out took `seconds` of the caller's critical path
+        (on the CPU backend the copies themselves, on CUDA their launch; the runtime counts only what ran
+        past the host's results): the keep ledger's price of a keep."""
         if self.keep_ledger is not None and self._taken:
             self.keep_ledger.observe_keep(seconds, self._taken)
 
