@@ -31,7 +31,7 @@ from collections import Counter, defaultdict
 from dataclasses import dataclass
 from typing import NamedTuple
 
-from .cache import (CacheFullError, EvictionPolicy, Evictable, ExpertCache, LFUPolicy, LRUPolicy, ShadowLRU,
+from .cache import (CacheFullError, EvictionPolicy, Evictable, ExpertCache, LFUPolicy, LRUPolicy, ShadowLFU, ShadowLRU,
                     fewest_uses, fewest_uses_ref, make_policy, push_uses)
 from .switch import EvictionSwitch, KeepLedger, PredictionSwitch
 
@@ -294,7 +294,8 @@ class PredictivePolicy(LRUPolicy):
     (ghost_wins: the predictive rule's, LFU's; a pair not yet told apart is dropped when its kept key is
     evicted too, or its evicted key comes back, before either is used). That comparison needs the uses
     heap kept, which costs about a tenth more planning on large caches, so the switch asks for it
-    (ghosting) on fewer epochs once the predictive rule is clearly worth its cost.
+    (ghosting) only where misses run on the host (elsewhere shadow caches count what LFU's rule would
+    hit), and there on fewer epochs once the predictive rule is clearly worth its cost.
 
     A predicted layer's cached experts without a prediction of their own (outside its top-k) may also
     share one P from the prediction (set_rest, by Planner.steer_eviction), blended half and half with
@@ -1109,7 +1110,8 @@ class Planner:
         self.policy = policy
         # eviction "auto": the predictive rule while what it saves beats what its planning costs, else LFU's or LRU's
         self.eviction_switch = EvictionSwitch() if getattr(policy, "switchable", False) else None
-        self.shadow = ShadowLRU(n_slots) if self.eviction_switch is not None else None  # LRU's rule's cache
+        # the caches LFU's and LRU's rules would make, fed the same uses (not with host compute)
+        self.shadows = {"lfu": ShadowLFU(n_slots), "lru": ShadowLRU(n_slots)} if self.eviction_switch is not None else {}
         self.cache = ExpertCache(n_slots, policy)
         self.link = link or Link(costs.transfer_s)  # the simulator passes one that also counts copies
         self.calibration = Calibration(top_k)
@@ -1226,13 +1228,13 @@ class Planner:
                 if self.eviction_switch is not None:
                     rule = self.eviction_switch.token(decode, warm, self.policy.ghost_wins,
                                                       self._miss_cost_and_saturation()[0],
-                                                      lru_ok=not self.host_compute)
+                                                      shadowed=not self.host_compute)
                     self.policy.set_rule(rule, ghosting=self.eviction_switch.ghost)
                 if self.keep_ledger is not None:
                     self.keep_ledger.token(self.costs.host_s)
             if self.eviction_switch is not None:
                 self.eviction_switch.layer()
-                if not self.host_compute:  # what LRU's rule would have held (host compute: not a candidate)
+                if not self.host_compute:  # what LFU's and LRU's rules would have held (not with host compute)
                     self._shadow_run(layer, experts)
         self._layer_seen = layer
         actions: list[Action] = []
@@ -1293,12 +1295,15 @@ class Planner:
         return actions
 
     def _shadow_run(self, layer: int, experts: list[int]) -> None:
-        """A run of `layer` starts: the shadow LRU cache takes its uses, after telling the eviction switch
+        """A run of `layer` starts: each shadow cache takes its uses, after telling the eviction switch
         which of them it and the real cache held."""
         switch = self.eviction_switch
-        won, lost = self.shadow.use([(layer, e) for e in experts], self.cache if switch.shadowing else None)
-        if won or lost:
-            switch.shadow(won, lost)
+        keys = [(layer, e) for e in experts]
+        real = self.cache if switch.shadowing else None
+        for rival, shadow in self.shadows.items():
+            won, lost = shadow.use(keys, real)
+            if won or lost:
+                switch.shadow(rival, won, lost)
 
     def keeps_use_recency(self) -> bool:
         """Whether keeps are judged with the recency line now (keep_recency, else the KeepLedger's choice)."""

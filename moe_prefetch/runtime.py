@@ -89,7 +89,7 @@ class OffloadRuntime:
                  keep_ledger=None if (kl := self.offloader.planner.keep_ledger) is None else kl.report(),
                  eviction_epochs=None if (es := self.offloader.planner.eviction_switch) is None else
                  {**es.epochs, "now": es.rule, "wins": list(self.offloader.planner.policy.ghost_wins),
-                  "shadow_wins": list(es.shadow_wins)})
+                  "shadow_wins": {r: list(w) for r, w in es.shadow_wins.items()}})
         return d
 
     def close(self) -> None:

@@ -155,21 +155,23 @@ class EvictionSwitch:
     from what each is measured to gain and to cost.
 
     Gain: while the predictive rule evicts, what it saves over each cheaper rule is counted on the same
-    uses. Against LFU's, its policy sets each victim against the one LFU's rule would have chosen and
-    counts which choice the next use proved right (ghosting; the policy's ghost_wins). Against LRU's, a
-    shadow LRU cache fed the same uses (cache.ShadowLRU) tells which of a run's experts LRU's rule would
-    have held: a use the real cache holds and the shadow does not is the predictive rule's win, the
-    reverse LRU's (shadow()). A victim at a time says little for LRU, whose own choices make its cache:
-    on the demo's trace at 25% cache the predictive rule won 153 of 175 victim pairs against LRU's while
-    LRU's rule hit 30.6% of uses against its 28.3%. The shadow is not fed where misses run on the host
-    (host compute): a shadow that copies every miss in is not what LRU's rule would do there, so LRU's
-    rule is not a candidate then. The net wins per layer times what a miss costs (the planner's cost
-    model) is the time the predictive rule saves a layer over that rule, taken optimistically: the net
-    wins plus Z standard errors of their count, with one pair of doubt added, so that thin evidence
-    favours the predictive rule. Cost: each rule's planning time per layer, as the caller measures it
-    (observe_plan_cost: the runtime's wall clock; the simulator's model). The hit rates differ by a point
-    or two, so the wins are counted on the same uses rather than timed (a wall clock's noise over a few
-    tokens is larger than that).
+    uses. Where misses are copied in, a shadow cache per cheaper rule, fed the same uses
+    (cache.ShadowLFU, cache.ShadowLRU), tells which of a run's experts that rule would have held: a use
+    the real cache holds and the shadow does not is the predictive rule's win, the reverse the other
+    rule's (shadow()). A victim at a time says little, as each rule's own choices make its cache: on the
+    demo's trace at 25% cache the predictive rule won 153 of 175 victim pairs against LRU's while LRU's
+    rule hit 30.6% of uses against its 28.3%, and on the demo at 75% it won 41-44 pairs against LFU's
+    15-21 where the hit rates were within 0.004 (the shadow LFU cache: 118-119 uses to 116). Where misses
+    run on the host (host compute), a shadow that copies every miss in is not what either rule would do,
+    so the shadows are not fed: LRU's rule is not a candidate, and against LFU's each victim is set
+    against the one LFU's rule would have chosen, the next use telling which choice was right
+    (ghosting; the policy's ghost_wins). The net wins per layer times what a miss costs (the planner's
+    cost model) is the time the predictive rule saves a layer over that rule, taken optimistically: the
+    net wins plus Z standard errors of their count (Z_SHADOW x that for the shadows' counts), with one
+    pair of doubt added, so that thin evidence favours the predictive rule. Cost: each rule's planning
+    time per layer, as the caller measures it (observe_plan_cost: the runtime's wall clock; the
+    simulator's model). The hit rates differ by a point or two, so the wins are counted on the same uses
+    rather than timed (a wall clock's noise over a few tokens is larger than that).
 
     Decode runs in epochs of EPOCH_TOKENS tokens on one rule, the first on the predictive rule. After
     every epoch each cheaper rule's balance (the planning it would save less the gain) is priced, and the
@@ -180,12 +182,12 @@ class EvictionSwitch:
     gain over every candidate, taken pessimistically, beats what that rule could save): the predictive
     rule, to count its wins afresh (4 x as rarely when the cheaper rule is clearly better: the gain taken
     twice as optimistically is still below what it saves); a cheaper one, only while it could still
-    win. Where LRU's rule could win, the predictive rule runs RETEST_EPOCHS epochs in a row whenever it
-    starts, the first of them settling uncounted (see shadowing), and LRU's rule is chosen only after
-    MIN_COUNTED counted epochs (the predictive rule's fits learn over the first tokens), which the
-    opening runs before its first decision, so that it weighs both cheaper rules. Once the predictive
+    win. Where the shadows are fed and a cheaper rule could win, the predictive rule runs RETEST_EPOCHS
+    epochs in a row whenever it starts, the first of them settling uncounted (see shadowing), and a
+    cheaper rule is chosen only after MIN_COUNTED counted epochs (the predictive rule's fits learn over
+    the first tokens), which the opening runs before its first decision. Unshadowed, once the predictive
     rule is clearly worth its cost, only one of its epochs in GHOST_EVERY compares victims (the
-    comparison costs planning too; the shadow costs a few dictionary operations per use and runs on).
+    comparison costs planning too; the shadows cost a few dictionary operations per use and run on).
     A caller that times no plans keeps the predictive rule (and compares victims as rarely)."""
 
     EPOCH_TOKENS = 8
@@ -197,16 +199,20 @@ class EvictionSwitch:
     # simulated, auto gained 1-2% at 25% cache where LRU's rule hits more, but on a second trained model
     # (8 layers, Python code) it ran LRU's rule on early counts for 8 of 23 epochs at 50% cache, where
     # the predictive rule hits 60.1% against LRU's 57.3%: 0.93-0.98 of 2 Z in the real runtime at 50 and
-    # 75% cache (one run each, 2026-12-06)
+    # 75% cache (one run each, 2026-12-06). Decided on the counts as they are (z = 0), auto would leave
+    # the predictive rule for LFU's on the demo at 75% cache (hits within 0.004, planning 11% of a layer
+    # more), but early counts favour the cheaper rules: simulated, it ran LRU's rule for 66 of 75 epochs
+    # on synthetic routing (stickiness 0.3, 75% cache) where the predictive rule is 1.15x as fast, and
+    # gave 0.87-0.98 of it on that trace, the sticky 0.6 one and the demo's (2026-12-07)
     Z_SHADOW = 2.0
-    RETEST_EPOCHS = 3    # predictive epochs in a row once it starts, where LRU's rule is a candidate (one settles)
-    MIN_COUNTED = 4      # epochs counted against the shadow before LRU's rule may be chosen
+    RETEST_EPOCHS = 3    # predictive epochs in a row once it starts, shadowed, where a cheaper rule could win (one settles)
+    MIN_COUNTED = 4      # epochs counted against the shadows before a shadowed rule may be chosen
     WARMUP_TOKENS = MeasuredSwitch.WARMUP_TOKENS
     RULES = ("predictive", "lfu", "lru")
 
     def __init__(self):
         self.rule = "predictive"
-        self.ghost = True                 # this epoch compares victims (predictive rule)
+        self._ghost_due = True            # unshadowed: this predictive epoch compares victims (ghost)
         self._best = "predictive"         # the rule the last decision found best
         self._since = 0                   # epochs since the other rule last ran (or the best one changed)
         self._clear = False               # the last decision found the predictive rule clearly worth its cost
@@ -217,35 +223,37 @@ class EvictionSwitch:
         self._seconds = 0.0
         self._timed = False               # a planning time was observed this epoch
         self._seen = (0, 0)               # ghost wins already counted
-        self._shadowed = [0, 0]           # this epoch's uses told apart by the shadow: [predictive's, LRU's]
+        # this epoch's uses told apart by each rival's shadow cache: rival -> [predictive's, the rival's]
+        self._told = {"lfu": [0, 0], "lru": [0, 0]}
         self._settling = True             # this predictive epoch follows another rule's (or opens the run)
         # predictive epochs still to run after this one before a decision: at the opening, until LRU's rule
         # may be chosen, so that the first decision weighs both cheaper rules
         self._hold = self.MIN_COUNTED
-        self._counted = 0                 # epochs counted against the shadow so far
-        self.shadow_wins = [0, 0]         # uses told apart by the shadow, all counted epochs: [predictive's, LRU's]
-        self.lru_ok = True                # LRU's rule is a candidate (the caller feeds the shadow)
+        self._counted = 0                 # epochs counted against the shadows so far
+        # uses told apart by each shadow, all counted epochs: rival -> [predictive's, the rival's]
+        self.shadow_wins = {"lfu": [0, 0], "lru": [0, 0]}
+        self.shadowed = True              # the caller feeds the shadow caches (LRU's rule is a candidate)
         # cheaper rule -> [net wins, pairs, layers] of the predictive rule against it, decaying over the
-        # epochs that gather them (comparing epochs for LFU's, every predictive epoch for LRU's)
+        # epochs that gather them (every counted predictive epoch; unshadowed, LFU's on comparing epochs)
         self.evidence = {"lfu": [0.0, 0.0, 0.0], "lru": [0.0, 0.0, 0.0]}
         self._warmup = 0
         self.epochs = dict.fromkeys(self.RULES, 0)
         self.last = None                  # the last decision's {rule: (gain, what it could save)} per layer, seconds
 
-    def token(self, decode: bool, warm: bool, wins, miss_cost: float, lru_ok: bool = True) -> str:
+    def token(self, decode: bool, warm: bool, wins, miss_cost: float, shadowed: bool = True) -> str:
         """A token's first MoE layer starts (decode: one row; warm: the cache is full); wins: the policy's
-        ghost_wins; miss_cost: seconds a miss costs; lru_ok: the shadow LRU cache is fed (misses are copied
-        in). Returns the rule for this token; `ghost` says whether it compares victims."""
+        ghost_wins; miss_cost: seconds a miss costs; shadowed: the shadow caches are fed (misses are
+        copied in). Returns the rule for this token; `ghost` says whether it compares victims."""
         if self._measuring:
             self._tokens += 1
             if self._tokens >= self.EPOCH_TOKENS:
                 self._end_epoch(wins, miss_cost)
-        if not lru_ok and self.lru_ok:  # LRU's rule stops being a candidate: its evidence is void
-            self.evidence["lru"] = [0.0, 0.0, 0.0]
+        if shadowed != self.shadowed:  # the evidence changes kind (and LRU's rule stops or starts being a candidate)
+            self.evidence = {r: [0.0, 0.0, 0.0] for r in self.evidence}
             self._counted = 0
             if self.rule == "lru":
                 self.rule, self._best, self._since = "predictive", "predictive", 0
-        self.lru_ok = lru_ok
+        self.shadowed = shadowed
         if decode and not warm and self._warmup < self.WARMUP_TOKENS:
             self._warmup += 1
             decode = False
@@ -258,23 +266,30 @@ class EvictionSwitch:
             self._layers += 1
 
     @property
-    def shadowing(self) -> bool:
-        """The current token's uses are told apart against the shadow LRU cache (shadow()): not in the
-        first predictive epoch after another rule's, nor in the run's first. That epoch runs on the cache
-        the other rule left (the shadow's own, after LRU's rule) with fits that have not seen it, and
-        loses to LRU's rule while it reshapes the cache: simulated on the demo's trace at 50% cache, the
-        predictive rule lost 6-16 of its first epoch's told-apart uses and 12-16 of a re-test's, and won
-        by 160 to 90 over the next ten. So that epoch settles, uncounted, and the rule runs again."""
-        return self._measuring and self.lru_ok and self.rule == "predictive" and not self._settling
+    def ghost(self) -> bool:
+        """This token's victims are compared with LFU's (the policy's ghosting): only unshadowed (where
+        LFU's evidence is victim pairs), under the predictive rule, on the epochs due to compare."""
+        return not self.shadowed and self.rule == "predictive" and self._ghost_due
 
-    def shadow(self, won: int, lost: int) -> None:
-        """Of a run's uses, `won` were held by the real cache and not by the shadow LRU cache, `lost` the
-        reverse."""
+    @property
+    def shadowing(self) -> bool:
+        """The current token's uses are told apart against the shadow caches (shadow()): not in the
+        first predictive epoch after another rule's, nor in the run's first. That epoch runs on the cache
+        the other rule left (the shadow's own) with fits that have not seen it, and loses to that rule
+        while it reshapes the cache: simulated on the demo's trace at 50% cache, the predictive rule lost
+        6-16 of its first epoch's uses told apart from LRU's shadow and 12-16 of a re-test's, and won by
+        160 to 90 over the next ten. So that epoch settles, uncounted, and the rule runs again."""
+        return self._measuring and self.shadowed and self.rule == "predictive" and not self._settling
+
+    def shadow(self, rival: str, won: int, lost: int) -> None:
+        """Of a run's uses, `won` were held by the real cache and not by `rival`'s shadow cache, `lost`
+        the reverse."""
         if self.shadowing:
-            self._shadowed[0] += won
-            self._shadowed[1] += lost
-            self.shadow_wins[0] += won
-            self.shadow_wins[1] += lost
+            told, total = self._told[rival], self.shadow_wins[rival]
+            told[0] += won
+            told[1] += lost
+            total[0] += won
+            total[1] += lost
 
     def plan_time(self, seconds: float) -> None:
         """The caller's planning of a layer (or of one round of it) took `seconds`."""
@@ -288,7 +303,7 @@ class EvictionSwitch:
         net, pairs, layers = self.evidence[rival]
         if not layers:
             return None
-        z = (self.Z if z is None else z) * (self.Z_SHADOW if rival == "lru" else 1.0)
+        z = (self.Z if z is None else z) * (self.Z_SHADOW if self.shadowed else 1.0)
         return (net + z * math.sqrt(pairs + 1.0)) / layers * miss_cost
 
     def _end_epoch(self, wins, miss_cost: float) -> None:
@@ -299,22 +314,25 @@ class EvictionSwitch:
             self.plan[rule] = t if m is None else 0.5 * m + 0.5 * t
         won, lost = wins[0] - self._seen[0], wins[1] - self._seen[1]  # pairs told apart this epoch
         self._seen = (wins[0], wins[1])
-        d, ev = self.DECAY, self.evidence["lfu"]
-        if rule == "predictive" and self.ghost:
-            ev[0], ev[1], ev[2] = d * ev[0] + won - lost, d * ev[1] + won + lost, d * ev[2] + self._layers
-        else:  # pairs made in a comparing epoch, told apart now
-            ev[0], ev[1] = ev[0] + won - lost, ev[1] + won + lost
-        if rule == "predictive" and self.lru_ok and not self._settling:
-            (won, lost), ev = self._shadowed, self.evidence["lru"]
-            ev[0], ev[1], ev[2] = d * ev[0] + won - lost, d * ev[1] + won + lost, d * ev[2] + self._layers
+        d = self.DECAY
+        if not self.shadowed:  # LFU's evidence: victim pairs
+            ev = self.evidence["lfu"]
+            if self.ghost:
+                ev[0], ev[1], ev[2] = d * ev[0] + won - lost, d * ev[1] + won + lost, d * ev[2] + self._layers
+            else:  # pairs made in a comparing epoch, told apart now
+                ev[0], ev[1] = ev[0] + won - lost, ev[1] + won + lost
+        elif rule == "predictive" and not self._settling:  # both rivals': the uses their shadows told apart
+            for r, (won, lost) in self._told.items():
+                ev = self.evidence[r]
+                ev[0], ev[1], ev[2] = d * ev[0] + won - lost, d * ev[1] + won + lost, d * ev[2] + self._layers
             self._counted += 1
-        self._shadowed = [0, 0]
+        self._told = {r: [0, 0] for r in self._told}
         self.epochs[rule] += 1
         self._tokens = self._layers = 0
         self._seconds, self._timed = 0.0, False
-        # where LRU's rule is a candidate, the predictive rule runs RETEST_EPOCHS in a row once it starts
-        # (the first settling, uncounted: see shadowing) before anything is decided
-        if rule == "predictive" and self._hold > 0 and self._lru_could_win(miss_cost):
+        # shadowed, the predictive rule runs RETEST_EPOCHS in a row once it starts (the first settling,
+        # uncounted: see shadowing) before anything is decided, where a cheaper rule could win
+        if rule == "predictive" and self._hold > 0 and self._shadow_could_win(miss_cost):
             self._hold -= 1
             self.rule = "predictive"
         else:
@@ -323,24 +341,26 @@ class EvictionSwitch:
         if self._settling:
             self._hold = self.RETEST_EPOCHS - 1
         if self.rule == "predictive":
-            self.ghost = not self._clear or self._quiet >= self.GHOST_EVERY - 1
-            self._quiet = 0 if self.ghost else self._quiet + 1
+            self._ghost_due = not self._clear or self._quiet >= self.GHOST_EVERY - 1
+            self._quiet = 0 if self._ghost_due else self._quiet + 1
 
     def _alike(self, rival: str) -> float:
-        """The z that puts `rival`'s gain one standard error up (gain() scales LRU's by Z_SHADOW)."""
-        return self.Z / self.Z_SHADOW if rival == "lru" else self.Z
+        """The z that puts `rival`'s gain one standard error up (gain() scales shadowed counts by Z_SHADOW)."""
+        return self.Z / self.Z_SHADOW if self.shadowed else self.Z
 
-    def _lru_could_win(self, miss_cost: float) -> bool:
-        """LRU's rule is a candidate and the gain over it is below all of the predictive rule's planning
-        (below twice that while fewer than MIN_COUNTED epochs have been counted: early counts favour LRU's
-        rule, so one that is far behind even then is let go): only then do predictive epochs run in a
-        row to count against the shadow."""
-        if not self.lru_ok:
+    def _shadow_could_win(self, miss_cost: float) -> bool:
+        """The shadows are fed and the gain over a cheaper rule is below all of the predictive rule's
+        planning (below twice that while fewer than MIN_COUNTED epochs have been counted: early counts
+        favour the cheaper rules, so one that is far behind even then is let go): only then do predictive
+        epochs run in a row to count against the shadows."""
+        if not self.shadowed:
             return False
-        gain, on = self.gain(miss_cost, rival="lru"), self.plan["predictive"]
-        if gain is None or on is None:
-            return True
-        return gain <= (2.0 * on if self._counted < self.MIN_COUNTED else on)
+        on = self.plan["predictive"]
+        for r in ("lfu", "lru"):
+            gain = self.gain(miss_cost, rival=r)
+            if gain is None or on is None or gain <= (2.0 * on if self._counted < self.MIN_COUNTED else on):
+                return True
+        return False
 
     def _decide(self, miss_cost: float) -> str:
         """The rule for the next epoch: decided again after every epoch, on the evidence so far."""
@@ -348,19 +368,18 @@ class EvictionSwitch:
         if on is None:  # untimed: nothing to weigh, so the rule never changes and victims are compared rarely
             self.last, self._clear = None, True
             return "predictive"
-        rivals = ("lfu", "lru") if self.lru_ok else ("lfu",)
+        rivals = ("lfu", "lru") if self.shadowed else ("lfu",)
         self.last, balance = {}, {}
         for r in rivals:
             gain = self.gain(miss_cost, rival=r)
-            if gain is None or (r == "lru" and self._counted < self.MIN_COUNTED):
+            if gain is None or (self.shadowed and self._counted < self.MIN_COUNTED):
                 continue
             off = self.plan[r]
             saving = on if off is None else on - off  # what its rule could save per layer (at most all of it)
             self.last[r] = (gain, saving)
             balance[r] = saving - gain
         # the predictive rule gives way only to a rule whose balance is positive on the optimistic gain;
-        # of those, the one whose balance is best with the gain one standard error up for both (the two
-        # cheaper rules' evidence weighed alike, where LRU's doubt is twice LFU's)
+        # of those, the one whose balance is best with the gain one standard error up for both
         better = [r for r in balance if balance[r] > 0.0]
         best = max(better, key=lambda r: self.last[r][1] - self.gain(miss_cost, self._alike(r), r), default="predictive")
         # clear: even the pessimistic gain over every candidate beats what it could save

@@ -166,3 +166,42 @@ def test_shadow_lru_holds_what_an_lru_cache_fed_the_same_uses_holds():
     shadow.use([(0, 1), (0, 2)])
     assert shadow.use([(0, 1), (0, 3)], real={(0, 3)}) == (1, 1)  # (0, 3) the real cache's only, (0, 1) the shadow's
     assert (0, 2) not in shadow and len(shadow) == 2
+
+
+def test_shadow_lfu_holds_what_an_lfu_cache_fed_the_same_uses_holds():
+    """ShadowLFU (eviction auto's view of LFU's rule) against a real ExpertCache run by LFUPolicy, every use
+    a demand fetch with the run's keys pinned: after each run both hold the same keys, on skewed routing
+    (so that counts, not recency, decide) and on runs as large as the cache."""
+    import random
+
+    from moe_prefetch.cache import ShadowLFU
+
+    rng = random.Random(5)
+    weights = [8, 4, 2, 1, 1, 1, 1, 1]
+    for slots, per_run in ((2, 2), (3, 2), (8, 3), (20, 2)):
+        shadow, cache = ShadowLFU(slots), ExpertCache(slots, LFUPolicy())
+        for step in range(2000):
+            layer = step % 4
+            experts = set()
+            while len(experts) < per_run:
+                experts.add(rng.choices(range(8), weights)[0])
+            keys = [(layer, e) for e in sorted(experts)]
+            assert shadow.use(keys, set(cache.keys())) == (0, 0), "the same keys held: no use told apart"
+            for key in keys:
+                if key in cache:
+                    cache.touch(key)
+                else:
+                    cache.insert(key)
+                cache.pin(key)
+            for key in keys:
+                cache.unpin(key)
+            assert set(cache.keys()) == set(shadow._stamp) and len(shadow) == len(cache), (slots, step)
+    shadow = ShadowLFU(2)
+    for _ in range(3):
+        shadow.use([(0, 1)])
+    shadow.use([(0, 2)])
+    # (0, 3) comes in: (0, 2), used once, goes, not (0, 1), used three times though less recently
+    assert shadow.use([(0, 3)], real={(0, 2), (0, 3)}) == (1, 0)  # (0, 3) held by the real cache only
+    assert (0, 1) in shadow and (0, 2) not in shadow and (0, 3) in shadow
+    assert shadow.use([(0, 2), (0, 4)], real={(0, 2)}) == (1, 0)  # (0, 2) held by the real cache only
+    assert shadow.counts[(0, 2)] == 2 and (0, 1) not in shadow, "the run's keys stay; (0, 1) and (0, 3) the others"

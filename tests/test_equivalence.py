@@ -102,7 +102,7 @@ def test_greedy_identical_while_the_eviction_rule_changes(tmp_path, host, monkey
     from moe_prefetch.switch import EvictionSwitch
 
     def cycle(self, miss_cost):
-        rules = self.RULES if self.lru_ok else ("predictive", "lfu")
+        rules = self.RULES if self.shadowed else ("predictive", "lfu")
         return rules[(rules.index(self.rule) + 1) % len(rules)] if self.rule in rules else "predictive"
 
     monkeypatch.setattr(EvictionSwitch, "EPOCH_TOKENS", 1)

@@ -936,7 +936,7 @@ def test_eviction_switch_prices_the_predictive_rule_against_its_planning():
     def run(plan_on, plan_off, wins_per_epoch, miss_cost, tokens=8 * 40, timed=True, layers=4):
         sw, wins, arms, ghosts = EvictionSwitch(), [0, 0], [], []
         for _ in range(tokens):
-            arm = sw.token(True, True, wins, miss_cost, lru_ok=False) == "predictive"
+            arm = sw.token(True, True, wins, miss_cost, shadowed=False) == "predictive"
             arms.append(arm)
             ghosts.append(arm and sw.ghost)
             for _ in range(layers):
@@ -985,36 +985,47 @@ def test_eviction_switch_prices_the_predictive_rule_against_its_planning():
     assert not any(sw.epochs.values()) and not any(sw.plan.values())
 
 
-def test_eviction_switch_turns_to_lrus_rule_where_the_shadow_cache_hits_more():
-    """Against LRU's rule the evidence is a shadow LRU cache's hits: where it holds more of the uses than
-    the real cache, the switch turns to LRU's rule once MIN_COUNTED epochs have been counted, and
-    re-tests the predictive rule for RETEST_EPOCHS epochs in a row, the first settling uncounted (rarely,
-    once LRU's rule is clearly better); where the real cache holds more, or LRU's rule is not a candidate
-    (host compute), it never runs, and a switch running it leaves it as soon as it stops being one."""
+@pytest.mark.parametrize("rival", ["lru", "lfu"])
+def test_eviction_switch_turns_to_a_cheaper_rule_where_its_shadow_cache_hits_more(rival):
+    """Where misses are copied in, the evidence against each cheaper rule is its shadow cache's hits:
+    where the rival's shadow holds more of the uses than the real cache, the switch turns to that rule
+    once MIN_COUNTED epochs have been counted, and re-tests the predictive rule for RETEST_EPOCHS epochs in
+    a row, the first settling uncounted (rarely, once the rival is clearly better); where the real cache
+    holds more it never runs, and victims are never compared with LFU's (the shadow says more). Unshadowed
+    (host compute) LRU's rule is not a candidate, and a switch running it leaves it as soon as it stops
+    being one."""
     from moe_prefetch.switch import EvictionSwitch
 
-    def run(won, lost, tokens=8 * 80, lru_ok=True, plan=(50e-6, 50e-6, 30e-6)):
-        sw, rules, counted, wins = EvictionSwitch(), [], [], [0, 0]
+    other = "lfu" if rival == "lru" else "lru"
+    plan = {"predictive": 50e-6, rival: 30e-6, other: 50e-6}
+
+    def run(won, lost, tokens=8 * 80, shadowed=True):
+        sw, rules, counted, wins, ghosts = EvictionSwitch(), [], [], [0, 0], []
         for _ in range(tokens):
-            rule = sw.token(True, True, wins, 1e-3, lru_ok=lru_ok)
+            rule = sw.token(True, True, wins, 1e-3, shadowed=shadowed)
             if rule == "predictive" and sw.ghost:
-                wins[0] += 1  # the predictive rule's victims beat LFU's: LFU's rule never pays here
+                wins[0] += 1  # unshadowed: the predictive rule's victims beat LFU's
             rules.append(rule)
             counted.append(sw.shadowing)
+            ghosts.append(sw.ghost)
             for _ in range(4):
                 sw.layer()
-                sw.plan_time(plan[EvictionSwitch.RULES.index(rule)])
-            sw.shadow(won, lost)  # per token: the real cache held `won` uses the shadow did not, `lost` the reverse
-        return sw, rules[::8], counted[::8]  # per epoch
+                sw.plan_time(plan[rule])
+            # per token: the real cache held `won` uses the rival's shadow did not, `lost` the reverse; the
+            # other rule's shadow holds less than the real cache
+            sw.shadow(rival, won, lost)
+            sw.shadow(other, 1, 0)
+        return sw, rules[::8], counted[::8], ghosts
 
     n = EvictionSwitch.RETEST_EPOCHS
-    for won, lost in ((2, 3), (1, 3)):  # LRU's rule better; clearly so in the second
-        sw, rules, counted = run(won, lost)
-        first = rules.index("lru")
+    for won, lost in ((2, 3), (1, 3)):  # the rival better; clearly so in the second
+        sw, rules, counted, ghosts = run(won, lost)
+        assert not any(ghosts), "shadowed: no victim compared"
+        first = rules.index(rival)
         assert sum(counted[:first]) >= EvictionSwitch.MIN_COUNTED and rules[:n] == ["predictive"] * n
-        assert sw.plan["lru"] == pytest.approx(30e-6) and sw.shadow_wins[1] > sw.shadow_wins[0]
-        assert sw.last["lru"][0] < 0 < sw.last["lru"][1]
-        blocks = "".join("P" if r == "predictive" else "R" if r == "lru" else "F" for r in rules[first:]).split("R")
+        assert sw.plan[rival] == pytest.approx(30e-6) and sw.shadow_wins[rival][1] > sw.shadow_wins[rival][0]
+        assert sw.last[rival][0] < 0 < sw.last[rival][1] and other not in rules
+        blocks = "".join("P" if r == "predictive" else "R" for r in rules[first:]).split("R")
         retests = [b for b in blocks if b]
         assert retests and all(b == "P" * n for b in retests[:-1]), retests  # (the last may be cut short)
         for i in range(first + 1, len(rules)):
@@ -1023,17 +1034,19 @@ def test_eviction_switch_turns_to_lrus_rule_where_the_shadow_cache_hits_more():
         share = rules[first:].count("predictive") / len(rules[first:])
         limit = n / (EvictionSwitch.EXPLOIT + n) + 0.05 if won == 2 else n / (4 * EvictionSwitch.EXPLOIT + n) + 0.05
         assert 0.0 < share < limit, (won, share)
-    # the real cache holds more: LRU's rule never runs, even planning for less
-    sw, rules, _ = run(3, 1)
-    assert set(rules) == {"predictive"} and sw.last["lru"][0] > sw.last["lru"][1] > 0
-    # not a candidate: never tried, whatever the counts
-    sw, rules, counted = run(0, 5, lru_ok=False)
-    assert "lru" not in rules and not any(counted) and sw.shadow_wins == [0, 0]
-    # running LRU's rule when it stops being one: the predictive rule at once, its evidence gone
-    sw, rules, _ = run(1, 3, tokens=8 * 12)
-    assert sw.rule == "lru"
-    assert sw.token(True, True, [1e6, 0], 1e-3, lru_ok=False) == "predictive" and sw.evidence["lru"] == [0, 0, 0]
-
+    # the real cache holds more: the rival never runs, even planning for less
+    sw, rules, _, _ = run(3, 1)
+    assert set(rules) == {"predictive"} and sw.last[rival][0] > sw.last[rival][1] > 0
+    # unshadowed: nothing counted against the shadows, LRU's rule never tried, LFU's judged by victim pairs
+    sw, rules, counted, ghosts = run(0, 5, shadowed=False)
+    assert set(rules) == {"predictive"} and not any(counted) and any(ghosts)
+    assert sw.shadow_wins == {"lfu": [0, 0], "lru": [0, 0]} and sw.evidence["lfu"][0] > 0
+    # running LRU's rule when it stops being a candidate: the predictive rule at once, the evidence gone
+    if rival == "lru":
+        sw, rules, _, _ = run(1, 3, tokens=8 * 12)
+        assert sw.rule == "lru"
+        assert sw.token(True, True, [1e6, 0], 1e-3, shadowed=False) == "predictive"
+        assert sw.evidence == {"lfu": [0, 0, 0], "lru": [0, 0, 0]}
 
 def test_eviction_switch_weighs_lfus_and_lrus_evidence_alike_when_both_beat_the_predictive_rule():
     """Both cheaper rules beat the predictive one (their balances positive on its optimistic gain); the
@@ -1090,14 +1103,14 @@ def test_auto_eviction_planner_turns_to_lrus_rule_where_recency_is_all_there_is(
         lru = simulate(trace, cost, L * k, Policy("l", eviction="lru"))
     sw = seen[0].eviction_switch
     assert lru.hit_rate > pred.hit_rate + 0.02, "the premise: LRU's rule hits more here"
-    assert sw.epochs["lru"] > sw.epochs["predictive"] and sw.shadow_wins[1] > sw.shadow_wins[0], sw.epochs
+    assert sw.epochs["lru"] > sw.epochs["predictive"] and sw.shadow_wins["lru"][1] > sw.shadow_wins["lru"][0], sw.epochs
     assert auto.hit_rate > pred.hit_rate + 0.005, (auto.hit_rate, pred.hit_rate)
     # host compute: the shadow is not fed and LRU's rule never runs
     seen.clear()
     with um.patch.object(Planner, "__init__", keep):
         simulate(trace, CostModel(attn_s=0.8e-3, expert_s=0.1e-3, transfer_s=11e-3, expert_bytes=1, host_s=4e-3),
                  L * k, Policy("auto", eviction="auto", host_compute=True))
-    assert seen[0].eviction_switch.epochs["lru"] == 0 and len(seen[0].shadow) == 0
+    assert seen[0].eviction_switch.epochs["lru"] == 0 and not any(len(s) for s in seen[0].shadows.values())
 
 
 def test_auto_eviction_planner_turns_to_lfus_rule_where_planning_outweighs_misses():
