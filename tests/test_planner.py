@@ -1104,6 +1104,8 @@ def test_auto_eviction_planner_turns_to_lrus_rule_where_recency_is_all_there_is(
     sw = seen[0].eviction_switch
     assert lru.hit_rate > pred.hit_rate + 0.02, "the premise: LRU's rule hits more here"
     assert sw.epochs["lru"] > sw.epochs["predictive"] and sw.shadow_wins["lru"][1] > sw.shadow_wins["lru"][0], sw.epochs
+    assert sum(sw.shadow_wins["lfu"]) > 0, "the shadow LFU cache is fed and told apart too"
+    assert sw.ghost is False and seen[0].policy.ghost_wins == [0, 0], "shadowed: no victim compared"
     assert auto.hit_rate > pred.hit_rate + 0.005, (auto.hit_rate, pred.hit_rate)
     # host compute: the shadow is not fed and LRU's rule never runs
     seen.clear()
