@@ -226,8 +226,8 @@ class EvictionSwitch:
         # this epoch's uses told apart by each rival's shadow cache: rival -> [predictive's, the rival's]
         self._told = {"lfu": [0, 0], "lru": [0, 0]}
         self._settling = True             # this predictive epoch follows another rule's (or opens the run)
-        # predictive epochs still to run after this one before a decision: at the opening, until LRU's rule
-        # may be chosen, so that the first decision weighs both cheaper rules
+        # predictive epochs still to run after this one before a decision: at the opening (shadowed), until
+        # a cheaper rule may be chosen, so that the first decision weighs both
         self._hold = self.MIN_COUNTED
         self._counted = 0                 # epochs counted against the shadows so far
         # uses told apart by each shadow, all counted epochs: rival -> [predictive's, the rival's]
