@@ -152,6 +152,22 @@ def fewest_uses_ref(order, counts, candidates):
     return best
 
 
+def tell_apart(shadow, keys, real: Collection[Key] | None) -> tuple[int, int]:
+    """Of a run's `keys`, how many the real cache holds and `shadow` does not, and the reverse ((0, 0)
+    without `real`): what ShadowLRU.use() and ShadowLFU.use() report, counted before they take the uses."""
+    if real is None:
+        return 0, 0
+    won = lost = 0
+    for key in keys:
+        held = key in shadow
+        if held != (key in real):
+            if held:
+                lost += 1
+            else:
+                won += 1
+    return won, lost
+
+
 class ShadowLRU:
     """The keys an LRU cache of `n_slots` would hold, fed the same uses as the real cache, every use a
     demand fetch (no prefetches, no pins): which of a run's experts LRU's rule would have hit, at a few
@@ -173,22 +189,16 @@ class ShadowLRU:
         """`keys` (one run's, distinct) are used now: each moves to the newest end, the oldest go past
         `n_slots`. real: the real cache, to tell the uses apart first; returns (held by it only, held by
         the shadow only), (0, 0) without it."""
+        told = tell_apart(self, keys, real)
         order = self._order
-        won = lost = 0
         for key in keys:
-            held = key in order
-            if real is not None and held != (key in real):
-                if held:
-                    lost += 1
-                else:
-                    won += 1
-            if held:
+            if key in order:
                 order.move_to_end(key)
             else:
                 order[key] = None
         while len(order) > self.n_slots:
             order.popitem(last=False)
-        return won, lost
+        return told
 
 
 class ShadowLFU:
@@ -220,15 +230,10 @@ class ShadowLFU:
     def use(self, keys, real: Collection[Key] | None = None) -> tuple[int, int]:
         """`keys` (one run's, distinct) are used now: each is counted and held, then the fewest-used of
         the other keys go past `n_slots`. real: as ShadowLRU.use()."""
+        told = tell_apart(self, keys, real)
         stamp, counts, heap = self._stamp, self.counts, self._heap
-        won = lost = 0
         for key in keys:
             held = key in stamp
-            if real is not None and held != (key in real):
-                if held:
-                    lost += 1
-                else:
-                    won += 1
             n = counts[key] = counts.get(key, 0) + 1
             self._clock += 1
             stamp[key] = self._clock
@@ -236,7 +241,7 @@ class ShadowLFU:
                 heapq.heappush(heap, (n, self._clock, key))
         if len(stamp) > self.n_slots:
             self._evict(keys)
-        return won, lost
+        return told
 
     def _evict(self, run) -> None:
         stamp, counts, heap = self._stamp, self.counts, self._heap
