@@ -118,13 +118,16 @@ def run_policy(model_name, seqs, **kw) -> dict:
                 predict_s=st["predicted_seconds"] / st["predicted_layers"] if st["predicted_layers"] else 0.0,
                 prefetch_layer_s=others / (layers - st["predicted_layers"]) if layers > st["predicted_layers"] else 0.0,
                 plan_s=st["plan_seconds"] / layers,
+                settle_s=st["settle_seconds"] / layers,  # the planner's deferred bookkeeping, all of it
+                settle_paid_s=(st["settle_seconds"] - st["settle_hidden_seconds"]) / layers,  # in plan_s too
                 predicted_layers=st["predicted_layers"])
 
 
-def measure_costs(model_name, seqs, top_k, **kw) -> tuple[float, float, float, float]:
+def measure_costs(model_name, seqs, top_k, **kw) -> tuple[float, float, float, float, float]:
     """attn_s, expert_s, tail_s of the CPU runtime with every expert resident (no transfers), from
-    forward hooks on the decoder layers and MoE blocks, and the planner's time per layer of hits in them;
-    `kw` sets the predictor and eviction in use."""
+    forward hooks on the decoder layers and MoE blocks, and the planner's time per layer of hits in them:
+    deciding, and its deferred bookkeeping (Planner.settle, paid in full where nothing is in flight; both
+    are in the hooks' times); `kw` sets the predictor and eviction in use."""
     model, _ = load(model_name, **kw)
     rt = model.moe_runtime
     a = rt.adapter
@@ -149,7 +152,9 @@ def measure_costs(model_name, seqs, top_k, **kw) -> tuple[float, float, float, f
     spans.update(layer=0.0, moe=0.0)
     mp.reset_stats(model)
     seconds, steps = teacher_forced(model, seqs)
-    plan = mp.stats(model)["plan_seconds"] / ((steps + len(seqs)) * len(layers))
+    st = mp.stats(model)
+    settle = st["settle_seconds"] / ((steps + len(seqs)) * len(layers))
+    plan = st["plan_seconds"] / ((steps + len(seqs)) * len(layers)) - settle  # deciding alone
     n_layers = len(layers)
     first_tokens = len(seqs)  # hooks also timed the untimed first token of each sequence
     calls = (steps + first_tokens) * n_layers
@@ -157,7 +162,7 @@ def measure_costs(model_name, seqs, top_k, **kw) -> tuple[float, float, float, f
     expert = spans["moe"] / calls / top_k
     tail = max(0.0, seconds / steps - n_layers * spans["layer"] / calls)
     model.moe_runtime.close()
-    return attn, expert, tail, plan
+    return attn, expert, tail, plan, settle
 
 
 def emulated_speeds(model_name, seqs, top_k: int, all_experts: int, expert_bytes: int, ratio: float, hw: str,
@@ -165,7 +170,7 @@ def emulated_speeds(model_name, seqs, top_k: int, all_experts: int, expert_bytes
     """(a layer's compute in s at top-k, measured all-resident; the emulated link in bytes/s, so that one
     full-precision expert takes `ratio` layer-computes; the host profile's expert read rate over the
     hardware profile's link rate)."""
-    attn, expert, _, _ = measure_costs(model_name, seqs, top_k, predictor="none", expert_cache=all_experts)
+    attn, expert, _, _, _ = measure_costs(model_name, seqs, top_k, predictor="none", expert_cache=all_experts)
     layer_s = attn + top_k * expert
     host_over_link = load_profiles("hosts")[host]["read_gbps"] / load_profiles("hardware")[hw]["h2d_gbps"]
     return layer_s, expert_bytes / (ratio * layer_s), host_over_link
@@ -427,13 +432,17 @@ def main(argv=None) -> int:
         measured_costs = {name: tuple(statistics.median(part) for part in zip(*rs)) for name, rs in resident_runs.items()}
 
         def sim_row(name, pol, kw, overheads):
-            attn, expert, tail, resident_plan = measured_costs[name]
+            attn, expert, tail, resident_plan, resident_settle = measured_costs[name]
             row = next(r for r in results if r["policy"] == name and abs(r["cache"] - slots / (L * E)) < 1e-9)
             # the link time per expert as the engine measured it in that run (throttle plus copy)
-            cost = CostModel(attn, expert, row["link_s"] or expert_bytes / link_bw, expert_bytes, tail,
+            # the planner's deferred bookkeeping is in the resident timings; the model charges it after the
+            # plan, where copies in flight cover it (settle_s: the row's own)
+            cost = CostModel(max(0.0, attn - resident_settle), expert, row["link_s"] or expert_bytes / link_bw,
+                             expert_bytes, tail,
                              host_s=(row.get("host_s") or expert_bytes / host_bw) if row["host_compute"] else None,
                              predict_s=row.get("predict_s", 0.0), prefetch_layer_s=row.get("prefetch_layer_s", 0.0),
-                             plan_s=max(0.0, row.get("plan_s", 0.0) - resident_plan), **overheads)
+                             plan_s=max(0.0, row.get("plan_s", 0.0) - row.get("settle_paid_s", 0.0) - resident_plan),
+                             settle_s=row.get("settle_s", 0.0), **overheads)
             return row, cost, simulate(sim_trace, cost, slots, pol)
 
         for name, pol, kw in check_set:  # fit in check_set order: LRU's copy cost first, then the host's
@@ -457,7 +466,7 @@ def main(argv=None) -> int:
             checks.append(dict(policy=name, cache=slots / (L * E), measured=meas, simulated=sim, error=sim / meas - 1,
                                link_ms=cost.transfer_s * 1e3, nominal_link_ms=expert_bytes / link_bw * 1e3,
                                predict_ms=cost.predict_s * 1e3, prefetch_layer_ms=cost.prefetch_layer_s * 1e3,
-                               plan_ms=cost.plan_s * 1e3, resident_rounds=len(resident_runs[name]),
+                               plan_ms=cost.plan_s * 1e3, settle_ms=cost.settle_s * 1e3, resident_rounds=len(resident_runs[name]),
                                fitted=calibrate_on.get(name)))
 
     for r in results:

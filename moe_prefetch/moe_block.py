@@ -225,14 +225,19 @@ class OffloadedExperts:
                 here = {e for e in device if off.landed(layer, e)}  # asked once: the engine may change its answer
                 device = [e for e in device if e in here] + [e for e in device if e not in here]
                 landed = len(here) if asynchronous else 0
-                if plan is not None and not asynchronous:
-                    plan()  # host = device: queue the prefetches first, the copy thread moves them meanwhile
-                    plan = None
-                for done, e in enumerate(device):
-                    if plan is not None and done == landed:
-                        plan()
+                if not asynchronous:  # host = device: the planner's bookkeeping while the copies move
+                    off.settle(actions, jobs.values())
+                    if plan is not None:
+                        plan()  # the prefetches are queued first, the copy thread moves them meanwhile
                         plan = None
+                for done, e in enumerate(device):
+                    if done == landed:
+                        off.settle(actions, jobs.values())  # (once) while the device computes
+                        if plan is not None:
+                            plan()
+                            plan = None
                     device_fn(e, off.ready(layer, e))
+                off.settle(actions, jobs.values())
                 if plan is not None:
                     plan()
                     plan = None
@@ -312,6 +317,7 @@ class OffloadedExperts:
             r["actions"] = off.acquire(self.layer, pending, r["rows"], in_order=True)
             granted = {a.key[1] for a in r["actions"]}
             r["pending"] = [p for p in pending if p not in granted]
+            off.settle(r["actions"])  # the planner's bookkeeping while the copies move
             if r["plan"] is not None:
                 r["plan"]()
                 r["plan"] = None

@@ -90,6 +90,24 @@ class ExpertOffloader:
             raise
         return actions
 
+    def settle(self, actions: list[Action] = (), jobs=()) -> None:
+        """Do the planner's bookkeeping of the last acquire() (Planner.settle). The layer calls this once
+        its copies and host `jobs` are started, before it computes: while one of the copies or jobs of
+        `actions` is still in flight when it is done, the layer waits for that anyway, so the time is
+        charged to planning (and to the eviction rule's price) only when nothing was."""
+        t0 = self.clock()
+        if not self.planner.settle():
+            return
+        t1 = self.clock()
+        self.stats.settle_seconds += t1 - t0
+        waiting = any(a.kind != "hit" and not self.landed(*a.key) for a in actions if a.kind != "host") \
+            or (self.host is not None and bool(jobs) and self.host.ready_at(jobs) > t1)
+        if waiting:
+            self.stats.settle_hidden_seconds += t1 - t0
+        else:
+            self.stats.plan_seconds += t1 - t0
+            self.planner.observe_plan_cost(t1 - t0)
+
     def start_keeps(self, jobs=()) -> None:
         """Decide and start the copies of the last acquire()'s host-computed misses that are worth keeping
         (planner.take_keeps). The layer calls this once its device work is done, before it waits for the
@@ -160,6 +178,7 @@ class ExpertOffloader:
         for a in actions:
             if a.kind != "host" and self.cache.is_pinned(a.key) and done is not None:
                 self._slot_free[self.cache.lookup(a.key)] = done
+        self.settle()  # where the layer did not (a caller of acquire() that never settles)
         if self.planner.keeps_undecided:
             self.start_keeps()  # where the layer did not (a caller of acquire() that never waits on the host)
         self.planner.release(actions)  # a copy that failed was already dropped by ready()

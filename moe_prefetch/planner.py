@@ -29,6 +29,7 @@ import heapq
 import math
 from collections import Counter, defaultdict
 from dataclasses import dataclass
+from functools import partial
 from typing import NamedTuple
 
 from .cache import (CacheFullError, EvictionPolicy, Evictable, ExpertCache, LFUPolicy, LRUPolicy, ShadowLFU, ShadowLRU,
@@ -1090,12 +1091,13 @@ class Planner:
     "auto" (the default): predictive eviction while it pays for its planning, the better of LFU's and
     LRU's rules where it does not
     (EvictionSwitch, priced from the caller's planning times, observe_plan_cost, the policy's ghost wins
-    against LFU's victims and a shadow LRU cache's hits)."""
+    against LFU's victims and a shadow LRU cache's hits). defer: plan_layer leaves the bookkeeping its
+    decisions do not read to settle() (the default); False does it first, with the same decisions."""
 
     def __init__(self, n_slots: int, layers: list[int], num_experts: int, top_k: int, costs: Costs,
                  eviction: str = "auto", host_compute: bool = False, budget_experts: int | None = None,
                  gate: bool = True, policy: EvictionPolicy | None = None, link: Link | None = None,
-                 adaptive: bool = True, keep_recency: bool | None = None):
+                 adaptive: bool = True, keep_recency: bool | None = None, defer: bool = True):
         self.layers = list(layers)
         self.positions = {layer: i for i, layer in enumerate(self.layers)}
         self.num_experts, self.top_k = num_experts, top_k
@@ -1181,6 +1183,11 @@ class Planner:
         self.layer_wall: float | None = None
         self._layer_start: float | None = None
         self.counters = PlanCounters()
+        # the last plan_layer's bookkeeping that none of its decisions read (settle()): None when done.
+        # defer False: done in plan_layer before its decisions (the same decisions; for comparison)
+        self.defer = defer
+        self._unsettled: list | None = None
+        self._unsettled_shadows: tuple | None = None  # (the run's keys, those the real cache held) for the shadows
 
     # ---- the executing layer ----------------------------------------------------------------
     def set_costs(self, costs: Costs) -> None:
@@ -1191,7 +1198,11 @@ class Planner:
     def plan_layer(self, now: float, layer: int, experts: list[int], rows: dict[int, int] | None = None,
                    in_order: bool = False) -> list[Action]:
         """Actions for as many of `experts` (layer's routed experts, pending this round) as can run now:
-        every slot this layer holds stays pinned until release(). in_order: grant a prefix only."""
+        every slot this layer holds stays pinned until release(). in_order: grant a prefix only.
+        Bookkeeping that none of the plan's decisions read (the run's uses and recency fits, the hits'
+        touches, the shadow caches' uses) is left to settle(): the caller does it once the plan's copies and
+        host jobs are started, while it waits for them (a victim search does it first)."""
+        self.settle()  # the last plan's, where the caller did not
         if isinstance(self.policy, PredictivePolicy):
             self.policy.position = self.positions[layer]
             self.policy.drop_predictions(layer)  # consumed now
@@ -1201,6 +1212,8 @@ class Planner:
         # model with one MoE layer runs the same layer at every token)
         new_run = layer != self._layer_seen or not self._round_left.issuperset(experts)
         needed = {(layer, e) for e in experts}
+        unsettled = self._unsettled = []
+        self._unsettled_shadows = None
         if new_run:
             if predictive and self.policy.steer_wins != self._steer_seen:  # what steering did to eviction
                 (won, lost), (won0, lost0) = self.policy.steer_wins, self._steer_seen
@@ -1213,7 +1226,12 @@ class Planner:
                 for d, chosen in pending:
                     self.steer_calibration.update(d, len(used - chosen), len(resident - chosen))
             if predictive:  # the first round holds all the layer's routed experts: their uses are counted
-                self.policy.start_run(layer, experts, record=True)  # before any victim, so the layer is ranked once
+                # before any victim, so the layer is ranked once; on a token's first layer before the eviction
+                # switch reads the rules' evidence, which the run adds to
+                if self.positions[layer] == 0 and self.eviction_switch is not None:
+                    self.policy.start_run(layer, experts, record=True)
+                else:
+                    unsettled.append(partial(self.policy.start_run, layer, experts, record=True))
             if self.keep_ledger is not None:  # what the keep rule not running would have changed
                 self.keep_ledger.run(layer, needed, now, self.cache.__contains__,
                                      lambda key: self.link.landed(key, now))
@@ -1235,15 +1253,22 @@ class Planner:
             if self.eviction_switch is not None:
                 self.eviction_switch.layer()
                 if not self.host_compute:  # what LFU's and LRU's rules would have held (not with host compute)
-                    self._shadow_run(layer, experts)
+                    keys = [(layer, e) for e in experts]
+                    held = {key for key in keys if key in self.cache} if self.eviction_switch.shadowing else None
+                    self._unsettled_shadows = (keys, held)  # no decision reads them: not even a victim waits
         self._layer_seen = layer
+        if not self.defer:
+            self.settle()
         actions: list[Action] = []
         copies = 0
         order = experts if in_order else sorted(experts, key=lambda e: (layer, e) not in self.cache)  # hits first
         for e in order:
             key, n = (layer, e), rows.get(e, 1)
             if key in self.cache:
-                self.cache.touch(key)
+                if self._unsettled is None:
+                    self.cache.touch(key)
+                else:
+                    unsettled.append(partial(self.cache.touch, key))
                 self.cache.pin(key)
                 landed = self.link.landed(key, now)
                 if key in self.prefetched:
@@ -1270,6 +1295,7 @@ class Planner:
             if self.host_compute and self._host_done(now, n) < self.link.demand_eta(now) + n * self.costs.expert_s:
                 actions.append(self._host(now, key, n))
                 continue
+            self._settle_state()  # a victim is chosen on the state the bookkeeping leaves
             try:
                 slot, evicted = self.cache.insert(key, protected=needed)
             except CacheFullError:
@@ -1294,12 +1320,29 @@ class Planner:
             self._keep_needed, self._keep_now = needed, now
         return actions
 
-    def _shadow_run(self, layer: int, experts: list[int]) -> None:
-        """A run of `layer` starts: each shadow cache takes its uses, after telling the eviction switch
-        which of them it and the real cache held."""
+    def settle(self) -> bool:
+        """Do the last plan_layer()'s bookkeeping that none of its decisions read, in the order it would
+        have been done; every other entry point that reads the cache's or the policy's state does this
+        first. Returns whether there was any."""
+        shadows, self._unsettled_shadows = self._unsettled_shadows, None
+        if shadows is not None:
+            self._shadow_run(*shadows)
+        return self._settle_state() or shadows is not None
+
+    def _settle_state(self) -> bool:
+        """The part of settle() that decisions read: the run's uses and fits, the hits' touches."""
+        pending, self._unsettled = self._unsettled, None
+        if not pending:
+            return False
+        for step in pending:
+            step()
+        return True
+
+    def _shadow_run(self, keys: list[Key], real: set[Key] | None) -> None:
+        """A run's `keys` are used: each shadow cache takes them, after telling the eviction switch which
+        of them it and the real cache held (`real`: those the real cache held at the run's start; None
+        while the switch does not count them)."""
         switch = self.eviction_switch
-        keys = [(layer, e) for e in experts]
-        real = self.cache if switch.shadowing else None
         for rival, shadow in self.shadows.items():
             won, lost = shadow.use(keys, real)
             if won or lost:
@@ -1382,6 +1425,7 @@ class Planner:
         return keeps
 
     def _decide_keeps(self, now: float | None = None) -> None:
+        self.settle()
         pending, self._keep_pending = self._keep_pending, []
         now = self._keep_now if now is None else max(now, self._keep_now)
         for key in pending:
@@ -1414,6 +1458,7 @@ class Planner:
     def release(self, actions: list[Action]) -> None:
         """The layer has finished with the slots it was granted (keeps not taken yet are decided first, for
         the caller's next take_keeps())."""
+        self.settle()
         if self._keep_pending:
             self._decide_keeps()
         for a in actions:
@@ -1422,6 +1467,7 @@ class Planner:
 
     def remove(self, key: Key) -> None:
         """A copy failed: forget the expert (its slot becomes free)."""
+        self.settle()
         if key in self.cache:
             if self.cache.is_pinned(key):
                 self.cache.unpin(key)
@@ -1479,6 +1525,7 @@ class Planner:
         victims: steer_wins, saved and caused), and whether the last predicted layer steered; and
         `delivered`, what prefetches delivered per unit of the P they were issued at, the factor the gate
         scales P by (realised()): {"all": ...} and, with host compute, one per distance."""
+        self.settle()
         saved = self._predicted_value / self._predicted if self._predicted else None
         delivered = {"all": self._delivered(self._expected, self._good)}
         if self.host_compute:
@@ -1554,6 +1601,7 @@ class Planner:
         perfect predictions a token ahead did not reliably pay there (0.96-1.04 of eviction without
         them on the demo's trace, with a first version of steering), so there they act only through
         prefetches, as before."""
+        self.settle()
         return (not self.host_compute and isinstance(self.policy, PredictivePolicy) and not self.policy._cheap
                 and not self.cache.has_free())
 
@@ -1565,6 +1613,7 @@ class Planner:
         (but for a probe now and then); or if predictions may steer eviction (_steering_verdict()). The
         runtime skips the predictor's compute where it says no. Whether the prediction may start
         prefetches, and whether it steers eviction, is kept for plan_prefetch() and steer_eviction()."""
+        self.settle()
         if self.epoch_without_prediction():
             self._prefetching = self._steering = False
             return False  # an epoch without prediction (measured, or the faster arm lately)
@@ -1647,6 +1696,7 @@ class Planner:
         there); the budget holds against the larger of the two. asked: the caller already had
         worth_predicting() say yes for this layer (the runtime asks before computing predictions); else
         it is asked here, so the simulator drops the predictions the runtime would not have made."""
+        self.settle()
         # evidence fades slowly even when nothing is issued, so a closed gate reopens now and then and
         # re-tests the regime (the cache, the link and the predictor's accuracy all change over a run)
         self._expected *= 0.999
@@ -1750,6 +1800,7 @@ class Planner:
         passes over below those it picks, where the top-k alone would leave the others to their history.
         Call it before plan_prefetch(), on layers where worth_predicting() said yes; a no-op unless that
         answer included steering."""
+        self.settle()
         if not self._steering or not self.steers_eviction() or d > self.policy.n:  # further: a later run's
             return
         self.policy.set_rest(target, self.steer_calibration.p(d))

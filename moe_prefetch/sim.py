@@ -61,6 +61,10 @@ class CostModel:
     # per MoE layer: the planner's own host time beyond what planning a layer of hits takes (which the
     # compute timings hold): what an eviction policy's victim search and bookkeeping cost per layer
     plan_s: float = 0.0
+    # per MoE layer: the planner's bookkeeping done once the layer's copies and host jobs are started
+    # (Planner.settle: the run's uses and recency fits, the hits' touches, the shadow caches), not in
+    # attn_s: it delays the layer only where nothing it waits for is still in flight
+    settle_s: float = 0.0
 
     @classmethod
     def for_gpu(cls, hw: dict, shape: dict, dtype: str, trace_layers: int, host: dict | None = None) -> "CostModel":
@@ -339,6 +343,12 @@ def simulate(trace: Trace, cost: CostModel, slots: int, policy: Policy, priority
                 planner.observe_plan_cost(cost.plan_s if first else 0.0)  # the model's planning time per layer
                 if not actions:
                     raise RuntimeError(f"planner made no progress at token {t}, layer {i}")
+                if planner.settle() and first:  # as the runtime: once the copies and host jobs are started
+                    now += cost.settle_s
+                    covered = any(planner.host_free > now if a.kind == "host" else
+                                  a.kind != "hit" and not link.landed(a.key, now) for a in actions)
+                    if cost.settle_s and not covered:
+                        planner.observe_plan_cost(cost.settle_s)  # nothing in flight covered it
                 if first:  # after the layer's own demand copies, as the runtime plans prefetches
                     first = False
                     used = set(needed)

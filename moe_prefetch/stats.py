@@ -27,6 +27,11 @@ class RunStats:
     predict_seconds: float = 0.0   # host time spent predicting and planning prefetches on them
     predicted_seconds: float = 0.0  # the share of it on the layers where the predictor ran (what the planner weighs)
     plan_seconds: float = 0.0      # host time the planner took deciding the executing layers' actions
+    # the planner's bookkeeping after the layers' copies and host jobs started (Planner.settle), all of it,
+    # and the share that ran while the layer still waited for a copy or the host (it cost the layer nothing;
+    # the rest is in plan_seconds too)
+    settle_seconds: float = 0.0
+    settle_hidden_seconds: float = 0.0
     # per distance d: [correct, predicted, actual] expert counts over decode steps
     prediction: dict = field(default_factory=dict)
 

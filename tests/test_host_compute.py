@@ -325,3 +325,21 @@ def test_what_prefetches_delivered_is_reported_per_distance_with_host_compute(ck
         assert 0.0 < delivered["all"] <= 1.0 and all(0.0 < v <= 1.0 for v in delivered.values())
         distances = set(delivered) - {"all"}
         assert (distances and distances <= {"1", "2"}) if host == "on" else not distances, (host, delivered)
+
+
+@pytest.mark.parametrize("host", [False, True])
+def test_planner_bookkeeping_runs_while_the_layer_waits(ckpt, host):
+    """The planner's bookkeeping of a layer (Planner.settle) runs once its copies or host jobs are started:
+    on a slow link it is mostly hidden behind them, with everything resident nothing is in flight and it
+    is paid as planning; the output is the reference's either way."""
+    ref = reference_generate(ckpt, PROMPT, NEW, device="cpu")
+    # a slow link, and a host twice its speed: misses go to the host, which the layer then waits for
+    slow = dict(link_bandwidth=2e6, host_bandwidth=4e6) if host else dict(link_bandwidth=2e6, host_compute="off")
+    hidden = {}
+    for slots in (5, 18):  # 18: every expert, once the first uses have copied them in
+        out, st = run(ckpt, slots, predictor="none", eviction="auto", **slow)
+        assert torch.equal(out, ref)
+        assert st["settle_seconds"] > 0 and 0 <= st["settle_hidden_seconds"] <= st["settle_seconds"]
+        assert st["plan_seconds"] >= st["settle_seconds"] - st["settle_hidden_seconds"], "the rest is paid as planning"
+        hidden[slots] = st["settle_hidden_seconds"] / st["settle_seconds"]
+    assert hidden[5] > 0.3 and hidden[18] < hidden[5], hidden

@@ -274,6 +274,7 @@ def test_predictive_eviction_counts_every_use_host_computed_ones_included():
     pl = make_planner(costs=costs, host_compute=True, eviction="predictive")
     acts = pl.plan_layer(0.0, 0, [3, 4])
     assert {a.kind for a in acts} == {"host"}
+    pl.settle()  # the run's uses are counted by the bookkeeping the caller does once its jobs started
     assert pl.policy.uses[(0, 3)] == 1 and pl.policy.layer_uses[0] == 2
 
 
@@ -1306,3 +1307,73 @@ def test_the_victim_without_predictions_is_the_rules_own_with_none(flat_max, sca
         checked += 1
         cache.insert(key, protected)
     assert checked > 1000
+
+
+# ---- deferred bookkeeping (settle) ----------------------------------------------------------
+
+def _drive(pl, routing, host: bool, settle_after: bool) -> list:
+    """Every decision `pl` makes over `routing` ([tokens][layers] -> experts), with prefetches from a
+    fixed pseudo-prediction (the next layer's experts) and keeps; settle_after: the caller settles right
+    after each plan, as the runtime does, else only what reads the state settles it."""
+    import random
+    rng = random.Random(1)
+    made, now = [], 0.0
+    L = len(pl.layers)
+    for t, token in enumerate(routing):
+        for i, experts in enumerate(token):
+            pending = list(experts)
+            while pending:
+                acts = pl.plan_layer(now, i, pending)
+                made.append([(a.kind, a.key, a.slot, a.evicted) for a in acts])
+                if settle_after:
+                    pl.settle()
+                nxt = routing[t][i + 1] if i + 1 < L else (routing[t + 1][0] if t + 1 < len(routing) else [])
+                scores = {e: 0.6 for e in nxt} | {rng.randrange(8): 0.2}
+                if pl.worth_predicting(now):
+                    pl.steer_eviction((i + 1) % L, 1, set(nxt))
+                    sent = pl.plan_prefetch(now, i, [((i + 1) % L, 1, scores)], {(i, e) for e in experts}, asked=True)
+                    made.append([(a.kind, a.key, a.slot, a.evicted) for a in sent])
+                pl.observe_plan_cost(1e-4)
+                now += 1.0
+                if host:
+                    made.append([(a.key, a.evicted) for a in pl.take_keeps(now)])
+                pl.release(acts)
+                granted = {a.key[1] for a in acts}
+                pending = [e for e in pending if e not in granted]
+    return made
+
+
+@pytest.mark.parametrize("host", [False, True])
+@pytest.mark.parametrize("eviction", ["lru", "lfu", "predictive", "auto"])
+def test_deferred_bookkeeping_makes_the_same_decisions(eviction, host):
+    """plan_layer leaves the run's uses, the hits' touches and the shadow caches to settle(); every
+    decision (hits, copies, host jobs, victims, prefetches, keeps) is the one made with the bookkeeping
+    done first, whether the caller settles after each plan or leaves it to the next call that reads it."""
+    import random
+    rng = random.Random(7)
+    L, E, k = 4, 8, 2
+    routing, last = [], [rng.sample(range(E), k) for _ in range(L)]
+    for _ in range(120):  # sticky, skewed routing: victims, hits and misses all happen
+        token = [sorted(set(rng.sample(last[i], 1) + [min(int(rng.expovariate(0.5)), E - 1)])) for i in range(L)]
+        token = [t if len(t) == k else sorted(set(t) | {rng.randrange(E)}) for t in token]
+        routing.append(token)
+        last = token
+    costs = Costs(layer_s=1.0, expert_s=0.1, transfer_s=3.0, host_s=2.0 if host else None)
+    runs = [_drive(make_planner(slots=11, layers=L, experts=E, top_k=k, costs=costs, eviction=eviction,
+                                host_compute=host, defer=defer), routing, host, settle_after)
+            for defer, settle_after in ((False, False), (True, True), (True, False))]
+    assert runs[0] == runs[1] == runs[2]
+    kinds = {a[0] for step in runs[0] for a in step if len(a) == 4}
+    assert {"hit", "copy" if not host else "host"} <= kinds
+    assert any(a[3] is not None for step in runs[0] for a in step if len(a) == 4), "no victim was ever chosen"
+
+
+def test_settle_does_the_plans_bookkeeping_once():
+    pl = make_planner(eviction="predictive")
+    pl.release(pl.plan_layer(0.0, 1, [3, 4]))  # two copies: settled before their slots were given
+    assert pl.policy.uses[(1, 3)] == 1
+    acts = pl.plan_layer(20.0, 1, [3, 4])  # the next token's run: two hits
+    assert [a.kind for a in acts] == ["hit", "hit"]
+    assert pl.policy.uses[(1, 3)] == 1, "a run of hits leaves its uses to settle()"
+    assert pl.settle() is True and pl.settle() is False
+    assert pl.policy.uses[(1, 3)] == 2 and pl.policy.layer_uses[1] == 4
