@@ -596,14 +596,14 @@ def render(r: dict, L: int, E: int) -> str:
                   f"CPU backend's fixed costs fitted once, {ov.get('copy_s', 0) * 1e3:.3f} ms per copy on the LRU row "
                   f"and {ov.get('host_job_s', 0) * 1e3:.3f} ms per host job on the host-compute row without prediction, "
                   "and held for every other row):", "",
-                  "| policy | cache | measured tok/s | simulated tok/s | error | link ms/expert (nominal) | predict ms/layer | prefetcher ms/other layer | planner ms/layer |",
-                  "|---|---|---|---|---|---|---|---|---|"]
+                  "| policy | cache | measured tok/s | simulated tok/s | error | link ms/expert (nominal) | predict ms/layer | prefetcher ms/other layer | planner ms/layer | deferred bookkeeping ms/layer |",
+                  "|---|---|---|---|---|---|---|---|---|---|"]
         for c in r["sim_check"]:
             note = f" (fits {c['fitted']})" if c.get("fitted") else ""
             lines.append(f"| {c['policy']}{note} | {c['cache']:.0%} | {c['measured']:.1f} | {c['simulated']:.1f} | "
                          f"{c['error']:+.1%} | {c['link_ms']:.2f} ({c['nominal_link_ms']:.2f}) | "
                          + " | ".join("-" if c.get(f) is None else f"{c[f]:.3f}"  # '-': not measured by that run's version
-                                      for f in ("predict_ms", "prefetch_layer_ms", "plan_ms")) + " |")
+                                      for f in ("predict_ms", "prefetch_layer_ms", "plan_ms", "settle_ms")) + " |")
     return "\n".join(lines) + "\n"
 
 
