@@ -1321,9 +1321,10 @@ class Planner:
         return actions
 
     def settle(self) -> bool:
-        """Do the last plan_layer()'s bookkeeping that none of its decisions read, in the order it would
-        have been done; every other entry point that reads the cache's or the policy's state does this
-        first. Returns whether there was any."""
+        """Do the last plan_layer()'s bookkeeping that none of its decisions read, leaving the state as
+        doing it first would have (the run's uses, then its hits' touches, in their order; the shadow
+        caches, from what the real cache held at the plan); every other entry point that reads the
+        cache's or the policy's state does this first. Returns whether there was any."""
         shadows, self._unsettled_shadows = self._unsettled_shadows, None
         if shadows is not None:
             self._shadow_run(*shadows)
