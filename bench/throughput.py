@@ -152,12 +152,12 @@ def measure_costs(model_name, seqs, top_k, **kw) -> tuple[float, float, float, f
     spans.update(layer=0.0, moe=0.0)
     mp.reset_stats(model)
     seconds, steps = teacher_forced(model, seqs)
-    st = mp.stats(model)
-    settle = st["settle_seconds"] / ((steps + len(seqs)) * len(layers))
-    plan = st["plan_seconds"] / ((steps + len(seqs)) * len(layers)) - settle  # deciding alone
     n_layers = len(layers)
     first_tokens = len(seqs)  # hooks also timed the untimed first token of each sequence
     calls = (steps + first_tokens) * n_layers
+    st = mp.stats(model)
+    settle = st["settle_seconds"] / calls
+    plan = st["plan_seconds"] / calls - settle  # deciding alone
     attn = (spans["layer"] - spans["moe"]) / calls
     expert = spans["moe"] / calls / top_k
     tail = max(0.0, seconds / steps - n_layers * spans["layer"] / calls)

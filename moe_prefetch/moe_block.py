@@ -224,15 +224,12 @@ class OffloadedExperts:
                 device = [a.key[1] for a in actions if a.kind != "host"]
                 here = {e for e in device if off.landed(layer, e)}  # asked once: the engine may change its answer
                 device = [e for e in device if e in here] + [e for e in device if e not in here]
+                # the planner's bookkeeping and the prefetches go once the landed experts' compute is enqueued
+                # (CUDA), or before any compute where host = device (the copy thread moves the copies meanwhile)
                 landed = len(here) if asynchronous else 0
-                if not asynchronous:  # host = device: the planner's bookkeeping while the copies move
-                    off.settle(actions, jobs.values())
-                    if plan is not None:
-                        plan()  # the prefetches are queued first, the copy thread moves them meanwhile
-                        plan = None
                 for done, e in enumerate(device):
                     if done == landed:
-                        off.settle(actions, jobs.values())  # (once) while the device computes
+                        off.settle(actions, jobs.values())  # while the copies move and the device computes
                         if plan is not None:
                             plan()
                             plan = None

@@ -100,7 +100,7 @@ class ExpertOffloader:
             return
         t1 = self.clock()
         self.stats.settle_seconds += t1 - t0
-        waiting = any(a.kind != "hit" and not self.landed(*a.key) for a in actions if a.kind != "host") \
+        waiting = any(a.kind in ("copy", "wait") and not self.landed(*a.key) for a in actions) \
             or (self.host is not None and bool(jobs) and self.host.ready_at(jobs) > t1)
         if waiting:
             self.stats.settle_hidden_seconds += t1 - t0
