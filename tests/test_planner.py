@@ -986,6 +986,41 @@ def test_eviction_switch_prices_the_predictive_rule_against_its_planning():
     assert not any(sw.epochs.values()) and not any(sw.plan.values())
 
 
+def test_eviction_switch_needs_pairs_before_leaving_the_predictive_rule():
+    """Unshadowed (host compute), LFU's rule is not chosen on a handful of victim pairs where the pairs
+    still missing could make the predictive rule worth its planning: it runs until MIN_PAIRS (decaying)
+    have been told apart, or MIN_COMPARED epochs have compared victims, and then gives way where the
+    pairs went LFU's way; where even winning every missing pair would not pay, it gives way at once."""
+    from moe_prefetch.switch import EvictionSwitch
+
+    def run(per_epoch, miss_cost):
+        sw, wins, arms = EvictionSwitch(), [0, 0], []
+        for _ in range(8 * 24):
+            arm = sw.token(True, True, wins, miss_cost, shadowed=False) == "predictive"
+            arms.append(arm)
+            for _ in range(4):
+                sw.layer()
+                sw.plan_time(50e-6 if arm else 30e-6)
+            if arm and sw.ghost:
+                won, lost = per_epoch
+                wins[0] += won / 8
+                wins[1] += lost / 8
+        return arms[::8], sw
+
+    # a miss costs 40x the predictive rule's planning; 1 pair an epoch, 3 of 5 LFU's: the decaying count
+    # stays below MIN_PAIRS (1 / 0.15), so MIN_COMPARED epochs bound the wait
+    epochs, sw = run((0.4, 0.6), 2e-3)
+    n = EvictionSwitch.MIN_COMPARED
+    assert epochs[:n] == [True] * n and not epochs[n], epochs
+    # 2 pairs an epoch, all LFU's: held while the missing ones could still pay (2, 3.7 lost: 6 and 4.3
+    # missing), given way once they could not
+    epochs, sw = run((0, 2), 1e-3)
+    assert epochs[:2] == [True, True] and not all(epochs[:8]) and sw.epochs["lfu"] >= 8, epochs
+    # a miss worth 1/20 of that: winning the missing pairs would not pay, so LFU's rule after one epoch
+    epochs, sw = run((0, 2), 50e-6)
+    assert epochs[:2] == [True, False], epochs
+
+
 @pytest.mark.parametrize("rival", ["lru", "lfu"])
 def test_eviction_switch_turns_to_a_cheaper_rule_where_its_shadow_cache_hits_more(rival):
     """Where misses are copied in, the evidence against each cheaper rule is its shadow cache's hits:
