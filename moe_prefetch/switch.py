@@ -187,7 +187,7 @@ class EvictionSwitch:
     cheaper rule is chosen only after MIN_COUNTED counted epochs (the predictive rule's fits learn over
     the first tokens), which the opening runs before its first decision. Unshadowed, LFU's rule is chosen
     only on MIN_PAIRS victim pairs told apart, or after MIN_COMPARED comparing epochs, unless even
-    winning the missing pairs would not pay for the predictive rule (_thin). Unshadowed, once the predictive
+    winning the missing pairs would not pay for the predictive rule (_thin); and once the predictive
     rule is clearly worth its cost, only one of its epochs in GHOST_EVERY compares victims (the
     comparison costs planning too; the shadows cost a few dictionary operations per use and run on).
     A caller that times no plans keeps the predictive rule (and compares victims as rarely)."""
