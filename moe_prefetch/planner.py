@@ -32,7 +32,8 @@ from dataclasses import dataclass
 from functools import partial
 from typing import NamedTuple
 
-from .cache import (CacheFullError, EvictionPolicy, Evictable, ExpertCache, LFUPolicy, LRUPolicy, ShadowLFU, ShadowLRU,
+from .cache import (CacheFullError, EvictionPolicy, Evictable, ExpertCache, LFUPolicy, LRUPolicy, ShadowHostLRU, ShadowLFU,
+                    ShadowLRU,
                     fewest_uses, fewest_uses_ref, make_policy, push_uses)
 from .switch import EvictionSwitch, KeepLedger, PredictionSwitch
 
@@ -1112,8 +1113,10 @@ class Planner:
         self.policy = policy
         # eviction "auto": the predictive rule while what it saves beats what its planning costs, else LFU's or LRU's
         self.eviction_switch = EvictionSwitch() if getattr(policy, "switchable", False) else None
-        # the caches LFU's and LRU's rules would make, fed the same uses (not with host compute)
+        # the caches LFU's and LRU's rules would make, fed the same uses where misses are copied in; with host
+        # compute, the experts LRU's rule would have landed (its keeps on a link of its own)
         self.shadows = {"lfu": ShadowLFU(n_slots), "lru": ShadowLRU(n_slots)} if self.eviction_switch is not None else {}
+        self.host_shadow = ShadowHostLRU(n_slots) if self.eviction_switch is not None else None
         self.cache = ExpertCache(n_slots, policy)
         self.link = link or Link(costs.transfer_s)  # the simulator passes one that also counts copies
         self.calibration = Calibration(top_k)
@@ -1187,7 +1190,7 @@ class Planner:
         # defer False: done in plan_layer before its decisions (the same decisions; for comparison)
         self.defer = defer
         self._unsettled: list | None = None
-        self._unsettled_shadows: tuple | None = None  # (the run's keys, those the real cache held) for the shadows
+        self._unsettled_shadows: tuple | None = None  # (the run's keys, those the real cache held, when) for the shadows
 
     # ---- the executing layer ----------------------------------------------------------------
     def set_costs(self, costs: Costs) -> None:
@@ -1252,10 +1255,14 @@ class Planner:
                     self.keep_ledger.token(self.costs.host_s)
             if self.eviction_switch is not None:
                 self.eviction_switch.layer()
-                if not self.host_compute:  # what LFU's and LRU's rules would have held (not with host compute)
-                    keys = [(layer, e) for e in experts]
-                    held = {key for key in keys if key in self.cache} if self.eviction_switch.shadowing else None
-                    self._unsettled_shadows = (keys, held)  # no decision reads them: not even a victim waits
+                # what LFU's and LRU's rules would have held; with host compute, what LRU's would have landed,
+                # against what the real cache had landed (a use before its copy lands is a host job either way)
+                keys = [(layer, e) for e in experts]
+                held = None
+                if self.eviction_switch.shadowing:
+                    held = {key for key in keys if key in self.cache and
+                            (not self.host_compute or self.link.landed(key, now))}
+                self._unsettled_shadows = (keys, held, now)  # no decision reads them: not even a victim waits
         self._layer_seen = layer
         if not self.defer:
             self.settle()
@@ -1339,11 +1346,17 @@ class Planner:
             step()
         return True
 
-    def _shadow_run(self, keys: list[Key], real: set[Key] | None) -> None:
-        """A run's `keys` are used: each shadow cache takes them, after telling the eviction switch which
-        of them it and the real cache held (`real`: those the real cache held at the run's start; None
-        while the switch does not count them)."""
+    def _shadow_run(self, keys: list[Key], real: set[Key] | None, now: float) -> None:
+        """A run's `keys` are used at `now`: each shadow cache takes them, after telling the eviction switch
+        which of them it and the real cache held (`real`: those the real cache held at the run's start, with
+        host compute those it had landed; None while the switch does not count them). With host compute
+        only LRU's is fed, its keeps queued on its own link (ShadowHostLRU); LFU's rule is judged on victims."""
         switch = self.eviction_switch
+        if self.host_compute:
+            won, lost = self.host_shadow.use(keys, now, self.costs.transfer_s, self.budget, real)
+            if won or lost:
+                switch.shadow("lru", won, lost)
+            return
         for rival, shadow in self.shadows.items():
             won, lost = shadow.use(keys, real)
             if won or lost:
@@ -1374,9 +1387,10 @@ class Planner:
             frequency = not self.keeps_use_recency()
             if victim is False:
                 return
-            # under LRU's own policy the expert just used outranks the least recently used one, always: judged
-            # by a probability it has none of, no keep ever passed and the cache froze once full
-            if type(self.policy) is not LRUPolicy:
+            # under LRU's rule the expert just used outranks the least recently used one, always: judged by a
+            # probability LRU's policy has none of, no keep ever passed and the cache froze once full (eviction
+            # "auto" running LRU's rule keeps as LRU's policy does, the way its shadow counted it)
+            if type(self.policy) is not LRUPolicy and getattr(self.policy, "rule", None) != "lru":
                 ledger = self.keep_ledger
                 pair = ledger is not None and not self.policy._cheap and not ledger.standing(key)
                 by_frequency = by_recency = None

@@ -255,10 +255,10 @@ class EvictionSwitch:
             self._tokens += 1
             if self._tokens >= self.EPOCH_TOKENS:
                 self._end_epoch(wins, miss_cost)
-        if shadowed != self.shadowed:  # the evidence changes kind (and LRU's rule stops or starts being a candidate)
+        if shadowed != self.shadowed:  # the evidence changes kind: gathered afresh, on the predictive rule
             self.evidence = {r: [0.0, 0.0, 0.0] for r in self.evidence}
             self._counted = self._compared = 0
-            if self.rule == "lru":
+            if self.rule != "predictive":
                 self.rule, self._best, self._since = "predictive", "predictive", 0
         self.shadowed = shadowed
         if decode and not warm and self._warmup < self.WARMUP_TOKENS:
@@ -278,6 +278,11 @@ class EvictionSwitch:
         LFU's evidence is victim pairs), under the predictive rule, on the epochs due to compare."""
         return not self.shadowed and self.rule == "predictive" and self._ghost_due
 
+    def fed(self, rival: str) -> bool:
+        """`rival`'s evidence is uses told apart by its shadow cache: LRU's always (with host compute, the
+        shadow that lands LRU's keeps on a link of its own), LFU's only where misses are copied in."""
+        return self.shadowed or rival == "lru"
+
     @property
     def shadowing(self) -> bool:
         """The current token's uses are told apart against the shadow caches (shadow()): not in the
@@ -286,12 +291,12 @@ class EvictionSwitch:
         while it reshapes the cache: simulated on the demo's trace at 50% cache, the predictive rule lost
         6-16 of its first epoch's uses told apart from LRU's shadow and 12-16 of a re-test's, and won by
         160 to 90 over the next ten. So that epoch settles, uncounted, and the rule runs again."""
-        return self._measuring and self.shadowed and self.rule == "predictive" and not self._settling
+        return self._measuring and self.rule == "predictive" and not self._settling
 
     def shadow(self, rival: str, won: int, lost: int) -> None:
         """Of a run's uses, `won` were held by the real cache and not by `rival`'s shadow cache, `lost`
-        the reverse."""
-        if self.shadowing:
+        the reverse (counted only while shadowing, and only for a rival whose evidence this is: fed())."""
+        if self.shadowing and self.fed(rival):
             told, total = self._told[rival], self.shadow_wins[rival]
             told[0] += won
             told[1] += lost
@@ -310,7 +315,7 @@ class EvictionSwitch:
         net, pairs, layers = self.evidence[rival]
         if not layers:
             return None
-        z = (self.Z if z is None else z) * (self.Z_SHADOW if self.shadowed else 1.0)
+        z = (self.Z if z is None else z) * (self.Z_SHADOW if self.fed(rival) else 1.0)
         return (net + z * math.sqrt(pairs + 1.0)) / layers * miss_cost
 
     def _end_epoch(self, wins, miss_cost: float) -> None:
@@ -329,8 +334,10 @@ class EvictionSwitch:
                 self._compared += 1
             else:  # pairs made in a comparing epoch, told apart now
                 ev[0], ev[1] = ev[0] + won - lost, ev[1] + won + lost
-        elif rule == "predictive" and not self._settling:  # both rivals': the uses their shadows told apart
+        if rule == "predictive" and not self._settling:  # the fed rivals': the uses their shadows told apart
             for r, (won, lost) in self._told.items():
+                if not self.fed(r):
+                    continue
                 ev = self.evidence[r]
                 ev[0], ev[1], ev[2] = d * ev[0] + won - lost, d * ev[1] + won + lost, d * ev[2] + self._layers
             self._counted += 1
@@ -354,7 +361,7 @@ class EvictionSwitch:
 
     def _alike(self, rival: str) -> float:
         """The z that puts `rival`'s gain one standard error up (gain() scales shadowed counts by Z_SHADOW)."""
-        return self.Z / self.Z_SHADOW if self.shadowed else self.Z
+        return self.Z / self.Z_SHADOW if self.fed(rival) else self.Z
 
     def _thin(self, rival: str, miss_cost: float, saving: float) -> bool:
         """Unshadowed, the victim pairs against LFU's are too few to leave the predictive rule on: fewer
@@ -366,7 +373,7 @@ class EvictionSwitch:
         nothing (host compute at 75% cache, real runtime, 2026-12-07: on the second model 3 of 12 runs of
         the default or eviction auto left it after the opening on 2 or 3 pairs, all lost; on the demo 4
         of 8, on 2 or 4). Where they rarely differ, MIN_COMPARED epochs bound the wait."""
-        if self.shadowed or self._compared >= self.MIN_COMPARED:
+        if self.fed(rival) or self._compared >= self.MIN_COMPARED:
             return False
         net, pairs, layers = self.evidence[rival]
         missing = self.MIN_PAIRS - pairs
@@ -380,10 +387,10 @@ class EvictionSwitch:
         planning (below twice that while fewer than MIN_COUNTED epochs have been counted: early counts
         favour the cheaper rules, so one that is far behind even then is let go): only then do predictive
         epochs run in a row to count against the shadows."""
-        if not self.shadowed:
-            return False
         on = self.plan["predictive"]
         for r in ("lfu", "lru"):
+            if not self.fed(r):
+                continue
             gain = self.gain(miss_cost, rival=r)
             if gain is None or on is None or gain <= (2.0 * on if self._counted < self.MIN_COUNTED else on):
                 return True
@@ -395,11 +402,11 @@ class EvictionSwitch:
         if on is None:  # untimed: nothing to weigh, so the rule never changes and victims are compared rarely
             self.last, self._clear = None, True
             return "predictive"
-        rivals = ("lfu", "lru") if self.shadowed else ("lfu",)
+        rivals = ("lfu", "lru")
         self.last, balance = {}, {}
         for r in rivals:
             gain = self.gain(miss_cost, rival=r)
-            if gain is None or (self.shadowed and self._counted < self.MIN_COUNTED):
+            if gain is None or (self.fed(r) and self._counted < self.MIN_COUNTED):
                 continue
             off = self.plan[r]
             saving = on if off is None else on - off  # what its rule could save per layer (at most all of it)

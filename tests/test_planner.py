@@ -944,6 +944,7 @@ def test_eviction_switch_prices_the_predictive_rule_against_its_planning():
                 sw.layer()
                 if timed:
                     sw.plan_time(plan_on if arm else plan_off)
+                sw.shadow("lru", 4, 0)  # LRU's shadow far behind: LFU's rule is the one in question
             if arm and sw.ghost:  # pairs are made only while victims are compared
                 won, lost = wins_per_epoch
                 wins[0] += won / 8
@@ -958,15 +959,16 @@ def test_eviction_switch_prices_the_predictive_rule_against_its_planning():
     # misses cheap (a fast host): LFU's planning measured once the gain falls below the predictive rule's
     # planning, then LFU's rule, with one predictive epoch in EXPLOIT + 1 to keep counting wins (in
     # 4 x EXPLOIT + 1 once LFU's rule is clearly better, as here)
+    # (the opening's first epoch settles, uncounted against LRU's shadow, so two run before the first decision)
     sw, arms, ghosts = run(50e-6, 30e-6, (6, 4), miss_cost=50e-6)
-    assert arms[:8] == [True] * 8 and arms[8:16] == [False] * 8, "the opening: the predictive rule, then LFU's measured"
+    assert arms[:16] == [True] * 16 and arms[16:24] == [False] * 8, "the opening: the predictive rule, then LFU's measured"
     assert all(g for a, g in zip(arms, ghosts) if a), "a re-test of the predictive rule compares victims"
-    later = arms[16:]
+    later = arms[24:]
     assert 0.5 / (4 * EvictionSwitch.EXPLOIT + 1) < sum(later) / len(later) < 0.2 and sw.epochs["predictive"] >= 2
     assert sw.last is not None and sw.last["lfu"][0] < sw.last["lfu"][1] == pytest.approx(20e-6)
     # LFU's choices prove right more often: LFU's rule even where misses cost a lot
     sw, arms, _ = run(50e-6, 30e-6, (2, 10), miss_cost=2e-3)
-    assert sum(arms[16:]) / len(arms[16:]) < 0.2
+    assert sum(arms[24:]) / len(arms[24:]) < 0.2
     # clearly worth it (a miss costs a second: even the pessimistic gain beats all of the predictive rule's
     # planning once a few epochs have counted wins): one predictive epoch in GHOST_EVERY compares victims
     sw, arms, ghosts = run(50e-6, 30e-6, (6, 4), miss_cost=1.0)
@@ -1001,6 +1003,7 @@ def test_eviction_switch_needs_pairs_before_leaving_the_predictive_rule():
             for _ in range(4):
                 sw.layer()
                 sw.plan_time(50e-6 if arm else 30e-6)
+                sw.shadow("lru", 4, 0)  # LRU's shadow far behind: LFU's rule is the one in question
             if arm and sw.ghost:
                 won, lost = per_epoch
                 wins[0] += won / 8
@@ -1016,9 +1019,10 @@ def test_eviction_switch_needs_pairs_before_leaving_the_predictive_rule():
     # missing), given way once they could not
     epochs, sw = run((0, 2), 1e-3)
     assert epochs[:2] == [True, True] and not all(epochs[:8]) and sw.epochs["lfu"] >= 8, epochs
-    # a miss worth 1/20 of that: winning the missing pairs would not pay, so LFU's rule after one epoch
+    # a miss worth 1/20 of that: winning the missing pairs would not pay, so LFU's rule after the opening
+    # (two epochs: the first settles, uncounted against LRU's shadow)
     epochs, sw = run((0, 2), 50e-6)
-    assert epochs[:2] == [True, False], epochs
+    assert epochs[:3] == [True, True, False], epochs
 
 
 @pytest.mark.parametrize("rival", ["lru", "lfu"])
@@ -1028,8 +1032,9 @@ def test_eviction_switch_turns_to_a_cheaper_rule_where_its_shadow_cache_hits_mor
     once MIN_COUNTED epochs have been counted, and re-tests the predictive rule for RETEST_EPOCHS epochs in
     a row, the first settling uncounted (rarely, once the rival is clearly better); where the real cache
     holds more it never runs, and victims are never compared with LFU's (the shadow says more). Unshadowed
-    (host compute) LRU's rule is not a candidate, and a switch running it leaves it as soon as it stops
-    being one."""
+    (host compute) LFU's shadow is not counted (LFU's rule is judged on victim pairs) while LRU's is (the
+    caller feeds the shadow that lands LRU's keeps on a link of its own), and a switch running a cheaper
+    rule when the evidence changes kind goes back to the predictive rule, its evidence gone."""
     from moe_prefetch.switch import EvictionSwitch
 
     other = "lfu" if rival == "lru" else "lru"
@@ -1073,16 +1078,17 @@ def test_eviction_switch_turns_to_a_cheaper_rule_where_its_shadow_cache_hits_mor
     # the real cache holds more: the rival never runs, even planning for less
     sw, rules, _, _ = run(3, 1)
     assert set(rules) == {"predictive"} and sw.last[rival][0] > sw.last[rival][1] > 0
-    # unshadowed: nothing counted against the shadows, LRU's rule never tried, LFU's judged by victim pairs
+    # unshadowed: LFU's shadow never counted, its rule judged by victim pairs (here the predictive rule's);
+    # LRU's shadow counted, its rule chosen where it hits more
     sw, rules, counted, ghosts = run(0, 5, shadowed=False)
-    assert set(rules) == {"predictive"} and not any(counted) and any(ghosts)
-    assert sw.shadow_wins == {"lfu": [0, 0], "lru": [0, 0]} and sw.evidence["lfu"][0] > 0
-    # running LRU's rule when it stops being a candidate: the predictive rule at once, the evidence gone
-    if rival == "lru":
-        sw, rules, _, _ = run(1, 3, tokens=8 * 12)
-        assert sw.rule == "lru"
-        assert sw.token(True, True, [1e6, 0], 1e-3, shadowed=False) == "predictive"
-        assert sw.evidence == {"lfu": [0, 0, 0], "lru": [0, 0, 0]}
+    assert any(counted) and any(ghosts) and sw.shadow_wins["lfu"] == [0, 0] and sw.evidence["lfu"][0] > 0
+    assert "lfu" not in rules and ("lru" in rules) == (rival == "lru"), rules
+    assert (sw.shadow_wins["lru"][1] > sw.shadow_wins["lru"][0]) == (rival == "lru")
+    # running a cheaper rule when the evidence changes kind: the predictive rule at once, the evidence gone
+    sw, rules, _, _ = run(1, 3, tokens=8 * 12)
+    assert sw.rule == rival
+    assert sw.token(True, True, [1e6, 0], 1e-3, shadowed=False) == "predictive"
+    assert sw.evidence == {"lfu": [0, 0, 0], "lru": [0, 0, 0]}
 
 def test_eviction_switch_weighs_lfus_and_lrus_evidence_alike_when_both_beat_the_predictive_rule():
     """Both cheaper rules beat the predictive one (their balances positive on its optimistic gain); the
@@ -1106,7 +1112,7 @@ def test_eviction_switch_weighs_lfus_and_lrus_evidence_alike_when_both_beat_the_
 
 
 def test_auto_eviction_planner_turns_to_lrus_rule_where_recency_is_all_there_is():
-    """The planner feeds the shadow LRU cache every run (copies only: not with host compute) and the switch
+    """The planner feeds the shadow LRU cache every run (where misses are copied in) and the switch
     its told-apart uses. On routing where every expert is as popular as the next and a tenth of a token's
     experts are the last token's, in a cache that holds one token's experts, LRU's rule hits more than the
     predictive one (frequency says nothing there): eviction auto evicts by LRU's rule most of the time
@@ -1143,18 +1149,24 @@ def test_auto_eviction_planner_turns_to_lrus_rule_where_recency_is_all_there_is(
     assert sum(sw.shadow_wins["lfu"]) > 0, "the shadow LFU cache is fed and told apart too"
     assert sw.ghost is False and seen[0].policy.ghost_wins == [0, 0], "shadowed: no victim compared"
     assert auto.hit_rate > pred.hit_rate + 0.005, (auto.hit_rate, pred.hit_rate)
-    # host compute: the shadow is not fed and LRU's rule never runs
+    # host compute: the shadows that copy every miss in are not fed; the one that lands LRU's keeps on its
+    # own link is, and its told-apart uses are counted (LFU's rule is judged on victim pairs instead)
     seen.clear()
     with um.patch.object(Planner, "__init__", keep):
         simulate(trace, CostModel(attn_s=0.8e-3, expert_s=0.1e-3, transfer_s=11e-3, expert_bytes=1, host_s=4e-3),
                  L * k, Policy("auto", eviction="auto", host_compute=True))
-    assert seen[0].eviction_switch.epochs["lru"] == 0 and not any(len(s) for s in seen[0].shadows.values())
+    sw = seen[0].eviction_switch
+    assert not any(len(s) for s in seen[0].shadows.values()) and len(seen[0].host_shadow) == L * k
+    assert sum(sw.shadow_wins["lru"]) > 100 and sw.shadow_wins["lfu"] == [0, 0] and sw.epochs["predictive"] > 0
 
 
 def test_auto_eviction_planner_turns_to_lfus_rule_where_planning_outweighs_misses():
     """eviction "auto" (the default): the planner feeds its switch the planning times it is told of and
-    the policy's ghost wins; where a miss costs little (host compute on a fast host) the policy evicts by
-    frequency after the opening and keeps are judged on frequency too; explicit rules have no switch."""
+    the policy's ghost wins and LRU's shadow its told-apart uses; where a miss costs little (host compute
+    on a fast host) the policy evicts by a cheaper rule (both are measured) after the opening, and under
+    LFU's rule keeps are judged on frequency; explicit rules have no switch."""
+    from moe_prefetch.switch import EvictionSwitch
+
     host = Costs(layer_s=1.0, expert_s=0.1, transfer_s=1.0, host_s=0.05)
     pl = make_planner(slots=6, layers=3, experts=8, costs=host, host_compute=True)
     assert pl.eviction_switch is not None and pl.policy.switchable
@@ -1175,13 +1187,41 @@ def test_auto_eviction_planner_turns_to_lfus_rule_where_planning_outweighs_misse
                 pl.release(actions)
                 remaining = [e for e in remaining if e not in {a.key[1] for a in actions}]
             pl.take_keeps()
-        ruled.append(pl.policy.rule == "lfu")
-    assert sum(ruled[24:]) / len(ruled[24:]) > 0.8, "LFU's rule after the opening"
+        ruled.append(pl.policy.rule)
+    # the opening: MIN_COUNTED + 1 predictive epochs (the first settles), counted against LRU's shadow
+    opening = (EvictionSwitch.MIN_COUNTED + 1) * EvictionSwitch.EPOCH_TOKENS
+    assert set(ruled[:opening]) == {"predictive"} and {"lfu", "lru"} <= set(ruled), ruled
+    later = ruled[opening:]
+    assert sum(r != "predictive" for r in later) / len(later) > 0.8, "a cheaper rule after the opening"
     pl.keep_ledger.arm = True  # the keep ledger's choice of recency, which LFU's rule overrides
     pl.policy.set_rule("lfu")
     assert pl.keeps_use_recency() is False
     pl.policy.set_rule("predictive")
     assert pl.keeps_use_recency() is True
+
+
+def test_lrus_rule_under_eviction_auto_keeps_as_lrus_policy_does():
+    """eviction "auto" running LRU's rule with host compute keeps every host-computed miss while the link has
+    room, evicting the least recently used (what its shadow counted), where judged on frequency the same
+    keep is refused (the victim has been used far more often)."""
+    host = Costs(layer_s=1.0, expert_s=0.1, transfer_s=3.0, host_s=0.3)
+    kept = {}
+    for rule in ("predictive", "lru"):
+        pl = make_planner(slots=2, layers=1, experts=8, costs=host, host_compute=True, budget_experts=2)
+        now = 0.0
+        for experts in [[0, 1]] * 6:  # experts 0 and 1, used often, fill the cache
+            now += 10.0
+            pl.release(pl.plan_layer(now, 0, experts))
+            pl.take_keeps()
+        assert set(pl.cache.keys()) == {(0, 0), (0, 1)}
+        pl.eviction_switch.rule = rule  # as if it had chosen LRU's rule (it sets the policy's at each token)
+        pl._keep_recency = False  # keeps on frequency, unless LRU's rule keeps as LRU's policy does
+        now += 10.0
+        actions = pl.plan_layer(now, 0, [5])
+        assert [a.kind for a in actions] == ["host"] and pl.policy.rule == rule
+        kept[rule] = [(a.key, a.evicted) for a in pl.take_keeps()]
+        pl.release(actions)
+    assert kept == {"predictive": [], "lru": [((0, 5), (0, 0))]}, kept
 
 
 # ---- predictions steering eviction -------------------------------------------------------------
