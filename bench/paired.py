@@ -139,12 +139,15 @@ def main(argv=None) -> int:
         for frac in args.caches:
             slots = max(k, round(frac * L * E))
             rounds: dict[str, list[float]] = {name: [] for name, _ in plan}
+            rules: dict[str, list] = {name: [] for name, _ in plan}  # eviction auto: epochs under each rule
             for r in range(args.rounds):
                 start = r * len(plan) // args.rounds
                 for i in [*range(start, len(plan)), *range(start)]:
                     name, kw = plan[i]
-                    rounds[name].append(T.run_policy(args.model, seqs, expert_cache=slots, link_bandwidth=link_bw,
-                                                     **kw)["tokens_per_s"])
+                    res = T.run_policy(args.model, seqs, expert_cache=slots, link_bandwidth=link_bw, **kw)
+                    rounds[name].append(res["tokens_per_s"])
+                    if (ev := res["eviction_epochs"]) is not None:
+                        rules[name].append({r: ev[r] for r in ("predictive", "lfu", "lru")})
                 print(f"  host compute {'on' if host else 'off'}, cache {frac:.0%}, round {r + 1}: "
                       + "  ".join(f"{rounds[n][-1]:.1f}" for n, _ in plan), flush=True)
             default = plan[0][0]
@@ -153,6 +156,7 @@ def main(argv=None) -> int:
                 m, lo, hi = interval([d / x for d, x in zip(rounds[default], rounds[name])])
                 against[name] = dict(mean=m, low=lo, high=hi, slower_beyond_noise=bool(hi < 1.0))
             results.append(dict(host_compute=host is not None, cache=frac, slots=slots, rounds=rounds,
+                                eviction_epochs={n: v for n, v in rules.items() if v},
                                 medians={n: statistics.median(v) for n, v in rounds.items()},
                                 default_over=against, default_over_best=split_half(rounds, default)))
     lines.append(f"The default against every configuration without prediction of its mode, {args.model} "
@@ -175,6 +179,9 @@ def main(argv=None) -> int:
         if best is not None:
             lines.append(f"| {mode} | {cache} | the default over the best row, split halves (picked: "
                          + ", ".join(h["best"] for h in best["halves"]) + f") | - | {best['ratio']:.3f} |")
+        for name, runs in res.get("eviction_epochs", {}).items():  # which rules eviction auto ran
+            lines.append(f"| {mode} | {cache} | {name}: eviction auto's epochs, predictive / LFU's / LRU's rule, "
+                         "per round | " + " ".join(f"{e['predictive']}/{e['lfu']}/{e['lru']}" for e in runs) + " | - |")
     print("\n".join(lines))
     write_report(args.out, f"paired{args.tag}", lines,
                  dict(model=args.model, layers=L, experts=E, ratio=ratio, layer_ms=layer_s * 1e3,

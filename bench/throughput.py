@@ -120,7 +120,8 @@ def run_policy(model_name, seqs, **kw) -> dict:
                 plan_s=st["plan_seconds"] / layers,
                 settle_s=st["settle_seconds"] / layers,  # the planner's deferred bookkeeping, all of it
                 settle_paid_s=(st["settle_seconds"] - st["settle_hidden_seconds"]) / layers,  # in plan_s too
-                predicted_layers=st["predicted_layers"])
+                predicted_layers=st["predicted_layers"],
+                eviction_epochs=st["eviction_epochs"])  # eviction auto: epochs under each rule (None otherwise)
 
 
 def measure_costs(model_name, seqs, top_k, **kw) -> tuple[float, float, float, float, float]:

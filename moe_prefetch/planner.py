@@ -32,9 +32,8 @@ from dataclasses import dataclass
 from functools import partial
 from typing import NamedTuple
 
-from .cache import (CacheFullError, EvictionPolicy, Evictable, ExpertCache, LFUPolicy, LRUPolicy, ShadowHostLRU, ShadowLFU,
-                    ShadowLRU,
-                    fewest_uses, fewest_uses_ref, make_policy, push_uses)
+from .cache import (CacheFullError, EvictionPolicy, Evictable, ExpertCache, LFUPolicy, LRUPolicy, ShadowHostLRU,
+                    ShadowLFU, ShadowLRU, fewest_uses, fewest_uses_ref, make_policy, push_uses)
 from .switch import EvictionSwitch, KeepLedger, PredictionSwitch
 
 Key = tuple[int, int]

@@ -732,8 +732,8 @@ def test_next_token_bench(tmp_path, capsys):
 
 def test_paired_bench_reports_the_default_against_each_row_with_its_noise(tmp_path):
     """bench/paired.py: per mode and cache, every row's rounds, the default over each row with a 95%
-    interval that holds its mean, and over the best row picked on the other half of the rounds; bad
-    input is one line."""
+    interval that holds its mean, and over the best row picked on the other half of the rounds, and the
+    epochs eviction auto ran under each rule; bad input is one line."""
     env = dict(os.environ, HF_HUB_OFFLINE="1", PYTHONPATH=str(ROOT))
     bench = str(ROOT / "bench" / "paired.py")
     for bad, said in ((["--rounds", "0"], "--rounds"), (["--caches", "1.5"], "--caches"),
@@ -757,8 +757,11 @@ def test_paired_bench_reports_the_default_against_each_row_with_its_noise(tmp_pa
             assert a["slower_beyond_noise"] == (a["high"] < 1.0)
         best = x["default_over_best"]
         assert {h["best"] for h in best["halves"]} <= set(names[1:]) and best["ratio"] > 0
+        # which rules eviction auto ran, per round: the rows that run it (the default, auto eviction)
+        assert set(x["eviction_epochs"]) == {names[0], "auto eviction, no prefetch"}
+        assert all(len(v) == 3 and set(v[0]) == {"predictive", "lfu", "lru"} for v in x["eviction_epochs"].values())
     md = (tmp_path / "paired_t.md").read_text()
-    assert "split halves" in md and md.count("| on | 50% |") == 7
+    assert "split halves" in md and md.count("| on | 50% |") == 9 and md.count("eviction auto's epochs") == 4
 
 
 def test_load_model_leaves_transformers_logging_as_it_found_it(ckpt, capfd):
