@@ -210,6 +210,14 @@ class EvictionSwitch:
     # on synthetic routing (stickiness 0.3, 75% cache) where the predictive rule is 1.15x as fast, and
     # gave 0.87-0.98 of it on that trace, the sticky 0.6 one and the demo's (2026-12-07)
     Z_SHADOW = 2.0
+    # x Z for LRU's shadow with host compute (ShadowHostLRU). There a cache changes only by keeps, a few
+    # a layer while the link has room, so a rule that takes over reaches its own cache slowly and the
+    # shadow's steady state overstates what a switch gains for the 7 epochs before a re-test; at 2 Z,
+    # simulated (the second model's trace, 75% cache, GPU costs), auto took LRU's rule in 15 of 510 epochs
+    # where its shadow led, gave 0.991 of the predictive rule over 4096 tokens and 0.944-1.001 over
+    # 192-token windows (those where LRU's rule was ahead all along included), where at 3 Z it never left
+    # the predictive rule there (1.000; windows 0.979-1.001, as before LRU's rule was a candidate)
+    Z_HOST_LRU = 3.0
     RETEST_EPOCHS = 3    # predictive epochs in a row once it starts, shadowed, where a cheaper rule could win (one settles)
     MIN_COUNTED = 4      # epochs counted against the shadows before a shadowed rule may be chosen
     # unshadowed, LFU's rule is chosen only once the victims compared have told MIN_PAIRS pairs apart (decaying
@@ -225,6 +233,7 @@ class EvictionSwitch:
         self._best = "predictive"         # the rule the last decision found best
         self._since = 0                   # epochs since the other rule last ran (or the best one changed)
         self._clear = False               # the last decision found the predictive rule clearly worth its cost
+        self._clear_lfu = False           # ... over LFU's rule (whose evidence the victim comparison gathers)
         self._quiet = 0                   # predictive epochs since the last that compared victims
         self.plan = dict.fromkeys(self.RULES)  # rule -> decaying mean planning seconds per layer under it
         self._measuring = False           # the current token counts (decode, the cache full)
@@ -281,6 +290,13 @@ class EvictionSwitch:
         LFU's evidence is victim pairs), under the predictive rule, on the epochs due to compare."""
         return not self.shadowed and self.rule == "predictive" and self._ghost_due
 
+    def _z_counts(self, rival: str) -> float:
+        """x Z for `rival`'s counts: Z_SHADOW for a shadow's (Z_HOST_LRU for LRU's with host compute), 1 for
+        victim pairs."""
+        if not self.fed(rival):
+            return 1.0
+        return self.Z_SHADOW if self.shadowed else self.Z_HOST_LRU
+
     def fed(self, rival: str) -> bool:
         """`rival`'s evidence is uses told apart by its shadow cache: LRU's always (with host compute, the
         shadow that lands LRU's keeps on a link of its own), LFU's only where misses are copied in."""
@@ -318,7 +334,7 @@ class EvictionSwitch:
         net, pairs, layers = self.evidence[rival]
         if not layers:
             return None
-        z = (self.Z if z is None else z) * (self.Z_SHADOW if self.fed(rival) else 1.0)
+        z = (self.Z if z is None else z) * self._z_counts(rival)
         return (net + z * math.sqrt(pairs + 1.0)) / layers * miss_cost
 
     def _end_epoch(self, wins, miss_cost: float) -> None:
@@ -359,12 +375,12 @@ class EvictionSwitch:
         if self._settling:
             self._hold = self.RETEST_EPOCHS - 1
         if self.rule == "predictive":
-            self._ghost_due = not self._clear or self._quiet >= self.GHOST_EVERY - 1
+            self._ghost_due = not self._clear_lfu or self._quiet >= self.GHOST_EVERY - 1
             self._quiet = 0 if self._ghost_due else self._quiet + 1
 
     def _alike(self, rival: str) -> float:
-        """The z that puts `rival`'s gain one standard error up (gain() scales shadowed counts by Z_SHADOW)."""
-        return self.Z / self.Z_SHADOW if self.fed(rival) else self.Z
+        """The z that puts `rival`'s gain one standard error up (gain() scales a shadow's counts: _z_counts)."""
+        return self.Z / self._z_counts(rival)
 
     def _thin(self, rival: str, miss_cost: float, saving: float) -> bool:
         """Unshadowed, the victim pairs against LFU's are too few to leave the predictive rule on: fewer
@@ -403,7 +419,7 @@ class EvictionSwitch:
         """The rule for the next epoch: decided again after every epoch, on the evidence so far."""
         on = self.plan["predictive"]
         if on is None:  # untimed: nothing to weigh, so the rule never changes and victims are compared rarely
-            self.last, self._clear = None, True
+            self.last, self._clear, self._clear_lfu = None, True, True
             return "predictive"
         rivals = ("lfu", "lru")
         self.last, balance = {}, {}
@@ -422,8 +438,11 @@ class EvictionSwitch:
         better = [r for r in balance if balance[r] > 0.0]
         best = max(better, key=lambda r: self.last[r][1] - self.gain(miss_cost, self._alike(r), r), default="predictive")
         # clear: even the pessimistic gain over every candidate beats what it could save
-        self._clear = best == "predictive" and len(balance) == len(rivals) and all(
-            self.gain(miss_cost, -self.Z, r) > max(self.last[r][1], 0.0) for r in balance)
+        clear = {r: self.gain(miss_cost, -self.Z, r) > max(self.last[r][1], 0.0) for r in balance}
+        self._clear = best == "predictive" and len(balance) == len(rivals) and all(clear.values())
+        # victims are compared for LFU's evidence alone: as rarely once the predictive rule clearly beats LFU's,
+        # whatever LRU's shadow says (comparing more often gathers pairs at more planning, and more of their noise)
+        self._clear_lfu = best == "predictive" and clear.get("lfu", False)
         if best != "predictive" and self.plan[best] is None:
             return best  # never ran: its planning is measured once it could win
         if best != self._best:
