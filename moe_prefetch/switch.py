@@ -169,7 +169,8 @@ class EvictionSwitch:
     a real LRU run's, 2026-12-08), and against LFU's rule each victim is set against the one LFU's rule
     would have chosen, the next use telling which choice was right (ghosting; the policy's ghost_wins). The net wins per layer times what a miss costs (the planner's
     cost model) is the time the predictive rule saves a layer over that rule, taken optimistically: the
-    net wins plus Z standard errors of their count (Z_SHADOW x that for the shadows' counts), with one
+    net wins plus Z standard errors of their count (Z_SHADOW x that for the shadows' counts, Z_HOST_LRU x
+    for LRU's with host compute), with one
     pair of doubt added, so that thin evidence favours the predictive rule. Cost: each rule's planning
     time per layer, as the caller measures it (observe_plan_cost: the runtime's wall clock; the
     simulator's model). The hit rates differ by a point or two, so the wins are counted on the same uses
@@ -191,7 +192,7 @@ class EvictionSwitch:
     evidence is victim pairs; fed(), shadowed, say whose is uses told apart), LFU's rule is chosen
     only on MIN_PAIRS victim pairs told apart, or after MIN_COMPARED comparing epochs, unless even
     winning the missing pairs would not pay for the predictive rule (_thin); and once the predictive
-    rule is clearly worth its cost, only one of its epochs in GHOST_EVERY compares victims (the
+    rule is clearly worth its cost over LFU's, only one of its epochs in GHOST_EVERY compares victims (the
     comparison costs planning too; the shadows cost a few dictionary operations per use and run on).
     A caller that times no plans keeps the predictive rule (and compares victims as rarely)."""
 
