@@ -7,6 +7,7 @@ import torch
 
 import moe_prefetch as mp
 from moe_prefetch.errors import MoePrefetchError
+from moe_prefetch.switch import EvictionSwitch
 from conftest import make_mixtral, reference_generate
 
 PROMPT = torch.tensor([[5, 17, 33, 8, 61, 42, 11, 90, 23, 7]])
@@ -115,25 +116,28 @@ def test_keeps_are_decided_while_the_host_computes_and_charged_only_past_it(ckpt
 
 def test_auto_eviction_turns_to_lfus_rule_where_misses_are_cheap(ckpt):
     """Eviction "auto" (the default) in the runtime: with a host that computes a miss in far less time than
-    the predictive rule's planning saves, the runtime's measured planning times turn it to LFU's rule
-    after its first epoch; the output stays the reference's; stats report both rules' epochs."""
-    ref = reference_generate(ckpt, PROMPT, 48, device="cpu")
+    the predictive rule's planning saves, the runtime's measured planning times turn it to a cheaper rule
+    after the opening (its epochs counted against LRU's shadow, which the planner feeds with host compute);
+    the output stays the reference's; stats report every rule's epochs."""
+    ref = reference_generate(ckpt, PROMPT, 96, device="cpu")
     model, _ = mp.load_model(str(ckpt), mp.OffloadConfig(device="cpu", expert_cache=5, predictor="none",
                                                          link_bandwidth=2e7, host_bandwidth=1e12, show_progress=False))
     with torch.inference_mode():
-        out = model.generate(PROMPT, max_new_tokens=48, min_new_tokens=48, do_sample=False)
+        out = model.generate(PROMPT, max_new_tokens=96, min_new_tokens=96, do_sample=False)
     st = mp.stats(model)
     switch = model.moe_runtime.offloader.planner.eviction_switch
     model.moe_runtime.close()
     assert torch.equal(out, ref)
     ep = st["eviction_epochs"]
-    assert ep["predictive"] >= 1 and ep["lfu"] >= 3 and ep["lru"] == 0 and ep["now"] == "lfu", ep
-    assert ep["shadow_wins"] == {"lfu": [0, 0], "lru": [0, 0]}, "host compute: no shadow caches"
-    assert switch.plan["predictive"] > 0 and switch.plan["lfu"] > 0, "the runtime reports its planning times"
+    assert ep["predictive"] >= EvictionSwitch.MIN_COUNTED + 1 and ep["lfu"] + ep["lru"] >= 3, ep
+    assert ep["now"] != "predictive", ep
+    assert ep["shadow_wins"]["lfu"] == [0, 0] and sum(ep["shadow_wins"]["lru"]) > 0, "host compute: LRU's shadow alone"
+    assert switch.plan["predictive"] > 0 and switch.plan[ep["now"]] > 0, "the runtime reports its planning times"
     from moe_prefetch.stats import format_summary
 
-    assert (f"eviction           auto (LFU now; epochs predictive {ep['predictive']}, LFU {ep['lfu']}, LRU 0)"
-            in format_summary(st))
+    now = {"lfu": "LFU", "lru": "LRU"}[ep["now"]]
+    assert (f"eviction           auto ({now} now; epochs predictive {ep['predictive']}, LFU {ep['lfu']}, "
+            f"LRU {ep['lru']})" in format_summary(st))
     _, st = run(ckpt, 5, predictor="none", eviction="predictive", link_bandwidth=2e7, host_bandwidth=1e12)
     assert st["eviction_epochs"] is None
 
