@@ -272,97 +272,52 @@ class ShadowHostLRU:
     counterpart when a miss is not copied in on demand. LRU's rule then keeps every host-computed miss
     (copies it in the background, evicting the least recently used) while its link has room (fewer than
     `budget` copies in flight), and the copy saves nothing until it lands: a use before then is a host
-    job all the same. So this shadow queues its own keeps on a link of its own, one after another, each
-    taking `transfer_s` (as the planner's Link: a victim's copy that has not started is withdrawn, and a
-    kept expert used before its copy starts goes ahead of the keeps queued), and holds a key for a use only
-    once its copy has landed. Fed every run with the time it starts, it
-    tells which uses LRU's rule would have hit where the real cache did not (a shadow that copied every
-    miss in at once overrated LRU's rule)."""
+    job all the same. So this shadow queues its own keeps on a `link` of its own (the planner's Link: a
+    victim's copy that has not started is withdrawn, and a kept expert used before its copy starts goes
+    ahead of the keeps queued, as the planner does on the real one) and holds a key for a use only once
+    its copy has landed. Fed every run with the time it starts, it tells which uses LRU's rule would have
+    hit where the real cache did not (a shadow that copied every miss in at once overrated LRU's rule)."""
 
-    def __init__(self, n_slots: int):
+    def __init__(self, n_slots: int, link):
         self.n_slots = n_slots
-        self._eta: OrderedDict[Key, float] = OrderedDict()  # resident key -> when its bytes land, LRU order
-        self._queue: list[list] = []  # [key, start, end, needed] of this shadow's keeps in flight, in link order
+        self.link = link
+        self._order: OrderedDict[Key, None] = OrderedDict()  # resident keys, LRU order (their copies on `link`)
 
     def __contains__(self, key: Key) -> bool:
-        return key in self._eta
+        return key in self._order
 
     def __len__(self) -> int:
-        return len(self._eta)
+        return len(self._order)
 
     def landed(self, key: Key, now: float) -> bool:
-        eta = self._eta.get(key)
-        return eta is not None and eta <= now
+        return key in self._order and self.link.landed(key, now)
 
-    def use(self, keys, now: float, transfer_s: float, budget: int,
-            real: Collection[Key] | None = None) -> tuple[int, int]:
+    def use(self, keys, now: float, budget: int, real: Collection[Key] | None = None) -> tuple[int, int]:
         """`keys` (one run's, distinct) are used at `now`: held ones move to the newest end, and the misses
         are kept in, in order, while fewer than `budget` copies are in flight. real: the keys whose bytes
         the real cache had at `now`; returns (landed there only, landed here only), (0, 0) without it."""
-        eta = self._eta
-        queue = self._queue = [q for q in self._queue if q[2] > now]
-        won = lost = 0
-        if real is not None:
-            for key in keys:
-                mine, theirs = self.landed(key, now), key in real
-                if mine != theirs:
-                    if mine:
-                        lost += 1
-                    else:
-                        won += 1
+        order, link = self._order, self.link
+        told = tell_apart({key for key in keys if self.landed(key, now)} if real is not None else (), keys, real)
         fresh = []
         for key in keys:
-            if key in eta:
-                eta.move_to_end(key)
-                if eta[key] > now:
-                    self._expedite(key, now, transfer_s)
+            if key in order:
+                order.move_to_end(key)
+                if link.cancel(key, now):  # used before its copy started: the copy goes first
+                    link.send(key, now, demand=True)
             else:
                 fresh.append(key)
         for key in fresh:
-            if len(queue) >= budget:
+            if link.in_flight(now) >= budget:
                 break  # the link is full: LRU's rule keeps nothing more now
-            if len(eta) >= self.n_slots:
-                victim = next(iter(eta))
+            if len(order) >= self.n_slots:
+                victim = next(iter(order))
                 if victim in keys:
                     break  # every slot holds this run's experts
-                del eta[victim]
-                self._withdraw(victim, now, transfer_s)
-            begin = max(now, queue[-1][2]) if queue else now
-            queue.append([key, begin, begin + transfer_s, False])
-            eta[key] = begin + transfer_s
-        return won, lost
-
-    def _expedite(self, key: Key, now: float, transfer_s: float) -> None:
-        """A kept expert is used before its copy starts: the copy goes ahead of the keeps not started."""
-        queue = self._queue
-        j = next((i for i, q in enumerate(queue) if q[0] == key), None)
-        if j is None or queue[j][1] <= now:
-            return  # on the wire (or not queued): it lands when it lands
-        entry = queue.pop(j)
-        entry[3] = True
-        pos = next((i for i, q in enumerate(queue) if q[1] > now and not q[3]), len(queue))
-        queue.insert(pos, entry)
-        self._reflow(min(pos, j), now, transfer_s)
-
-    def _reflow(self, start: int, now: float, transfer_s: float) -> None:
-        queue = self._queue
-        prev = queue[start - 1][2] if start else now
-        for q in queue[start:]:
-            q[1] = max(prev, now)
-            q[2] = q[1] + transfer_s
-            self._eta[q[0]] = q[2]
-            prev = q[2]
-
-    def _withdraw(self, key: Key, now: float, transfer_s: float) -> None:
-        """An evicted key's copy that has not started leaves the link; the copies behind it move up."""
-        queue = self._queue
-        for j, q in enumerate(queue):
-            if q[0] == key:
-                if q[1] <= now:
-                    return  # on the wire: it keeps the link busy until it lands
-                del queue[j]
-                self._reflow(j, now, transfer_s)
-                return
+                del order[victim]
+                link.cancel(victim, now)  # (a copy on the wire lands all the same)
+            order[key] = None
+            link.send(key, now, demand=False)
+        return told
 
 
 POLICIES = {"lru": LRUPolicy, "lfu": LFUPolicy}

@@ -1115,9 +1115,10 @@ class Planner:
         # the caches LFU's and LRU's rules would make, fed the same uses where misses are copied in; with host
         # compute, the experts LRU's rule would have landed (its keeps on a link of its own)
         self.shadows = {"lfu": ShadowLFU(n_slots), "lru": ShadowLRU(n_slots)} if self.eviction_switch is not None else {}
-        self.host_shadow = ShadowHostLRU(n_slots) if self.eviction_switch is not None else None
         self.cache = ExpertCache(n_slots, policy)
         self.link = link or Link(costs.transfer_s)  # the simulator passes one that also counts copies
+        self.host_shadow = None if self.eviction_switch is None else \
+            ShadowHostLRU(n_slots, Link(costs.transfer_s, priority=self.link.priority))
         self.calibration = Calibration(top_k)
         # P of use for a cached expert of a predicted layer outside its top-k (steer_eviction)
         self.steer_calibration = SteerCalibration(top_k / num_experts)
@@ -1195,6 +1196,8 @@ class Planner:
     def set_costs(self, costs: Costs) -> None:
         self.costs = costs
         self.link.transfer_s = costs.transfer_s
+        if self.host_shadow is not None:
+            self.host_shadow.link.transfer_s = costs.transfer_s
         self.host_compute = self._host_enabled and costs.host_s is not None
 
     def plan_layer(self, now: float, layer: int, experts: list[int], rows: dict[int, int] | None = None,
@@ -1352,7 +1355,7 @@ class Planner:
         only LRU's is fed, its keeps queued on its own link (ShadowHostLRU); LFU's rule is judged on victims."""
         switch = self.eviction_switch
         if self.host_compute:
-            won, lost = self.host_shadow.use(keys, now, self.costs.transfer_s, self.budget, real)
+            won, lost = self.host_shadow.use(keys, now, self.budget, real)
             if won or lost:
                 switch.shadow("lru", won, lost)
             return

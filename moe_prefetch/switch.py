@@ -167,8 +167,8 @@ class EvictionSwitch:
     holds an expert for a use only once its copy has landed (cache.ShadowHostLRU, set against the experts
     the real cache had landed; simulated over six traces at 25-75% cache, its hit rate came within 0.03 of
     a real LRU run's, 2026-12-08), and against LFU's rule each victim is set against the one LFU's rule
-    would have chosen, the next use telling which choice was right (ghosting; the policy's ghost_wins). The net wins per layer times what a miss costs (the planner's
-    cost model) is the time the predictive rule saves a layer over that rule, taken optimistically: the
+    would have chosen, the next use telling which choice was right (ghosting; the policy's ghost_wins).
+    The net wins per layer times what a miss costs (the planner's cost model) is the time the predictive rule saves a layer over that rule, taken optimistically: the
     net wins plus Z standard errors of their count (Z_SHADOW x that for the shadows' counts, Z_HOST_LRU x
     for LRU's with host compute), with one
     pair of doubt added, so that thin evidence favours the predictive rule. Cost: each rule's planning
@@ -263,7 +263,8 @@ class EvictionSwitch:
     def token(self, decode: bool, warm: bool, wins, miss_cost: float, shadowed: bool = True) -> str:
         """A token's first MoE layer starts (decode: one row; warm: the cache is full); wins: the policy's
         ghost_wins; miss_cost: seconds a miss costs; shadowed: misses are copied in and both shadow
-        caches are fed (else, host compute, LRU's alone: fed()). Returns the rule for this token; `ghost` says whether it compares victims."""
+        caches are fed (else, host compute, LRU's alone: fed()). Returns the rule for this token; `ghost`
+        says whether it compares victims."""
         if self._measuring:
             self._tokens += 1
             if self._tokens >= self.EPOCH_TOKENS:

@@ -215,31 +215,31 @@ def test_shadow_host_lru_lands_what_an_lru_planner_with_host_compute_lands():
     import random
 
     from moe_prefetch.cache import ShadowHostLRU
-    from moe_prefetch.planner import Costs, Planner
+    from moe_prefetch.planner import Costs, Link, Planner
 
     rng = random.Random(6)
     costs = Costs(layer_s=1.0, expert_s=0.1, transfer_s=3.0, host_s=0.3)  # the host always beats a copy
     for slots, budget in ((3, 1), (6, 2), (12, 2), (20, 3)):
         pl = Planner(slots, [0, 1, 2, 3], 8, 2, costs, eviction="lru", host_compute=True, budget_experts=budget)
-        shadow = ShadowHostLRU(slots)
+        shadow = ShadowHostLRU(slots, Link(costs.transfer_s))
         now, kept = 0.0, 0
         for step in range(1500):
             layer, now = step % 4, now + rng.choice((0.5, 1.0, 1.5))
             keys = [(layer, e) for e in rng.sample(range(8), 2)]
             landed = {k for k in keys if k in pl.cache and pl.link.landed(k, now)}
-            assert shadow.use(keys, now, costs.transfer_s, budget, landed) == (0, 0), (slots, step)
+            assert shadow.use(keys, now, budget, landed) == (0, 0), (slots, step)
             actions = pl.plan_layer(now, layer, [k[1] for k in keys])
             assert {a.kind for a in actions} <= {"hit", "host"}, "every miss on the host"
             kept += len(pl.take_keeps())
             pl.release(actions)
-            assert set(pl.cache.keys()) == set(shadow._eta), (slots, step)
-            assert all(shadow.landed(k, now + 0.7) == pl.link.landed(k, now + 0.7) for k in shadow._eta)
+            assert set(pl.cache.keys()) == set(shadow._order), (slots, step)
+            assert all(shadow.landed(k, now + 0.7) == pl.link.landed(k, now + 0.7) for k in shadow._order)
         assert kept > 50
     # by hand: one copy at a time, a use before the keep lands is a miss, a full link keeps nothing more
-    shadow = ShadowHostLRU(2)
-    assert shadow.use([(0, 1), (0, 2)], 0.0, 1.0, 1) == (0, 0)
+    shadow = ShadowHostLRU(2, Link(1.0))
+    assert shadow.use([(0, 1), (0, 2)], 0.0, 1) == (0, 0)
     assert (0, 1) in shadow and (0, 2) not in shadow and not shadow.landed((0, 1), 0.5)
-    assert shadow.use([(0, 1)], 0.5, 1.0, 1, real={(0, 1)}) == (1, 0)  # the real cache had it landed
-    assert shadow.use([(0, 1), (0, 3)], 1.0, 1.0, 1, real=set()) == (0, 1)  # landed here only
-    assert shadow.use([(0, 4)], 1.5, 1.0, 1) == (0, 0) and (0, 4) not in shadow  # (0, 3)'s copy fills the link
-    assert shadow.use([(0, 4)], 2.0, 1.0, 1) == (0, 0) and set(shadow._eta) == {(0, 3), (0, 4)}
+    assert shadow.use([(0, 1)], 0.5, 1, real={(0, 1)}) == (1, 0)  # the real cache had it landed
+    assert shadow.use([(0, 1), (0, 3)], 1.0, 1, real=set()) == (0, 1)  # landed here only
+    assert shadow.use([(0, 4)], 1.5, 1) == (0, 0) and (0, 4) not in shadow  # (0, 3)'s copy fills the link
+    assert shadow.use([(0, 4)], 2.0, 1) == (0, 0) and set(shadow._order) == {(0, 3), (0, 4)}
